@@ -1,0 +1,39 @@
+# Two commands from a fresh clone: `make demo` (the main job on the embedded default) and
+# `make test`. Both run `setup` first, which is idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.danceopd-setup
+DEMO_CONFIG ?= configs/demo.yaml
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "setup: torch ($(TORCH_SPEC))"
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	@echo "setup: danceopd and its dependencies"
+	@$(BIN)/pip install -q -e ".[dev]"
+	@echo "setup: deepspeed (no build isolation: it builds against the installed torch)"
+	@$(BIN)/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
+	@bash deploy/install-prometheus.sh
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/danceopd train $(DEMO_CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -x --timeout 900
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

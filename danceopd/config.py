@@ -1,0 +1,279 @@
+"""The one typed configuration of a DanceOPD job.
+
+Every knob is declared here once, with its default, bounds and one line of help (the
+``description``); the README's configuration reference is generated from these models
+(``danceopd config-doc``) and a test checks that it is current.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class JobConfig(_Strict):
+    name: str = Field("danceopd", description="Job name; used for Ray job ids, metrics labels and logs.")
+    seed: int = Field(0, description="Seed of everything: routes, data sampling, noise, model init.")
+    output_dir: str = Field("runs/danceopd", description="Checkpoints and logs go here (relative to the cwd).")
+
+
+class BackendConfig(_Strict):
+    name: Literal["toy", "shapes"] = Field("toy", description="Model family: `toy` (analytic vectors) or `shapes` (tiny SD3 transformer on ShapesBench images).")
+    dim: int = Field(4, ge=1, le=4096, description="toy: dimension of the data vectors.")
+    hidden: int = Field(128, ge=8, description="toy: width of the student MLP.")
+    num_classes: int = Field(4, ge=1, le=1024, description="toy: prompt classes (`class 0` .. `class N-1`).")
+    image_size: int = Field(16, ge=8, le=256, description="shapes: image side in pixels.")
+    patch_size: int = Field(2, ge=1, description="shapes: transformer patch size.")
+    num_layers: int = Field(2, ge=1, description="shapes: transformer blocks.")
+    num_heads: int = Field(2, ge=1, description="shapes: attention heads.")
+    head_dim: int = Field(16, ge=4, description="shapes: attention head width.")
+    max_tokens: int = Field(12, ge=2, description="shapes: prompt length in tokens (padded/truncated).")
+
+
+class LoraConfig(_Strict):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full student.")
+    rank: int = Field(4, ge=1, description="LoRA rank.")
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="Module names that get adapters (peft).")
+
+
+class StudentConfig(_Strict):
+    init: str = Field("random", description="`random` (seeded) or a `save_pretrained` folder to start from.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(..., description="Teacher name referenced by routes.")
+    kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
+    path: str | None = Field(None, description="Model folder for `pretrained` teachers (loaded with from_pretrained).")
+    std: float = Field(0.05, gt=0, description="gaussian/oracle: std of the teacher's target distribution.")
+    seed: int = Field(0, description="gaussian: seed of the per-prompt target means.")
+    replicas: int = Field(1, ge=1, description="Teacher actors serving this teacher's routes.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per teacher actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per teacher actor.")
+
+
+class RouteConfig(_Strict):
+    name: str = Field(..., description="Route name (metrics label).")
+    teacher: str = Field(..., description="Name of the frozen teacher this route distils.")
+    task: str = Field(..., description="Dataset task bucket whose samples this route draws.")
+    weight: float = Field(1.0, ge=0, description="Relative probability of this route.")
+    requires_source_image: bool = Field(False, description="Edit route: every sample must have a source image.")
+    cfg_scale: float | None = Field(None, ge=0, description="Teacher CFG scale for this route (default: method.teacher_cfg_scale).")
+
+
+class RoutingConfig(_Strict):
+    routes: list[RouteConfig] = Field(..., min_length=1, description="Hard routes: route -> (teacher, task, weight).")
+
+
+class DataConfig(_Strict):
+    path: str = Field(..., description="CSV or Parquet with uid, task, prompt, source_image, target_image (paths relative to the file).")
+
+
+QueryBias = Literal["low_t", "mid_t", "high_t", "uniform", "stratified"]
+MethodName = Literal["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]
+
+
+class MethodConfig(_Strict):
+    name: MethodName = Field("danceopd", description="danceopd | diffusionopd | flowopd | offpolicy | sft | softmix.")
+    rollout_steps: int = Field(16, ge=1, le=1000, description="N: Euler steps of the student rollout.")
+    shift: float = Field(3.0, gt=0, description="Sigma-schedule shift s.")
+    k: int = Field(1, ge=1, description="K: query states per rollout (danceopd, softmix, flowopd).")
+    query_bias: QueryBias = Field("low_t", description="Which trajectory states to query.")
+    teacher_cfg_scale: float = Field(1.0, ge=0, description="CFG absorbed on the teacher side (1 = one pass).")
+    rollout_cfg_scale: float = Field(1.0, ge=0, description="CFG the student uses while rolling out (1 = none).")
+    uniform_dt: bool = Field(False, description="diffusionopd: weights 0.5/N^2 instead of dt^2/2.")
+    flowopd_eta: float = Field(0.7, gt=0, description="flowopd: SDE noise level eta.")
+    flowopd_clip: float = Field(1e-4, gt=0, description="flowopd: PPO ratio clip epsilon.")
+    flowopd_groups: int = Field(1, ge=1, description="flowopd: rollouts per prompt; >1 normalises advantages within the group.")
+    flowopd_all_states: bool = Field(True, description="flowopd: train on all N transitions (else K).")
+
+
+class RolloutConfig(_Strict):
+    workers: int = Field(1, ge=1, description="Rollout worker actors.")
+    batch_size: int = Field(8, ge=1, description="Samples per rollout batch (= per-rank learner micro-batch).")
+    early_stop: bool = Field(True, description="Integrate only up to the last queried state.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
+    max_restarts: int = Field(3, ge=0, description="Controller restarts of a dead rollout worker.")
+
+
+class LearnerConfig(_Strict):
+    steps: int = Field(200, ge=1, description="Optimizer steps of the job.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 = off).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step and rank.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (ray mode).")
+    world_size: int = Field(1, ge=1, description="Learner ranks W.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per learner rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
+
+
+class SyncConfig(_Strict):
+    max_policy_lag: int = Field(0, ge=0, description="Learner version minus sample version allowed (0 = exact on-policy).")
+    sync_every: int = Field(1, ge=1, description="Push weights every this many learner steps.")
+    transport: Literal["object_store", "collective"] = Field("object_store", description="How weights reach rollout workers.")
+    on_stale: Literal["drop", "wait"] = Field("wait", description="`wait`: a rollout worker waits for fresh enough weights before it starts a batch (no waste); `drop`: rollouts never wait and the replay queue drops too-stale batches.")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of one weight sync.")
+
+
+class ReplayConfig(_Strict):
+    capacity: int = Field(8, ge=1, description="Routed batches the replay queue holds before backpressure.")
+    spill_dir: str | None = Field(None, description="Arrow IPC spill folder for batches beyond capacity (None = block instead).")
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(50, ge=0, description="Checkpoint every this many steps (0 = only at the end).")
+    keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+
+class Config(_Strict):
+    job: JobConfig = Field(default_factory=JobConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teachers: list[TeacherConfig] = Field(..., min_length=1)
+    routing: RoutingConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    # Where the YAML came from, so relative data/model paths resolve against it.
+    base_dir: str = Field(".", description="Folder relative paths resolve against (the config file's folder).")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        names = [t.name for t in self.teachers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"teachers: duplicate teacher name {sorted(dup)[0]!r}")
+        route_names = [r.name for r in self.routing.routes]
+        dup = {n for n in route_names if route_names.count(n) > 1}
+        if dup:
+            raise ValueError(f"routing.routes: duplicate route name {sorted(dup)[0]!r}")
+        for i, r in enumerate(self.routing.routes):
+            if r.teacher not in names:
+                raise ValueError(f"routing.routes.{i}.teacher: unknown teacher {r.teacher!r} (known: {', '.join(names)})")
+        if sum(r.weight for r in self.routing.routes) <= 0:
+            raise ValueError("routing.routes: all route weights are 0; at least one must be positive")
+        if self.method.k > self.method.rollout_steps:
+            raise ValueError(f"method.k: {self.method.k} query states exceed rollout_steps={self.method.rollout_steps}")
+        for i, t in enumerate(self.teachers):
+            if t.kind == "pretrained" and not t.path:
+                raise ValueError(f"teachers.{i}.path: a pretrained teacher needs a model folder")
+            if t.kind == "gaussian" and self.backend.name != "toy":
+                raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy")
+            if t.kind in ("oracle", "pretrained") and self.backend.name == "toy":
+                raise ValueError(f"teachers.{i}.kind: {t.kind!r} teachers need backend.name=shapes")
+        if self.method.name == "flowopd" and self.method.flowopd_groups > self.rollout.batch_size:
+            raise ValueError("method.flowopd_groups: larger than rollout.batch_size")
+        if self.method.name == "flowopd" and self.rollout.batch_size % self.method.flowopd_groups:
+            raise ValueError("method.flowopd_groups: must divide rollout.batch_size")
+        return self
+
+    # ---- paths -----------------------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def output_path(self) -> Path:
+        p = Path(self.job.output_dir).expanduser()
+        return p if p.is_absolute() else Path.cwd() / p
+
+    def route(self, name: str) -> RouteConfig:
+        for r in self.routing.routes:
+            if r.name == name:
+                return r
+        raise ConfigError(f"unknown route {name!r} (known: {', '.join(r.name for r in self.routing.routes)})")
+
+    def teacher(self, name: str) -> TeacherConfig:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"unknown teacher {name!r}")
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars, so `3`, `1e-3`, `true`, `null`, `[a, b]` get their types."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example learner.lr=3e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a valid list index")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {key}: {last} is not a valid list index")
+            node[int(last)] = _parse_scalar(value)
+        else:
+            node[last] = _parse_scalar(value)
+    return raw
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def config_from_dict(raw: dict, base_dir: str | Path = ".") -> Config:
+    raw = dict(raw)
+    raw.setdefault("base_dir", str(Path(base_dir).resolve()))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, base_dir=path.parent)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,48 @@
+"""The README's configuration reference, generated from the config models (one source)."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+
+from danceopd.config import Config
+
+
+def _type_name(ann) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(ann))
+    if origin in (list,):
+        return f"list[{_type_name(typing.get_args(ann)[0])}]"
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
+    return getattr(ann, "__name__", str(ann)).replace("NoneType", "null")
+
+
+def _section(name: str, model: type[BaseModel]) -> list[str]:
+    lines = [f"**`{name}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"| `{key}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+    return lines + [""]
+
+
+def render() -> str:
+    out = []
+    for key, field in Config.model_fields.items():
+        ann = field.annotation
+        inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list else ann
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            label = f"{key}[]" if typing.get_origin(ann) is list else key
+            out += _section(label, inner)
+            for sub_key, sub in inner.model_fields.items():
+                sub_ann = sub.annotation
+                sub_inner = typing.get_args(sub_ann)[0] if typing.get_origin(sub_ann) is list else sub_ann
+                if isinstance(sub_inner, type) and issubclass(sub_inner, BaseModel):
+                    label2 = f"{label}.{sub_key}[]" if typing.get_origin(sub_ann) is list else f"{label}.{sub_key}"
+                    out += _section(label2, sub_inner)
+    return "\n".join(out)

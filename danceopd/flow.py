@@ -1,0 +1,135 @@
+"""Rectified-flow math (SD3 conventions), all in fp32.
+
+    z_sigma = (1 - sigma) x0 + sigma eps,   v = eps - x0,
+    Euler:  z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v,   shift: sigma' = s sigma / (1 + (s - 1) sigma),
+    model timestep = 1000 sigma.
+
+Sigma arguments are Python floats, 0-dim tensors or [B] tensors; [B] is broadcast over the state
+dims. Results are fp32 whatever the input dtype, so a bf16 student still rolls out and scores
+log-probs in fp32 (FlowOPD ratios are exp of small differences and do not survive bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _sig(sigma: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sigma as fp32 on like's device: 0-dim stays 0-dim, [B] becomes [B, 1, ..., 1]."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
+    if s.dim() == 1:
+        s = s.reshape(-1, *([1] * (like.dim() - 1)))
+    return s
+
+
+def shift_sigmas(sigma: float | torch.Tensor, shift: float) -> float | torch.Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sigma_schedule(n: int, shift: float) -> torch.Tensor:
+    """The N + 1 sigmas of an N-step rollout, identical to diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(n).sigmas``.
+
+    Diffusers spaces the grid between its *shifted* training extremes, so for s != 1 the grid is
+    ``shift(linspace(1, shift(1/1000), n))`` (shift applied twice at the low end), not
+    ``shift(linspace(1, 1/1000, n))``; we follow diffusers so students and teachers see exactly the
+    states the released models know. Terminal sigma is 0.
+    """
+    if n < 1:
+        raise ValueError(f"sigma_schedule: n must be >= 1, got {n}")
+    # Diffusers builds its training sigmas in fp32; its sigma_min is shift(fp32(1/1000)).
+    sigma_min = float(shift_sigmas(torch.tensor(1.0, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS, shift))
+    grid = torch.linspace(1.0, sigma_min, n, dtype=torch.float64)
+    sig = shift_sigmas(grid, shift).to(torch.float32)
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float32)])
+
+
+def euler_step(z: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    dt = _sig(sigma_next, z) - _sig(sigma, z)
+    return z.float() + dt * v.float()
+
+
+def forward_noise(x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
+    s = _sig(sigma, x0)
+    return (1 - s) * x0.float() + s * eps.float()
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return eps.float() - x0.float()
+
+
+def sde_step_mean_std(
+    z: torch.Tensor, v: torch.Tensor, sigma, sigma_next, eta: float, sigma_max=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the Flow-GRPO SDE transition z_sigma -> z_sigma_next.
+
+    std_dev_t = eta sqrt(sigma / (1 - sigma)) is infinite at sigma = 1. Flow-GRPO replaces the
+    denominator's sigma by the schedule's largest sigma below 1 (``scheduler.sigmas[1]``). When
+    ``sigma_max`` is not given we use ``sigma_next`` in its place: a step that starts at sigma = 1
+    is step 0 of the schedule, whose sigma_next *is* sigmas[1], so this is the same number without
+    threading the schedule through every caller. The returned std is broadcastable to z.
+    """
+    s = _sig(sigma, z)
+    s_next = _sig(sigma_next, z)
+    guard = s_next if sigma_max is None else torch.as_tensor(sigma_max, dtype=torch.float32, device=z.device)
+    std_dev_t = eta * torch.sqrt(s / (1 - torch.where(s >= 1, guard, s)))
+    dt = s_next - s  # negative: sampling runs sigma 1 -> 0
+    zf, vf = z.float(), v.float()
+    mean = zf * (1 + std_dev_t**2 / (2 * s) * dt) + vf * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_dev_t * torch.sqrt(-dt)
+    return mean, std
+
+
+def sde_step(z, v, sigma, sigma_next, eta: float, noise: torch.Tensor, sigma_max=None):
+    """One stochastic step; returns (z_next, mean, std)."""
+    mean, std = sde_step_mean_std(z, v, sigma, sigma_next, eta, sigma_max)
+    return mean + std * noise.float(), mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-element Gaussian log-density averaged over the non-batch dims -> [B] (as Flow-GRPO)."""
+    x, mean, std = x.float(), mean.float(), torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    lp = lp.expand_as(x)
+    return lp.mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else lp
+
+
+def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    # Scales 1 and 0 return a branch untouched: u + 1 * (c - u) is not bit-exactly c in floating
+    # point, and "scale 1 = one conditional pass" must mean the same numbers as that pass.
+    if scale == 1:
+        return v_cond
+    if scale == 0:
+        return v_uncond
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def integrate_ode(
+    field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    sigmas: torch.Tensor,
+    upto: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Deterministic Euler from z (noise at sigmas[0]) over the schedule.
+
+    ``field(z, sigma[B]) -> v``. Returns (states, z_end): states[i] is the state *before* step i
+    (states[0] = the noise), len N; z_end is the clean endpoint. With ``upto=i`` integration stops
+    once state i exists (i NFEs instead of N): states has i + 1 entries and z_end = states[i].
+    """
+    n = len(sigmas) - 1
+    if upto is not None and not 0 <= upto <= n - 1:
+        raise ValueError(f"integrate_ode: upto={upto} outside [0, {n - 1}]")
+    last = n if upto is None else upto
+    z = z.float()
+    states = [z]
+    for i in range(last):
+        sig = sigmas[i].to(device=z.device, dtype=torch.float32).expand(z.shape[0])
+        z = euler_step(z, field(z, sig), sigmas[i], sigmas[i + 1])
+        if i + 1 < n:
+            states.append(z)
+    return states, z

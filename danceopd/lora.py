@@ -1,0 +1,82 @@
+"""LoRA students through peft, for any nn.Module (diffusers transformers and the toy MLP alike).
+
+Adapters are injected in place (`peft.inject_adapter_in_model`), so the model keeps its own
+class and forward signature and backends call it unchanged. The trainable state is exactly the
+parameters with requires_grad: the adapters when LoRA is on, every parameter otherwise; that is
+what the learner exports to rollout workers and writes to checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def _matches(name: str, target: str) -> bool:
+    # peft's rule for a list of target names: the full module name or its dotted suffix.
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
+    """Inject LoRA adapters (danceopd.config.LoraConfig) and freeze the base weights.
+    A disabled config returns the model untouched."""
+    if not lora_cfg.enabled:
+        return model
+    names = [n for n, _ in model.named_modules()]
+    for t in lora_cfg.target_modules:
+        if not any(_matches(n, t) for n in names):
+            raise ValueError(f"student.lora.target_modules: {t!r} matches no module of {type(model).__name__}")
+    peft_cfg = PeftLoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
+                              lora_dropout=0.0, bias="none")
+    model = inject_adapter_in_model(peft_cfg, model)
+    # peft already marks only adapters trainable; do it explicitly so the contract does not
+    # depend on a peft default.
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (adapters only for a LoRA student)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_state_dict` back in; unknown, missing or mis-shaped keys are errors."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(sd) - set(params))
+    if unknown:
+        raise ValueError(f"trainable state: unknown key {unknown[0]!r} ({len(unknown)} unknown)")
+    missing = sorted(set(params) - set(sd))
+    if missing:
+        raise ValueError(f"trainable state: missing key {missing[0]!r} ({len(missing)} missing)")
+    with torch.no_grad():
+        for n, p in params.items():
+            if tuple(sd[n].shape) != tuple(p.shape):
+                raise ValueError(f"trainable state: {n!r} has shape {list(sd[n].shape)}, expected {list(p.shape)}")
+            p.copy_(sd[n].to(device=p.device, dtype=p.dtype))
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy with every adapter merged into its base layer and the peft wrappers removed: a
+    plain model whose predictions equal the LoRA model's (so it saves as a normal folder)."""
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if not isinstance(module, BaseTunerLayer) or not name:
+            continue
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, module.get_base_layer())
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out

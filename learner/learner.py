@@ -1,0 +1,64 @@
+"""Learner (plain torch): AdamW on the student, grad clip, gradient accumulation.
+
+The reference learner of `--mode local`; the DeepSpeed learner (learner/deepspeed_learner.py)
+has the same interface and shares `batch_loss`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+
+from danceopd.backends import make_backend
+from danceopd.lora import load_trainable_state_dict, trainable_state_dict
+from learner.step import batch_loss, merge_route_losses
+
+
+def build_student(cfg, backend):
+    init = "random" if cfg.student.init == "random" else str(cfg.resolve(cfg.student.init))
+    return backend.build_student(init, cfg.job.seed)
+
+
+class Learner:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.backend = make_backend(cfg)
+        self.model = build_student(cfg, self.backend)
+        self.model.train()
+        lc = cfg.learner
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay)
+        self.version = 0
+        self.busy_s = 0.0
+
+    def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
+        """One optimizer step over `grad_accum` micro-batches (the mean of their losses)."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, routes = [], []
+        for rb in micro_batches:
+            loss, per_route = batch_loss(self.backend, self.model, self.cfg.method, rb)
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
+            routes.append(per_route)
+        clip = self.cfg.learner.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.version += 1
+        self.busy_s += time.perf_counter() - t0
+        return {"loss": sum(losses) / len(losses), "route_loss": merge_route_losses(routes),
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version}
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in trainable_state_dict(self.model).items()}
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state_dict(self.model, state)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

@@ -1,0 +1,108 @@
+"""Router: the single authority on routing.
+
+It owns the RoutePolicy and the data-sampling generator (both checkpointed), hands out work
+orders, and sends every RolloutBatch to the teacher pool of each row's route, producing the
+RoutedBatch. A pool is anything with `query(state, sigma, cond, cfg_scale) -> ndarray`: a
+plain `Teacher` in local mode, a load-balanced group of teacher actors in Ray mode.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from danceopd.batch import replace_columns, scalars
+from danceopd.dataset import Dataset
+from danceopd.routing import RoutePolicy
+from danceopd.work import WorkItem, WorkOrder, sample_seed
+
+
+class Router:
+    def __init__(self, cfg, dataset: Dataset, pools: dict):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.routes = {r.name: r for r in cfg.routing.routes}
+        missing = {r.teacher for r in self.routes.values()} - set(pools)
+        if missing:
+            raise ValueError(f"router: no teacher pool for {sorted(missing)}")
+        self.pools = pools
+        self.policy = RoutePolicy({r.name: r.weight for r in cfg.routing.routes}, seed=cfg.job.seed)
+        self.data_rng = np.random.Generator(np.random.PCG64([cfg.job.seed, 1]))
+        self.next_sample = 0
+        self.next_ticket = 0
+        self.stats = {"routed_rows": {n: 0 for n in self.routes}, "busy_s": 0.0}
+
+    def set_pool(self, teacher: str, pool) -> None:
+        self.pools[teacher] = pool
+
+    # ---- work hand-out ------------------------------------------------------------------
+    def next_order(self, batch_size: int) -> WorkOrder:
+        groups = self.cfg.method.flowopd_groups if self.cfg.method.name == "flowopd" else 1
+        items = []
+        while len(items) < batch_size:
+            route = self.policy.next()
+            row = self.dataset.sample(self.routes[route].task, self.data_rng)
+            group = self.next_sample
+            for _ in range(groups):  # a group: the same prompt rolled out with distinct seeds
+                idx = self.next_sample
+                self.next_sample += 1
+                items.append(WorkItem(idx, route, row, sample_seed(self.cfg.job.seed, idx), group))
+        order = WorkOrder(self.next_ticket, tuple(items))
+        self.next_ticket += 1
+        return order
+
+    # ---- routing ------------------------------------------------------------------------
+    def _cfg_scale(self, route: str) -> float:
+        r = self.routes[route]
+        return self.cfg.method.teacher_cfg_scale if r.cfg_scale is None else r.cfg_scale
+
+    def route(self, rb: pa.RecordBatch) -> pa.RecordBatch:
+        """RolloutBatch -> RoutedBatch: fill `target` from the routed teacher, tag `teacher_id`."""
+        t0 = time.perf_counter()
+        method = self.cfg.method.name
+        routes = scalars(rb, "route")
+        for r in set(routes):
+            if r not in self.routes:
+                raise KeyError(f"router: unknown route {r!r} in batch from {scalars(rb, 'worker_id')[0]} (known: {', '.join(self.routes)})")
+        if method == "sft":  # plain flow matching: the data velocity is already the target
+            return rb
+        state = rb.column("state").to_numpy_ndarray()
+        sigma = rb.column("sigma").to_numpy()
+        cond = rb.column("cond").to_numpy_ndarray()
+        target = np.zeros_like(state)
+        teacher_ids = [""] * len(routes)
+        if method == "softmix":
+            # Ablation of hard routing: every row gets the weight-averaged field of ALL routes.
+            total = sum(r.weight for r in self.routes.values())
+            for name, r in self.routes.items():
+                if r.weight > 0:
+                    target += (r.weight / total) * self.pools[r.teacher].query(state, sigma, cond, self._cfg_scale(name))
+            teacher_ids = ["softmix"] * len(routes)
+        else:
+            routes_arr = np.asarray(routes)
+            for name in sorted(set(routes)):
+                sel = np.nonzero(routes_arr == name)[0]
+                teacher = self.routes[name].teacher
+                target[sel] = self.pools[teacher].query(state[sel], sigma[sel], cond[sel], self._cfg_scale(name))
+                for i in sel:
+                    teacher_ids[i] = teacher
+        for name in routes:
+            self.stats["routed_rows"][name] += 1
+        self.stats["busy_s"] += time.perf_counter() - t0
+        return replace_columns(rb, target=target, teacher_id=teacher_ids)
+
+    # ---- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "data_rng": self.data_rng.bit_generator.state,
+                "next_sample": self.next_sample, "next_ticket": self.next_ticket}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.data_rng.bit_generator.state = state["data_rng"]
+        self.next_sample = int(state["next_sample"])
+        self.next_ticket = int(state["next_ticket"])
+
+    def get_stats(self) -> dict:
+        return {"routed_rows": dict(self.stats["routed_rows"]), "busy_s": self.stats["busy_s"]}

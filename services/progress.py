@@ -1,0 +1,95 @@
+"""Job log: per-step JSONL metrics, named timers, a live progress line and the final summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import defaultdict
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class JobLog:
+    def __init__(self, cfg, start_step: int, show_progress: bool = True, console: Console | None = None):
+        self.cfg = cfg
+        self.start_step = start_step
+        self.out = cfg.output_path
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = (self.out / "metrics.jsonl").open("a")
+        self.timers: dict[str, float] = defaultdict(float)
+        self.route_losses: dict[str, list[float]] = defaultdict(list)
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.last: dict = {}
+        self.console = console or Console(stderr=True)
+        self.progress = None
+        if show_progress:
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                                     transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task(cfg.job.name, total=cfg.learner.steps, completed=start_step, info="")
+
+    @contextlib.contextmanager
+    def timer(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timers[name] += time.perf_counter() - t
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(time.perf_counter() - self.t0, 1e-9)
+
+    def step(self, step: int, metrics: dict, samples: int, lag: int = 0, workers: dict | None = None) -> None:
+        self.samples += samples
+        for r, v in metrics.get("route_loss", {}).items():
+            self.route_losses[r].append(v)
+        rec = {"step": step, "time": time.time(), "samples_per_s": self.samples_per_s(), "lag": lag, **metrics}
+        if workers:
+            rec["workers"] = workers
+        self.last = rec
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.metrics_file.flush()
+        if self.progress is not None:
+            losses = " ".join(f"{r}={v:.4f}" for r, v in sorted(metrics.get("route_loss", {}).items()))
+            wk = " ".join(f"{k}:{v}" for k, v in (workers or {}).items())
+            info = f"{self.samples_per_s():.1f} samples/s  lag {lag}  {losses}  {wk}"
+            self.progress.update(self.task, completed=step, info=info)
+
+    def finish(self, checkpoint: str | None, extra: dict | None = None) -> dict:
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
+        summary = {
+            "job": self.cfg.job.name,
+            "steps": self.last.get("step", self.start_step),
+            "samples": self.samples,
+            "samples_per_s": round(self.samples_per_s(), 3),
+            "route_loss": {r: {"start": _window(v, first=True), "end": _window(v, first=False)}
+                           for r, v in sorted(self.route_losses.items())},
+            "timers_s": {k: round(v, 3) for k, v in self.timers.items()},
+            "checkpoint": checkpoint,
+            "output_dir": str(self.out),
+        }
+        summary.update(extra or {})
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def _window(values: list[float], first: bool) -> float:
+    n = max(1, len(values) // 10)
+    part = values[:n] if first else values[-n:]
+    return round(sum(part) / len(part), 6)
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"[bold]{summary['job']}[/]: {summary['steps']} steps, {summary['samples']} samples, "
+                  f"{summary['samples_per_s']} samples/s")
+    for r, v in summary["route_loss"].items():
+        console.print(f"  route {r:<14} loss {v['start']:.5f} -> {v['end']:.5f}")
+    if summary.get("checkpoint"):
+        console.print(f"  checkpoint: {summary['checkpoint']}")

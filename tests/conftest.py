@@ -1,0 +1,29 @@
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture
+def toy_raw(tmp_path) -> dict:
+    """The toy config as a dict, with its dataset copied next to a config path in tmp_path."""
+    raw = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
+    shutil.copytree(ROOT / "configs" / "data" / "toy", tmp_path / "data" / "toy")
+    raw["job"]["output_dir"] = str(tmp_path / "run")
+    return copy.deepcopy(raw)
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def _write(raw: dict, name: str = "config.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(raw))
+        return p
+
+    return _write

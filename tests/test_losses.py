@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from danceopd.config import MethodConfig
+from danceopd.flow import sde_step, sigma_schedule
+from danceopd.losses import compute_loss, flowopd_terms, group_normalise, per_route_mean
+
+METHODS = ["danceopd", "diffusionopd", "offpolicy", "sft", "softmix", "flowopd"]
+
+
+def make_batch(rows=6, shape=(3, 2, 2), seed=0, groups=2):
+    """Rows as a rollout would produce them: state at sigma_i, next_state from the SDE step."""
+    g = torch.Generator().manual_seed(seed)
+    sigmas = sigma_schedule(8, 3.0)
+    idx = torch.arange(rows) % 8
+    sigma, sigma_next = sigmas[idx], sigmas[idx + 1]
+    state = torch.randn(rows, *shape, generator=g)
+    rollout_velocity = torch.randn(rows, *shape, generator=g)
+    target = torch.randn(rows, *shape, generator=g)
+    noise = torch.randn(rows, *shape, generator=g)
+    next_state, _, _ = sde_step(state, rollout_velocity, sigma, sigma_next, 0.7, noise)
+    return {
+        "state": state, "sigma": sigma, "sigma_next": sigma_next, "cond": torch.randn(rows, 4, generator=g),
+        "target": target, "weight": torch.full((rows,), 0.5), "sample_index": torch.arange(rows) // 2,
+        "next_state": next_state, "rollout_velocity": rollout_velocity,
+        "group": torch.arange(rows) % groups,
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_iff_pred_equals_target(method):
+    cfg = MethodConfig(name=method)
+    batch = make_batch()
+    if method == "flowopd":
+        # Zero KL reward <=> old student's transition mean equals the teacher's.
+        batch["rollout_velocity"] = batch["target"].clone()
+    loss, per_row = compute_loss(cfg, batch["target"].clone().requires_grad_(), batch)
+    assert loss.item() == 0 and (per_row == 0).all()
+    pred = (batch["target"] + 0.1).requires_grad_()
+    if method == "flowopd":
+        batch["rollout_velocity"] = pred.detach().clone()
+    loss, per_row = compute_loss(cfg, pred, batch)
+    assert loss.item() > 0 and per_row.shape == (6,) and not per_row.requires_grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_reaches_pred_not_target_side(method):
+    cfg = MethodConfig(name=method)
+    batch = make_batch()
+    # Teacher / rollout tensors arrive with requires_grad set; compute_loss must detach them.
+    for key in ("target", "rollout_velocity", "next_state", "state"):
+        batch[key] = batch[key].clone().requires_grad_()
+    pred = (batch["rollout_velocity"].detach() + 0.05 * torch.randn(6, 3, 2, 2)).requires_grad_()
+    loss, _ = compute_loss(cfg, pred, batch)
+    loss.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    for key in ("target", "rollout_velocity", "next_state", "state"):
+        assert batch[key].grad is None, key
+
+
+def test_flowopd_on_policy_ratio_is_one_and_still_has_gradient():
+    cfg = MethodConfig(name="flowopd", flowopd_groups=1)
+    batch = make_batch()
+    pred = batch["rollout_velocity"].clone().requires_grad_()
+    t = flowopd_terms(cfg, pred, batch)
+    assert torch.equal(t["ratio"], torch.ones(6))
+    loss, per_row = compute_loss(cfg, pred, batch)
+    assert torch.allclose(loss, -t["advantage"].mean()) and torch.allclose(per_row, -t["advantage"])
+    loss.backward()
+    # Known reference behaviour 1: ratio == 1 but the gradient flows through logp_new.
+    assert pred.grad.abs().sum() > 0
+
+
+def test_flowopd_advantages_without_baseline_are_nonpositive():
+    cfg = MethodConfig(name="flowopd", flowopd_groups=1)
+    for seed in range(5):
+        batch = make_batch(seed=seed)
+        t = flowopd_terms(cfg, batch["rollout_velocity"].clone(), batch)
+        assert (t["advantage"] <= 0).all() and torch.equal(t["advantage"], t["reward"])
+    grouped = flowopd_terms(MethodConfig(name="flowopd", flowopd_groups=2), batch["rollout_velocity"], batch)
+    adv = grouped["advantage"]
+    assert (adv > 0).any() and (adv < 0).any()  # the group baseline centres them
+    for gid in (0, 1):
+        assert abs(adv[batch["group"] == gid].mean().item()) < 1e-5
+
+
+def test_flowopd_clip_bounds_the_off_policy_ratio():
+    cfg = MethodConfig(name="flowopd", flowopd_clip=1e-4)
+    batch = make_batch()
+    pred = (batch["rollout_velocity"] + 0.5).requires_grad_()
+    t = flowopd_terms(cfg, pred, batch)
+    a, r = t["advantage"], t["ratio"].detach()
+    expected = torch.maximum(-a * r, -a * r.clamp(1 - 1e-4, 1 + 1e-4))
+    assert torch.allclose(t["per_row"].detach(), expected)
+
+
+def test_group_normalise():
+    r = torch.tensor([1.0, 3.0, -2.0, -2.0, 5.0])
+    g = torch.tensor([0, 0, 1, 1, 2])
+    a = group_normalise(r, g)
+    assert torch.allclose(a[:2], torch.tensor([-1.0, 1.0]), atol=1e-5)
+    assert torch.equal(a[2:], torch.zeros(3))  # constant groups and singletons carry no signal
+
+
+@pytest.mark.parametrize("method", ["danceopd", "diffusionopd", "offpolicy", "sft", "softmix"])
+def test_weighted_sum_normalises_by_distinct_samples(method):
+    cfg = MethodConfig(name=method)
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(2, 5, generator=g)
+    pred = torch.randn(2, 5, generator=g)
+    # Two samples, one row each, weight 1.
+    one = {"target": target, "weight": torch.ones(2), "sample_index": torch.tensor([0, 1])}
+    # The same two samples, each queried twice at the same state with weight 1/2 (K = 2).
+    two = {"target": target.repeat_interleave(2, 0), "weight": torch.full((4,), 0.5),
+           "sample_index": torch.tensor([0, 0, 1, 1])}
+    l1, _ = compute_loss(cfg, pred, one)
+    l2, _ = compute_loss(cfg, pred.repeat_interleave(2, 0), two)
+    assert torch.allclose(l1, l2)
+    assert torch.allclose(l1, ((pred - target) ** 2).mean(1).mean())
+
+
+def test_per_route_mean():
+    out = per_route_mean(torch.tensor([1.0, 2.0, 3.0, 5.0]), ["t2i", "edit", "t2i", "edit"])
+    assert out == {"t2i": 2.0, "edit": 3.5}
+    with pytest.raises(ValueError):
+        per_route_mean(torch.tensor([1.0]), ["a", "b"])
