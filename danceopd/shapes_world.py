@@ -43,7 +43,7 @@ PAD, UNK = "<pad>", "<unk>"
 VOCAB: list[str] = [PAD, UNK, *sorted(_WORDS | set(COLOR_NAMES) | set(KINDS) | set(ROWS) | set(COLS))]
 PAD_ID, UNK_ID = 0, 1
 _WORD_ID = {w: i for i, w in enumerate(VOCAB)}
-MIN_SIZE = 12  # below this the 3x3 grid leaves shapes too small to tell apart
+MIN_SIZE = 15  # below this shapes are 3 px wide and a circle is a square
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Instruction:
 
 # ---- rendering --------------------------------------------------------------------------------
 
-def _check_size(size: int) -> None:
+def check_size(size: int) -> None:
     if size < MIN_SIZE:
         raise ValueError(f"ShapesBench image_size {size} is too small (at least {MIN_SIZE})")
 
@@ -103,7 +103,7 @@ def _kind_mask(kind: str, b: int) -> np.ndarray:
 @lru_cache(maxsize=16)
 def _masks(size: int) -> dict[tuple[str, int, int], np.ndarray]:
     """Boolean [size, size] mask of every (kind, row, col), computed once per size."""
-    _check_size(size)
+    check_size(size)
     b = _box_side(size)
     out = {}
     for kind in KINDS:
@@ -274,7 +274,7 @@ def apply_instruction(ins: Instruction, source: Scene | None) -> Scene:
 
 def make_example(task: str, rng: np.random.Generator, size: int = 16) -> tuple[str, Scene | None, Scene]:
     """(prompt, source scene or None, target scene) of one random example of a task."""
-    _check_size(size)
+    check_size(size)
     src = sample_scene(rng)
     if task == "t2i":
         return describe(src), None, src
@@ -296,6 +296,10 @@ def make_example(task: str, rng: np.random.Generator, size: int = 16) -> tuple[s
             choices = [c for c in COLOR_NAMES if c not in (src.color, src.background)]
             prompt = f"make the background {choices[rng.integers(len(choices))]}"
         else:
+            if op == "rotate" and src.background in ("black", "white"):
+                # Rotating channels leaves grey levels alone; a global edit must change the background.
+                choices = [c for c in COLOR_NAMES if c not in ("black", "white", src.color)]
+                src = replace(src, background=choices[rng.integers(len(choices))])
             prompt = {"invert": "invert the colors", "swap": "swap the colors", "rotate": "rotate the color channels"}[op]
     else:
         raise ValueError(f"unknown ShapesBench task {task!r} (known: {', '.join(TASKS)})")

@@ -26,7 +26,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.backend = make_backend(cfg)
         self.model = self.backend.build_student(str(cfg.resolve(cfg.student.init)) if cfg.student.init != "random" else "random", cfg.job.seed)
-        self.model.eval().requires_grad_(False)
+        self.model.eval()  # trainable flags stay: they define which weights a push carries
         self.version = 0
         self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim)
         self.sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.shift)

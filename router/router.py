@@ -34,9 +34,6 @@ class Router:
         self.next_ticket = 0
         self.stats = {"routed_rows": {n: 0 for n in self.routes}, "busy_s": 0.0}
 
-    def set_pool(self, teacher: str, pool) -> None:
-        self.pools[teacher] = pool
-
     # ---- work hand-out ------------------------------------------------------------------
     def next_order(self, batch_size: int) -> WorkOrder:
         groups = self.cfg.method.flowopd_groups if self.cfg.method.name == "flowopd" else 1

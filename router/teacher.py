@@ -28,7 +28,7 @@ class Teacher:
         """target = v(z,t,null) + a (v(z,t,c) - v(z,t,null)); one pass when a == 1. For edit
         routes the backend's null condition keeps the source image and drops only the text."""
         t0 = time.perf_counter()
-        z, s, c = (torch.as_tensor(np.asarray(x)) for x in (state, sigma, cond))
+        z, s, c = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (state, sigma, cond))
         if cfg_scale == 1.0:
             v = self.field.velocity(z, s, c)
         else:

@@ -60,9 +60,7 @@ def load_local_checkpoint(path, learner, router) -> int:
 
 
 def train_local(cfg, resume_from=None, show_progress: bool = True) -> dict:
-    router = build_router(cfg, {})
-    for name in used_teachers(cfg):
-        router.set_pool(name, Teacher(cfg, name))
+    router = build_router(cfg, {name: Teacher(cfg, name) for name in used_teachers(cfg)})
     worker = RolloutWorker(cfg, "rollout-0")
     learner = Learner(cfg)
     queue = ReplayQueue(cfg.replay.capacity, cfg.sync.max_policy_lag, cfg.replay.spill_dir and cfg.resolve(cfg.replay.spill_dir))

@@ -33,7 +33,7 @@ def test_render_is_deterministic_and_uses_only_the_scene_colours():
 
 
 def test_every_kind_and_cell_has_a_distinct_mask():
-    for size in (12, 16, 32):
+    for size in (15, 16, 32):
         masks = sw._masks(size)
         flat = {m.tobytes() for m in masks.values()}
         assert len(flat) == len(sw.KINDS) * 9

@@ -131,6 +131,7 @@ class ShapesBackend(Backend):
         b = cfg.backend
         if b.image_size % b.patch_size:
             raise ValueError(f"backend.patch_size: {b.patch_size} does not divide image_size={b.image_size}")
+        sw.check_size(b.image_size)
         self.size, self.patch_size = b.image_size, b.patch_size
         self.num_layers, self.num_heads, self.head_dim = b.num_layers, b.num_heads, b.head_dim
         self.packer = ShapesCondition(b.image_size, b.max_tokens)
