@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -36,7 +35,7 @@ def load_valid(config: Path, overrides: list[str] | None) -> Config:
 
 
 @app.command()
-def validate(config: Path, set_: Optional[list[str]] = SetOpt):
+def validate(config: Path, set_: list[str] | None = SetOpt):
     """Check a config, its dataset buckets, image files and model folders (no weights are loaded)."""
     cfg = load_valid(config, set_)
     typer.echo(f"ok: {config} — {len(cfg.routing.routes)} routes, {len(cfg.teachers)} teachers, method {cfg.method.name}")
@@ -46,9 +45,9 @@ def validate(config: Path, set_: Optional[list[str]] = SetOpt):
 def train(
     config: Path,
     mode: str = typer.Option("ray", help="`ray` (actors on a Ray cluster) or `local` (one process, the reference loop)."),
-    address: Optional[str] = typer.Option(None, help="Ray address to join (`auto`: a running cluster); default: start a local one."),
-    resume: Optional[str] = typer.Option(None, help="Checkpoint folder, or `auto` for the latest in job.output_dir."),
-    set_: Optional[list[str]] = SetOpt,
+    address: str | None = typer.Option(None, help="Ray address to join (`auto`: a running cluster); default: start a local one."),
+    resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the latest in job.output_dir."),
+    set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ):
     """Run a training job."""
@@ -109,7 +108,7 @@ def config_doc():
 
 
 @app.command("show-config")
-def show_config(config: Path, set_: Optional[list[str]] = SetOpt):
+def show_config(config: Path, set_: list[str] | None = SetOpt):
     """Print the fully-resolved config (defaults filled in) as JSON."""
     try:
         cfg = load_config(config, set_)

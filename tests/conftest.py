@@ -27,3 +27,15 @@ def write_config(tmp_path):
         return p
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (started by this test run, stopped by it)."""
+    import ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray
+    ray.shutdown()
