@@ -33,10 +33,18 @@ class Router:
         self.next_sample = 0
         self.next_ticket = 0
         self.stats = {"routed_rows": {n: 0 for n in self.routes}, "busy_s": 0.0}
+        # Router state as it was before each outstanding ticket was issued: a checkpoint taken
+        # while later tickets are still in flight resumes from the first unconsumed one.
+        self._before: dict[int, dict] = {}
+
+    def set_pool(self, teacher: str, pool) -> None:
+        """Swap a teacher's pool (e.g. after scaling its replicas)."""
+        self.pools[teacher] = pool
 
     # ---- work hand-out ------------------------------------------------------------------
     def next_order(self, batch_size: int) -> WorkOrder:
         groups = self.cfg.method.flowopd_groups if self.cfg.method.name == "flowopd" else 1
+        self._before[self.next_ticket] = self.state_dict()
         items = []
         while len(items) < batch_size:
             route = self.policy.next()
@@ -94,6 +102,14 @@ class Router:
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "data_rng": self.data_rng.bit_generator.state,
                 "next_sample": self.next_sample, "next_ticket": self.next_ticket}
+
+    def state_before(self, ticket: int) -> dict:
+        """The state to resume from when tickets < `ticket` are consumed and later ones are not."""
+        return self._before.get(ticket) or self.state_dict()
+
+    def forget_before(self, ticket: int) -> None:
+        for t in [t for t in self._before if t < ticket]:
+            del self._before[t]
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])

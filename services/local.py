@@ -77,14 +77,13 @@ def train_local(cfg, resume_from=None, show_progress: bool = True) -> dict:
             for _ in range(per_step):
                 queue.put(router.route(worker.rollout(router.next_order(cfg.rollout.batch_size))))
         with log.timer("learn"):
-            micro = [queue.get(learner.version) for _ in range(per_step)]
-            metrics = learner.train_step([m for m in micro if m is not None])
+            metrics = learner.train_step(queue.take(per_step, learner.version))
         if (step + 1) % cfg.sync.sync_every == 0:
             with log.timer("sync"):
                 worker.set_weights(learner.export_weights(), learner.version)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.learner.steps:
             with log.timer("checkpoint"):
                 last_ckpt = save_local_checkpoint(cfg, step + 1, learner, router)
-        log.step(step + 1, metrics, samples=per_step * cfg.rollout.batch_size, lag=max(queue.lags[-per_step:], default=0))
+        log.step(step + 1, metrics, samples=per_step * cfg.rollout.batch_size, lag=queue.stats()["max_lag_seen"])
     queue.drain("unconsumed")
     return log.finish(last_ckpt, extra={"replay": queue.stats(), "nfe": worker.stats["nfe"]})

@@ -2,8 +2,8 @@
 
 Backpressure: `put` refuses when `capacity` batches are held in memory (the producer waits),
 unless a spill folder is configured, in which case overflow goes to Arrow IPC files and is read
-back in order. `get(learner_version)` never hands out a batch older than `max_policy_lag`:
-such batches are dropped and counted (reason `stale`).
+back in order. The queue never hands out a batch older than `max_policy_lag` versions behind
+the learner: such batches are dropped and counted (reason `stale`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ class ReplayQueue:
         self.spill_dir = Path(spill_dir) if spill_dir else None
         if self.spill_dir:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self._items: collections.deque = collections.deque()  # pa.RecordBatch or Path (spilled)
+        # entries: [policy_version, samples, RecordBatch or Path of a spill file]
+        self._items: collections.deque = collections.deque()
         self._in_memory = 0
         self._spilled = 0
         self.put_samples = 0
         self.consumed_samples = 0
         self.dropped: dict[str, int] = collections.Counter()
-        self.lags: list[int] = []
+        self.lag_counts: dict[int, int] = collections.Counter()
 
     def depth(self) -> int:
         return len(self._items)
@@ -38,21 +39,21 @@ class ReplayQueue:
         return self._in_memory >= self.capacity and self.spill_dir is None
 
     def put(self, rb: pa.RecordBatch) -> bool:
+        version, samples = min(rb.column("policy_version").to_pylist()), num_samples(rb)
         if self._in_memory < self.capacity:
-            self._items.append(rb)
+            item = rb
             self._in_memory += 1
         elif self.spill_dir is not None:
-            path = self.spill_dir / f"spill-{self._spilled:08d}.arrow"
-            write_ipc(path, [rb])
+            item = self.spill_dir / f"spill-{self._spilled:08d}.arrow"
+            write_ipc(item, [rb])
             self._spilled += 1
-            self._items.append(path)
         else:
             return False
-        self.put_samples += num_samples(rb)
+        self._items.append((version, samples, item))
+        self.put_samples += samples
         return True
 
-    def _pop(self) -> pa.RecordBatch:
-        item = self._items.popleft()
+    def _load(self, item) -> pa.RecordBatch:
         if isinstance(item, Path):
             rb = read_ipc(item)[0]
             item.unlink()
@@ -60,27 +61,41 @@ class ReplayQueue:
         self._in_memory -= 1
         return item
 
-    def get(self, learner_version: int) -> pa.RecordBatch | None:
-        while self._items:
-            rb = self._pop()
-            lag = learner_version - min(rb.column("policy_version").to_pylist())
-            if lag > self.max_policy_lag:
-                self.dropped["stale"] += num_samples(rb)
-                continue
-            self.lags.append(lag)
-            self.consumed_samples += num_samples(rb)
-            return rb
-        return None
+    def _drop_stale(self, learner_version: int) -> None:
+        keep = collections.deque()
+        for version, samples, item in self._items:
+            if learner_version - version > self.max_policy_lag:
+                self._load(item)
+                self.dropped["stale"] += samples
+            else:
+                keep.append((version, samples, item))
+        self._items = keep
+
+    def take(self, n: int, learner_version: int) -> list[pa.RecordBatch]:
+        """The n oldest fresh batches, or [] (taking nothing) while fewer than n are fresh."""
+        self._drop_stale(learner_version)
+        if len(self._items) < n:
+            return []
+        out = []
+        for _ in range(n):
+            version, samples, item = self._items.popleft()
+            self.lag_counts[learner_version - version] += samples
+            self.consumed_samples += samples
+            out.append(self._load(item))
+        return out
 
     def drain(self, reason: str) -> int:
         """Drop everything left (e.g. `unconsumed` at the end of a job); returns samples dropped."""
         n = 0
         while self._items:
-            n += num_samples(self._pop())
+            _, samples, item = self._items.popleft()
+            self._load(item)
+            n += samples
         self.dropped[reason] += n
         return n
 
     def stats(self) -> dict:
         return {"depth": self.depth(), "capacity": self.capacity, "put_samples": self.put_samples,
                 "consumed_samples": self.consumed_samples, "dropped": dict(self.dropped),
-                "max_lag_seen": max(self.lags, default=0)}
+                "lag_counts": {str(k): v for k, v in sorted(self.lag_counts.items())},
+                "max_lag_seen": max(self.lag_counts, default=0)}

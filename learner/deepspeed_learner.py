@@ -1,0 +1,153 @@
+"""DeepSpeedLearner: one learner rank of a ZeRO data-parallel group (plain class; the Ray runtime
+wraps it with `ray.remote`, one actor per rank).
+
+Same interface and the same loss (`learner.step.batch_loss`) as the plain `Learner`; at world
+size 1 it reproduces the plain learner's losses and weights (ZeRO-0 bit for bit, ZeRO-1..3 to
+float rounding of the grad clip). Every method except `get_version` is collective: all ranks
+call it, each with its own micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from danceopd.backends import make_backend
+from learner.learner import build_student
+from learner.step import batch_loss, merge_route_losses
+
+CKPT_TAG = "deepspeed"
+
+
+def _ds_config(cfg) -> dict:
+    lc = cfg.learner
+    return {
+        "train_micro_batch_size_per_gpu": cfg.rollout.batch_size,
+        "gradient_accumulation_steps": lc.grad_accum,
+        # ZeRO-0 reports no grad norm for fp32 (the client optimizer has none), so there the
+        # learner clips itself with torch's clip_grad_norm_, exactly as the plain Learner does.
+        "gradient_clipping": lc.grad_clip if lc.zero_stage > 0 else 0.0,
+        # fp32 everywhere: CPU has no fp16/bf16 training path and fp32 keeps parity with the
+        # local loop; bf16 on GPU would need a config switch that does not exist yet.
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": lc.zero_stage},
+        # torch AdamW is a client optimizer DeepSpeed has not "tested" with ZeRO; it is plain
+        # per-element math on the flat fp32 partition, so it is safe.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedLearner:
+    def __init__(self, cfg, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        lc = cfg.learner
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size),
+                          # Ray gives each rank actor its own GPU (CUDA_VISIBLE_DEVICES), so the
+                          # device index inside the actor is always 0.
+                          LOCAL_RANK="0")
+        on_gpu = torch.cuda.is_available() and lc.num_gpus > 0
+        if not on_gpu:
+            # Pin the CPU accelerator before deepspeed is imported: its auto-detection runs at
+            # import time and would probe for CUDA/XPU/NPU stacks.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed  # lazily: the driver that wraps this class never loads DeepSpeed
+
+        self._ds = deepspeed
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        # On CPU, init_distributed JIT-compiles a shared-memory all-reduce op (~30 s on 2 cores,
+        # once per machine) that only `inference_all_reduce` uses; training never does.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = lc.dist_backend if lc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+        self.backend = make_backend(cfg)
+        model = build_student(cfg, self.backend)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lc.lr, weight_decay=lc.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg))
+        self.version = 0
+        self.busy_s = 0.0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+
+    def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
+        """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
+        same count on every rank); loss and route losses are averaged over all ranks."""
+        n, gas = len(micro_batches), self.cfg.learner.grad_accum
+        if n != gas:
+            raise ValueError(f"train_step: {n} micro-batches, but learner.grad_accum={gas} (DeepSpeed scales by and steps at grad_accum)")
+        t0 = time.perf_counter()
+        eng, dev = self.engine, self.engine.device
+        losses, routes = [], []
+        for i, rb in enumerate(micro_batches):
+            # Set the boundary explicitly so an earlier failed step can never leave DeepSpeed's
+            # micro-step counter out of phase with our micro-batches.
+            eng.set_gradient_accumulation_boundary(i == n - 1)
+            loss, per_route = batch_loss(self.backend, eng, self.cfg.method, rb, dev)
+            eng.backward(loss)  # DeepSpeed divides by grad_accum, like the plain Learner's 1/n
+            losses.append(loss.item())
+            routes.append(per_route)
+            if i == n - 1 and self.cfg.learner.zero_stage == 0:
+                clip = self.cfg.learner.grad_clip  # grads are all-reduced by now (boundary)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), clip if clip > 0 else float("inf"))
+            eng.step()
+        if self.cfg.learner.zero_stage > 0:
+            grad_norm = eng.get_global_grad_norm()
+        mean = torch.tensor([sum(losses) / n], dtype=torch.float64, device=dev)
+        gathered: list = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_reduce(mean)
+            dist.all_gather_object(gathered, merge_route_losses(routes))
+        else:
+            gathered = [merge_route_losses(routes)]
+        self.version += 1
+        self.busy_s += time.perf_counter() - t0
+        return {"loss": mean.item() / self.world_size, "route_loss": merge_route_losses(gathered),
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version}
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        """The trainable state (LoRA adapters only for a LoRA student) as CPU tensors on rank 0,
+        None elsewhere. Collective: under ZeRO-3 every rank takes part in the gather."""
+        params = self._trainable()
+        with self._ds.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                              enabled=self.cfg.learner.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+
+    def save_checkpoint(self, folder: str) -> None:
+        self.engine.save_checkpoint(folder, tag=CKPT_TAG, client_state={"version": self.version})
+
+    def load_checkpoint(self, folder: str) -> int:
+        # DeepSpeed's torch checkpoint engine loads with weights_only=False itself (its files
+        # hold optimizer state and config objects), so torch>=2.6's weights_only default does
+        # not reach it; strict module loading is fine since the module is rebuilt identically.
+        path, client = self.engine.load_checkpoint(folder, tag=CKPT_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {CKPT_TAG!r} under {folder}")
+        self.version = int(client["version"])
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

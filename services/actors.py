@@ -1,0 +1,223 @@
+"""Ray at the edge: the plain component classes deployed as actors, and one small actor-group
+abstraction (create, probe, restart with backoff, remove) shared by every role."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rollout_workers.worker import RolloutWorker
+from router.router import Router
+from router.teacher import Teacher
+from services.replay import ReplayQueue
+from services.weight_store import WeightStore
+
+
+def actor_env(cfg) -> dict:
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
+    return env
+
+
+class RolloutWorkerActor(RolloutWorker):
+    """A rollout worker that pulls the latest weights from the store when it starts, so a new
+    or restarted worker never rolls out with initial weights."""
+
+    def __init__(self, cfg, worker_id: str, store):
+        super().__init__(cfg, worker_id)
+        latest = ray.get(store.latest.remote())
+        if latest is not None:
+            version, (ref,) = latest
+            self.set_weights(ray.get(ref), version)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayTeacherPool:
+    """A teacher's replicas, load-balanced: each query is split evenly across them."""
+
+    def __init__(self, actors: list):
+        self.actors = list(actors)
+
+    def query(self, state, sigma, cond, cfg_scale: float) -> np.ndarray:
+        parts = [p for p in np.array_split(np.arange(len(state)), len(self.actors)) if len(p)]
+        refs = [a.query.remote(state[p], sigma[p], cond[p], cfg_scale) for a, p in zip(self.actors, parts)]
+        return np.concatenate(ray.get(refs))
+
+
+@dataclass
+class Member:
+    name: str
+    actor: object
+    pg: object = None
+    restarts: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class ActorGroup:
+    """Named actors of one role, each in its own placement group so the group can grow and
+    shrink one member at a time. `make(name, pg)` creates the actor."""
+
+    def __init__(self, role: str, make, bundle: dict, max_restarts: int = 3):
+        self.role = role
+        self.make = make
+        self.bundle = {k: v for k, v in bundle.items() if v}
+        self.max_restarts = max_restarts
+        self.members: dict[str, Member] = {}
+        self.restarts_total = 0
+        self._next = 0
+
+    def add(self, name: str | None = None) -> Member:
+        name = name or f"{self.role}-{self._next}"
+        self._next += 1
+        pg = placement_group([self.bundle or {"CPU": 0.01}], strategy="PACK")
+        ray.get(pg.ready(), timeout=300)
+        m = Member(name, self.make(name, pg), pg)
+        self.members[name] = m
+        return m
+
+    def remove(self, name: str) -> None:
+        m = self.members.pop(name)
+        ray.kill(m.actor, no_restart=True)
+        remove_placement_group(m.pg)
+
+    def restart(self, name: str) -> Member:
+        """Replace a dead member (same name, same placement group) after a backoff."""
+        m = self.members[name]
+        if m.restarts >= self.max_restarts:
+            raise RuntimeError(f"{self.role} {name}: died {m.restarts + 1} times (max_restarts={self.max_restarts})")
+        time.sleep(min(0.5 * 2 ** m.restarts, 10.0))
+        m.restarts += 1
+        self.restarts_total += 1
+        m.actor = self.make(name, m.pg)
+        m.started = time.time()
+        return m
+
+    def probe(self, timeout: float = 10.0) -> list[str]:
+        """Names of members that do not answer a ping."""
+        refs = {n: m.actor.__ray_ready__.remote() for n, m in self.members.items()}
+        dead = []
+        for n, r in refs.items():
+            try:
+                ray.get(r, timeout=timeout)
+            except Exception:  # noqa: BLE001 — any failure to answer means unhealthy
+                dead.append(n)
+        return dead
+
+    def names(self) -> list[str]:
+        return list(self.members)
+
+    def shutdown(self) -> None:
+        for n in list(self.members):
+            self.remove(n)
+
+
+def _on(pg, bundle: int = 0):
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
+
+
+def rollout_group(cfg, store) -> ActorGroup:
+    cls = ray.remote(RolloutWorkerActor)
+    env = actor_env(cfg)
+
+    def make(name, pg):
+        return cls.options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus, scheduling_strategy=_on(pg),
+                           runtime_env={"env_vars": env}, name=None).remote(cfg, name, store)
+
+    return ActorGroup("rollout", make, {"CPU": cfg.rollout.num_cpus, "GPU": cfg.rollout.num_gpus}, cfg.rollout.max_restarts)
+
+
+def teacher_group(cfg, teacher: str) -> ActorGroup:
+    t = cfg.teacher(teacher)
+    cls = ray.remote(Teacher)
+    env = actor_env(cfg)
+
+    def make(name, pg):
+        replica = int(name.rsplit("-", 1)[1])
+        # Teachers are stateless: Ray itself restarts them and retries the query.
+        return cls.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, scheduling_strategy=_on(pg),
+                           max_restarts=3, max_task_retries=3, runtime_env={"env_vars": env}).remote(cfg, teacher, replica)
+
+    return ActorGroup(f"teacher:{teacher}", make, {"CPU": t.num_cpus, "GPU": t.num_gpus})
+
+
+def make_router(cfg, dataset, pools):
+    return ray.remote(Router).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(cfg)}).remote(cfg, dataset, pools)
+
+
+def make_replay(cfg):
+    spill = cfg.replay.spill_dir and str(cfg.resolve(cfg.replay.spill_dir))
+    return ray.remote(ReplayQueue).options(num_cpus=0).remote(cfg.replay.capacity, cfg.sync.max_policy_lag, spill)
+
+
+def make_weight_store():
+    return ray.remote(WeightStore).options(num_cpus=0).remote()
+
+
+def _free_port() -> tuple[str, int]:
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ip, s.getsockname()[1]
+
+
+class LearnerGroup:
+    """W DeepSpeed ranks in one placement group, ranks ordered by node so neighbouring ranks
+    share a node (NCCL rings stay local where they can)."""
+
+    def __init__(self, cfg):
+        from learner.deepspeed_learner import DeepSpeedLearner
+
+        lc = cfg.learner
+        self.world_size = lc.world_size
+        bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus}.items() if v} or {"CPU": 0.01}
+        self.pg = placement_group([bundle] * lc.world_size, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        order = sorted(range(lc.world_size), key=lambda b: (nodes[b], b))
+        addr, port = ray.get(ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=_on(self.pg, order[0])).remote())
+        cls = ray.remote(DeepSpeedLearner)
+        env = actor_env(cfg)
+        self.ranks = [
+            cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=_on(self.pg, b),
+                        runtime_env={"env_vars": env}).remote(cfg, rank, lc.world_size, addr, port)
+            for rank, b in enumerate(order)
+        ]
+        ray.get([r.get_version.remote() for r in self.ranks])  # wait until every rank is up
+
+    def train_step(self, micro_batches: list) -> list:
+        """Rank r gets its own slice of the micro-batches. Returns per-rank result refs."""
+        per_rank = len(micro_batches) // self.world_size
+        return [r.train_step.remote(micro_batches[i * per_rank:(i + 1) * per_rank]) for i, r in enumerate(self.ranks)]
+
+    def export_weights(self):
+        """Ref to rank 0's gathered weights (every rank takes part: ZeRO-3 gathers)."""
+        refs = [r.export_weights.remote() for r in self.ranks]
+        return refs[0], refs[1:]
+
+    def save(self, folder: str) -> None:
+        ray.get([r.save_checkpoint.remote(folder) for r in self.ranks])
+
+    def load(self, folder: str) -> None:
+        ray.get([r.load_checkpoint.remote(folder) for r in self.ranks])
+
+    def set_version(self, version: int) -> None:
+        ray.get([r.set_version.remote(version) for r in self.ranks])
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
+        except Exception:  # noqa: BLE001 — best effort on the way out
+            pass
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self.pg)

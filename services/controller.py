@@ -1,0 +1,296 @@
+"""The Ray-mode controller: builds the job from one config, drives the loop, supervises.
+
+The loop, on one screen:
+    issue work (router -> rollout worker -> router.route)  while the staleness gate allows
+    collect routed batches, in ticket order, into the replay queue
+    learner step when a full step of fresh batches is queued
+    push weights every `sync_every` steps (weight store + live workers, acknowledged)
+    checkpoint every `checkpoint.every` steps
+Sync vs async is only the gate: with max_policy_lag = 0 a batch for step s is issued only
+once the worker holds version s; with lag L it may be issued L versions early.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import ray
+
+from danceopd.checkpoint import atomic_checkpoint, load_json, prune, save_json, save_tensors
+from danceopd.dataset import Dataset
+from services.actors import (
+    LearnerGroup,
+    RayTeacherPool,
+    make_replay,
+    make_router,
+    make_weight_store,
+    rollout_group,
+    teacher_group,
+)
+from services.local import used_teachers
+from services.progress import JobLog
+from services.weight_store import state_nbytes
+
+
+@dataclass
+class InFlight:
+    ticket: int
+    worker: str
+    samples: int
+    ref: object  # RoutedBatch ref
+
+
+class Controller:
+    def __init__(self, cfg, resume_from=None, show_progress: bool = True):
+        self.cfg = cfg
+        self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
+        dataset = Dataset.load(cfg.resolve(cfg.data.path))
+        dataset.check_routes(cfg.routing.routes)
+        self.store = make_weight_store()
+        self.teachers = {}
+        pools = {}
+        for name in used_teachers(cfg):
+            group = teacher_group(cfg, name)
+            for _ in range(cfg.teacher(name).replicas):
+                group.add()
+            self.teachers[name] = group
+            pools[name] = RayTeacherPool([m.actor for m in group.members.values()])
+        self.router = make_router(cfg, dataset, pools)
+        self.replay = make_replay(cfg)
+        self.learners = LearnerGroup(cfg)
+        self.workers = rollout_group(cfg, self.store)
+        self.version = 0
+        self.step = 0
+        self.worker_version: dict[str, int] = {}
+        self.in_flight: dict[int, InFlight] = {}
+        self.ready: dict[int, object] = {}  # ticket -> routed batch ref, waiting for its turn
+        self.lost_tickets: set[int] = set()
+        self.next_put = 0  # next ticket to enter the replay queue (FIFO by ticket)
+        self.issued = 0  # tickets handed out
+        self.alive_issued = 0  # tickets handed out and not lost
+        self.acct = {"produced": 0, "lost": 0}
+        self.sync_log: list[dict] = []
+        self.pending_syncs: list[dict] = []
+        self.nbytes = None
+        self.base_step = 0
+        self.base_ticket = 0
+        self.learner_busy = 0.0
+        self.t_start = time.perf_counter()
+        if resume_from:
+            self._resume(resume_from)
+        self._push_weights()
+        for _ in range(cfg.rollout.workers):
+            self._add_worker()
+        self.log = JobLog(cfg, self.step, show_progress)
+
+    # ---- weights ------------------------------------------------------------------------
+    def _push_weights(self) -> None:
+        """Export (all ranks: ZeRO-3 gathers), publish to the store, notify live workers. Workers
+        apply the version between batches; their acknowledgements are checked in the loop."""
+        t0 = time.perf_counter()
+        ref, others = self.learners.export_weights()
+        ray.get(others)
+        ray.get(self.store.put.remote(self.version, [ref], 0))
+        acks = [m.actor.set_weights.remote(ref, self.version) for m in self.workers.members.values()]
+        for m in self.workers.members.values():
+            self.worker_version[m.name] = self.version  # every later order runs after the switch
+        if self.nbytes is None:
+            self.nbytes = state_nbytes(ray.get(ref))
+        self.pending_syncs.append({"version": self.version, "t0": t0, "acks": acks})
+
+    def _check_syncs(self, block: bool = False) -> None:
+        for sync in list(self.pending_syncs):
+            timeout = self.cfg.sync.timeout_s if block else 0
+            done, pending = ray.wait(sync["acks"], num_returns=len(sync["acks"]), timeout=timeout)
+            if not pending:
+                self.pending_syncs.remove(sync)
+                self.sync_log.append({"version": sync["version"], "seconds": time.perf_counter() - sync["t0"],
+                                      "bytes": self.nbytes})
+            elif time.perf_counter() - sync["t0"] > self.cfg.sync.timeout_s:
+                raise TimeoutError(f"weight sync to version {sync['version']}: {len(pending)} workers did not "
+                                   f"acknowledge within sync.timeout_s={self.cfg.sync.timeout_s}")
+
+    def _add_worker(self, name: str | None = None) -> str:
+        m = self.workers.add(name)
+        self.worker_version[m.name] = ray.get(m.actor.get_version.remote())
+        return m.name
+
+    # ---- rollouts -----------------------------------------------------------------------
+    def _gate_allows(self, worker: str) -> bool:
+        queued_or_flying = self.alive_issued - self.step * self.per_step
+        if queued_or_flying >= self.cfg.replay.capacity:
+            return False  # backpressure: the replay queue would overflow
+        if self.cfg.sync.on_stale == "drop":
+            return True
+        # The batch at position p is consumed at step p // per_step; it may be made with
+        # version v only if v >= that step - max_policy_lag.
+        consume_step = self.alive_issued // self.per_step
+        return self.worker_version[worker] >= consume_step - self.cfg.sync.max_policy_lag
+
+    def _issue(self) -> None:
+        # Two orders per worker when rollouts may run ahead, so a worker never idles while the
+        # controller is busy with a learner step; one when on-policy (lag 0) anyway blocks it.
+        depth = 1 if self.cfg.sync.max_policy_lag == 0 else 2
+        load = collections.Counter(f.worker for f in self.in_flight.values())
+        for name, m in self.workers.members.items():
+            while load[name] < depth and not self.issued_enough() and self._gate_allows(name):
+                load[name] += 1
+                self._issue_to(name, m)
+
+    def _issue_to(self, name, m) -> None:
+        order = self.router.next_order.remote(self.cfg.rollout.batch_size)
+        routed = self.router.route.remote(m.actor.rollout.remote(order))
+        ticket = self.issued
+        self.in_flight[ticket] = InFlight(ticket, name, self.cfg.rollout.batch_size, routed)
+        self.issued += 1
+        self.alive_issued += 1
+        self.acct["produced"] += self.cfg.rollout.batch_size
+
+    def issued_enough(self) -> bool:
+        return self.alive_issued >= self.cfg.learner.steps * self.per_step
+
+    def _collect(self, timeout: float) -> None:
+        if not self.in_flight:
+            return
+        refs = {f.ref: t for t, f in self.in_flight.items()}
+        done, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        for ref in done:
+            f = self.in_flight.pop(refs[ref])
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                if not self._worker_died(f, e):
+                    raise
+                continue
+            self.ready[f.ticket] = ref
+        # FIFO by ticket: the consumption order does not depend on which worker was faster.
+        while self.next_put in self.ready or self.next_put in self.lost_tickets:
+            if self.next_put in self.ready:
+                ok = ray.get(self.replay.put.remote(self.ready.pop(self.next_put)))
+                assert ok, "replay queue refused a batch the gate admitted"
+            self.next_put += 1
+
+    def _worker_died(self, f: InFlight, err) -> bool:
+        if not isinstance(err, ray.exceptions.RayActorError) and f.worker not in self.workers.probe(timeout=5):
+            return False  # a real error in the rollout or routing code: surface it
+        self.lost_tickets.add(f.ticket)
+        self.alive_issued -= 1
+        self.acct["lost"] += f.samples
+        self.log.console.print(f"[yellow]rollout worker {f.worker} died ({type(err).__name__}); restarting[/]")
+        m = self.workers.restart(f.worker)
+        # A restarted worker pulls the latest weights from the store on start.
+        self.worker_version[f.worker] = ray.get(m.actor.get_version.remote())
+        return True
+
+    # ---- learning -----------------------------------------------------------------------
+    def _learn(self) -> dict | None:
+        batches = ray.get(self.replay.take.remote(self.per_step, self.version))
+        if not batches:
+            return None
+        t0 = time.perf_counter()
+        results = ray.get(self.learners.train_step(batches))
+        self.learner_busy += time.perf_counter() - t0
+        self.version += 1
+        self.step += 1
+        return results[0]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _checkpoint(self) -> str:
+        first_unconsumed = self._first_unconsumed_ticket()
+        router_state = ray.get(self.router.state_before.remote(first_unconsumed))
+        with atomic_checkpoint(self.cfg.output_path, self.step) as tmp:
+            self.learners.save(str(tmp / "deepspeed"))
+            ref, others = self.learners.export_weights()
+            ray.get(others)
+            save_tensors(tmp / "model.safetensors", ray.get(ref))
+            save_json(tmp / "state.json", {"step": self.step, "version": self.version, "router": router_state,
+                                           "weight_version": self.version, "mode": "ray",
+                                           "accounting": self.accounting()})
+        prune(self.cfg.output_path, self.cfg.checkpoint.keep)
+        self.router.forget_before.remote(first_unconsumed)
+        return str(self.cfg.output_path / "checkpoints" / f"step-{self.step:08d}")
+
+    def _first_unconsumed_ticket(self) -> int:
+        # Tickets enter the queue in order and leave it in order: the consumed ones are the
+        # first step*per_step non-lost tickets.
+        consumed, t = 0, self.base_ticket
+        while consumed < (self.step - self.base_step) * self.per_step:
+            if t not in self.lost_tickets:
+                consumed += 1
+            t += 1
+        while t in self.lost_tickets:
+            t += 1
+        return t
+
+    def _resume(self, path) -> None:
+        state = load_json(path / "state.json")
+        if state.get("mode") != "ray":
+            raise ValueError(f"--resume {path}: a {state.get('mode')} checkpoint cannot resume a ray run")
+        self.learners.load(str(path / "deepspeed"))
+        self.step = self.version = int(state["step"])
+        ray.get(self.router.load_state_dict.remote(state["router"]))
+        # Tickets restart at the router's cursor; positions count from the resumed step.
+        self.issued = self.next_put = self.base_ticket = int(state["router"]["next_ticket"])
+        self.base_step = self.step
+        self.alive_issued = self.step * self.per_step
+
+    # ---- the loop -----------------------------------------------------------------------
+    def accounting(self) -> dict:
+        rs = ray.get(self.replay.stats.remote())
+        return {"produced": self.acct["produced"], "consumed": rs["consumed_samples"], "lost": self.acct["lost"],
+                "dropped": rs["dropped"], "queued": rs["depth"] * self.cfg.rollout.batch_size,
+                "in_flight": sum(f.samples for f in self.in_flight.values()) + len(self.ready) * self.cfg.rollout.batch_size}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        last_ckpt = None
+        while self.step < cfg.learner.steps:
+            with self.log.timer("issue"):
+                self._issue()
+            with self.log.timer("collect"):
+                self._collect(timeout=0.05 if self.in_flight else 0)
+            metrics = None
+            with self.log.timer("learn"):
+                metrics = self._learn()
+            self._check_syncs()
+            if metrics is None:
+                continue
+            if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
+                with self.log.timer("sync"):
+                    self._push_weights()
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.learner.steps:
+                with self.log.timer("checkpoint"):
+                    last_ckpt = self._checkpoint()
+            rs = ray.get(self.replay.stats.remote())
+            self.log.step(self.step, metrics, samples=self.per_step * cfg.rollout.batch_size, lag=rs["max_lag_seen"],
+                          workers={"rollout": len(self.workers.members), "learner": cfg.learner.world_size,
+                                   "teacher": sum(len(g.members) for g in self.teachers.values())})
+        return self._finish(last_ckpt)
+
+    def _finish(self, last_ckpt) -> dict:
+        self._check_syncs(block=True)
+        # Let in-flight work land so the accounting closes exactly, then drop what is left.
+        while self.in_flight:
+            self._collect(timeout=1.0)
+        for t in sorted(self.ready):
+            ray.get(self.replay.put.remote(self.ready.pop(t)))
+        ray.get(self.replay.drain.remote("unconsumed"))
+        wall = time.perf_counter() - self.t_start
+        acct = self.accounting()
+        extra = {"replay": ray.get(self.replay.stats.remote()), "accounting": acct,
+                 "restarts": {"rollout": self.workers.restarts_total},
+                 "learner_idle_ratio": round(1 - self.learner_busy / max(wall, 1e-9), 4),
+                 "weight_syncs": len(self.sync_log),
+                 "sync_seconds_mean": round(sum(s["seconds"] for s in self.sync_log) / max(len(self.sync_log), 1), 5),
+                 "sync_bytes": self.sync_log[-1]["bytes"] if self.sync_log else 0}
+        return self.log.finish(last_ckpt, extra=extra)
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
+        for g in self.teachers.values():
+            g.shutdown()
+        self.learners.shutdown()
+        for a in (self.router, self.replay, self.store):
+            ray.kill(a)
