@@ -140,6 +140,22 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
 
 
+class ControlConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Bind address of the controller's control API and metrics (0.0.0.0 on a cluster head).")
+    port: int = Field(0, ge=0, le=65535, description="Control API port (/health /status /scale /stop); 0 = a free port.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Controller Prometheus port; None = $DANCEOPD_METRICS_PORT or 9095, 0 = a free port.")
+    token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token mutating endpoints require (generated when unset).")
+
+
+class AutoscaleConfig(_Strict):
+    enabled: bool = Field(False, description="Grow/shrink the rollout fleet from learner idle ratio and replay fullness.")
+    min_rollout_workers: int = Field(1, ge=1, description="Never fewer rollout workers.")
+    max_rollout_workers: int = Field(8, ge=1, description="Never more rollout workers.")
+    learner_idle_above: float = Field(0.3, ge=0, le=1, description="Add a worker while the learner idle ratio stays above this.")
+    window_steps: int = Field(10, ge=1, description="Learner steps a condition must hold before acting.")
+    cooldown_steps: int = Field(10, ge=0, description="Learner steps to wait after a scaling action.")
+
+
 class Config(_Strict):
     job: JobConfig = Field(default_factory=JobConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
@@ -153,6 +169,8 @@ class Config(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
 
     # Where the YAML came from, so relative data/model paths resolve against it.
     base_dir: str = Field(".", description="Folder relative paths resolve against (the config file's folder).")
@@ -181,6 +199,8 @@ class Config(_Strict):
                 raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy")
             if t.kind in ("oracle", "pretrained") and self.backend.name == "toy":
                 raise ValueError(f"teachers.{i}.kind: {t.kind!r} teachers need backend.name=shapes")
+        if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
+            raise ValueError("autoscale.min_rollout_workers: larger than max_rollout_workers")
         if self.method.name == "flowopd" and self.method.flowopd_groups > self.rollout.batch_size:
             raise ValueError("method.flowopd_groups: larger than rollout.batch_size")
         if self.method.name == "flowopd" and self.rollout.batch_size % self.method.flowopd_groups:

@@ -3,8 +3,8 @@ wraps it with `ray.remote`, one actor per rank).
 
 Same interface and the same loss (`learner.step.batch_loss`) as the plain `Learner`; at world
 size 1 it reproduces the plain learner's losses and weights (ZeRO-0 bit for bit, ZeRO-1..3 to
-float rounding of the grad clip). Every method except `get_version` is collective: all ranks
-call it, each with its own micro-batches.
+float rounding of the grad clip). Every method except `get_version`/`set_version` is
+collective: all ranks call it (train_step: each with its own micro-batches).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 
 import pyarrow as pa
 import torch
@@ -37,9 +38,6 @@ def _ds_config(cfg) -> dict:
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
         "zero_optimization": {"stage": lc.zero_stage},
-        # torch AdamW is a client optimizer DeepSpeed has not "tested" with ZeRO; it is plain
-        # per-element math on the flat fp32 partition, so it is safe.
-        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
@@ -66,6 +64,8 @@ class DeepSpeedLearner:
         # On CPU, init_distributed JIT-compiles a shared-memory all-reduce op (~30 s on 2 cores,
         # once per machine) that only `inference_all_reduce` uses; training never does.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # ZeRO calls collectives that torch 2.13 deprecates; the warning would repeat every step.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
         backend = lc.dist_backend if lc.dist_backend != "auto" else ("nccl" if on_gpu else "gloo")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
@@ -77,10 +77,6 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg))
         self.version = 0
         self.busy_s = 0.0
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.engine.module
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
@@ -137,8 +133,7 @@ class DeepSpeedLearner:
         # DeepSpeed's torch checkpoint engine loads with weights_only=False itself (its files
         # hold optimizer state and config objects), so torch>=2.6's weights_only default does
         # not reach it; strict module loading is fine since the module is rebuilt identically.
-        path, client = self.engine.load_checkpoint(folder, tag=CKPT_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+        path, client = self.engine.load_checkpoint(folder, tag=CKPT_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {CKPT_TAG!r} under {folder}")
         self.version = int(client["version"])
@@ -147,7 +142,12 @@ class DeepSpeedLearner:
     def get_version(self) -> int:
         return self.version
 
+    def set_version(self, version: int) -> int:
+        self.version = int(version)
+        return self.version
+
     def shutdown(self) -> None:
+        # No barrier first: shutdown also runs when a peer rank has died, and a barrier would
+        # then hang; the callers only shut down between collective calls.
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()

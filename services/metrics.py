@@ -1,0 +1,223 @@
+"""Every DanceOPD metric, declared once, and the two thin recorders that write them.
+
+Actors record with `ActorMetrics` (ray.util.metrics; Ray's per-node agent exports them) and the
+driver records job-level metrics with `ControllerMetrics` (prometheus_client on its own port).
+`deploy/grafana/danceopd.json` and `deploy/prometheus/alerts.yml` are written against
+`exported_name()`, and tests/test_deploy.py checks every name they use against this list.
+
+How Ray 2.60 exports `ray.util.metrics` (observed on a local cluster, `ray.init(...,
+_metrics_export_port=P)`, then `curl :P/metrics`):
+- the name gets a `ray_` prefix; counters also get `_total` (a name already ending in `_total`
+  is not doubled, so declared names never end in it); histograms appear as `_bucket` (with
+  `le`), `_sum` and `_count`; gauges keep the name.
+- Ray adds the labels Component ("core_worker"), NodeAddress, SessionName, Version, WorkerId
+  (the process, so a restarted actor starts a new series; our `worker` label stays stable) and
+  otel_scope_*; Prometheus adds `job` and `instance`.
+- a record shows up after about 10 s (the agent's report interval), so scrape every 10-15 s.
+- a histogram's `_sum` is rebuilt from bucket midpoints (the +Inf bucket counts as twice the
+  last bound), so sum/count is only an estimate: dashboards use histogram_quantile.
+- a killed actor's gauges vanish from the export; its counters and histograms stay.
+- the service-discovery file /tmp/ray/prom_metrics_service_discovery.json (a link into the
+  session folder) is written only while the Ray dashboard runs (not with include_dashboard=False);
+  it lists every node's export port plus the dashboard's and autoscaler's metrics ports.
+- recording before ray.init (local mode) is a silent no-op.
+prometheus_client (controller) exposes counters as `<name>_total` and histograms as
+`_bucket/_sum/_count`, plus `_created` series for both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+MetricType = Literal["counter", "gauge", "histogram"]
+Scope = Literal["actor", "controller"]
+
+ROLES = ("rollout", "router", "teacher", "replay", "learner", "weight_store")
+DEFAULT_CONTROLLER_PORT = 9095  # Ray's own export port is 8080 in the KubeRay manifests
+CONTROLLER_PORT_ENV = "DANCEOPD_METRICS_PORT"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    type: MetricType
+    scope: Scope  # who records it: Ray actors (`ray_` prefix) or the controller process
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()
+
+
+_A = ("role", "worker")  # always on actor metrics
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Lag is an integer: half-integer bounds put each lag in its own bucket (le="0.5" counts exactly
+# on-policy samples), and Ray refuses bounds <= 0.
+_LAG = (0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5)
+_SYNC = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+_DECLARED = (
+    # ---- actors (ray.util.metrics) ---------------------------------------------------------
+    Metric("danceopd_rollout_samples", "counter", "actor", (*_A, "route"), "Samples a rollout worker produced."),
+    Metric("danceopd_rollout_nfes", "counter", "actor", (*_A, "route"), "Student network evaluations spent on rollouts."),
+    Metric("danceopd_rollout_latency_seconds", "histogram", "actor", _A, "Seconds per rollout batch.", _LATENCY),
+    Metric("danceopd_rollout_idle_ratio", "gauge", "actor", _A, "Fraction of wall time a rollout worker waited (weights, backpressure, no order)."),
+    Metric("danceopd_teacher_queries", "counter", "actor", (*_A, "teacher", "route"), "States a teacher replica answered."),
+    Metric("danceopd_teacher_latency_seconds", "histogram", "actor", (*_A, "teacher"), "Seconds per teacher call (one routed batch).", _LATENCY),
+    Metric("danceopd_router_backlog", "gauge", "actor", (*_A, "route"), "Rollout batches the router holds waiting for a teacher."),
+    Metric("danceopd_replay_depth", "gauge", "actor", _A, "Routed batches in the replay queue."),
+    Metric("danceopd_replay_capacity", "gauge", "actor", _A, "Routed batches the replay queue holds before backpressure."),
+    Metric("danceopd_dropped_samples", "counter", "actor", (*_A, "reason"), "Samples dropped, by reason (stale, unconsumed, ...)."),
+    Metric("danceopd_policy_lag", "histogram", "actor", _A, "Learner version minus sample version of each consumed batch.", _LAG),
+    # ---- controller (prometheus_client in the driver) --------------------------------------
+    Metric("danceopd_learner_step", "gauge", "controller", (), "Optimizer steps done."),
+    Metric("danceopd_last_step_timestamp_seconds", "gauge", "controller", (), "Unix time of the last learner step (0 before the first)."),
+    Metric("danceopd_loss", "gauge", "controller", ("route",), "Training loss of the last step, per route."),
+    Metric("danceopd_grad_norm", "gauge", "controller", (), "Global gradient norm of the last step (before clipping)."),
+    Metric("danceopd_learning_rate", "gauge", "controller", (), "Learning rate of the last step."),
+    Metric("danceopd_samples_consumed", "counter", "controller", (), "Samples the learner trained on."),
+    Metric("danceopd_samples_per_second", "gauge", "controller", (), "Learner throughput in samples/s since the job started."),
+    Metric("danceopd_learner_idle_ratio", "gauge", "controller", (), "Fraction of wall time the learner waited for data."),
+    Metric("danceopd_policy_lag_bound", "gauge", "controller", (), "sync.max_policy_lag of the job (the bound the lag alert uses)."),
+    Metric("danceopd_weight_sync_seconds", "histogram", "controller", (), "Seconds from weight export until every live worker applied it.", _SYNC),
+    Metric("danceopd_weight_sync_bytes", "gauge", "controller", (), "Bytes of one weight sync (the exported state)."),
+    Metric("danceopd_weight_version", "gauge", "controller", (), "Latest published weight version."),
+    Metric("danceopd_workers", "gauge", "controller", ("role",), "Live actors by role."),
+    Metric("danceopd_restarts", "counter", "controller", ("role",), "Actor restarts by role."),
+)
+METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
+
+
+def exported_name(name: str) -> str:
+    """The name Prometheus stores: `ray_` for actor metrics, `_total` for counters. For a
+    histogram it is the base of its `_bucket`/`_sum`/`_count` series."""
+    m = _declared(name)
+    base = ("ray_" if m.scope == "actor" else "") + m.name
+    return base + "_total" if m.type == "counter" else base
+
+
+def exported_series(name: str) -> tuple[str, ...]:
+    """Every series name a dashboard may query for one metric."""
+    base = exported_name(name)
+    if METRICS[name].type == "histogram":
+        return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+    return (base,)
+
+
+def controller_port() -> int:
+    """Port of the controller's /metrics: $DANCEOPD_METRICS_PORT, else the default the
+    manifests and prometheus.yml expect."""
+    return int(os.environ.get(CONTROLLER_PORT_ENV, DEFAULT_CONTROLLER_PORT))
+
+
+def _declared(name: str) -> Metric:
+    if name not in METRICS:
+        raise ValueError(f"metric {name!r} is not declared in services/metrics.py")
+    return METRICS[name]
+
+
+def _check(name: str, scope: Scope, kind: MetricType, labels: dict, implicit: tuple[str, ...]) -> Metric:
+    m = _declared(name)
+    if m.scope != scope:
+        raise ValueError(f"metric {name!r} is recorded by the {m.scope}, not here (its exported name would differ)")
+    if m.type != kind:
+        raise ValueError(f"metric {name!r} is a {m.type}, not a {kind}")
+    want = set(m.labels) - set(implicit)
+    if set(labels) != want:
+        raise ValueError(f"metric {name!r} takes labels {sorted(want)}, got {sorted(labels)}")
+    return m
+
+
+# ---- actors -------------------------------------------------------------------------------
+
+_RAY_METRICS: dict[str, object] = {}  # one ray.util.metrics object per name and process
+
+
+class ActorMetrics:
+    """Recorder for code in a Ray actor; every record carries this actor's role and worker."""
+
+    def __init__(self, role: str, worker: str | int):
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        self.tags = {"role": role, "worker": str(worker)}
+
+    def inc(self, name: str, value: float = 1, **labels) -> None:
+        self._record(name, "counter", value, labels)
+
+    def set(self, name: str, value: float, **labels) -> None:
+        self._record(name, "gauge", value, labels)
+
+    def observe(self, name: str, value: float, **labels) -> None:
+        self._record(name, "histogram", value, labels)
+
+    def _record(self, name: str, kind: MetricType, value: float, labels: dict) -> None:
+        m = _check(name, "actor", kind, labels, implicit=_A)
+        import ray
+
+        if not ray.is_initialized():
+            return  # local mode: no Ray agent to export to (the labels were still checked)
+        tags = {**self.tags, **{k: str(v) for k, v in labels.items()}}
+        metric = _RAY_METRICS.get(name)
+        if metric is None:
+            metric = _RAY_METRICS[name] = _make_ray_metric(m)
+        if kind == "counter":
+            if value:  # Ray refuses inc(0); nothing to count anyway
+                metric.inc(float(value), tags=tags)
+        elif kind == "gauge":
+            metric.set(float(value), tags=tags)
+        else:
+            metric.observe(float(value), tags=tags)
+
+
+def _make_ray_metric(m: Metric):
+    from ray.util import metrics as rm
+
+    if m.type == "counter":
+        return rm.Counter(m.name, description=m.help, tag_keys=m.labels)
+    if m.type == "gauge":
+        return rm.Gauge(m.name, description=m.help, tag_keys=m.labels)
+    return rm.Histogram(m.name, description=m.help, boundaries=list(m.buckets), tag_keys=m.labels)
+
+
+# ---- controller ---------------------------------------------------------------------------
+
+class ControllerMetrics:
+    """Job-level metrics of the driver, served on http://host:port/metrics (port 0: any free
+    port; see `.port`). A private registry keeps them apart from anything else in the process."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        import prometheus_client as pc
+
+        self.registry = pc.CollectorRegistry()
+        # Created up front so counters start at 0 and `increase()` sees the first restart.
+        self._metrics = {}
+        for m in _DECLARED:
+            if m.scope != "controller":
+                continue
+            kw = {"labelnames": m.labels, "registry": self.registry}
+            if m.type == "counter":
+                self._metrics[m.name] = pc.Counter(m.name, m.help, **kw)
+            elif m.type == "gauge":
+                self._metrics[m.name] = pc.Gauge(m.name, m.help, **kw)
+            else:
+                self._metrics[m.name] = pc.Histogram(m.name, m.help, buckets=m.buckets, **kw)
+        self._server, self._thread = pc.start_http_server(port, addr=host, registry=self.registry)
+        self.host, self.port = host, self._server.server_port
+
+    def inc(self, name: str, value: float = 1, **labels) -> None:
+        self._child(name, "counter", labels).inc(value)
+
+    def set(self, name: str, value: float, **labels) -> None:
+        self._child(name, "gauge", labels).set(value)
+
+    def observe(self, name: str, value: float, **labels) -> None:
+        self._child(name, "histogram", labels).observe(value)
+
+    def _child(self, name: str, kind: MetricType, labels: dict):
+        m = _check(name, "controller", kind, labels, implicit=())
+        metric = self._metrics[name]
+        return metric.labels(**{k: str(v) for k, v in labels.items()}) if m.labels else metric
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,470 @@
+"""deploy/ against the code it deploys: KubeRay manifests against the CRD schemas, every command
+they run against the real CLI and a config `danceopd validate` accepts, Prometheus files through
+promtool, and every metric the dashboard and alerts use against services/metrics.py."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import typer
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from services import metrics as M
+from services.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUBERAY = DEPLOY / "kuberay"
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+RAY_KINDS = {"RayCluster", "RayJob"}
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def ray_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p in MANIFESTS for d in docs(p) if d["kind"] in RAY_KINDS]
+
+
+def cluster_specs() -> list[dict]:
+    return [d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"] for _, d in ray_docs()]
+
+
+def pod_specs(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_manifests_exist():
+    names = {p.name for p in MANIFESTS}
+    assert {"raycluster.yaml", "rayjob.yaml", "podmonitor.yaml"} <= names
+    assert {d["kind"] for _, d in ray_docs()} == RAY_KINDS
+
+
+# ---- KubeRay manifests against the CRD schemas ----------------------------------------------
+
+def crd_dir() -> Path:
+    d = Path(os.environ.get("KUBERAY_CRD_DIR") or ROOT.parent / "shared" / "kuberay-crds")
+    if not d.is_dir():
+        pytest.skip(f"no KubeRay CRDs at {d} (set KUBERAY_CRD_DIR)")
+    return d
+
+
+@functools.cache
+def crds(folder: Path) -> list[dict]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+    return [yaml.load(f.read_text(), Loader=loader) for f in sorted(folder.glob("*.yaml"))]
+
+
+def crd_schema(api_version: str, kind: str) -> dict:
+    group, version = api_version.split("/")
+    for crd in crds(crd_dir()):
+        if crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind:
+            for v in crd["spec"]["versions"]:
+                if v["name"] == version:
+                    return v["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"no CRD schema for {api_version} {kind} in {crd_dir()}")
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    """Fields the schema does not declare. Structural CRD schemas omit additionalProperties:
+    false, so jsonschema accepts typos the API server would prune (or reject with strict
+    field validation); this walk finds them."""
+    out = []
+    if isinstance(obj, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for k, v in obj.items():
+            if k in schema["properties"]:
+                out += unknown_fields(v, schema["properties"][k], f"{path}.{k}")
+            elif not isinstance(schema.get("additionalProperties"), dict):
+                out.append(f"{path}.{k}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for k, v in obj.items():
+            out += unknown_fields(v, schema["additionalProperties"], f"{path}.{k}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, v in enumerate(obj):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
+
+
+@pytest.mark.parametrize("path,doc", ray_docs(), ids=lambda x: x.name if isinstance(x, Path) else x["kind"])
+def test_manifest_matches_crd_schema(path, doc):
+    schema = crd_schema(doc["apiVersion"], doc["kind"])
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    assert not errors, f"{path.name}: " + "; ".join(errors[:5])
+    assert not unknown_fields(doc, schema), f"{path.name}: unknown fields {unknown_fields(doc, schema)}"
+
+
+def test_rayjob_runs_the_raycluster_spec():
+    (cluster,) = [d for p, d in ray_docs() if d["kind"] == "RayCluster"]
+    (job,) = [d for p, d in ray_docs() if d["kind"] == "RayJob"]
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob.yaml drifted from raycluster.yaml"
+
+
+def test_cluster_shape():
+    for spec in cluster_specs():
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        assert set(groups) == {"rollout", "teacher", "learner"}
+        for name in ("teacher", "learner"):
+            limits = groups[name]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1, name
+        for name in ("rollout", "teacher"):
+            g = groups[name]
+            assert 0 < g["minReplicas"] < g["maxReplicas"], f"{name}: no room to autoscale"
+        for g in [spec["headGroupSpec"], *groups.values()]:
+            port = g["rayStartParams"]["metrics-export-port"]
+            c = g["template"]["spec"]["containers"][0]
+            assert {"name": "metrics", "containerPort": int(port)} in c["ports"]
+
+
+def test_controller_metrics_port_agrees_everywhere():
+    for spec in cluster_specs():
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert {"name": "ctrl-metrics", "containerPort": M.DEFAULT_CONTROLLER_PORT} in head["ports"]
+        assert {"name": M.CONTROLLER_PORT_ENV, "value": str(M.DEFAULT_CONTROLLER_PORT)} in head["env"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert f"127.0.0.1:{M.DEFAULT_CONTROLLER_PORT}" in targets
+
+
+def test_podmonitor_scrapes_declared_ports():
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    assert (pm["apiVersion"], pm["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    ports = {p["name"] for spec in cluster_specs() for pod in pod_specs(spec)
+             for c in pod["containers"] for p in c.get("ports", [])}
+    scraped = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    assert scraped <= ports and {"metrics", "ctrl-metrics"} <= scraped
+    labels = cluster_specs()[0]["headGroupSpec"]["template"]["metadata"]["labels"]
+    sel = {k: v for k, v in pm["spec"]["selector"]["matchLabels"].items() if not k.startswith("ray.io/")}
+    assert sel.items() <= labels.items(), "the PodMonitor selects no DanceOPD pod"
+
+
+def test_gpu_budget_of_cluster_config_fits():
+    from danceopd.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    need = (cfg.rollout.workers * cfg.rollout.num_gpus + cfg.learner.world_size * cfg.learner.num_gpus
+            + sum(t.replicas * t.num_gpus for t in cfg.teachers))
+    for spec in cluster_specs():
+        have = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+                   for g in spec["workerGroupSpecs"])
+        assert need <= have, f"configs/cluster.yaml needs {need} GPUs, the cluster has at most {have}"
+
+
+# ---- every command runs the real CLI on a valid config --------------------------------------
+
+def dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    return [tuple(line.strip().split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def image_workdir() -> str:
+    return [arg for op, arg in dockerfile() if op == "WORKDIR"][-1]
+
+
+def repo_path(path: str) -> Path:
+    """A path as the image sees it (absolute under WORKDIR, or relative to it) -> this checkout."""
+    workdir = image_workdir()
+    rel = os.path.relpath(path, workdir) if os.path.isabs(path) else path
+    assert not rel.startswith(".."), f"{path} is outside the image's WORKDIR {workdir}"
+    copied = {arg.split()[-1].removeprefix("./") for op, arg in dockerfile() if op == "COPY"}
+    assert Path(rel).parts[0] in copied, f"{path}: the Dockerfile does not COPY {Path(rel).parts[0]}/"
+    return ROOT / rel
+
+
+def check_cli(argv: list[str]) -> None:
+    """`argv` (after `danceopd`) names a real subcommand with options it accepts, and its
+    config passes `danceopd validate` with the same overrides."""
+    group = typer.main.get_command(app)
+    assert argv and argv[0] in group.commands, f"danceopd has no subcommand {argv[:1]} ({sorted(group.commands)})"
+    cmd = group.commands[argv[0]]
+    ctx = cmd.make_context(argv[0], list(argv[1:]))
+    config = ctx.params.get("config")
+    assert config is not None, f"danceopd {argv[0]} takes no config"
+    overrides = [a for s in (ctx.params.get("set_") or []) for a in ("--set", s)]
+    res = CliRunner().invoke(app, ["validate", str(repo_path(str(config))), *overrides])
+    assert res.exit_code == 0, f"danceopd validate {config}: {res.output}"
+
+
+def danceopd_commands() -> list[tuple[str, list[str]]]:
+    """Every `danceopd ...` command line in the manifests (RayJob entrypoints, container commands)."""
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if isinstance(node.get("entrypoint"), str):
+                found.append((where, shlex.split(node["entrypoint"])))
+            line = [*(node.get("command") or []), *(node.get("args") or [])]
+            if isinstance(node.get("image"), str) and any("danceopd" in str(a).split() for a in line):
+                found.append((where, shlex.split(" ".join(map(str, line)))))
+            for v in node.values():
+                walk(v, where)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, where)
+
+    for p in MANIFESTS:
+        walk(docs(p), p.name)
+    return found
+
+
+def test_rayjob_entrypoint_is_a_real_cli_command():
+    cmds = danceopd_commands()
+    assert any(where == "rayjob.yaml" for where, _ in cmds), "rayjob.yaml has no entrypoint"
+    for where, argv in cmds:
+        assert argv[0] == "danceopd", f"{where}: {shlex.join(argv)} does not run the danceopd CLI"
+        check_cli(argv[1:])
+
+
+def test_dockerfile():
+    ops = dockerfile()
+    args = {a.split("=")[0] for op, a in ops if op == "ARG"}
+    assert {"BASE_IMAGE", "TORCH_SPEC"} <= args
+    assert ops[[op for op, _ in ops].index("FROM")][1] == "${BASE_IMAGE}"
+    runs = " ".join(a for op, a in ops if op == "RUN")
+    assert "${TORCH_SPEC}" in runs and re.search(r"pip install --no-build-isolation deepspeed", runs)
+    user = [a for op, a in ops if op == "USER"][-1]
+    assert user not in ("root", "0"), "the image must run as a non-root user"
+    assert json.loads([a for op, a in ops if op == "ENTRYPOINT"][-1]) == ["danceopd"]
+    res = CliRunner().invoke(app, json.loads([a for op, a in ops if op == "CMD"][-1]))
+    assert res.exit_code == 0, res.output
+
+
+# ---- Prometheus and Grafana against the metric declarations ---------------------------------
+
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
+ALLOWED_LABELS = {lab for m in M.METRICS.values() for lab in m.labels} | RAY_LABELS | {"job", "instance", "le"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, label names) an expression uses."""
+    expr = re.sub(r"\$\{?\w+\}?", "x", expr)  # Grafana variables
+    labels = set()
+    for body in re.findall(r"\{([^}]*)\}", expr):
+        labels |= set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", body))
+    for body in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
+        labels |= {s.strip() for s in body.split(",") if s.strip()}
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    s = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", s)
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
+    s = re.sub(r"\boffset\s+\w+", "", s)
+    s = re.sub(r"\b\d[\w.]*", "", s)  # numbers, durations
+    names = {m.group() for m in re.finditer(r"[A-Za-z_:][\w:]*", s)
+             if not re.match(r"\s*\(", s[m.end():])} - PROMQL_WORDS  # not a function call
+    return names, labels
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "danceopd.json").read_text())
+
+
+def dashboard_targets() -> list[dict]:
+    return [dict(t, panel=p["title"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+DECLARED_SERIES = {s for name in M.METRICS for s in M.exported_series(name)}
+
+
+def test_promql_references_only_declared_metrics():
+    used = set()
+    exprs = [(f"alert {a}", e) for a, e in alert_exprs()] + [(f"panel {t['panel']}", t["expr"]) for t in dashboard_targets()]
+    for where, expr in exprs:
+        names, labels = promql_names(expr)
+        assert names, f"{where}: no metric in {expr!r}"
+        assert names <= DECLARED_SERIES, f"{where}: undeclared {sorted(names - DECLARED_SERIES)}"
+        assert labels <= ALLOWED_LABELS, f"{where}: unknown labels {sorted(labels - ALLOWED_LABELS)}"
+        used |= names
+    for t in dashboard_targets():
+        legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
+        assert legend <= ALLOWED_LABELS, f"panel {t['panel']}: legend labels {legend - ALLOWED_LABELS}"
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            metric = re.match(r"label_values\((\w+),", var["definition"]).group(1)
+            assert metric in DECLARED_SERIES, f"variable ${var['name']}: {metric} is not declared"
+    unused = {n for n in M.METRICS if not set(M.exported_series(n)) & used}
+    assert not unused, f"declared but on no panel or alert: {sorted(unused)}"
+
+
+def test_dashboard_templating():
+    d = dashboard()
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["job"]["type"] == "query"
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in d["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        for t in p["targets"]:
+            assert 'job=~"$job"' in t["expr"], f"panel {p['title']}: not filtered by $job"
+
+
+def test_promql_parser_sees_known_names():
+    names, labels = promql_names('histogram_quantile(0.99, sum by (job, le) (rate(x_bucket{job=~"$job"}[5m]))) > 1e3')
+    assert names == {"x_bucket"} and labels == {"job", "le"}
+
+
+def promtool():
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not on PATH (deploy/install-prometheus.sh installs Debian's prometheus)")
+    return path
+
+
+def test_promtool_check_rules():
+    res = subprocess.run([promtool(), "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_check_config():
+    res = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dashboard_promql_parses(tmp_path):
+    """promtool parses every dashboard query, as recording rules with Grafana's variables filled in."""
+    exe = promtool()
+    rules = [{"record": f"danceopd:panel_{i}", "expr": t["expr"].replace("$__rate_interval", "1m").replace("$job", ".*")}
+             for i, t in enumerate(dashboard_targets())]
+    f = tmp_path / "dashboard_rules.yml"
+    f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = subprocess.run([exe, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---- the declarations and the recorders -----------------------------------------------------
+
+def test_declarations():
+    for m in M.METRICS.values():
+        assert re.fullmatch(r"danceopd_[a-z0-9_]+", m.name) and not m.name.endswith("_total"), m.name
+        assert m.help and m.type in ("counter", "gauge", "histogram") and m.scope in ("actor", "controller")
+        if m.scope == "actor":
+            assert m.labels[:2] == ("role", "worker"), m.name
+        assert bool(m.buckets) == (m.type == "histogram"), m.name
+        assert list(m.buckets) == sorted(set(m.buckets)) and all(b > 0 for b in m.buckets), m.name
+    assert M.exported_name("danceopd_rollout_samples") == "ray_danceopd_rollout_samples_total"
+    assert M.exported_name("danceopd_replay_depth") == "ray_danceopd_replay_depth"
+    assert M.exported_name("danceopd_restarts") == "danceopd_restarts_total"
+    assert M.exported_series("danceopd_weight_sync_seconds") == tuple(
+        f"danceopd_weight_sync_seconds_{s}" for s in ("bucket", "sum", "count"))
+    with pytest.raises(ValueError, match="not declared"):
+        M.exported_name("danceopd_nope")
+
+
+def test_actor_metrics_refuse_typos():
+    am = M.ActorMetrics("rollout", 3)
+    with pytest.raises(ValueError, match="not declared"):
+        am.inc("danceopd_rollout_sample", route="t2i")
+    with pytest.raises(ValueError, match="takes labels"):
+        am.inc("danceopd_rollout_samples")  # route missing
+    with pytest.raises(ValueError, match="takes labels"):
+        am.inc("danceopd_rollout_samples", route="t2i", task="t2i")
+    with pytest.raises(ValueError, match="takes labels"):
+        am.set("danceopd_replay_depth", 3, role="replay")  # role comes from the recorder
+    with pytest.raises(ValueError, match="is a counter"):
+        am.set("danceopd_rollout_samples", 1, route="t2i")
+    with pytest.raises(ValueError, match="recorded by the controller"):
+        am.set("danceopd_learner_step", 1)
+    with pytest.raises(ValueError, match="role"):
+        M.ActorMetrics("rollouts", 0)
+    am.inc("danceopd_rollout_samples", 8, route="t2i")  # valid: a no-op without Ray
+
+
+@pytest.fixture
+def controller_metrics():
+    cm = M.ControllerMetrics(0)
+    yield cm
+    cm.close()
+
+
+def scrape(url: str) -> dict[str, list]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    series: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            series.setdefault(s.name, []).append(s)
+    return series
+
+
+def test_controller_metrics_served_over_http(controller_metrics):
+    cm = controller_metrics
+    assert cm.port > 0 and cm.host == "127.0.0.1"
+    cm.inc("danceopd_restarts", role="rollout")
+    cm.set("danceopd_loss", 0.25, route="t2i")
+    cm.set("danceopd_last_step_timestamp_seconds", time.time())
+    cm.observe("danceopd_weight_sync_seconds", 0.3)
+    series = scrape(f"http://127.0.0.1:{cm.port}/metrics")
+    (restarts,) = series["danceopd_restarts_total"]
+    assert restarts.labels == {"role": "rollout"} and restarts.value == 1
+    assert series["danceopd_loss"][0].labels == {"route": "t2i"}
+    # The names dashboards use are exactly what prometheus_client serves.
+    for m in M.METRICS.values():
+        if m.scope == "controller" and not m.labels:
+            assert set(M.exported_series(m.name)) <= set(series), m.name
+    with pytest.raises(ValueError, match="takes labels"):
+        cm.inc("danceopd_restarts")
+    with pytest.raises(ValueError, match="takes labels"):
+        cm.set("danceopd_loss", 1.0, route="t2i", worker="0")
+    with pytest.raises(ValueError, match="recorded by the actor"):
+        cm.set("danceopd_replay_depth", 1, role="replay", worker="0")
+    with pytest.raises(ValueError, match="not declared"):
+        cm.set("danceopd_los", 1.0, route="t2i")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_exports_actor_metrics_under_exported_names(ray_local):
+    """Record every actor metric from a real actor and read Ray's export: the series names are
+    exported_series(), with our labels and Ray's own. Ray refreshes the export every ~10 s."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def record(self):
+            from services import metrics as m
+
+            am = m.ActorMetrics("rollout", "probe-7")
+            for metric in m.METRICS.values():
+                if metric.scope != "actor":
+                    continue
+                labels = {k: "x" for k in metric.labels[2:]}
+                getattr(am, {"counter": "inc", "gauge": "set", "histogram": "observe"}[metric.type])(metric.name, 1, **labels)
+
+    actor = Recorder.remote()
+    ray.get(actor.record.remote())
+    want = {s for n, m in M.METRICS.items() if m.scope == "actor" for s in M.exported_series(n)}
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+    deadline, got = time.time() + 60, {}
+    while time.time() < deadline:
+        got = {k: v for url in urls for k, v in scrape(url).items() if k in want}
+        if set(got) == want:
+            break
+        time.sleep(2)
+    ray.kill(actor)
+    assert set(got) == want, f"missing from Ray's export: {sorted(want - set(got))}"
+    sample = got["ray_danceopd_rollout_samples_total"][0]
+    assert {"role": "rollout", "worker": "probe-7", "route": "x"}.items() <= sample.labels.items()
+    assert RAY_LABELS <= set(sample.labels)
