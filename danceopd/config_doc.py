@@ -46,3 +46,23 @@ def render() -> str:
                     label2 = f"{label}.{sub_key}[]" if typing.get_origin(sub_ann) is list else f"{label}.{sub_key}"
                     out += _section(label2, sub_inner)
     return "\n".join(out)
+
+
+def write_readme(path) -> None:
+    """Replace the README section between the config-reference markers."""
+    import re
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    block = "<!-- config-reference:start -->\n" + render().strip() + "\n<!-- config-reference:end -->"
+    path.write_text(re.sub(r"<!-- config-reference:start -->.*?<!-- config-reference:end -->", lambda _: block, text, flags=re.S))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--write" in sys.argv:
+        write_readme("README.md")
+    else:
+        sys.stdout.write(render())

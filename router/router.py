@@ -83,14 +83,14 @@ class Router:
             total = sum(r.weight for r in self.routes.values())
             for name, r in self.routes.items():
                 if r.weight > 0:
-                    target += (r.weight / total) * self.pools[r.teacher].query(state, sigma, cond, self._cfg_scale(name))
+                    target += (r.weight / total) * self.pools[r.teacher].query(state, sigma, cond, self._cfg_scale(name), name)
             teacher_ids = ["softmix"] * len(routes)
         else:
             routes_arr = np.asarray(routes)
             for name in sorted(set(routes)):
                 sel = np.nonzero(routes_arr == name)[0]
                 teacher = self.routes[name].teacher
-                target[sel] = self.pools[teacher].query(state[sel], sigma[sel], cond[sel], self._cfg_scale(name))
+                target[sel] = self.pools[teacher].query(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)
                 for i in sel:
                     teacher_ids[i] = teacher
         for name in routes:

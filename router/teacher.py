@@ -24,7 +24,7 @@ class Teacher:
         self.stats = {"queries": 0, "rows": 0, "busy_s": 0.0}
 
     @torch.no_grad()
-    def query(self, state, sigma, cond, cfg_scale: float) -> np.ndarray:
+    def query(self, state, sigma, cond, cfg_scale: float, route: str = "") -> np.ndarray:
         """target = v(z,t,null) + a (v(z,t,c) - v(z,t,null)); one pass when a == 1. For edit
         routes the backend's null condition keeps the source image and drops only the text."""
         t0 = time.perf_counter()

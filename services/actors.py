@@ -3,6 +3,7 @@ abstraction (create, probe, restart with backoff, remove) shared by every role."
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rollout_workers.worker import RolloutWorker
 from router.router import Router
 from router.teacher import Teacher
+from services.metrics import ActorMetrics
 from services.replay import ReplayQueue
 from services.weight_store import WeightStore
 
@@ -29,17 +31,94 @@ def actor_env(cfg) -> dict:
 
 class RolloutWorkerActor(RolloutWorker):
     """A rollout worker that pulls the latest weights from the store when it starts, so a new
-    or restarted worker never rolls out with initial weights."""
+    or restarted worker never rolls out with initial weights; records its metrics."""
 
     def __init__(self, cfg, worker_id: str, store):
         super().__init__(cfg, worker_id)
+        self.metrics = ActorMetrics("rollout", worker_id)
+        self.t_start = time.perf_counter()
         latest = ray.get(store.latest.remote())
         if latest is not None:
             version, (ref,) = latest
             self.set_weights(ray.get(ref), version)
 
+    def rollout(self, order):
+        t0, nfe0 = time.perf_counter(), self.stats["nfe"]
+        rb = super().rollout(order)
+        per_route = collections.Counter(it.route for it in order.items)
+        nfe = self.stats["nfe"] - nfe0
+        for route, n in per_route.items():
+            self.metrics.inc("danceopd_rollout_samples", n, route=route)
+            self.metrics.inc("danceopd_rollout_nfes", nfe * n / len(order.items), route=route)
+        self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
+        wall = max(time.perf_counter() - self.t_start, 1e-9)
+        self.metrics.set("danceopd_rollout_idle_ratio", max(0.0, 1 - self.stats["busy_s"] / wall))
+        return rb
+
     def pid(self) -> int:
         return os.getpid()
+
+
+class TeacherActor(Teacher):
+    def __init__(self, cfg, teacher_name: str, replica: int = 0):
+        super().__init__(cfg, teacher_name, replica)
+        self.metrics = ActorMetrics("teacher", self.teacher_id)
+
+    def query(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        t0 = time.perf_counter()
+        out = super().query(state, sigma, cond, cfg_scale, route)
+        self.metrics.inc("danceopd_teacher_queries", len(out), teacher=self.name, route=route)
+        self.metrics.observe("danceopd_teacher_latency_seconds", time.perf_counter() - t0, teacher=self.name)
+        return out
+
+
+class RouterActor(Router):
+    def __init__(self, cfg, dataset, pools):
+        super().__init__(cfg, dataset, pools)
+        self.metrics = ActorMetrics("router", "router-0")
+
+    def route(self, rb):
+        routes = collections.Counter(rb.column("route").to_pylist())
+        for r in self.routes:  # rows waiting for a teacher answer while this batch is routed
+            self.metrics.set("danceopd_router_backlog", routes.get(r, 0), route=r)
+        try:
+            return super().route(rb)
+        finally:
+            for r in self.routes:
+                self.metrics.set("danceopd_router_backlog", 0, route=r)
+
+
+class ReplayQueueActor(ReplayQueue):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.metrics = ActorMetrics("replay", "replay-0")
+        self.metrics.set("danceopd_replay_capacity", self.capacity)
+        self._reported_drops: dict[str, int] = {}
+
+    def _report(self) -> None:
+        self.metrics.set("danceopd_replay_depth", self.depth())
+        for reason, n in self.dropped.items():
+            new = n - self._reported_drops.get(reason, 0)
+            if new:
+                self.metrics.inc("danceopd_dropped_samples", new, reason=reason)
+                self._reported_drops[reason] = n
+
+    def put(self, rb):
+        ok = super().put(rb)
+        self._report()
+        return ok
+
+    def take(self, n, learner_version):
+        out = super().take(n, learner_version)
+        self._report()
+        for b in out:
+            self.metrics.observe("danceopd_policy_lag", learner_version - min(b.column("policy_version").to_pylist()))
+        return out
+
+    def drain(self, reason):
+        n = super().drain(reason)
+        self._report()
+        return n
 
 
 class RayTeacherPool:
@@ -48,9 +127,9 @@ class RayTeacherPool:
     def __init__(self, actors: list):
         self.actors = list(actors)
 
-    def query(self, state, sigma, cond, cfg_scale: float) -> np.ndarray:
+    def query(self, state, sigma, cond, cfg_scale: float, route: str = "") -> np.ndarray:
         parts = [p for p in np.array_split(np.arange(len(state)), len(self.actors)) if len(p)]
-        refs = [a.query.remote(state[p], sigma[p], cond[p], cfg_scale) for a, p in zip(self.actors, parts)]
+        refs = [a.query.remote(state[p], sigma[p], cond[p], cfg_scale, route) for a, p in zip(self.actors, parts)]
         return np.concatenate(ray.get(refs))
 
 
@@ -138,7 +217,7 @@ def rollout_group(cfg, store) -> ActorGroup:
 
 def teacher_group(cfg, teacher: str) -> ActorGroup:
     t = cfg.teacher(teacher)
-    cls = ray.remote(Teacher)
+    cls = ray.remote(TeacherActor)
     env = actor_env(cfg)
 
     def make(name, pg):
@@ -151,12 +230,12 @@ def teacher_group(cfg, teacher: str) -> ActorGroup:
 
 
 def make_router(cfg, dataset, pools):
-    return ray.remote(Router).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(cfg)}).remote(cfg, dataset, pools)
+    return ray.remote(RouterActor).options(num_cpus=0.1, runtime_env={"env_vars": actor_env(cfg)}).remote(cfg, dataset, pools)
 
 
 def make_replay(cfg):
     spill = cfg.replay.spill_dir and str(cfg.resolve(cfg.replay.spill_dir))
-    return ray.remote(ReplayQueue).options(num_cpus=0).remote(cfg.replay.capacity, cfg.sync.max_policy_lag, spill)
+    return ray.remote(ReplayQueueActor).options(num_cpus=0).remote(cfg.replay.capacity, cfg.sync.max_policy_lag, spill)
 
 
 def make_weight_store():

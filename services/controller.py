@@ -13,6 +13,8 @@ once the worker holds version s; with lag L it may be issued L versions early.
 from __future__ import annotations
 
 import collections
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -29,7 +31,10 @@ from services.actors import (
     rollout_group,
     teacher_group,
 )
+from services.autoscale import AutoscalePolicy
+from services.control_api import ControlServer, register, resolve_token
 from services.local import used_teachers
+from services.metrics import ControllerMetrics, controller_port
 from services.progress import JobLog
 from services.weight_store import state_nbytes
 
@@ -71,6 +76,7 @@ class Controller:
         self.issued = 0  # tickets handed out
         self.alive_issued = 0  # tickets handed out and not lost
         self.acct = {"produced": 0, "lost": 0}
+        self.queued = 0  # batches put into the replay queue and not taken
         self.sync_log: list[dict] = []
         self.pending_syncs: list[dict] = []
         self.nbytes = None
@@ -84,6 +90,30 @@ class Controller:
         for _ in range(cfg.rollout.workers):
             self._add_worker()
         self.log = JobLog(cfg, self.step, show_progress)
+        # observability and control
+        self.state = "starting"
+        self.last_ckpt = None
+        self.commands: queue.Queue = queue.Queue()
+        self.stop_requested = threading.Event()
+        self.draining: set[str] = set()
+        self.step_times: collections.deque = collections.deque(maxlen=11)
+        self.synced_reported = self.restarts_reported = 0
+        self._status = {"job": cfg.job.name, "step": self.step, "steps": cfg.learner.steps, "workers": {}}
+        self.autoscaler = AutoscalePolicy(cfg.autoscale) if cfg.autoscale.enabled else None
+        port = cfg.control.metrics_port if cfg.control.metrics_port is not None else controller_port()
+        try:
+            self.metrics = ControllerMetrics(port, host=cfg.control.host)
+        except OSError:  # the default port is taken (another job on this host): any free port
+            self.metrics = ControllerMetrics(0, host=cfg.control.host)
+            self.log.console.print(f"[yellow]metrics port {port} is busy; serving on {self.metrics.port}[/]")
+        self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
+        self.metrics.set("danceopd_learner_step", self.step)
+        self.token = resolve_token(cfg.control.token_env)
+        self.control = ControlServer(cfg.control.host, cfg.control.port, self.token, self.status,
+                                     self.request_scale, self.request_stop)
+        host, cport = self.control.start()
+        self.control_url = f"http://{host}:{cport}"
+        register(cfg.job.name, self.control_url, self.token)
 
     # ---- weights ------------------------------------------------------------------------
     def _push_weights(self) -> None:
@@ -119,8 +149,7 @@ class Controller:
 
     # ---- rollouts -----------------------------------------------------------------------
     def _gate_allows(self, worker: str) -> bool:
-        queued_or_flying = self.alive_issued - self.step * self.per_step
-        if queued_or_flying >= self.cfg.replay.capacity:
+        if len(self.in_flight) + len(self.ready) + self.queued >= self.cfg.replay.capacity:
             return False  # backpressure: the replay queue would overflow
         if self.cfg.sync.on_stale == "drop":
             return True
@@ -135,6 +164,8 @@ class Controller:
         depth = 1 if self.cfg.sync.max_policy_lag == 0 else 2
         load = collections.Counter(f.worker for f in self.in_flight.values())
         for name, m in self.workers.members.items():
+            if name in self.draining:
+                continue
             while load[name] < depth and not self.issued_enough() and self._gate_allows(name):
                 load[name] += 1
                 self._issue_to(name, m)
@@ -170,6 +201,7 @@ class Controller:
             if self.next_put in self.ready:
                 ok = ray.get(self.replay.put.remote(self.ready.pop(self.next_put)))
                 assert ok, "replay queue refused a batch the gate admitted"
+                self.queued += 1
             self.next_put += 1
 
     def _worker_died(self, f: InFlight, err) -> bool:
@@ -186,9 +218,13 @@ class Controller:
 
     # ---- learning -----------------------------------------------------------------------
     def _learn(self) -> dict | None:
+        if self.queued < self.per_step:
+            return None  # not a full step queued yet: no round trip to the queue
         batches = ray.get(self.replay.take.remote(self.per_step, self.version))
-        if not batches:
+        if not batches:  # stale batches were dropped (on_stale: drop)
+            self.queued = ray.get(self.replay.depth.remote())
             return None
+        self.queued -= len(batches)
         t0 = time.perf_counter()
         results = ray.get(self.learners.train_step(batches))
         self.learner_busy += time.perf_counter() - t0
@@ -245,29 +281,141 @@ class Controller:
 
     def run(self) -> dict:
         cfg = self.cfg
-        last_ckpt = None
-        while self.step < cfg.learner.steps:
+        self.state = "running"
+        while self.step < cfg.learner.steps and not self.stop_requested.is_set():
+            self._apply_commands()
             with self.log.timer("issue"):
                 self._issue()
             with self.log.timer("collect"):
-                self._collect(timeout=0.05 if self.in_flight else 0)
-            metrics = None
+                if self.in_flight:
+                    self._collect(timeout=0.05)
+                elif self.queued < self.per_step:
+                    time.sleep(0.01)  # nothing in flight and nothing to learn: a command may come
             with self.log.timer("learn"):
                 metrics = self._learn()
             self._check_syncs()
+            self._retire_drained()
             if metrics is None:
                 continue
             if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
                 with self.log.timer("sync"):
                     self._push_weights()
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.learner.steps:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 with self.log.timer("checkpoint"):
-                    last_ckpt = self._checkpoint()
-            rs = ray.get(self.replay.stats.remote())
-            self.log.step(self.step, metrics, samples=self.per_step * cfg.rollout.batch_size, lag=rs["max_lag_seen"],
-                          workers={"rollout": len(self.workers.members), "learner": cfg.learner.world_size,
-                                   "teacher": sum(len(g.members) for g in self.teachers.values())})
-        return self._finish(last_ckpt)
+                    self.last_ckpt = self._checkpoint()
+            self._after_step(metrics)
+        self.state = "stopping"
+        if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
+            self.last_ckpt = self._checkpoint()  # the final (or graceful-stop) checkpoint
+        return self._finish(self.last_ckpt)
+
+    # ---- observability and control ------------------------------------------------------
+    def worker_counts(self) -> dict:
+        return {"rollout": len(self.workers.members), "learner": self.cfg.learner.world_size,
+                "teacher": sum(len(g.members) for g in self.teachers.values())}
+
+    def _after_step(self, metrics: dict) -> None:
+        now = time.perf_counter()
+        self.step_times.append((now, self.learner_busy))
+        (t_old, busy_old), (t_new, busy_new) = self.step_times[0], self.step_times[-1]
+        idle = 1 - (busy_new - busy_old) / (t_new - t_old) if t_new > t_old else 0.0
+        rs = ray.get(self.replay.stats.remote())
+        counts = self.worker_counts()
+        samples = self.per_step * self.cfg.rollout.batch_size
+        self.log.step(self.step, metrics, samples=samples, lag=rs["max_lag_seen"], workers=counts)
+        m = self.metrics
+        m.set("danceopd_learner_step", self.step)
+        m.set("danceopd_last_step_timestamp_seconds", time.time())
+        for route, loss in metrics["route_loss"].items():
+            m.set("danceopd_loss", loss, route=route)
+        m.set("danceopd_grad_norm", metrics["grad_norm"])
+        m.set("danceopd_learning_rate", metrics["lr"])
+        m.inc("danceopd_samples_consumed", samples)
+        m.set("danceopd_samples_per_second", self.log.samples_per_s())
+        m.set("danceopd_learner_idle_ratio", max(0.0, idle))
+        m.set("danceopd_weight_version", self.version)
+        for role, n in counts.items():
+            m.set("danceopd_workers", n, role=role)
+        for s in self.sync_log[self.synced_reported:]:
+            m.observe("danceopd_weight_sync_seconds", s["seconds"])
+            m.set("danceopd_weight_sync_bytes", s["bytes"])
+        self.synced_reported = len(self.sync_log)
+        if self.workers.restarts_total > self.restarts_reported:
+            m.inc("danceopd_restarts", self.workers.restarts_total - self.restarts_reported, role="rollout")
+            self.restarts_reported = self.workers.restarts_total
+        self._status = {
+            "job": self.cfg.job.name, "state": self.state, "step": self.step, "steps": self.cfg.learner.steps,
+            "samples_per_s": round(self.log.samples_per_s(), 3), "lag": rs["max_lag_seen"],
+            "lag_bound": self.cfg.sync.max_policy_lag, "replay_depth": rs["depth"],
+            "learner_idle_ratio": round(max(0.0, idle), 4),
+            "workers": {"rollout": counts["rollout"], "learner": counts["learner"],
+                        "teacher": {r.name: len(self.teachers[r.teacher].members) for r in self.cfg.routing.routes}},
+            "last_checkpoint": self.last_ckpt, "last_step_time": time.time(), "output_dir": str(self.cfg.output_path),
+            "restarts": {"rollout": self.workers.restarts_total},
+        }
+        if self.autoscaler is not None:
+            delta = self.autoscaler.observe(self.step, idle, rs["depth"], self.cfg.replay.capacity,
+                                            counts["rollout"] - len(self.draining), self._resources_free())
+            if delta:
+                self.commands.put(("scale", {"rollout_workers": counts["rollout"] - len(self.draining) + delta}))
+
+    def _resources_free(self) -> bool:
+        free = ray.available_resources()
+        return free.get("CPU", 0) >= self.cfg.rollout.num_cpus and free.get("GPU", 0) >= self.cfg.rollout.num_gpus
+
+    def status(self) -> dict:
+        st = dict(self._status)
+        st["state"] = self.state
+        st["last_step_age_s"] = round(time.time() - st["last_step_time"], 3) if st.get("last_step_time") else None
+        return st
+
+    def request_scale(self, rollout_workers: int | None = None, teachers: dict | None = None) -> dict:
+        """Validated here (the caller gets the error), applied by the loop between steps."""
+        if rollout_workers is not None and (not isinstance(rollout_workers, int) or rollout_workers < 1):
+            raise ValueError(f"rollout_workers: {rollout_workers!r} is not a positive integer")
+        routes = {r.name for r in self.cfg.routing.routes}
+        for route, n in (teachers or {}).items():
+            if route not in routes:
+                raise ValueError(f"teachers: unknown route {route!r} (known: {', '.join(sorted(routes))})")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"teachers.{route}: {n!r} is not a positive integer")
+        self.commands.put(("scale", {"rollout_workers": rollout_workers, "teachers": teachers or {}}))
+        return {"accepted": True, "rollout_workers": rollout_workers, "teachers": teachers or {}}
+
+    def request_stop(self) -> None:
+        self.state = "stopping"
+        self.stop_requested.set()
+
+    def _apply_commands(self) -> None:
+        while not self.commands.empty():
+            _, req = self.commands.get()
+            n = req.get("rollout_workers")
+            if n is not None:
+                active = [w for w in self.workers.names() if w not in self.draining]
+                for _ in range(n - len(active)):
+                    self._add_worker()
+                for name in active[n:] if n < len(active) else []:
+                    self.draining.add(name)  # finishes its in-flight batches, then leaves
+            for route, count in req.get("teachers", {}).items():
+                self._scale_teacher(self.cfg.route(route).teacher, count)
+            self.log.console.print(f"scaled: {self.worker_counts()}", highlight=False)
+
+    def _scale_teacher(self, teacher: str, count: int) -> None:
+        group = self.teachers[teacher]
+        while len(group.members) < count:
+            group.add()
+        keep = group.names()[:count]
+        # The router switches pools between batches, so no query is in flight on a removed replica.
+        ray.get(self.router.set_pool.remote(teacher, RayTeacherPool([group.members[n].actor for n in keep])))
+        for name in group.names()[count:]:
+            group.remove(name)
+
+    def _retire_drained(self) -> None:
+        busy = {f.worker for f in self.in_flight.values()}
+        for name in [w for w in self.draining if w not in busy]:
+            self.workers.remove(name)
+            self.worker_version.pop(name, None)
+            self.draining.discard(name)
 
     def _finish(self, last_ckpt) -> dict:
         self._check_syncs(block=True)
@@ -288,6 +436,8 @@ class Controller:
         return self.log.finish(last_ckpt, extra=extra)
 
     def shutdown(self) -> None:
+        self.control.stop()
+        self.metrics.close()
         self.workers.shutdown()
         for g in self.teachers.values():
             g.shutdown()

@@ -1,0 +1,334 @@
+"""The controller's control API: a tiny HTTP server plus a cluster-wide registry.
+
+Endpoints (JSON in, JSON out; every error body is one line: {"error": "..."}):
+
+    GET  /health  liveness, no token: 200 {ok, state, step, last_step_age_s}; 503 when the last
+                  learner step is older than `stall_after_s` (default 600 s) or status fails
+    GET  /status  the controller's status dict, no token (read-only)
+    POST /scale   {"rollout_workers": N, "teachers": {"route": N}} -> the controller's answer;
+                  400 on bad JSON / types or a ValueError from the controller
+    POST /stop    graceful stop (final checkpoint, then exit) -> 202
+    POST endpoints need `Authorization: Bearer <token>`: 401 when missing, 403 when wrong.
+
+The server binds 127.0.0.1 unless told otherwise; on a cluster head, `control.host: 0.0.0.0`.
+
+Registry: `register(job_name, url, token)` creates a small named Ray actor
+("danceopd-control:<job>", namespace "danceopd"). It is NOT detached, so it dies with the
+driver that created it (the controller) and a crashed job never leaves a stale entry. Anyone
+who can call Ray actors on the cluster can read the token; that is the same trust boundary as
+the cluster itself (Ray token auth protects it). `lookup(job_name)` returns None when nothing
+is registered.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STALL_AFTER_S = 600.0
+MAX_BODY_BYTES = 64 * 1024
+REGISTRY_NAMESPACE = "danceopd"
+_SCALE_KEYS = {"rollout_workers", "teachers"}
+
+
+class BadRequest(ValueError):
+    """A request the API refuses with 400."""
+
+
+def resolve_token(env_name: str) -> str:
+    """The control token: `$env_name` when set and non-empty, else a fresh random one."""
+    value = os.environ.get(env_name, "").strip()
+    return value or secrets.token_urlsafe(32)
+
+
+def control_url(host: str, port: int) -> str:
+    """URL a process on the same node uses to reach a server bound to (host, port): a
+    wildcard bind (0.0.0.0, ::, '') is reached over loopback."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def parse_scale_request(body: object) -> tuple[int | None, dict[str, int] | None]:
+    """Check the shape of a /scale body; the controller checks the meaning (routes, bounds)."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object like {\"rollout_workers\": 2, \"teachers\": {\"t2i\": 2}}")
+    unknown = sorted(set(body) - _SCALE_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown key {unknown[0]!r} (known: rollout_workers, teachers)")
+    rollout = body.get("rollout_workers")
+    teachers = body.get("teachers")
+    if rollout is None and not teachers:
+        raise BadRequest("nothing to scale: give rollout_workers and/or teachers")
+    if rollout is not None and (isinstance(rollout, bool) or not isinstance(rollout, int)):
+        raise BadRequest(f"rollout_workers: expected an integer, got {rollout!r}")
+    if teachers is not None:
+        if not isinstance(teachers, dict):
+            raise BadRequest("teachers: expected an object {route: replicas}")
+        for route, n in teachers.items():
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise BadRequest(f"teachers.{route}: expected an integer, got {n!r}")
+    return rollout, (dict(teachers) if teachers else None)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    control: ControlServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 30  # a client that stalls mid-request does not hold a thread forever
+    server_version = "danceopd-control"
+    sys_version = ""
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib signature
+        log.debug("control api %s - %s", self.address_string(), format % args)
+
+    def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
+        data = (json.dumps(payload, default=str) + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, code: int, msg: str, headers: dict | None = None) -> None:
+        self._send(code, {"error": " ".join(str(msg).split())}, headers)
+
+    def _read_body(self) -> bytes:
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if n < 0 or n > MAX_BODY_BYTES:
+            raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
+        return self.rfile.read(n) if n else b""
+
+    def _authorized(self) -> bool:
+        """Answers 401/403 itself and returns False when the bearer token is missing/wrong."""
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not given.strip():
+            self._error(HTTPStatus.UNAUTHORIZED, "missing bearer token (Authorization: Bearer <token>)",
+                        {"WWW-Authenticate": 'Bearer realm="danceopd"'})
+            return False
+        if not hmac.compare_digest(given.strip().encode(), self.server.control.token.encode()):
+            self._error(HTTPStatus.FORBIDDEN, "wrong token")
+            return False
+        return True
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    # ---- verbs ------------------------------------------------------------------------------
+    def do_GET(self):  # noqa: N802 - the stdlib naming
+        ctl = self.server.control
+        path = self._path()
+        if path == "/health":
+            self._health(ctl)
+        elif path == "/status":
+            try:
+                self._send(HTTPStatus.OK, ctl.status_fn())
+            except Exception as e:  # the API must answer even when the controller misbehaves
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"status failed: {type(e).__name__}: {e}")
+        elif path in ("/scale", "/stop"):
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} needs POST", {"Allow": "POST"})
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path} (GET /health /status, POST /scale /stop)")
+
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
+
+    def do_POST(self):  # noqa: N802
+        ctl = self.server.control
+        path = self._path()
+        if path not in ("/scale", "/stop"):
+            status = HTTPStatus.METHOD_NOT_ALLOWED if path in ("/health", "/status") else HTTPStatus.NOT_FOUND
+            self._error(status, f"no POST endpoint {path} (POST /scale /stop)")
+            return
+        try:
+            body = self._read_body()
+        except BadRequest as e:
+            self._error(HTTPStatus.BAD_REQUEST, str(e))
+            return
+        if not self._authorized():
+            return
+        if path == "/stop":
+            try:
+                ctl.stop_fn()
+            except Exception as e:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"stop failed: {type(e).__name__}: {e}")
+                return
+            self._send(HTTPStatus.ACCEPTED, {"ok": True, "state": "stopping"})
+            return
+        try:
+            parsed = json.loads(body.decode("utf-8")) if body else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({e})")
+            return
+        try:
+            rollout, teachers = parse_scale_request(parsed)
+            result = ctl.scale_fn(rollout_workers=rollout, teachers=teachers)
+        except ValueError as e:  # BadRequest included
+            self._error(HTTPStatus.BAD_REQUEST, str(e))
+            return
+        except Exception as e:
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"scale failed: {type(e).__name__}: {e}")
+            return
+        self._send(HTTPStatus.OK, {"ok": True, **(result or {})})
+
+    def _health(self, ctl: ControlServer) -> None:
+        try:
+            st = ctl.status_fn()
+        except Exception as e:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"status failed: {type(e).__name__}: {e}")
+            return
+        age = st.get("last_step_age_s")
+        state = st.get("state")
+        stalled = age is not None and state != "done" and float(age) > ctl.stall_after_s
+        payload = {"ok": not stalled, "state": state, "step": st.get("step"), "last_step_age_s": age}
+        if stalled:
+            payload["error"] = f"no learner step for {float(age):.0f} s (stall threshold {ctl.stall_after_s:.0f} s)"
+        self._send(HTTPStatus.SERVICE_UNAVAILABLE if stalled else HTTPStatus.OK, payload)
+
+
+class ControlServer:
+    """The control API in a daemon thread. `status_fn() -> dict`,
+    `scale_fn(rollout_workers=int|None, teachers=dict|None) -> dict` (ValueError -> 400) and
+    `stop_fn() -> None` are called from the server's request threads: they must be thread-safe."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "",
+                 status_fn: Callable[[], dict] | None = None,
+                 scale_fn: Callable[..., dict] | None = None,
+                 stop_fn: Callable[[], None] | None = None,
+                 stall_after_s: float = DEFAULT_STALL_AFTER_S):
+        if not token:
+            raise ValueError("ControlServer: an empty token would leave /scale and /stop open")
+        if status_fn is None or scale_fn is None or stop_fn is None:
+            raise ValueError("ControlServer: status_fn, scale_fn and stop_fn are required")
+        self.host, self.port, self.token = host, port, token
+        self.status_fn, self.scale_fn, self.stop_fn = status_fn, scale_fn, stop_fn
+        self.stall_after_s = float(stall_after_s)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve; returns the bound (host, port) (port 0 asks for a free one)."""
+        if self._server is not None:
+            raise RuntimeError("ControlServer already started")
+        server = _Server((self.host, self.port), _Handler)
+        server.control = self
+        self._server = server
+        self.host, self.port = server.server_address[:2]
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="danceopd-control-api", daemon=True)
+        self._thread.start()
+        return self.host, self.port
+
+    @property
+    def url(self) -> str:
+        return control_url(self.host, self.port)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---- registry (Ray) --------------------------------------------------------------------------
+
+def registry_name(job_name: str) -> str:
+    return f"danceopd-control:{job_name}"
+
+
+_REGISTERED: dict[str, object] = {}  # job -> actor handle; a non-detached actor lives while referenced
+
+
+def _registry_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class ControlRegistry:
+        def __init__(self, job_name: str, url: str, token: str, node_ip: str, pid: int):
+            self.info = {"job": job_name, "url": url, "token": token, "node_ip": node_ip, "pid": pid}
+
+        def get(self) -> dict:
+            return dict(self.info)
+
+    return ControlRegistry
+
+
+def register(job_name: str, url: str, token: str):
+    """Publish this job's control endpoint on the Ray cluster the process is connected to.
+    Raises ValueError when a live job already registered the same name."""
+    import ray
+
+    name = registry_name(job_name)
+    try:
+        ray.get_actor(name, namespace=REGISTRY_NAMESPACE)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"job.name {job_name!r}: another running job already registered that name "
+                         f"(actor {name!r}); give this job another job.name")
+    node_ip = ray.util.get_node_ip_address()
+    try:
+        handle = _registry_actor_class().options(name=name, namespace=REGISTRY_NAMESPACE, lifetime=None).remote(
+            job_name, url, token, node_ip, os.getpid())
+    except ValueError as e:  # lost a race with another job of the same name
+        raise ValueError(f"job.name {job_name!r}: another running job already registered that name ({e})") from None
+    ray.get(handle.get.remote())  # created and reachable before anyone is told to look
+    _REGISTERED[job_name] = handle
+    return handle
+
+
+def unregister(job_name: str) -> None:
+    import ray
+
+    handle = _REGISTERED.pop(job_name, None)
+    if handle is not None:
+        ray.kill(handle)
+
+
+def lookup(job_name: str, timeout_s: float = 30.0) -> dict | None:
+    """{job, url, token, node_ip, pid} of a registered job, or None when none is registered."""
+    import ray
+
+    try:
+        handle = ray.get_actor(registry_name(job_name), namespace=REGISTRY_NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        return ray.get(handle.get.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        return None  # the owning driver just exited
