@@ -82,7 +82,7 @@ def to_tensors(rb: pa.RecordBatch) -> dict[str, torch.Tensor]:
     out = {n: tensor(rb, n) for n in TENSOR_COLUMNS}
     for n in ("sigma", "sigma_next", "weight"):
         out[n] = torch.from_numpy(rb.column(n).to_numpy().astype(np.float32))
-    for n in ("sample_index", "group"):
+    for n in ("sample_index", "group", "query_index"):
         out[n] = torch.from_numpy(rb.column(n).to_numpy().astype(np.int64))
     return out
 

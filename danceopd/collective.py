@@ -51,7 +51,7 @@ class WeightGroup:
         # abort after a failure (NCCL may have work in flight); shutdown otherwise.
         try:
             (self.backend.abort if abort else self.backend.shutdown)()
-        except Exception:  # noqa: BLE001 - best effort; the group is discarded either way
+        except Exception:  # best effort: the group is discarded either way
             pass
         self.backend = self.store = None
 
@@ -63,6 +63,8 @@ def make_group(backend: str, store_addr: str, store_port: int, rank: int, world_
     TCPStore on `store_addr:store_port` (a free port on its node, distinct from DeepSpeed's)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"weight group: rank {rank} not in [0, {world_size})")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight group: unknown backend {backend!r} (gloo or nccl)")
     timeout = timedelta(seconds=timeout_s)
     try:
         tcp = dist.TCPStore(store_addr, store_port, world_size, is_master=(rank == 0), timeout=timeout,
@@ -73,22 +75,22 @@ def make_group(backend: str, store_addr: str, store_port: int, rank: int, world_
             # Same construction as torch's own init_process_group (GLOO_SOCKET_IFNAME is honoured).
             pg = dist.ProcessGroupGloo(store, rank, world_size, timeout=timeout)
             device = torch.device("cpu")
-        elif backend == "nccl":
+        else:
             if not dist.is_nccl_available() or not torch.cuda.is_available():
                 raise WeightSyncError("weight group: backend 'nccl' needs CUDA and a NCCL-enabled torch")
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
+            # NCCL's watchdog may kill the whole process when a collective exceeds this (on the
+            # learner!), so give it slack: our own wait(timeout) fires first and aborts the group.
+            opts._timeout = 2 * timeout + timedelta(seconds=30)
             opts.is_high_priority_stream = False
             pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
             device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            raise ValueError(f"weight group: unknown backend {backend!r} (gloo or nccl)")
-    except (ValueError, WeightSyncError):
+    except WeightSyncError:
         raise
     except Exception as e:  # store/rendezvous timeout: name the epoch and rank
         raise WeightSyncError(f"weight group epoch {epoch}: rank {rank}/{world_size} could not join "
                               f"{store_addr}:{store_port} within {timeout_s}s: {e}") from e
-    return WeightGroup(pg, tcp, rank, world_size, epoch, timeout, device)
+    return WeightGroup(pg, store, rank, world_size, epoch, timeout, device)  # store keeps tcp alive
 
 
 def layout(state: dict[str, torch.Tensor]) -> list[tuple[str, list[int], str]]:
@@ -125,10 +127,18 @@ def _buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[tuple[to
     return plan
 
 
+def _live(group: WeightGroup) -> WeightGroup:
+    if group.backend is None:
+        raise WeightSyncError(f"weight group epoch {group.epoch} is closed (after a failure?): rebuild it")
+    return group
+
+
 def _wait(group: WeightGroup, work, what: str) -> None:
     try:
         work.wait(group.timeout)  # a timeout makes even NCCL block the CPU and raise, not hang
     except Exception as e:
+        # Peers are now out of step (some saw the op, some did not): the group is unusable.
+        group.close(abort=True)
         raise WeightSyncError(f"weight group epoch {group.epoch}, rank {group.rank}/{group.world_size}: "
                               f"{what} failed or timed out after {group.timeout.total_seconds()}s: {e}") from e
 
@@ -159,7 +169,7 @@ class BucketBroadcaster:
     def send(self, group: WeightGroup, state: dict[str, torch.Tensor], version: int,
              bucket_bytes: int = 32 * MiB) -> int:
         """Broadcast `state` as `version`; returns payload bytes sent."""
-        if group.rank != 0:
+        if _live(group).rank != 0:
             raise ValueError("weight group: only rank 0 sends")
         lay = layout(state)
         checksum = layout_checksum(lay)
@@ -193,12 +203,13 @@ class BucketBroadcaster:
         """Receive one version. Returns (version, state): new contiguous tensors with the keys, shapes,
         dtypes and devices of `like` (never written into `like`, so a failure mid-transfer leaves the
         worker's model intact; apply with load_state_dict between batches)."""
-        if group.rank == 0:
+        if _live(group).rank == 0:
             raise ValueError("weight group: rank 0 sends, it does not receive")
         header = torch.zeros(_HEADER, dtype=torch.int64, device=group.device)
         _wait(group, group.backend.broadcast(header, 0), "header broadcast")
         magic, version, n, total, checksum, bucket_bytes = (int(x) for x in header.tolist())
         if magic != _MAGIC:
+            group.close(abort=True)
             raise WeightSyncError(f"weight group epoch {group.epoch}: bad header magic {magic:#x}")
         lay = layout(like)
         mismatch = int(checksum != layout_checksum(lay))

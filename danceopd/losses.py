@@ -30,12 +30,14 @@ Known reference behaviours (DESIGN §1), decided here on purpose:
    rewards within each ``group`` ((r - mean) / (std + 1e-6)), which supplies the baseline; with
    ``flowopd_groups = 1`` the raw reward is used, reproducing the reference.
 
-Note for whoever tunes FlowOPD: this per-step reward depends on the state and the old velocity,
-not on the noise of the row's own transition, while on-policy E_noise[d logp_new] = 0. So with
-ungrouped advantages the expected gradient of every row is zero (the estimator is pure variance);
-grouping only adds signal where a group mixes rows of later steps of the same trajectory. A reward
-that depends on the sampled next_state (e.g. log p_teacher(x') - log p_old(x'), whose mean is the
-same -KL) or reward-to-go over later steps would carry signal; we keep the specified reward.
+3. The per-step reward depends on the state and the old velocity, not on the noise of the row's
+   own transition, while on-policy E_noise[d logp_new] = 0: used as the advantage of its own row,
+   every row's expected gradient would be zero (pure variance). So a row's advantage is its
+   *reward-to-go*: the sum of the rewards of the LATER transitions of the same trajectory (rows
+   sharing `sample_index` with a larger `query_index`), which do depend on the sampled
+   next_state — the policy-gradient theorem's credit assignment. The last transition's advantage
+   is 0 (nothing after it depends on its noise). Batches without `query_index` (hand-built ones)
+   fall back to the per-step reward.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def group_normalise(reward: torch.Tensor, group: torch.Tensor, eps: float = 1e-6
     return (reward - mean[inv]) / (var.sqrt()[inv] + eps)
 
 
+def reward_to_go(reward: torch.Tensor, sample_index: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """Per row: the sum of the rewards of later transitions of the same trajectory."""
+    later = (sample_index[:, None] == sample_index[None, :]) & (query_index[None, :] > query_index[:, None])
+    return later.to(reward.dtype) @ reward
+
+
 def flowopd_terms(method_cfg: MethodConfig, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-row FlowOPD quantities: reward, advantage, logp_new, logp_old, ratio, per_row loss."""
     eta = method_cfg.flowopd_eta
@@ -78,6 +86,8 @@ def flowopd_terms(method_cfg: MethodConfig, pred: torch.Tensor, batch: dict[str,
         mu_old, _ = sde_step_mean_std(state, batch["rollout_velocity"], sigma, sigma_next, eta)
         mu_teacher, _ = sde_step_mean_std(state, batch["target"], sigma, sigma_next, eta)
         reward = -_elem_mean((mu_old - mu_teacher) ** 2 / (2 * std**2))
+        if "query_index" in batch:
+            reward = reward_to_go(reward, batch["sample_index"], batch["query_index"])
         if method_cfg.flowopd_groups > 1:
             advantage = group_normalise(reward, batch["group"])
         else:

@@ -41,6 +41,9 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def get_stats(self) -> dict:
+        return dict(self.stats)
+
     # ---- rollout ------------------------------------------------------------------------
     def _velocity(self, z, sigma, cond):
         m = self.cfg.method

@@ -32,7 +32,7 @@ from services.actors import (
     teacher_group,
 )
 from services.autoscale import AutoscalePolicy
-from services.control_api import ControlServer, register, resolve_token
+from services.control_api import ControlServer, register, resolve_token, unregister
 from services.local import used_teachers
 from services.metrics import ControllerMetrics, controller_port
 from services.progress import JobLog
@@ -108,6 +108,8 @@ class Controller:
             self.log.console.print(f"[yellow]metrics port {port} is busy; serving on {self.metrics.port}[/]")
         self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
         self.metrics.set("danceopd_learner_step", self.step)
+        for role in ("rollout", "teacher", "learner"):
+            self.metrics.inc("danceopd_restarts", 0, role=role)  # the series exist from the start
         self.token = resolve_token(cfg.control.token_env)
         self.control = ControlServer(cfg.control.host, cfg.control.port, self.token, self.status,
                                      self.request_scale, self.request_stop)
@@ -427,15 +429,22 @@ class Controller:
         ray.get(self.replay.drain.remote("unconsumed"))
         wall = time.perf_counter() - self.t_start
         acct = self.accounting()
+        busy = {"rollout": ray.get([m.actor.get_stats.remote() for m in self.workers.members.values()]),
+                "teacher": ray.get([m.actor.get_stats.remote() for g in self.teachers.values() for m in g.members.values()]),
+                "router": [ray.get(self.router.get_stats.remote())]}
+        idle = {role: round(1 - sum(x["busy_s"] for x in stats) / (len(stats) * max(wall, 1e-9)), 4)
+                for role, stats in busy.items() if stats}
+        idle["learner"] = round(1 - self.learner_busy / max(wall, 1e-9), 4)
         extra = {"replay": ray.get(self.replay.stats.remote()), "accounting": acct,
                  "restarts": {"rollout": self.workers.restarts_total},
-                 "learner_idle_ratio": round(1 - self.learner_busy / max(wall, 1e-9), 4),
+                 "learner_idle_ratio": idle["learner"], "idle_ratio": idle, "wall_s": round(wall, 3),
                  "weight_syncs": len(self.sync_log),
                  "sync_seconds_mean": round(sum(s["seconds"] for s in self.sync_log) / max(len(self.sync_log), 1), 5),
                  "sync_bytes": self.sync_log[-1]["bytes"] if self.sync_log else 0}
         return self.log.finish(last_ckpt, extra=extra)
 
     def shutdown(self) -> None:
+        unregister(self.cfg.job.name)
         self.control.stop()
         self.metrics.close()
         self.workers.shutdown()

@@ -1,6 +1,7 @@
 import copy
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,22 @@ def write_config(tmp_path):
     return _write
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole session (started by this test run, stopped by it)."""
     import ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Ray's per-node metrics export port, so the monitoring test can point Prometheus at it.
+    os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"] = str(free_port())
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
+             _metrics_export_port=int(os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"]),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()

@@ -164,3 +164,5 @@ def test_missing_receiver_times_out_instead_of_hanging(peers):
     with pytest.raises(WeightSyncError, match="timed out"):
         ray.get(sender.send.remote(make_state(4), 9))  # the receiver never calls recv
     assert time.time() - t0 < 10
+    with pytest.raises(WeightSyncError, match="closed"):  # a failed group is not reused by accident
+        ray.get(sender.send.remote(make_state(4), 10))

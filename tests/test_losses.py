@@ -124,3 +124,15 @@ def test_per_route_mean():
     assert out == {"t2i": 2.0, "edit": 3.5}
     with pytest.raises(ValueError):
         per_route_mean(torch.tensor([1.0]), ["a", "b"])
+
+
+def test_flowopd_reward_to_go_credits_later_transitions():
+    """A row's advantage sums the rewards of the later transitions of its own trajectory."""
+    import torch
+
+    from danceopd.losses import reward_to_go
+
+    reward = torch.tensor([-1.0, -2.0, -4.0, -10.0, -20.0])
+    sample = torch.tensor([0, 0, 0, 1, 1])
+    query = torch.tensor([0, 1, 2, 0, 1])
+    assert reward_to_go(reward, sample, query).tolist() == [-6.0, -4.0, 0.0, -20.0, 0.0]

@@ -1,0 +1,211 @@
+"""The control API over real HTTP on a free loopback port. The controller's three methods are
+replaced by plain recording functions (test doubles); the server, routing, auth and JSON
+handling are the real ones."""
+
+import http.client
+import json
+import threading
+
+import pytest
+
+from services.control_api import ControlServer, control_url, parse_scale_request, resolve_token
+
+TOKEN = "s3cret-token"
+
+
+class FakeController:
+    """Records calls; answers like the controller's status()/request_scale()/request_stop()."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.scale_calls: list[dict] = []
+        self.stop_calls = 0
+        self.age = 0.5
+        self.routes = {"t2i", "local_edit"}
+
+    def status(self) -> dict:
+        return {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.0, "lag": 0,
+                "workers": {"rollout": 1, "learner": 1, "teacher": {"t2i": 1, "local_edit": 1}},
+                "last_checkpoint": None, "last_step_age_s": self.age, "output_dir": "/tmp/run"}
+
+    def scale(self, rollout_workers=None, teachers=None) -> dict:
+        for route, n in (teachers or {}).items():
+            if route not in self.routes:
+                raise ValueError(f"unknown route {route!r}")
+            if n < 1:
+                raise ValueError(f"teachers.{route}: {n} is below 1")
+        if rollout_workers is not None and rollout_workers < 1:
+            raise ValueError(f"rollout_workers: {rollout_workers} is below 1")
+        with self.lock:
+            self.scale_calls.append({"rollout_workers": rollout_workers, "teachers": teachers})
+        return {"rollout_workers": rollout_workers, "teachers": teachers}
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stop_calls += 1
+
+
+@pytest.fixture
+def ctl():
+    fake = FakeController()
+    server = ControlServer(token=TOKEN, status_fn=fake.status, scale_fn=fake.scale, stop_fn=fake.stop,
+                           stall_after_s=60)
+    host, port = server.start()
+    yield fake, server, host, port
+    server.stop()
+
+
+def request(port, method, path, body=None, token=None, raw: bytes | None = None, host="127.0.0.1"):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers=headers)
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    return r.status, (json.loads(payload) if payload else None), r
+
+
+def test_binds_loopback_on_a_free_port_by_default(ctl):
+    _, server, host, port = ctl
+    assert host == "127.0.0.1"
+    assert port > 0
+    assert server.url == f"http://127.0.0.1:{port}"
+
+
+def test_health_and_status(ctl):
+    fake, _, _, port = ctl
+    code, body, _ = request(port, "GET", "/health")
+    assert code == 200
+    assert body == {"ok": True, "state": "running", "step": 12, "last_step_age_s": 0.5}
+    code, body, r = request(port, "GET", "/status")
+    assert code == 200 and r.getheader("Content-Type") == "application/json"
+    assert body == fake.status()
+
+
+def test_health_is_503_when_the_last_step_is_too_old(ctl):
+    fake, _, _, port = ctl
+    fake.age = 61.0
+    code, body, _ = request(port, "GET", "/health")
+    assert code == 503
+    assert body["ok"] is False and "61 s" in body["error"]
+
+
+def test_scale_needs_the_token(ctl):
+    fake, _, _, port = ctl
+    code, body, r = request(port, "POST", "/scale", {"rollout_workers": 2})
+    assert code == 401 and "missing" in body["error"]
+    assert r.getheader("WWW-Authenticate", "").startswith("Bearer")
+    code, body, _ = request(port, "POST", "/scale", {"rollout_workers": 2}, token="wrong")
+    assert code == 403 and body == {"error": "wrong token"}
+    assert fake.scale_calls == []
+
+
+def test_scale_with_the_token_calls_the_controller(ctl):
+    fake, _, _, port = ctl
+    code, body, _ = request(port, "POST", "/scale", {"rollout_workers": 2, "teachers": {"t2i": 3}}, token=TOKEN)
+    assert code == 200, body
+    assert body["ok"] is True and body["rollout_workers"] == 2
+    assert fake.scale_calls == [{"rollout_workers": 2, "teachers": {"t2i": 3}}]
+    code, _, _ = request(port, "POST", "/scale", {"teachers": {"local_edit": 2}}, token=TOKEN)
+    assert code == 200
+    assert fake.scale_calls[-1] == {"rollout_workers": None, "teachers": {"local_edit": 2}}
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"", "body must be a JSON object"),
+    (b"[1, 2]", "body must be a JSON object"),
+    (b'{"rollout_workers": "two"}', "rollout_workers: expected an integer"),
+    (b'{"rollout_workers": true}', "rollout_workers: expected an integer"),
+    (b'{"workers": 2}', "unknown key 'workers'"),
+    (b"{}", "nothing to scale"),
+    (b'{"teachers": {"t2i": 1.5}}', "teachers.t2i: expected an integer"),
+    (b'{"teachers": {"nope": 2}}', "unknown route 'nope'"),  # a ValueError from the controller
+    (b'{"rollout_workers": 0}', "below 1"),
+])
+def test_scale_bad_requests_are_400_with_one_line(ctl, raw, fragment):
+    fake, _, _, port = ctl
+    code, body, _ = request(port, "POST", "/scale", raw=raw, token=TOKEN)
+    assert code == 400
+    assert fragment in body["error"] and "\n" not in body["error"]
+    assert fake.scale_calls == []
+
+
+def test_stop(ctl):
+    fake, _, _, port = ctl
+    code, _, _ = request(port, "POST", "/stop")
+    assert code == 401
+    code, _, _ = request(port, "POST", "/stop", token="nope")
+    assert code == 403
+    assert fake.stop_calls == 0
+    code, body, _ = request(port, "POST", "/stop", token=TOKEN)
+    assert code == 202 and body == {"ok": True, "state": "stopping"}
+    assert fake.stop_calls == 1
+
+
+def test_wrong_methods_and_paths(ctl):
+    _, _, _, port = ctl
+    assert request(port, "GET", "/scale")[0] == 405
+    assert request(port, "POST", "/status", token=TOKEN)[0] == 405
+    assert request(port, "GET", "/nope")[0] == 404
+    # A body claimed larger than 64 KiB is refused before it is read.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("POST", "/scale")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 400 and "larger than" in json.loads(r.read())["error"]
+    conn.close()
+
+
+def test_controller_errors_do_not_kill_the_server():
+    def broken():
+        raise RuntimeError("boom")
+
+    server = ControlServer(token=TOKEN, status_fn=broken, scale_fn=lambda **kw: {}, stop_fn=lambda: None)
+    _, port = server.start()
+    try:
+        assert request(port, "GET", "/status")[0] == 500
+        code, body, _ = request(port, "GET", "/health")
+        assert code == 503 and "boom" in body["error"]
+        assert request(port, "POST", "/scale", {"rollout_workers": 1}, token=TOKEN)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_stop_releases_the_port():
+    server = ControlServer(token=TOKEN, status_fn=dict, scale_fn=lambda **kw: {}, stop_fn=lambda: None)
+    _, port = server.start()
+    server.stop()
+    with pytest.raises(OSError):
+        request(port, "GET", "/health")
+    again = ControlServer(port=port, token=TOKEN, status_fn=dict, scale_fn=lambda **kw: {}, stop_fn=lambda: None)
+    assert again.start()[1] == port
+    again.stop()
+
+
+def test_constructor_refuses_an_empty_token():
+    with pytest.raises(ValueError, match="empty token"):
+        ControlServer(token="", status_fn=dict, scale_fn=dict, stop_fn=dict)
+
+
+def test_resolve_token(monkeypatch):
+    monkeypatch.setenv("DANCEOPD_TEST_TOKEN", "from-env")
+    assert resolve_token("DANCEOPD_TEST_TOKEN") == "from-env"
+    monkeypatch.setenv("DANCEOPD_TEST_TOKEN", "  ")
+    a, b = resolve_token("DANCEOPD_TEST_TOKEN"), resolve_token("DANCEOPD_TEST_TOKEN")
+    assert a != b and len(a) >= 40
+    monkeypatch.delenv("DANCEOPD_TEST_TOKEN")
+    assert len(resolve_token("DANCEOPD_TEST_TOKEN")) >= 40
+
+
+def test_control_url_and_parse():
+    assert control_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert control_url("10.0.0.5", 8000) == "http://10.0.0.5:8000"
+    assert control_url("::1", 8000) == "http://[::1]:8000"
+    assert parse_scale_request({"rollout_workers": 3}) == (3, None)
+    assert parse_scale_request({"teachers": {"a": 1}}) == (None, {"a": 1})
