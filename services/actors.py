@@ -29,7 +29,22 @@ def actor_env(cfg) -> dict:
     return env
 
 
-class RolloutWorkerActor(RolloutWorker):
+class WeightGroupMember:
+    """The `collective` transport's side of an actor: join the current epoch's group, then
+    send (learner rank 0) or receive (rollout workers) bucketed broadcasts."""
+
+    weight_group = None
+
+    def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world: int, epoch: int, timeout_s: float) -> int:
+        from danceopd.collective import make_group
+
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = make_group(backend, addr, port, rank, world, epoch, timeout_s)
+        return epoch
+
+
+class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
     """A rollout worker that pulls the latest weights from the store when it starts, so a new
     or restarted worker never rolls out with initial weights; records its metrics."""
 
@@ -38,7 +53,7 @@ class RolloutWorkerActor(RolloutWorker):
         self.metrics = ActorMetrics("rollout", worker_id)
         self.t_start = time.perf_counter()
         latest = ray.get(store.latest.remote())
-        if latest is not None:
+        if latest is not None and latest[1] is not None:  # `collective` stores no payload: it broadcasts
             version, (ref,) = latest
             self.set_weights(ray.get(ref), version)
 
@@ -57,6 +72,14 @@ class RolloutWorkerActor(RolloutWorker):
 
     def pid(self) -> int:
         return os.getpid()
+
+    def receive_weights(self) -> int:
+        """Receive a broadcast and apply it (between batches: actor calls never interleave)."""
+        from danceopd.collective import BucketBroadcaster
+        from danceopd.lora import trainable_state_dict
+
+        version, state = BucketBroadcaster().recv(self.weight_group, trainable_state_dict(self.model))
+        return self.set_weights(state, version)
 
 
 class TeacherActor(Teacher):
@@ -242,6 +265,21 @@ def make_weight_store():
     return ray.remote(WeightStore).options(num_cpus=0).remote()
 
 
+def learner_rank_actor(base):
+    class LearnerRankActor(WeightGroupMember, base):
+        def broadcast_weights(self, version: int) -> int:
+            """Every rank exports (ZeRO-3 gathers); rank 0 broadcasts to the weight group."""
+            from danceopd.collective import BucketBroadcaster
+
+            state = self.export_weights()
+            return BucketBroadcaster().send(self.weight_group, state, version) if state is not None else 0
+
+        def free_port(self) -> tuple[str, int]:
+            return _free_port()
+
+    return LearnerRankActor
+
+
 def _free_port() -> tuple[str, int]:
     ip = ray.util.get_node_ip_address()
     with socket.socket() as s:
@@ -264,7 +302,7 @@ class LearnerGroup:
         nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         order = sorted(range(lc.world_size), key=lambda b: (nodes[b], b))
         addr, port = ray.get(ray.remote(_free_port).options(num_cpus=0, scheduling_strategy=_on(self.pg, order[0])).remote())
-        cls = ray.remote(DeepSpeedLearner)
+        cls = ray.remote(learner_rank_actor(DeepSpeedLearner))
         env = actor_env(cfg)
         self.ranks = [
             cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=_on(self.pg, b),

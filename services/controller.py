@@ -80,6 +80,8 @@ class Controller:
         self.sync_log: list[dict] = []
         self.pending_syncs: list[dict] = []
         self.nbytes = None
+        self.epoch = 0
+        self.group_members: set[str] = set()
         self.base_step = 0
         self.base_ticket = 0
         self.learner_busy = 0.0
@@ -88,7 +90,9 @@ class Controller:
             self._resume(resume_from)
         self._push_weights()
         for _ in range(cfg.rollout.workers):
-            self._add_worker()
+            self._add_worker(sync=False)
+        if cfg.sync.transport == "collective":
+            self._broadcast_weights()  # the workers joined after the first push
         self.log = JobLog(cfg, self.step, show_progress)
         # observability and control
         self.state = "starting"
@@ -121,6 +125,8 @@ class Controller:
     def _push_weights(self) -> None:
         """Export (all ranks: ZeRO-3 gathers), publish to the store, notify live workers. Workers
         apply the version between batches; their acknowledgements are checked in the loop."""
+        if self.cfg.sync.transport == "collective":
+            return self._broadcast_weights()
         t0 = time.perf_counter()
         ref, others = self.learners.export_weights()
         ray.get(others)
@@ -131,6 +137,48 @@ class Controller:
         if self.nbytes is None:
             self.nbytes = state_nbytes(ray.get(ref))
         self.pending_syncs.append({"version": self.version, "t0": t0, "acks": acks})
+
+    def _weight_group_epoch(self) -> None:
+        """(Re)build the broadcast group: learner rank 0 + the current rollout workers."""
+        self.epoch += 1
+        rank0 = self.learners.ranks[0]
+        addr, port = ray.get(rank0.free_port.remote())
+        workers = [m for n, m in self.workers.members.items() if n not in self.draining]
+        backend = "nccl" if self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0 else "gloo"
+        world, timeout = len(workers) + 1, self.cfg.sync.timeout_s
+        refs = [rank0.join_weight_group.remote(backend, addr, port, 0, world, self.epoch, timeout)]
+        refs += [m.actor.join_weight_group.remote(backend, addr, port, i + 1, world, self.epoch, timeout)
+                 for i, m in enumerate(workers)]
+        ray.get(refs)
+        self.group_members = {m.name for m in workers}
+
+    def _broadcast_weights(self) -> None:
+        """`collective`: rank 0 broadcasts in buckets; every worker receives between batches.
+        Synchronous and acknowledged; a changed fleet first rebuilds the group."""
+        from danceopd.collective import WeightSyncError
+
+        t0 = time.perf_counter()
+        if not [n for n in self.workers.members if n not in self.draining]:
+            return  # nobody to send to yet; workers joining later trigger a broadcast
+        for attempt in range(2):
+            if self.group_members != {n for n in self.workers.members if n not in self.draining}:
+                self._weight_group_epoch()
+            sends = [r.broadcast_weights.remote(self.version) for r in self.learners.ranks]
+            recvs = {n: self.workers.members[n].actor.receive_weights.remote() for n in self.group_members}
+            try:
+                nbytes = ray.get(sends, timeout=self.cfg.sync.timeout_s)[0]
+                ray.get(list(recvs.values()), timeout=self.cfg.sync.timeout_s)
+                break
+            except (WeightSyncError, ray.exceptions.RayError):
+                if attempt:
+                    raise
+                self.group_members = set()  # a member died or timed out: rebuild and resend
+        if ray.get(self.store.get_version.remote()) < self.version:
+            ray.get(self.store.put.remote(self.version, None, nbytes))
+        for n in self.group_members:
+            self.worker_version[n] = self.version
+        self.nbytes = nbytes
+        self.sync_log.append({"version": self.version, "seconds": time.perf_counter() - t0, "bytes": nbytes})
 
     def _check_syncs(self, block: bool = False) -> None:
         for sync in list(self.pending_syncs):
@@ -144,9 +192,11 @@ class Controller:
                 raise TimeoutError(f"weight sync to version {sync['version']}: {len(pending)} workers did not "
                                    f"acknowledge within sync.timeout_s={self.cfg.sync.timeout_s}")
 
-    def _add_worker(self, name: str | None = None) -> str:
+    def _add_worker(self, name: str | None = None, sync: bool = True) -> str:
         m = self.workers.add(name)
         self.worker_version[m.name] = ray.get(m.actor.get_version.remote())
+        if sync and self.cfg.sync.transport == "collective":
+            self._broadcast_weights()  # object_store workers pull from the store on start instead
         return m.name
 
     # ---- rollouts -----------------------------------------------------------------------
@@ -214,8 +264,12 @@ class Controller:
         self.acct["lost"] += f.samples
         self.log.console.print(f"[yellow]rollout worker {f.worker} died ({type(err).__name__}); restarting[/]")
         m = self.workers.restart(f.worker)
-        # A restarted worker pulls the latest weights from the store on start.
+        # A restarted worker pulls the latest weights from the store on start (object_store) or
+        # gets them in a rebuilt broadcast group (collective).
         self.worker_version[f.worker] = ray.get(m.actor.get_version.remote())
+        if self.cfg.sync.transport == "collective":
+            self.group_members = set()
+            self._broadcast_weights()
         return True
 
     # ---- learning -----------------------------------------------------------------------
