@@ -138,6 +138,11 @@ class ReplayQueueActor(ReplayQueue):
             self.metrics.observe("danceopd_policy_lag", learner_version - min(b.column("policy_version").to_pylist()))
         return out
 
+    def purge(self, learner_version):
+        depth = super().purge(learner_version)
+        self._report()
+        return depth
+
     def drain(self, reason):
         n = super().drain(reason)
         self._report()

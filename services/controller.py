@@ -82,6 +82,7 @@ class Controller:
         self.nbytes = None
         self.epoch = 0
         self.group_members: set[str] = set()
+        self.draining: set[str] = set()  # rollout workers finishing their batches before removal
         self.base_step = 0
         self.base_ticket = 0
         self.learner_busy = 0.0
@@ -99,7 +100,6 @@ class Controller:
         self.last_ckpt = None
         self.commands: queue.Queue = queue.Queue()
         self.stop_requested = threading.Event()
-        self.draining: set[str] = set()
         self.step_times: collections.deque = collections.deque(maxlen=11)
         self.synced_reported = self.restarts_reported = 0
         self._status = {"job": cfg.job.name, "step": self.step, "steps": cfg.learner.steps, "workers": {}}
@@ -232,7 +232,10 @@ class Controller:
         self.acct["produced"] += self.cfg.rollout.batch_size
 
     def issued_enough(self) -> bool:
-        return self.alive_issued >= self.cfg.learner.steps * self.per_step
+        """Enough batches consumed, queued or on their way for the remaining steps (dropped
+        ones no longer count, so `on_stale: drop` issues replacements)."""
+        pipeline = self.queued + len(self.in_flight) + len(self.ready)
+        return self.step * self.per_step + pipeline >= self.cfg.learner.steps * self.per_step
 
     def _collect(self, timeout: float) -> None:
         if not self.in_flight:
@@ -346,6 +349,8 @@ class Controller:
                 if self.in_flight:
                     self._collect(timeout=0.05)
                 elif self.queued < self.per_step:
+                    if self.cfg.sync.on_stale == "drop":  # stale leftovers must not block issuing
+                        self.queued = ray.get(self.replay.purge.remote(self.version))
                     time.sleep(0.01)  # nothing in flight and nothing to learn: a command may come
             with self.log.timer("learn"):
                 metrics = self._learn()

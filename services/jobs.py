@@ -18,6 +18,7 @@ Every failure is a `JobsError`: one line, exit status 2.
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import time
 import urllib.error
@@ -120,6 +121,9 @@ def connect(address: str | None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's packaging chatter (INFO lines, "'.git' is now ignored by default") is noise here:
+    # the CLI reports what matters in its own words.
+    logging.getLogger("ray").setLevel(logging.ERROR)
     if not address:
         raise JobsError("no Ray Jobs API address: pass --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
     try:
@@ -337,12 +341,24 @@ def ctl_main(job_name: str, action: str, rollout_workers: int | None = None,
         body = None
         if action == "scale":
             body = {k: v for k, v in (("rollout_workers", rollout_workers), ("teachers", teachers)) if v is not None}
-        result = ctl_request(info["url"], info["token"], action, body)
+        result = ctl_request(_loopback(info["url"]), info["token"], action, body)
         return {"ok": True, "result": result}
     except CtlError as e:
         return {"ok": False, "error": str(e)}
     except Exception as e:  # the helper must always answer in one line
         return {"ok": False, "error": f"control helper: {type(e).__name__}: {_first_line(e)}"}
+
+
+def _loopback(url: str) -> str:
+    """A controller bound to a wildcard address (0.0.0.0 on a cluster head) is called over loopback."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from services.control_api import control_url
+
+    parts = urlsplit(url)
+    if parts.hostname in ("0.0.0.0", "::", "") and parts.port:
+        return control_url("0.0.0.0", parts.port) + parts.path
+    return urlunsplit(parts)
 
 
 def ctl_print(answer: dict) -> None:

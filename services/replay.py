@@ -71,6 +71,11 @@ class ReplayQueue:
                 keep.append((version, samples, item))
         self._items = keep
 
+    def purge(self, learner_version: int) -> int:
+        """Drop what is already too stale; returns the depth left."""
+        self._drop_stale(learner_version)
+        return self.depth()
+
     def take(self, n: int, learner_version: int) -> list[pa.RecordBatch]:
         """The n oldest fresh batches, or [] (taking nothing) while fewer than n are fresh."""
         self._drop_stale(learner_version)

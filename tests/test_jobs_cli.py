@@ -1,0 +1,428 @@
+"""`danceopd submit|status|scale|stop` against a REAL Ray head started by this module.
+
+The head
+- `ray start --head --block` in its own session (process group), on free ports for everything
+  that has a fixed default (GCS, dashboard, client server, dashboard agent, metrics export), with
+  its own `--temp-dir`: so it never writes /tmp/ray/ray_current_cluster, and a plain
+  `ray.init()` elsewhere on this machine (other tests, other people) never joins it.
+- token authentication: RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN_PATH pointing at a token file
+  made for this module, for the head AND for every client (CLI, drivers). Every process the head
+  starts (raylet, dashboard, job supervisors, job drivers, workers) inherits both.
+- stopped by SIGTERM to exactly the `ray start` process we spawned (it drains the node and
+  terminates its children), then SIGKILL to its process group, then a sweep of any process
+  whose environment carries this module's marker — never a machine-wide `ray stop`.
+
+Every CLI call runs as a subprocess (`.venv/bin/danceopd`), as a user would run it, so this
+pytest process never holds Ray client state for the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services import jobs
+from tests.conftest import ROOT, free_port
+
+BIN = Path(sys.executable).parent
+MARKER_VAR = "DANCEOPD_TEST_RAY_HEAD"
+
+
+class RayHead:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="dopd-ray-", dir="/tmp"))  # short: Unix socket paths
+        self.token_path = self.dir / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.marker = uuid.uuid4().hex
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.proc: subprocess.Popen | None = None
+
+    def client_env(self, **extra) -> dict:
+        """Environment of a client process: same auth mode and token as the head."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS", MARKER_VAR)}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path), RAY_USAGE_STATS_ENABLED="0",
+                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+    def start(self, timeout_s: float = 120) -> None:
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
+               f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+               "--num-cpus=4", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               f"--temp-dir={self.dir / 't'}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}", "--object-store-memory=300000000"]
+        env = self.client_env(**{MARKER_VAR: self.marker, "DS_ACCELERATOR": "cpu"})
+        self.log = open(self.dir / "head.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        req = urllib.request.Request(self.address + "/api/version",
+                                     headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"Ray head not ready within {timeout_s} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return (self.dir / "head.log").read_text()[-2000:]
+
+    def marked_processes(self) -> list:
+        import psutil
+
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get(MARKER_VAR) == self.marker:
+                    out.append(p)
+            except (psutil.Error, OSError):
+                pass
+        return out
+
+    def stop(self) -> None:
+        import psutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` drains, then stops its children
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own group (start_new_session)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait(timeout=10)
+        for p in self.marked_processes():  # anything of ours that left the group
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = RayHead()
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+        left = h.marked_processes()
+        assert not left, f"processes of the test head survived: {[(p.pid, p.name()) for p in left]}"
+
+
+def cli(head: RayHead, *args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "danceopd"), *args], cwd=ROOT, env=env or head.client_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ray_job_info(head: RayHead, sid: str) -> dict:
+    code = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; "
+            "i = C(sys.argv[1]).get_job_info(sys.argv[2]); "
+            "print(json.dumps({'status': str(i.status.value), 'entrypoint': i.entrypoint, "
+            "'metadata': i.metadata, 'runtime_env': i.runtime_env, 'message': i.message}))")
+    r = subprocess.run([sys.executable, "-c", code, head.address, sid], env=head.client_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def wait_job_end(head: RayHead, sid: str, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = ray_job_info(head, sid)
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return info
+        assert time.monotonic() < deadline, f"job {sid} still {info['status']} after {timeout_s} s"
+        time.sleep(2)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+# ---- plain helpers (no cluster) ---------------------------------------------------------------
+
+def test_parse_teachers():
+    assert jobs.parse_teachers(None) is None
+    assert jobs.parse_teachers(["t2i=2", " local_edit = 1"]) == {"t2i": 2, "local_edit": 1}
+    for bad in (["t2i"], ["=2"], ["t2i=two"]):
+        with pytest.raises(jobs.JobsError):
+            jobs.parse_teachers(bad)
+
+
+def test_working_dir_is_the_repo_root_else_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "configs")
+    assert jobs.working_dir_for(Path("toy.yaml")) == (ROOT, "configs/toy.yaml")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "c.yaml").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert jobs.working_dir_for(Path("exp/c.yaml")) == (tmp_path.resolve(), "exp/c.yaml")
+    with pytest.raises(jobs.JobsError, match="must be inside the working directory"):
+        jobs.working_dir_for(ROOT / "configs" / "toy.yaml")
+
+
+def test_entrypoints_quote_their_arguments():
+    import shlex
+
+    e = jobs.train_entrypoint("configs/my run.yaml", ["job.name=a b", "learner.lr=3e-4"])
+    assert shlex.split(e) == ["danceopd", "train", "configs/my run.yaml", "--address", "auto", "--no-progress",
+                              "--set", "job.name=a b", "--set", "learner.lr=3e-4"]
+    e = jobs.ctl_entrypoint("x;rm -rf /", "scale", 2, {"t2i": 3})
+    assert shlex.split(e) == ["danceopd", "ctl", "x;rm -rf /", "scale", "--rollout-workers", "2", "--teachers", "t2i=3"]
+
+
+def test_parse_ctl_output_takes_the_last_answer():
+    logs = "noise\n" + jobs.CTL_BEGIN + '{"ok": false}' + jobs.CTL_END + "\n" + jobs.CTL_BEGIN + \
+        '{"ok": true, "result": {"step": 3}}' + jobs.CTL_END + "\ntrailing\n"
+    assert jobs.parse_ctl_output(logs) == {"ok": True, "result": {"step": 3}}
+    assert jobs.parse_ctl_output("a crash, no answer") is None
+    assert jobs.parse_ctl_output(jobs.CTL_BEGIN + "{broken" + jobs.CTL_END) is None
+
+
+def test_format_status():
+    st = {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.04, "lag": 1,
+          "workers": {"rollout": 2, "learner": 1, "teacher": {"t2i": 1, "local_edit": 2}},
+          "last_checkpoint": "/r/checkpoints/step-00000010", "last_step_age_s": 0.25, "output_dir": "/r"}
+    text = jobs.format_status(jobs.JobRef("toy", None), st)
+    assert text.splitlines() == [
+        "job toy: Ray job unknown (not submitted with danceopd submit), controller running",
+        "step 12/300  samples/s 512.0  lag 1  last step 0.2 s ago",
+        "workers: rollout 2, learner 1, teacher t2i=1 local_edit=2",
+        "last checkpoint: /r/checkpoints/step-00000010",
+        "output: /r",
+    ]
+
+
+# ---- against the real head --------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_unknown_job_is_one_line_and_exit_2(head):
+    r = cli(head, "status", "no-such-job", "--address", head.address)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = error_line(r)
+    assert "unknown job 'no-such-job'" in line and "no controller registered" in line
+    for args in (["scale", "no-such-job", "--rollout-workers", "2"], ["stop", "no-such-job"]):
+        r = cli(head, *args, "--address", head.address)
+        assert r.returncode == 2 and "unknown job 'no-such-job'" in error_line(r)
+
+
+@pytest.mark.ray
+def test_cluster_problems_are_one_line_and_exit_2(head):
+    # A client without token auth is refused by the head ("Missing authentication token").
+    r = cli(head, "status", "x", "--address", head.address, env=head.client_env(RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 2 and "token authentication" in error_line(r)
+    # Nothing listening.
+    r = cli(head, "status", "x", "--address", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and "cannot reach the Ray Jobs API" in error_line(r)
+    # Bad arguments never reach the cluster.
+    r = cli(head, "scale", "x", "--address", head.address)
+    assert r.returncode == 2 and "--rollout-workers N and/or --teachers" in error_line(r)
+    r = cli(head, "scale", "x", "--teachers", "t2i", "--address", head.address)
+    assert r.returncode == 2 and "expected ROUTE=N" in error_line(r)
+
+
+STUB_DRIVER = textwrap.dedent("""
+    # A driver that registers a control API backed by stub callables: it exercises the registry,
+    # the helper job and the HTTP/token path; it is not a stand-in for the real controller.
+    import json, sys, threading
+    import ray
+    from services.control_api import ControlServer, lookup, register
+
+    name, address = sys.argv[1], sys.argv[2]
+    fleet = {"rollout": 1}
+    stopped = threading.Event()
+
+    def status():
+        return {"job": name, "state": "running", "step": 7, "steps": 100, "samples_per_s": 3.5, "lag": 0,
+                "workers": {"rollout": fleet["rollout"], "learner": 1, "teacher": {"t2i": 1}},
+                "last_checkpoint": None, "last_step_age_s": 0.2, "output_dir": "/nowhere"}
+
+    def scale(rollout_workers=None, teachers=None):
+        if teachers and set(teachers) - {"t2i"}:
+            raise ValueError(f"unknown route {sorted(set(teachers) - {'t2i'})[0]!r} (known: t2i)")
+        if rollout_workers is not None:
+            fleet["rollout"] = rollout_workers
+        return {"rollout_workers": fleet["rollout"]}
+
+    ray.init(address=address, log_to_driver=False)
+    server = ControlServer(token="stub-token-" + name, status_fn=status, scale_fn=scale, stop_fn=stopped.set)
+    server.start()
+    register(name, server.url, server.token)
+    try:
+        register(name, server.url, server.token)
+        dup = "no error"
+    except ValueError as e:
+        dup = str(e)
+    assert lookup(name)["url"] == server.url
+    print("READY " + json.dumps({"dup": dup}), flush=True)
+    stopped.wait(300)
+    server.stop()
+    print("STOPPED", flush=True)
+""")
+
+
+@pytest.mark.ray
+def test_control_path_through_helper_jobs(head):
+    """CLI -> Jobs API -> helper job on the head -> registry lookup -> control API over loopback."""
+    name = f"stub-{uuid.uuid4().hex[:6]}"
+    drv = subprocess.Popen([sys.executable, "-c", STUB_DRIVER, name, head.gcs_address], cwd=ROOT,
+                           env=head.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = drv.stdout.readline()
+        assert line.startswith("READY"), drv.stderr.read()[-3000:] if drv.poll() is not None else line
+        assert "already registered" in json.loads(line.split(" ", 1)[1])["dup"]
+
+        r = cli(head, "status", name, "--address", head.address, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        st = json.loads(r.stdout.strip().splitlines()[-1])
+        assert st["job"] == name and st["submission_id"] is None and st["controller"]["step"] == 7
+        assert "stub-token" not in r.stdout + r.stderr  # the token stays on the cluster
+
+        r = cli(head, "scale", name, "--rollout-workers", "3", "--address", head.address, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": True, "rollout_workers": 3}
+        r = cli(head, "status", name, "--address", head.address)
+        assert r.returncode == 0 and "workers: rollout 3, learner 1, teacher t2i=1" in r.stdout, r.stdout
+
+        r = cli(head, "scale", name, "--teachers", "nope=2", "--address", head.address)
+        assert r.returncode == 2 and "unknown route 'nope'" in error_line(r)
+
+        r = cli(head, "stop", name, "--address", head.address)
+        assert r.returncode == 0 and "stopping" in r.stdout, r.stderr[-3000:]
+        out, err = drv.communicate(timeout=60)
+        assert "STOPPED" in out, err[-3000:]
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+            drv.wait()
+    # The registry actor died with its driver (not detached): the job is unknown again.
+    r = cli(head, "status", name, "--address", head.address)
+    assert r.returncode == 2 and "no controller registered" in error_line(r)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_runs_the_training_job(head, tmp_path):
+    name = f"submit-{uuid.uuid4().hex[:6]}"
+    out_dir = tmp_path / "run"
+    sets = ["--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=4",
+            "--set", "checkpoint.every=0"]
+    # A config that does not validate never reaches the cluster.
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", "--set", "learner.steps=0")
+    assert r.returncode == 2 and "learner.steps" in error_line(r)
+
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sid = r.stdout.strip().splitlines()[-1]
+    assert sid.startswith("raysubmit_")
+    info = ray_job_info(head, sid)
+    assert info["metadata"]["danceopd_job"] == name
+    assert info["entrypoint"] == ("danceopd train configs/toy.yaml --address auto --no-progress "
+                                  f"--set job.name={name} --set job.output_dir={out_dir} --set learner.steps=4 "
+                                  "--set checkpoint.every=0")
+    assert info["runtime_env"]["working_dir"].startswith("gcs://")
+
+    if info["status"] in ("PENDING", "RUNNING"):
+        # The same job name may not run twice at once.
+        r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
+        assert r.returncode == 2 and "already running" in error_line(r)
+        # The submission id maps to the job name (the controller may still be starting).
+        r = cli(head, "status", sid, "--address", head.address)
+        assert (r.returncode == 0 and f"job {name} ({sid})" in r.stdout) or \
+            (r.returncode == 2 and f"job {name} ({sid}, Ray job" in error_line(r)), r.stdout + r.stderr
+
+    info = wait_job_end(head, sid)
+    assert info["status"] == "SUCCEEDED", info["message"]
+    assert (out_dir / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
+    r = cli(head, "status", sid, "--address", head.address)
+    assert r.returncode == 0 and f"job {name} ({sid}): Ray job SUCCEEDED, controller not running" in r.stdout
+    r = cli(head, "scale", sid, "--rollout-workers", "2", "--address", head.address)
+    assert r.returncode == 2 and "is not running (Ray job SUCCEEDED)" in error_line(r)
+
+
+# ---- end to end: the real controller --------------------------------------------------
+
+def _status(head: RayHead, job: str) -> tuple[int, dict | None, str]:
+    r = cli(head, "status", job, "--address", head.address, "--json")
+    body = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    return r.returncode, body, r.stderr
+
+
+def _wait_status(head: RayHead, job: str, pred, what: str, timeout_s: float = 300) -> dict:
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        rc, body, err = _status(head, job)
+        if rc == 0 and body["controller"] and pred(body["controller"]):
+            return body
+        last = err.strip().splitlines()[-1] if rc else json.dumps(body)
+        time.sleep(1)
+    raise AssertionError(f"{what}: not reached within {timeout_s} s; last: {last}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_end_to_end_submit_status_scale_stop(head, tmp_path):
+    """The real controller on the real head: submit a long toy job, watch it, resize its rollout
+    fleet 1 -> 2 -> 1, stop it gracefully: SUCCEEDED with a final checkpoint."""
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    out_dir = tmp_path / "run"
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait",
+            "--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=2000",
+            "--set", "rollout.workers=1", "--set", "checkpoint.every=0", "--set", "sync.max_policy_lag=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sid = r.stdout.strip().splitlines()[-1]
+
+    body = _wait_status(head, sid, lambda c: c["step"] > 0, "first learner step")
+    assert body["job"] == name and body["ray_status"] == "RUNNING"
+    c = body["controller"]
+    assert c["job"] == name and c["state"] == "running" and c["steps"] == 2000
+    assert c["workers"]["rollout"] == 1 and c["workers"]["learner"] == 1
+
+    for n in (2, 1):
+        r = cli(head, "scale", sid, "--rollout-workers", str(n), "--address", head.address)
+        assert r.returncode == 0, r.stderr[-3000:]
+        before = _status(head, sid)[1]["controller"]["step"]
+        _wait_status(head, name, lambda c, n=n: c["workers"]["rollout"] == n, f"rollout workers -> {n}", 120)
+        _wait_status(head, name, lambda c, s=before: c["step"] > s, f"progress with {n} rollout workers", 120)
+
+    r = cli(head, "stop", sid, "--address", head.address, "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert f"job {name} ({sid}): SUCCEEDED" in r.stdout
+    info = ray_job_info(head, sid)
+    assert info["status"] == "SUCCEEDED"
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"))
+    assert ckpts, "no final checkpoint"
+    final_step = int(ckpts[-1].name.split("-")[1])
+    assert 0 < final_step < 2000
+    assert (ckpts[-1] / "model.safetensors").is_file()
+    r = cli(head, "status", sid, "--address", head.address)
+    assert r.returncode == 0 and "Ray job SUCCEEDED, controller not running" in r.stdout
