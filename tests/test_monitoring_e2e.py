@@ -101,8 +101,6 @@ def test_every_panel_and_alert_against_real_prometheus(prometheus, toy_raw, tmp_
                     del pending[i]
             time.sleep(2)
         assert not pending, f"panels without data: {pending}"
-        for title, expr in panel_queries():
-            assert query(prom_port, grafana_to_promql(expr))["data"]["result"], title
         for name, expr in alert_exprs():
             data = query(prom_port, expr)
             assert data["status"] == "success", (name, data)

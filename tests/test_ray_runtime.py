@@ -147,3 +147,17 @@ def test_collective_transport_matches_object_store(ray_local, toy_raw, tmp_path)
     for x, y in zip(losses(a), losses(b)):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
     assert sb["weight_syncs"] >= 6 and sb["sync_bytes"] == sa["sync_bytes"] > 0
+
+
+def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tmp_path):
+    """Autoscaling on: with a learner that idles (threshold 0) the controller adds a rollout
+    worker, up to the configured maximum, without restarting the learner."""
+    raw = json.loads(json.dumps(toy_raw))
+    raw["autoscale"] = {"enabled": True, "min_rollout_workers": 1, "max_rollout_workers": 2,
+                        "learner_idle_above": 0.0, "window_steps": 2, "cooldown_steps": 0}
+    raw["control"] = {"metrics_port": 0}
+    cfg = cfg_for(raw, tmp_path, "autoscale", learner__steps=30, checkpoint__every=0, rollout__workers=1)
+    summary = train_ray(cfg, show_progress=False)
+    counts = [r["workers"]["rollout"] for r in losses(cfg)]
+    assert counts[0] == 1 and max(counts) == 2
+    assert summary["steps"] == 30
