@@ -77,6 +77,8 @@ class Controller:
         self.alive_issued = 0  # tickets handed out and not lost
         self.acct = {"produced": 0, "lost": 0}
         self.queued = 0  # batches put into the replay queue and not taken
+        self.learning = None  # (start time, per-rank result refs) of the step in progress
+        self.max_lag = 0
         self.sync_log: list[dict] = []
         self.pending_syncs: list[dict] = []
         self.nbytes = None
@@ -95,6 +97,7 @@ class Controller:
         if cfg.sync.transport == "collective":
             self._broadcast_weights()  # the workers joined after the first push
         self.log = JobLog(cfg, self.step, show_progress)
+        self.t_start = time.perf_counter()  # idle ratios count from here, not from actor start-up
         # observability and control
         self.state = "starting"
         self.last_ckpt = None
@@ -241,8 +244,9 @@ class Controller:
         if not self.in_flight:
             return
         refs = {f.ref: t for t, f in self.in_flight.items()}
-        done, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
-        for ref in done:
+        wake = list(refs) + (self.learning[1] if self.learning else [])  # a finished step wakes us too
+        done, _ = ray.wait(wake, num_returns=1, timeout=timeout)
+        for ref in (r for r in done if r in refs):
             f = self.in_flight.pop(refs[ref])
             try:
                 ray.get(ref)
@@ -254,8 +258,9 @@ class Controller:
         # FIFO by ticket: the consumption order does not depend on which worker was faster.
         while self.next_put in self.ready or self.next_put in self.lost_tickets:
             if self.next_put in self.ready:
-                ok = ray.get(self.replay.put.remote(self.ready.pop(self.next_put)))
-                assert ok, "replay queue refused a batch the gate admitted"
+                # No round trip: calls from one caller run in order, so the next take sees it,
+                # and the gate never admits more than the queue's capacity.
+                self.replay.put.remote(self.ready.pop(self.next_put))
                 self.queued += 1
             self.next_put += 1
 
@@ -277,15 +282,25 @@ class Controller:
 
     # ---- learning -----------------------------------------------------------------------
     def _learn(self) -> dict | None:
-        if self.queued < self.per_step:
-            return None  # not a full step queued yet: no round trip to the queue
-        batches = ray.get(self.replay.take.remote(self.per_step, self.version))
-        if not batches:  # stale batches were dropped (on_stale: drop)
-            self.queued = ray.get(self.replay.depth.remote())
+        """Start a learner step once a full step is queued; return its metrics when it is done.
+        The loop keeps issuing and collecting rollouts while the ranks train."""
+        if self.learning is None:
+            if self.queued < self.per_step:
+                return None  # not a full step queued yet: no round trip to the queue
+            batches = ray.get(self.replay.take.remote(self.per_step, self.version))
+            if not batches:  # stale batches were dropped (on_stale: drop)
+                self.queued = ray.get(self.replay.depth.remote())
+                return None
+            self.queued -= len(batches)
+            lag = self.version - min(min(b.column("policy_version").to_pylist()) for b in batches)
+            self.max_lag = max(self.max_lag, lag)
+            self.learning = (time.perf_counter(), self.learners.train_step(batches))
+        t0, refs = self.learning
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(done) < len(refs):
             return None
-        self.queued -= len(batches)
-        t0 = time.perf_counter()
-        results = ray.get(self.learners.train_step(batches))
+        results = ray.get(refs)
+        self.learning = None
         self.learner_busy += time.perf_counter() - t0
         self.version += 1
         self.step += 1
@@ -348,6 +363,8 @@ class Controller:
             with self.log.timer("collect"):
                 if self.in_flight:
                     self._collect(timeout=0.05)
+                elif self.learning is not None:
+                    ray.wait(self.learning[1], num_returns=len(self.learning[1]), timeout=0.05)
                 elif self.queued < self.per_step:
                     if self.cfg.sync.on_stale == "drop":  # stale leftovers must not block issuing
                         self.queued = ray.get(self.replay.purge.remote(self.version))
@@ -366,6 +383,12 @@ class Controller:
                     self.last_ckpt = self._checkpoint()
             self._after_step(metrics)
         self.state = "stopping"
+        while self.learning is not None:  # a stop arrived mid-step: finish and count that step
+            metrics = self._learn()
+            if metrics is not None:
+                self._after_step(metrics)
+            else:
+                time.sleep(0.01)
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
             self.last_ckpt = self._checkpoint()  # the final (or graceful-stop) checkpoint
         return self._finish(self.last_ckpt)
@@ -380,10 +403,9 @@ class Controller:
         self.step_times.append((now, self.learner_busy))
         (t_old, busy_old), (t_new, busy_new) = self.step_times[0], self.step_times[-1]
         idle = 1 - (busy_new - busy_old) / (t_new - t_old) if t_new > t_old else 0.0
-        rs = ray.get(self.replay.stats.remote())
         counts = self.worker_counts()
         samples = self.per_step * self.cfg.rollout.batch_size
-        self.log.step(self.step, metrics, samples=samples, lag=rs["max_lag_seen"], workers=counts)
+        self.log.step(self.step, metrics, samples=samples, lag=self.max_lag, workers=counts)
         m = self.metrics
         m.set("danceopd_learner_step", self.step)
         m.set("danceopd_last_step_timestamp_seconds", time.time())
@@ -406,8 +428,8 @@ class Controller:
             self.restarts_reported = self.workers.restarts_total
         self._status = {
             "job": self.cfg.job.name, "state": self.state, "step": self.step, "steps": self.cfg.learner.steps,
-            "samples_per_s": round(self.log.samples_per_s(), 3), "lag": rs["max_lag_seen"],
-            "lag_bound": self.cfg.sync.max_policy_lag, "replay_depth": rs["depth"],
+            "samples_per_s": round(self.log.samples_per_s(), 3), "lag": self.max_lag,
+            "lag_bound": self.cfg.sync.max_policy_lag, "replay_depth": self.queued,
             "learner_idle_ratio": round(max(0.0, idle), 4),
             "workers": {"rollout": counts["rollout"], "learner": counts["learner"],
                         "teacher": {r.name: len(self.teachers[r.teacher].members) for r in self.cfg.routing.routes}},
@@ -415,7 +437,7 @@ class Controller:
             "restarts": {"rollout": self.workers.restarts_total},
         }
         if self.autoscaler is not None:
-            delta = self.autoscaler.observe(self.step, idle, rs["depth"], self.cfg.replay.capacity,
+            delta = self.autoscaler.observe(self.step, idle, self.queued, self.cfg.replay.capacity,
                                             counts["rollout"] - len(self.draining), self._resources_free())
             if delta:
                 self.commands.put(("scale", {"rollout_workers": counts["rollout"] - len(self.draining) + delta}))

@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import shutil
 import socket
@@ -9,6 +10,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def cfg_for(raw: dict, tmp_path: Path, out: str, **over):
+    """A Config from a raw dict, output in tmp_path/out; `section__key=value` overrides."""
+    from danceopd.config import config_from_dict
+
+    raw = json.loads(json.dumps(raw))
+    raw["job"]["output_dir"] = str(tmp_path / out)
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return config_from_dict(raw, base_dir=tmp_path)
 
 
 @pytest.fixture

@@ -5,19 +5,10 @@ import json
 import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
-from danceopd.config import config_from_dict
 from danceopd.evaluate import toy_route_errors
 from learner.learner import Learner
 from services.local import train_local
-
-
-def make_cfg(raw, tmp_path, out, **over):
-    raw = json.loads(json.dumps(raw))
-    raw["job"]["output_dir"] = str(tmp_path / out)
-    for key, value in over.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    return config_from_dict(raw, base_dir=tmp_path)
+from tests.conftest import cfg_for
 
 
 def final_weights(cfg):
@@ -26,7 +17,7 @@ def final_weights(cfg):
 
 def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
     """A learning test: per-route error of the student's samples falls at least 5x."""
-    cfg = make_cfg(toy_raw, tmp_path, "learn", learner__steps=250, checkpoint__every=0)
+    cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=250, checkpoint__every=0)
     learner = Learner(cfg)
     before = toy_route_errors(cfg, learner.backend, learner.model, n=128)
     summary = train_local(cfg, show_progress=False)
@@ -38,13 +29,13 @@ def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
 
 
 def test_resume_gives_identical_weights(toy_raw, tmp_path):
-    full = make_cfg(toy_raw, tmp_path, "full", learner__steps=12, checkpoint__every=4)
+    full = cfg_for(toy_raw, tmp_path, "full", learner__steps=12, checkpoint__every=4)
     train_local(full, show_progress=False)
 
-    part = make_cfg(toy_raw, tmp_path, "part", learner__steps=7, checkpoint__every=4)
+    part = cfg_for(toy_raw, tmp_path, "part", learner__steps=7, checkpoint__every=4)
     train_local(part, show_progress=False)
     assert [p.name for p in list_checkpoints(part.output_path)] == ["step-00000004", "step-00000007"]
-    resumed = make_cfg(toy_raw, tmp_path, "part", learner__steps=12, checkpoint__every=4)
+    resumed = cfg_for(toy_raw, tmp_path, "part", learner__steps=12, checkpoint__every=4)
     train_local(resumed, resume_from=list_checkpoints(part.output_path)[0], show_progress=False)
 
     a, b = final_weights(full), final_weights(resumed)
@@ -58,7 +49,7 @@ def test_resume_gives_identical_weights(toy_raw, tmp_path):
 
 
 def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
-    cfg = make_cfg(toy_raw, tmp_path, "keep", learner__steps=9, checkpoint__every=2, checkpoint__keep=2)
+    cfg = cfg_for(toy_raw, tmp_path, "keep", learner__steps=9, checkpoint__every=2, checkpoint__keep=2)
     summary = train_local(cfg, show_progress=False)
     names = [p.name for p in list_checkpoints(cfg.output_path)]
     assert names == ["step-00000008", "step-00000009"]
@@ -74,7 +65,7 @@ def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
 def test_all_methods_run(toy_raw, tmp_path):
     for method in ["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]:
         extra = {"method__flowopd_groups": 4} if method == "flowopd" else {}
-        cfg = make_cfg(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0, **extra)
+        cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0, **extra)
         summary = train_local(cfg, show_progress=False)
         assert summary["steps"] == 3
         assert all(v["end"] == v["end"] for v in summary["route_loss"].values())  # no NaN

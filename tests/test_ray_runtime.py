@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
-from danceopd.config import config_from_dict
 from services.controller import Controller
 from services.local import train_local
 from services.ray_runtime import train_ray
+from tests.conftest import cfg_for
 
 pytestmark = pytest.mark.ray
-
-
-def cfg_for(raw, tmp_path, out, **over):
-    raw = json.loads(json.dumps(raw))
-    raw["job"]["output_dir"] = str(tmp_path / out)
-    for key, value in over.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    return config_from_dict(raw, base_dir=tmp_path)
 
 
 def losses(cfg):
