@@ -43,7 +43,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--render", action="store_true", help="only re-render the Markdown from the saved JSON")
     args = ap.parse_args()
+    if args.render:
+        (args.out / "throughput.md").write_text(render_md(json.loads((args.out / "throughput.json").read_text())))
+        return
 
     import ray
 
@@ -79,17 +83,32 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(report, indent=1))
+    md = render_md(report)
+    (args.out / "throughput.md").write_text(md)
+    print(md)
+
+
+def render_md(report: dict) -> str:
+    med, results = report["median_samples_per_s"], report["runs_detail"]
     lines = [f"# Throughput ({report['date']})", "",
-             f"Config `{report['config']}`, {args.steps} learner steps, median of {args.runs} runs, "
-             f"{os.cpu_count()} CPU cores.", "",
+             f"Config `{report['config']}`, {report['steps']} learner steps, median of {report['runs']} runs, "
+             f"{report['machine']['cpus']} CPU cores.", "",
              "| variant | median samples/s | runs | idle ratios (last run) |", "|---|---|---|---|"]
     for n, rows in results.items():
         runs = ", ".join(f"{x['samples_per_s']:.1f}" for x in rows)
         lines.append(f"| {n} | {med[n]:.2f} | {runs} | {rows[-1]['idle_ratio']} |")
-    lines += ["", f"lag-1 pipeline vs local loop: **{report['speedup_lag1_vs_local']}×** (target 1.5×); "
-              f"lag-0: {report['speedup_lag0_vs_local']}×."]
-    (args.out / "throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"lag-1 pipeline vs local loop: **{report['speedup_lag1_vs_local']}×** (target "
+              f"{report['target_lag1_vs_local']}×); lag-0: {report['speedup_lag0_vs_local']}×."]
+    idle = results["ray_lag1"][-1]["idle_ratio"] or {}
+    if idle and report["speedup_lag1_vs_local"] < report["target_lag1_vs_local"]:
+        busiest = min(idle, key=idle.get)
+        lines += ["", f"Short of the target. No role is saturated: the busiest, `{busiest}`, is busy "
+                  f"{1 - idle[busiest]:.0%} of the wall time (idle ratios above, lag-1). The pipeline is bound by "
+                  "per-batch coordination — actor hops (router → worker → router → teachers), Arrow batches "
+                  "through the object store, weight pushes — and by Ray's own processes sharing the same "
+                  f"{report['machine']['cpus']} cores, while the local loop spends both cores on intra-op "
+                  "threads with no hand-offs. Overlap pays once a role's compute dominates (bigger models, GPUs)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
