@@ -115,10 +115,12 @@ class ReplayQueueActor(ReplayQueue):
     def __init__(self, *args):
         super().__init__(*args)
         self.metrics = ActorMetrics("replay", "replay-0")
-        self.metrics.set("danceopd_replay_capacity", self.capacity)
         self._reported_drops: dict[str, int] = {}
+        self._report()
 
     def _report(self) -> None:
+        # Gauges are re-set on every change: Ray's exporter can drop a gauge set only once.
+        self.metrics.set("danceopd_replay_capacity", self.capacity)
         self.metrics.set("danceopd_replay_depth", self.depth())
         for reason, n in self.dropped.items():
             new = n - self._reported_drops.get(reason, 0)
