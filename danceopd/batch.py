@@ -100,10 +100,6 @@ def replace_columns(rb: pa.RecordBatch, **columns) -> pa.RecordBatch:
     return make_batch(rb.schema, data)
 
 
-def concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
-    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
-
-
 def num_samples(rb: pa.RecordBatch) -> int:
     return len(set(rb.column("sample_index").to_pylist()))
 

@@ -28,14 +28,6 @@ class RoutePolicy:
         self.drawn += 1
         return self.names[int(self.rng.choice(len(self.names), p=self.probs))]
 
-    def sample(self, n: int) -> list[str]:
-        return [self.next() for _ in range(n)]
-
-    def check(self, route: str) -> str:
-        if route not in self.names:
-            raise KeyError(f"unknown route {route!r} (known: {', '.join(self.names)})")
-        return route
-
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "drawn": self.drawn, "names": list(self.names)}
 

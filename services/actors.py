@@ -334,9 +334,6 @@ class LearnerGroup:
     def load(self, folder: str) -> None:
         ray.get([r.load_checkpoint.remote(folder) for r in self.ranks])
 
-    def set_version(self, version: int) -> None:
-        ray.get([r.set_version.remote(version) for r in self.ranks])
-
     def shutdown(self) -> None:
         try:
             ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)

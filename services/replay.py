@@ -35,9 +35,6 @@ class ReplayQueue:
     def depth(self) -> int:
         return len(self._items)
 
-    def full(self) -> bool:
-        return self._in_memory >= self.capacity and self.spill_dir is None
-
     def put(self, rb: pa.RecordBatch) -> bool:
         version, samples = min(rb.column("policy_version").to_pylist()), num_samples(rb)
         if self._in_memory < self.capacity:

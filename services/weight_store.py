@@ -7,20 +7,17 @@ object-store reference in Ray mode, a state dict in one process) and never goes 
 
 from __future__ import annotations
 
-import time
-
 
 class WeightStore:
     def __init__(self):
         self.version = -1
         self.payload = None
         self.nbytes = 0
-        self.updated_at = 0.0
 
     def put(self, version: int, payload, nbytes: int = 0) -> int:
         if version <= self.version:
             raise ValueError(f"weight store: version {version} is not newer than {self.version}")
-        self.version, self.payload, self.nbytes, self.updated_at = int(version), payload, int(nbytes), time.time()
+        self.version, self.payload, self.nbytes = int(version), payload, int(nbytes)
         return self.version
 
     def latest(self):

@@ -69,3 +69,21 @@ def test_all_methods_run(toy_raw, tmp_path):
         summary = train_local(cfg, show_progress=False)
         assert summary["steps"] == 3
         assert all(v["end"] == v["end"] for v in summary["route_loss"].values())  # no NaN
+
+
+def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
+    import pytest
+
+    from danceopd.batch import replace_columns
+    from rollout_workers.worker import RolloutWorker
+    from router.teacher import Teacher
+    from services.local import build_router, used_teachers
+
+    cfg = cfg_for(toy_raw, tmp_path, "unknown")
+    router = build_router(cfg, {n: Teacher(cfg, n) for n in used_teachers(cfg)})
+    rb = RolloutWorker(cfg).rollout(router.next_order(4))
+    bad = replace_columns(rb, route=["inpaint"] * rb.num_rows)
+    with pytest.raises(KeyError, match="unknown route 'inpaint'"):
+        router.route(bad)
+    with pytest.raises(ValueError, match="task 'inpaint' has no samples"):
+        router.dataset.sample("inpaint", router.data_rng)
