@@ -29,7 +29,7 @@ class JobConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: Literal["toy", "shapes"] = Field("toy", description="Model family: `toy` (analytic vectors) or `shapes` (tiny SD3 transformer on ShapesBench images).")
+    name: Literal["toy", "shapes", "sim"] = Field("toy", description="Model family: `toy` (analytic vectors), `shapes` (tiny SD3 transformer on ShapesBench images) or `sim` (toy compute plus a configured latency per role: sizing a fleet before you rent it).")
     dim: int = Field(4, ge=1, le=4096, description="toy: dimension of the data vectors.")
     hidden: int = Field(128, ge=8, description="toy: width of the student MLP.")
     num_classes: int = Field(4, ge=1, le=1024, description="toy: prompt classes (`class 0` .. `class N-1`).")
@@ -39,6 +39,9 @@ class BackendConfig(_Strict):
     num_heads: int = Field(2, ge=1, description="shapes: attention heads.")
     head_dim: int = Field(16, ge=4, description="shapes: attention head width.")
     max_tokens: int = Field(12, ge=2, description="shapes: prompt length in tokens (padded/truncated).")
+    rollout_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one rollout batch takes (stands in for GPU time).")
+    teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one teacher query call takes.")
+    learner_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one learner micro-batch takes.")
 
 
 class LoraConfig(_Strict):
@@ -75,6 +78,7 @@ class RouteConfig(_Strict):
 
 class RoutingConfig(_Strict):
     routes: list[RouteConfig] = Field(..., min_length=1, description="Hard routes: route -> (teacher, task, weight).")
+    max_concurrent_batches: int = Field(16, ge=1, le=1024, description="Rollout batches the router scores at once (threads of the router actor); a batch's routes query their teacher pools concurrently.")
 
 
 class DataConfig(_Strict):
@@ -135,6 +139,16 @@ class ReplayConfig(_Strict):
     spill_dir: str | None = Field(None, description="Arrow IPC spill folder for batches beyond capacity (None = block instead).")
 
 
+class DeadlinesConfig(_Strict):
+    """How long each remote wait on the data path may take before it counts as that actor's failure."""
+
+    rollout_s: float = Field(600.0, gt=0, description="One rollout batch on a worker; past it the worker is restarted and its batches re-issued.")
+    route_s: float = Field(900.0, gt=0, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router.")
+    teacher_s: float = Field(300.0, gt=0, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
+    replay_s: float = Field(60.0, gt=0, description="One replay-queue call (put, take, stats).")
+    learner_step_s: float = Field(900.0, gt=0, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
+
+
 class CheckpointConfig(_Strict):
     every: int = Field(50, ge=0, description="Checkpoint every this many steps (0 = only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
@@ -168,6 +182,7 @@ class Config(_Strict):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    deadlines: DeadlinesConfig = Field(default_factory=DeadlinesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
@@ -195,9 +210,9 @@ class Config(_Strict):
         for i, t in enumerate(self.teachers):
             if t.kind == "pretrained" and not t.path:
                 raise ValueError(f"teachers.{i}.path: a pretrained teacher needs a model folder")
-            if t.kind == "gaussian" and self.backend.name != "toy":
-                raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy")
-            if t.kind in ("oracle", "pretrained") and self.backend.name == "toy":
+            if t.kind == "gaussian" and self.backend.name not in ("toy", "sim"):
+                raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy or sim")
+            if t.kind in ("oracle", "pretrained") and self.backend.name in ("toy", "sim"):
                 raise ValueError(f"teachers.{i}.kind: {t.kind!r} teachers need backend.name=shapes")
         if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
             raise ValueError("autoscale.min_rollout_workers: larger than max_rollout_workers")

@@ -126,6 +126,21 @@ class DeepSpeedLearner:
                 return None
             return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
 
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the trainable weights (a checkpoint of another learner kind: no optimizer state).
+        Collective under ZeRO-3: every rank takes part in the gather and the scatter back."""
+        params = self._trainable()
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(f"load_weights: the checkpoint lacks {sorted(missing)[:3]}")
+        with self._ds.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                              enabled=self.cfg.learner.zero_stage == 3):
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(state[k].to(p.device, p.dtype))
+        if self.cfg.learner.zero_stage > 0:
+            self.engine.optimizer.refresh_fp32_params()  # ZeRO keeps master copies of the weights
+
     def save_checkpoint(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag=CKPT_TAG, client_state={"version": self.version})
 

@@ -16,6 +16,7 @@ def batch_loss(backend, model, method_cfg, rb: pa.RecordBatch, device="cpu"):
     t = {k: v.to(device) for k, v in to_tensors(rb).items()}
     pred = backend.predict(model, t["state"], t["sigma"], t["cond"]).float()
     loss, per_row = compute_loss(method_cfg, pred, t)
+    backend.simulated_compute("learner")
     return loss, per_route_mean(per_row.cpu(), scalars(rb, "route"))
 
 

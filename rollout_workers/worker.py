@@ -133,6 +133,7 @@ class RolloutWorker:
         cols["worker_id"] = [self.worker_id] * n_rows
         cols["teacher_id"] = [""] * n_rows
         rb = make_batch(self.schema, cols)
+        self.backend.simulated_compute("rollout")
         self.stats["batches"] += 1
         self.stats["samples"] += b
         self.stats["busy_s"] += time.perf_counter() - t0

@@ -2,12 +2,16 @@
 
 It owns the RoutePolicy and the data-sampling generator (both checkpointed), hands out work
 orders, and sends every RolloutBatch to the teacher pool of each row's route, producing the
-RoutedBatch. A pool is anything with `query(state, sigma, cond, cfg_scale) -> ndarray`: a
-plain `Teacher` in local mode, a load-balanced group of teacher actors in Ray mode.
+RoutedBatch. A pool has two calls, `submit(state, sigma, cond, cfg_scale, route) -> handle` and
+`result(handle) -> ndarray`, so all the routes of one batch are asked before any answer is
+awaited (their pools work concurrently): `InProcessPool` in local mode, a load-balanced group
+of teacher actors in Ray mode. `route` is thread-safe: the Ray router scores several batches
+at once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -17,6 +21,31 @@ from danceopd.batch import replace_columns, scalars
 from danceopd.dataset import Dataset
 from danceopd.routing import RoutePolicy
 from danceopd.work import WorkItem, WorkOrder, sample_seed
+
+
+class TeacherFailure(RuntimeError):
+    """A teacher replica failed to answer (died, timed out): the replica is to blame, not the
+    rollout worker whose batch it was scoring."""
+
+    def __init__(self, teacher: str, replica: str, cause: str):
+        super().__init__(f"teacher {replica}: {cause}")
+        self.teacher, self.replica, self.cause = teacher, replica, cause
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return TeacherFailure, (self.teacher, self.replica, self.cause)
+
+
+class InProcessPool:
+    """A teacher in this process: it answers at submit time."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def submit(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        return self.teacher.query(state, sigma, cond, cfg_scale, route)
+
+    def result(self, handle):
+        return handle
 
 
 class Router:
@@ -36,13 +65,23 @@ class Router:
         # Router state as it was before each outstanding ticket was issued: a checkpoint taken
         # while later tickets are still in flight resumes from the first unconsumed one.
         self._before: dict[int, dict] = {}
+        self._lock = threading.Lock()  # orders and stats; routing itself runs unlocked
 
     def set_pool(self, teacher: str, pool) -> None:
         """Swap a teacher's pool (e.g. after scaling its replicas)."""
         self.pools[teacher] = pool
 
     # ---- work hand-out ------------------------------------------------------------------
+    def next_orders(self, n: int, batch_size: int) -> list[WorkOrder]:
+        """`n` orders in one call (one round trip for the whole hand-out)."""
+        with self._lock:
+            return [self._next_order(batch_size) for _ in range(n)]
+
     def next_order(self, batch_size: int) -> WorkOrder:
+        with self._lock:
+            return self._next_order(batch_size)
+
+    def _next_order(self, batch_size: int) -> WorkOrder:
         groups = self.cfg.method.flowopd_groups if self.cfg.method.name == "flowopd" else 1
         self._before[self.next_ticket] = self.state_dict()
         items = []
@@ -78,24 +117,33 @@ class Router:
         cond = rb.column("cond").to_numpy_ndarray()
         target = np.zeros_like(state)
         teacher_ids = [""] * len(routes)
+        asks = []  # (rows or None for all, weight, pool, handle): every pool asked before any answer
         if method == "softmix":
             # Ablation of hard routing: every row gets the weight-averaged field of ALL routes.
             total = sum(r.weight for r in self.routes.values())
             for name, r in self.routes.items():
                 if r.weight > 0:
-                    target += (r.weight / total) * self.pools[r.teacher].query(state, sigma, cond, self._cfg_scale(name), name)
+                    pool = self.pools[r.teacher]
+                    asks.append((None, r.weight / total, pool, pool.submit(state, sigma, cond, self._cfg_scale(name), name)))
             teacher_ids = ["softmix"] * len(routes)
         else:
             routes_arr = np.asarray(routes)
             for name in sorted(set(routes)):
                 sel = np.nonzero(routes_arr == name)[0]
                 teacher = self.routes[name].teacher
-                target[sel] = self.pools[teacher].query(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)
+                pool = self.pools[teacher]
+                asks.append((sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
                 for i in sel:
                     teacher_ids[i] = teacher
-        for name in routes:
-            self.stats["routed_rows"][name] += 1
-        self.stats["busy_s"] += time.perf_counter() - t0
+        for sel, weight, pool, handle in asks:
+            if sel is None:
+                target += weight * pool.result(handle)
+            else:
+                target[sel] = pool.result(handle)
+        with self._lock:
+            for name in routes:
+                self.stats["routed_rows"][name] += 1
+            self.stats["busy_s"] += time.perf_counter() - t0
         return replace_columns(rb, target=target, teacher_id=teacher_ids)
 
     # ---- state --------------------------------------------------------------------------
@@ -105,11 +153,13 @@ class Router:
 
     def state_before(self, ticket: int) -> dict:
         """The state to resume from when tickets < `ticket` are consumed and later ones are not."""
-        return self._before.get(ticket) or self.state_dict()
+        with self._lock:
+            return self._before.get(ticket) or self.state_dict()
 
     def forget_before(self, ticket: int) -> None:
-        for t in [t for t in self._before if t < ticket]:
-            del self._before[t]
+        with self._lock:
+            for t in [t for t in self._before if t < ticket]:
+                del self._before[t]
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -118,4 +168,5 @@ class Router:
         self.next_ticket = int(state["next_ticket"])
 
     def get_stats(self) -> dict:
-        return {"routed_rows": dict(self.stats["routed_rows"]), "busy_s": self.stats["busy_s"]}
+        with self._lock:
+            return {"routed_rows": dict(self.stats["routed_rows"]), "busy_s": self.stats["busy_s"]}

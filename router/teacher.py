@@ -35,6 +35,7 @@ class Teacher:
             both = self.field.velocity(torch.cat([z, z]), torch.cat([s, s]), torch.cat([self.backend.null_cond(c), c]))
             v_u, v_c = both.chunk(2)
             v = cfg_combine(v_u, v_c, cfg_scale)
+        self.backend.simulated_compute("teacher")
         self.stats["queries"] += 1
         self.stats["rows"] += z.shape[0]
         self.stats["busy_s"] += time.perf_counter() - t0

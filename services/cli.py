@@ -52,7 +52,7 @@ def train(
 ):
     """Run a training job."""
     from danceopd.checkpoint import resolve_resume
-    from services.progress import print_summary
+    from services.telemetry.progress import print_summary
 
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
@@ -63,14 +63,9 @@ def train(
         fail(str(e))
     if resume and ckpt is None:
         err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
-    if mode == "local":
-        from services.local import train_local
+    from services.loop import train as run_job
 
-        summary = train_local(cfg, resume_from=ckpt, show_progress=progress)
-    else:
-        from services.ray_runtime import train_ray
-
-        summary = train_ray(cfg, address=address, resume_from=ckpt, show_progress=progress)
+    summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress)
     print_summary(summary)
 
 
@@ -117,7 +112,7 @@ def show_config(config: Path, set_: list[str] | None = SetOpt):
     sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
 
 
-# ---- cluster jobs: submit / status / scale / stop (services/jobs.py) ----------------------------
+# ---- cluster jobs: submit / status / scale / stop (services/control/jobs.py) ----------------------------
 
 AddressOpt = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS",
                           help="Ray Jobs API of the cluster, e.g. http://HEAD:8265 (env RAY_API_SERVER_ADDRESS).")
@@ -125,7 +120,7 @@ CtlTimeoutOpt = typer.Option(120.0, "--timeout", help="Seconds to wait for the c
 
 
 def _job_ref(address: str | None, job: str):
-    from services import jobs
+    from services.control import jobs
 
     try:
         client = jobs.connect(address)
@@ -135,7 +130,7 @@ def _job_ref(address: str | None, job: str):
 
 
 def _ctl_or_fail(client, ref, job: str, action: str, timeout: float, **kw) -> dict:
-    from services import jobs
+    from services.control import jobs
 
     try:
         return jobs.run_ctl(client, ref, action, timeout_s=timeout, **kw)
@@ -154,7 +149,7 @@ def job_submit(
     working_dir: Path | None = typer.Option(None, "--working-dir", help="Folder shipped to the cluster (default: the repo root, else the cwd); CONFIG must be inside it."),
 ):
     """Submit a training job to a Ray cluster through its Jobs API; prints the submission id."""
-    from services import jobs
+    from services.control import jobs
 
     cfg = load_valid(config, set_)
     try:
@@ -191,7 +186,7 @@ def job_status(
     timeout: float = CtlTimeoutOpt,
 ):
     """Steps, samples/s, lag, workers by role, last checkpoint, and the Ray job status of a job."""
-    from services import jobs
+    from services.control import jobs
 
     client, ref = _job_ref(address, job)
     st = None if ref.terminal else _ctl_or_fail(client, ref, job, "status", timeout)
@@ -212,7 +207,7 @@ def job_scale(
     timeout: float = CtlTimeoutOpt,
 ):
     """Resize a running job's rollout fleet and/or teacher pools."""
-    from services import jobs
+    from services.control import jobs
 
     if rollout_workers is None and not teachers:
         fail("scale: give --rollout-workers N and/or --teachers ROUTE=N")
@@ -238,7 +233,7 @@ def job_stop(
     timeout: float = CtlTimeoutOpt,
 ):
     """Stop a running job gracefully: final checkpoint, then exit."""
-    from services import jobs
+    from services.control import jobs
 
     client, ref = _job_ref(address, job)
     if ref.terminal:
@@ -267,7 +262,7 @@ def job_ctl(
     teachers: list[str] | None = typer.Option(None, "--teachers"),
 ):
     """Helper job entrypoint (runs on the head): call a registered controller's control API."""
-    from services import jobs
+    from services.control import jobs
 
     try:
         tdict = jobs.parse_teachers(teachers)

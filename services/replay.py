@@ -3,7 +3,8 @@
 Backpressure: `put` refuses when `capacity` batches are held in memory (the producer waits),
 unless a spill folder is configured, in which case overflow goes to Arrow IPC files and is read
 back in order. The queue never hands out a batch older than `max_policy_lag` versions behind
-the learner: such batches are dropped and counted (reason `stale`).
+the learner: such batches are dropped and counted (reason `stale`). `take` and `purge` also
+say which tickets they consumed or dropped, so the training loop's accounting stays exact.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class ReplayQueue:
         self.spill_dir = Path(spill_dir) if spill_dir else None
         if self.spill_dir:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-        # entries: [policy_version, samples, RecordBatch or Path of a spill file]
+        # entries: (policy_version, samples, ticket, RecordBatch or Path of a spill file)
         self._items: collections.deque = collections.deque()
         self._in_memory = 0
         self._spilled = 0
@@ -37,6 +38,7 @@ class ReplayQueue:
 
     def put(self, rb: pa.RecordBatch) -> bool:
         version, samples = min(rb.column("policy_version").to_pylist()), num_samples(rb)
+        ticket = rb.column("ticket")[0].as_py() if rb.num_rows else -1
         if self._in_memory < self.capacity:
             item = rb
             self._in_memory += 1
@@ -46,7 +48,7 @@ class ReplayQueue:
             self._spilled += 1
         else:
             return False
-        self._items.append((version, samples, item))
+        self._items.append((version, samples, ticket, item))
         self.put_samples += samples
         return True
 
@@ -58,43 +60,50 @@ class ReplayQueue:
         self._in_memory -= 1
         return item
 
-    def _drop_stale(self, learner_version: int) -> None:
-        keep = collections.deque()
-        for version, samples, item in self._items:
+    def _drop_stale(self, learner_version: int) -> dict[int, int]:
+        keep, dropped = collections.deque(), {}
+        for entry in self._items:
+            version, samples, ticket, item = entry
             if learner_version - version > self.max_policy_lag:
                 self._load(item)
                 self.dropped["stale"] += samples
+                dropped[ticket] = samples
             else:
-                keep.append((version, samples, item))
+                keep.append(entry)
         self._items = keep
+        return dropped
 
-    def purge(self, learner_version: int) -> int:
-        """Drop what is already too stale; returns the depth left."""
-        self._drop_stale(learner_version)
-        return self.depth()
+    def purge(self, learner_version: int) -> dict:
+        """Drop what is already too stale: {"dropped": {ticket: samples}, "depth": left}."""
+        return {"dropped": self._drop_stale(learner_version), "depth": self.depth()}
 
-    def take(self, n: int, learner_version: int) -> list[pa.RecordBatch]:
-        """The n oldest fresh batches, or [] (taking nothing) while fewer than n are fresh."""
-        self._drop_stale(learner_version)
+    def take(self, n: int, learner_version: int) -> tuple[list[pa.RecordBatch], dict]:
+        """The n oldest fresh batches, or [] (taking nothing) while fewer than n are fresh, and
+        what happened: {"tickets": taken, "versions": their policy versions, "dropped": {ticket:
+        samples} (too stale, dropped on the way)}."""
+        dropped = self._drop_stale(learner_version)
+        meta = {"tickets": [], "versions": [], "dropped": dropped}
         if len(self._items) < n:
-            return []
+            return [], meta
         out = []
         for _ in range(n):
-            version, samples, item = self._items.popleft()
+            version, samples, ticket, item = self._items.popleft()
             self.lag_counts[learner_version - version] += samples
             self.consumed_samples += samples
+            meta["tickets"].append(ticket)
+            meta["versions"].append(version)
             out.append(self._load(item))
-        return out
+        return out, meta
 
-    def drain(self, reason: str) -> int:
-        """Drop everything left (e.g. `unconsumed` at the end of a job); returns samples dropped."""
-        n = 0
+    def drain(self, reason: str) -> dict[int, int]:
+        """Drop everything left (e.g. `unconsumed` at the end of a job): {ticket: samples}."""
+        dropped = {}
         while self._items:
-            _, samples, item = self._items.popleft()
+            _, samples, ticket, item = self._items.popleft()
             self._load(item)
-            n += samples
-        self.dropped[reason] += n
-        return n
+            dropped[ticket] = samples
+        self.dropped[reason] += sum(dropped.values())
+        return dropped
 
     def stats(self) -> dict:
         return {"depth": self.depth(), "capacity": self.capacity, "put_samples": self.put_samples,

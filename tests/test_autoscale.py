@@ -1,7 +1,7 @@
 """AutoscalePolicy: windows, bounds, resources and cooldown."""
 
 from danceopd.config import AutoscaleConfig
-from services.autoscale import AutoscalePolicy
+from services.control.autoscale import AutoscalePolicy
 
 
 def policy(**kw) -> AutoscalePolicy:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from services.control_api import ControlServer, control_url, parse_scale_request, resolve_token
+from services.control.api import ControlServer, control_url, parse_scale_request, resolve_token
 
 TOKEN = "s3cret-token"
 

@@ -1,6 +1,6 @@
 """deploy/ against the code it deploys: KubeRay manifests against the CRD schemas, every command
 they run against the real CLI and a config `danceopd validate` accepts, Prometheus files through
-promtool, and every metric the dashboard and alerts use against services/metrics.py."""
+promtool, and every metric the dashboard and alerts use against services/telemetry/metrics.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from services import metrics as M
+from services.telemetry import metrics as M
 from services.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,7 +444,7 @@ def test_ray_exports_actor_metrics_under_exported_names(ray_local):
     @ray.remote(num_cpus=0)
     class Recorder:
         def record(self):
-            from services import metrics as m
+            from services.telemetry import metrics as m
 
             am = m.ActorMetrics("rollout", "probe-7")
             for metric in m.METRICS.values():

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from services import jobs
+from services.control import jobs
 from tests.conftest import ROOT, free_port
 
 BIN = Path(sys.executable).parent
@@ -255,7 +255,7 @@ STUB_DRIVER = textwrap.dedent("""
     # the helper job and the HTTP/token path; it is not a stand-in for the real controller.
     import json, sys, threading
     import ray
-    from services.control_api import ControlServer, lookup, register
+    from services.control.api import ControlServer, lookup, register
 
     name, address = sys.argv[1], sys.argv[2]
     fleet = {"rollout": 1}

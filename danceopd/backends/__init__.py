@@ -17,4 +17,8 @@ def make_backend(cfg) -> Backend:
         from danceopd.backends.shapes import ShapesBackend
 
         return ShapesBackend(cfg)
-    raise ValueError(f"backend.name: unknown backend {name!r} (known: toy, shapes)")
+    if name == "sim":
+        from danceopd.backends.sim import SimBackend
+
+        return SimBackend(cfg)
+    raise ValueError(f"backend.name: unknown backend {name!r} (known: toy, shapes, sim)")

@@ -87,6 +87,11 @@ class Backend(ABC):
         """Raise a one-line ValueError if this row cannot be encoded (prompt, images)."""
         self.encode([row])
 
+    def simulated_compute(self, role: str) -> None:
+        """Stand-in for GPU time of one unit of `role`'s work (`rollout` batch, `teacher` call,
+        `learner` micro-batch). Real backends spend it in their models; `sim` sleeps."""
+        return None
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Map a clean state to data space for evaluation (identity in pixel/vector space)."""
         return z

@@ -8,7 +8,7 @@ loopback on the head by default, and the only port a user is assumed to reach is
 (8265). So the CLI submits a short helper job whose entrypoint is the hidden
 `danceopd ctl JOB_NAME status|scale|stop ...`. The helper runs on the head, joins the cluster
 (`ray.init(address="auto")`), finds the controller's endpoint and token in the registry
-(`services.control_api.lookup`), calls the control API over loopback and prints one JSON answer
+(`services.control.api.lookup`), calls the control API over loopback and prints one JSON answer
 between markers. The CLI waits for the helper, parses that answer from its logs and deletes
 the helper job. The token never leaves the cluster.
 
@@ -328,7 +328,7 @@ def ctl_main(job_name: str, action: str, rollout_workers: int | None = None,
             raise CtlError(f"unknown action {action!r} ({', '.join(ACTIONS)})")
         import ray
 
-        from services.control_api import lookup
+        from services.control.api import lookup
 
         ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
         try:
@@ -353,7 +353,7 @@ def _loopback(url: str) -> str:
     """A controller bound to a wildcard address (0.0.0.0 on a cluster head) is called over loopback."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from services.control_api import control_url
+    from services.control.api import control_url
 
     parts = urlsplit(url)
     if parts.hostname in ("0.0.0.0", "::", "") and parts.port:

@@ -79,7 +79,10 @@ _DECLARED = (
     Metric("danceopd_samples_per_second", "gauge", "controller", (), "Learner throughput in samples/s since the job started."),
     Metric("danceopd_learner_idle_ratio", "gauge", "controller", (), "Fraction of wall time the learner waited for data."),
     Metric("danceopd_policy_lag_bound", "gauge", "controller", (), "sync.max_policy_lag of the job (the bound the lag alert uses)."),
-    Metric("danceopd_weight_sync_seconds", "histogram", "controller", (), "Seconds from weight export until every live worker applied it.", _SYNC),
+    Metric("danceopd_policy_lag_last", "gauge", "controller", (), "Learner version minus the oldest sample version of the last step (the current lag; the histogram has its distribution)."),
+    Metric("danceopd_weight_sync_seconds", "histogram", "controller", (), "Seconds from weight export until every live worker applied it (transfer plus waiting for each worker's current batch).", _SYNC),
+    Metric("danceopd_weight_sync_transfer_seconds", "histogram", "controller", (), "Seconds the slowest worker spent fetching and applying one weight version (the transfer itself).", _SYNC),
+    Metric("danceopd_weight_sync_wait_seconds", "histogram", "controller", (), "Seconds a weight version waited for the slowest worker to finish its current batch.", _SYNC),
     Metric("danceopd_weight_sync_bytes", "gauge", "controller", (), "Bytes of one weight sync (the exported state)."),
     Metric("danceopd_weight_version", "gauge", "controller", (), "Latest published weight version."),
     Metric("danceopd_workers", "gauge", "controller", ("role",), "Live actors by role."),
@@ -112,7 +115,7 @@ def controller_port() -> int:
 
 def _declared(name: str) -> Metric:
     if name not in METRICS:
-        raise ValueError(f"metric {name!r} is not declared in services/metrics.py")
+        raise ValueError(f"metric {name!r} is not declared in services/telemetry/metrics.py")
     return METRICS[name]
 
 

@@ -1,0 +1,28 @@
+"""`sim`: the toy backend's analytic fields plus a configured latency per role.
+
+Capacity planning and scale tests run the real actors, router, replay queue, learner ranks and
+weight pushes with small real tensors; the GPU time each role would spend is stood in for by a
+sleep (`backend.rollout_latency_s` per rollout batch, `teacher_latency_s` per teacher query call,
+`learner_latency_s` per learner micro-batch). A sleep holds no CPU, so one small machine can
+simulate a fleet of dozens of GPU workers and show where the pipeline itself stops scaling.
+"""
+
+from __future__ import annotations
+
+import time
+
+from danceopd.backends.toy import ToyBackend
+
+
+class SimBackend(ToyBackend):
+    name = "sim"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        b = cfg.backend
+        self.latency = {"rollout": b.rollout_latency_s, "teacher": b.teacher_latency_s, "learner": b.learner_latency_s}
+
+    def simulated_compute(self, role: str) -> None:
+        seconds = self.latency[role]
+        if seconds > 0:
+            time.sleep(seconds)

@@ -1,0 +1,207 @@
+"""The training loop — one loop for `--mode local` and `--mode ray`.
+
+    issue work orders while the staleness gate allows    (pipeline.plan -> fleet.submit)
+    collect routed batches; into the replay queue in ticket order
+    learner step once a full step is queued (it runs while rollouts go on)
+    push weights every `sync_every` steps; checkpoint every `checkpoint.every` steps
+
+The mode only picks the parts (services/runtime/): in-process objects whose calls are done when
+made, or Ray actors whose calls return refs. Sync versus async is only the gate
+(`sync.max_policy_lag`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from services import checkpoints
+from services.pipeline import RolloutPipeline
+from services.runtime.events import Joined, Lost, Routed
+from services.telemetry.status import Telemetry
+
+
+class TrainLoop:
+    def __init__(self, cfg, mode: str = "local", resume_from=None, show_progress: bool = True):
+        self.cfg, self.mode = cfg, mode
+        self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
+        self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
+                                    cfg.sync.max_policy_lag, cfg.sync.on_stale)
+        if mode == "local":
+            from services.runtime.local import build_local as build
+        else:
+            from services.runtime.ray_fleet import build_ray as build
+        self.fleet, self.learner, make_sync = build(cfg)
+        self.pipe.worker_version.update(self.fleet.worker_versions())
+        self.sync = make_sync(self.pipe)
+        self.step = self.version = self.lag_last = self.lag_max = 0
+        self.learner_busy_s, self._learn_t0 = 0.0, None
+        self.last_ckpt = None
+        self.state = "starting"
+        self.commands: queue.Queue = queue.Queue()
+        self.stop_requested = threading.Event()
+        if resume_from:
+            checkpoints.resume(self, resume_from)
+        self.sync.push(self.version)
+        self.autoscaler = None
+        if cfg.autoscale.enabled:
+            from services.control.autoscale import AutoscalePolicy
+
+            self.autoscaler = AutoscalePolicy(cfg.autoscale)
+        self.telemetry = Telemetry(cfg, self.step, show_progress, serve=mode == "ray",
+                                   control_fns=(self.status, self.request_scale, self.request_stop))
+        self.t_start = time.perf_counter()  # idle ratios count from here, not from actor start-up
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, timer = self.cfg, self.telemetry.log.timer
+        self.state = "running"
+        while self.step < cfg.learner.steps and not self.stop_requested.is_set():
+            self.apply_commands()
+            with timer("issue"):
+                self.issue()
+            with timer("collect"):
+                self.collect(timeout=0.05)
+            with timer("learn"):
+                metrics = self.learn()
+            self.sync.poll()
+            if metrics is None:
+                continue
+            if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
+                with timer("sync"):
+                    self.sync.push(self.version)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                with timer("checkpoint"):
+                    self.last_ckpt = checkpoints.save(self)
+            self.after_step(metrics)
+        return self.finish()
+
+    # ---- the parts of one iteration -----------------------------------------------------------
+    def issue(self) -> None:
+        plan = self.pipe.plan(self.fleet.workers())
+        if plan:
+            for worker, order in zip(plan, self.fleet.next_orders(len(plan))):
+                self.pipe.issue(order.ticket, worker, len(order.items))
+                self.fleet.submit(worker, order)
+
+    def collect(self, timeout: float) -> None:
+        for ev in self.fleet.poll(timeout, self.learner):
+            if isinstance(ev, Routed):
+                self.pipe.completed(ev.ticket, ev.handle)
+            elif isinstance(ev, Lost):
+                self.pipe.lose(ev.ticket)
+            elif isinstance(ev, Joined):
+                self.pipe.worker_version[ev.worker] = ev.version
+                self.sync.fleet_changed()
+        self.fleet.replay_put(self.pipe.to_replay())
+        if self.cfg.sync.on_stale == "drop" and not self.pipe.in_flight and self.pipe.queued and not self.pipe.can_learn():
+            self.pipe.took([], self.fleet.replay_purge(self.version)["dropped"])  # stale leftovers block issuing
+
+    def learn(self) -> dict | None:
+        """Start a learner step once a full step is queued; return its metrics when it is done."""
+        if not self.learner.busy:
+            if not self.pipe.can_learn():
+                return None
+            take = self.fleet.replay_take(self.per_step, self.version)
+            meta = take[1]
+            self.pipe.took(meta["tickets"], meta["dropped"])
+            if not meta["tickets"]:
+                return None  # stale batches were dropped (on_stale: drop)
+            self.lag_last = self.version - min(meta["versions"])
+            self.lag_max = max(self.lag_max, self.lag_last)
+            self._learn_t0 = time.perf_counter()
+            self.learner.start_step(take)
+        result = self.learner.poll_step(self.cfg.deadlines.learner_step_s)
+        if result is None:
+            return None
+        self.learner_busy_s += time.perf_counter() - self._learn_t0
+        self.version += 1
+        self.step += 1
+        self.pipe.stepped()
+        return result
+
+    def after_step(self, metrics: dict) -> None:
+        idle = self.telemetry.after_step(self, metrics)
+        if self.autoscaler is not None:
+            active = len(self.fleet.workers())
+            delta = self.autoscaler.observe(self.step, idle, len(self.pipe.queued), self.cfg.replay.capacity,
+                                            active, self.fleet.can_grow())
+            if delta:
+                self.commands.put({"rollout_workers": active + delta})
+
+    def finish(self) -> dict:
+        self.state = "stopping"
+        while self.learner.busy:  # a stop arrived mid-step: finish and count that step
+            metrics = self.learn()
+            if metrics is not None:
+                self.after_step(metrics)
+            else:
+                time.sleep(0.01)
+        if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
+            self.last_ckpt = checkpoints.save(self)  # the final (or graceful-stop) checkpoint
+        self.sync.poll(block=True)
+        while self.pipe.in_flight:  # let in-flight work land so the accounting closes exactly
+            self.collect(timeout=1.0)
+        self.fleet.replay_put(self.pipe.to_replay())
+        self.pipe.took([], self.fleet.replay_drain(), reason="unconsumed")
+        self.state = "done"
+        return self.telemetry.summary(self, time.perf_counter() - self.t_start)
+
+    # ---- control (called from the control API's threads) -------------------------------------------
+    def status(self) -> dict:
+        return self.telemetry.status(self.state)
+
+    def request_scale(self, rollout_workers: int | None = None, teachers: dict | None = None) -> dict:
+        """Validated here (the caller gets the error), applied by the loop between steps."""
+        if self.fleet.mode != "ray":
+            raise ValueError("scaling needs --mode ray: local mode runs one worker in this process")
+        if rollout_workers is not None and (not isinstance(rollout_workers, int) or rollout_workers < 1):
+            raise ValueError(f"rollout_workers: {rollout_workers!r} is not a positive integer")
+        routes = {r.name for r in self.cfg.routing.routes}
+        for route, n in (teachers or {}).items():
+            if route not in routes:
+                raise ValueError(f"teachers: unknown route {route!r} (known: {', '.join(sorted(routes))})")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"teachers.{route}: {n!r} is not a positive integer")
+        self.commands.put({"rollout_workers": rollout_workers, "teachers": teachers or {}})
+        return {"accepted": True, "rollout_workers": rollout_workers, "teachers": teachers or {}}
+
+    def request_stop(self) -> None:
+        self.state = "stopping"
+        self.stop_requested.set()
+
+    def apply_commands(self) -> None:
+        while not self.commands.empty():
+            req = self.commands.get()
+            for ev in self.fleet.scale(req.get("rollout_workers"), req.get("teachers", {})):
+                self.pipe.worker_version[ev.worker] = ev.version
+            self.sync.fleet_changed()
+            self.telemetry.console.print(f"scaled: {self.fleet.counts()}", highlight=False)
+        self.fleet.retire_drained(self.pipe.busy_workers())
+
+    def shutdown(self) -> None:
+        self.telemetry.close()
+        self.sync.close()
+        self.learner.shutdown()
+        self.fleet.shutdown()
+
+
+def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True) -> dict:
+    """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
+    started = False
+    if mode == "ray":
+        from services.runtime.cluster import connect
+
+        started = connect(cfg, address)
+    loop = None
+    try:
+        loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress)
+        return loop.run()
+    finally:
+        if loop is not None:
+            loop.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()

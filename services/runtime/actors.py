@@ -1,0 +1,240 @@
+"""Ray at the edge: the plain component classes deployed as actors.
+
+Each actor adds only what Ray needs: metrics, a (meta, batch) pair of returns so the loop learns
+that a batch is done (or failed) without fetching it, and weight transfer by reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import ray
+
+from rollout_workers.worker import RolloutWorker
+from router.router import Router, TeacherFailure
+from router.teacher import Teacher
+from services.replay import ReplayQueue
+from services.telemetry.metrics import ActorMetrics
+from services.weights.store import state_nbytes
+
+
+def actor_env(cfg) -> dict:
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
+    return env
+
+
+def free_port() -> tuple[str, int]:
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ip, s.getsockname()[1]
+
+
+class WeightGroupMember:
+    """The `collective` transport's side of an actor: join the current epoch's group, then
+    send (learner rank 0) or receive (rollout workers) bucketed broadcasts."""
+
+    weight_group = None
+
+    def join_weight_group(self, backend: str, addr: str, port: int, rank: int, world: int, epoch: int, timeout_s: float) -> int:
+        from danceopd.collective import make_group
+
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = make_group(backend, addr, port, rank, world, epoch, timeout_s)
+        return epoch
+
+
+class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
+    """A rollout worker that pulls the latest weights from the store when it starts, so a new
+    or restarted worker never rolls out with initial weights; records its metrics."""
+
+    def __init__(self, cfg, worker_id: str, store):
+        super().__init__(cfg, worker_id)
+        self.metrics = ActorMetrics("rollout", worker_id)
+        self.t_start = time.perf_counter()
+        latest = ray.get(store.latest.remote())
+        if latest is not None and latest[1] is not None:  # `collective` stores no payload: it broadcasts
+            version, (ref,) = latest
+            self.set_weights(ray.get(ref), version)
+
+    def rollout_meta(self, order):
+        """(meta, RolloutBatch): the loop waits on the small meta, the router gets the batch."""
+        t0, nfe0 = time.perf_counter(), self.stats["nfe"]
+        rb = self.rollout(order)
+        per_route = collections.Counter(it.route for it in order.items)
+        nfe = self.stats["nfe"] - nfe0
+        for route, n in per_route.items():
+            self.metrics.inc("danceopd_rollout_samples", n, route=route)
+            self.metrics.inc("danceopd_rollout_nfes", nfe * n / len(order.items), route=route)
+        self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
+        wall = max(time.perf_counter() - self.t_start, 1e-9)
+        self.metrics.set("danceopd_rollout_idle_ratio", max(0.0, 1 - self.stats["busy_s"] / wall))
+        return {"ticket": order.ticket, "worker": self.worker_id}, rb
+
+    def apply_weights(self, refs: list, version: int) -> dict:
+        """`object_store`: fetch the weights by reference and apply them (between batches:
+        actor calls never interleave). The ref travels inside a list so Ray does not fetch it
+        before the call starts, and the transfer is timed here."""
+        t0 = time.perf_counter()
+        state = ray.get(refs[0])
+        self.set_weights(state, version)
+        return {"version": version, "transfer_s": time.perf_counter() - t0, "bytes": state_nbytes(state)}
+
+    def receive_weights(self) -> dict:
+        """`collective`: receive a broadcast and apply it."""
+        from danceopd.collective import BucketBroadcaster
+        from danceopd.lora import trainable_state_dict
+
+        t0 = time.perf_counter()
+        version, state = BucketBroadcaster().recv(self.weight_group, trainable_state_dict(self.model))
+        self.set_weights(state, version)
+        return {"version": version, "transfer_s": time.perf_counter() - t0, "bytes": state_nbytes(state)}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class TeacherActor(Teacher):
+    def __init__(self, cfg, teacher_name: str, replica: int = 0):
+        super().__init__(cfg, teacher_name, replica)
+        self.metrics = ActorMetrics("teacher", self.teacher_id)
+
+    def query(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        t0 = time.perf_counter()
+        out = super().query(state, sigma, cond, cfg_scale, route)
+        self.metrics.inc("danceopd_teacher_queries", len(out), teacher=self.name, route=route)
+        self.metrics.observe("danceopd_teacher_latency_seconds", time.perf_counter() - t0, teacher=self.name)
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayTeacherPool:
+    """A teacher's replicas. Each ask goes to the replica with the fewest outstanding asks, so
+    concurrent batches spread over the replicas; an answer late past `deadline_s`, or a dead
+    replica, is that replica's `TeacherFailure`."""
+
+    def __init__(self, teacher: str, replicas: dict[str, object], deadline_s: float):
+        self.teacher, self.replicas, self.deadline_s = teacher, dict(replicas), deadline_s
+        self._setup()
+
+    def _setup(self):
+        self._lock = threading.Lock()
+        self._outstanding = dict.fromkeys(self.replicas, 0)
+
+    def __getstate__(self):
+        return {"teacher": self.teacher, "replicas": self.replicas, "deadline_s": self.deadline_s}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup()
+
+    def submit(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        with self._lock:
+            name = min(self._outstanding, key=self._outstanding.get)
+            self._outstanding[name] += 1
+        return name, self.replicas[name].query.remote(state, sigma, cond, cfg_scale, route)
+
+    def result(self, handle) -> np.ndarray:
+        name, ref = handle
+        try:
+            return ray.get(ref, timeout=self.deadline_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TeacherFailure(self.teacher, name, f"no answer within deadlines.teacher_s={self.deadline_s:g}") from None
+        except ray.exceptions.RayActorError as e:
+            raise TeacherFailure(self.teacher, name, f"died ({type(e).__name__})") from None
+        finally:
+            with self._lock:
+                self._outstanding[name] -= 1
+
+
+class RouterActor(Router):
+    """A threaded actor: several batches are routed at once (`routing.max_concurrent_batches`)."""
+
+    def __init__(self, cfg, dataset, pools):
+        super().__init__(cfg, dataset, pools)
+        self.metrics = ActorMetrics("router", "router-0")
+        self._backlog: collections.Counter = collections.Counter()
+
+    def route_meta(self, rb):
+        """(meta, RoutedBatch), like the rollout worker's pair."""
+        routes = collections.Counter(rb.column("route").to_pylist())
+        self._report(routes, +1)
+        try:
+            out = self.route(rb)
+        finally:
+            self._report(routes, -1)
+        return {"ticket": rb.column("ticket")[0].as_py(), "rows": out.num_rows}, out
+
+    def _report(self, routes: collections.Counter, sign: int) -> None:
+        with self._lock:  # batches of each route being scored right now
+            for r in self.routes:
+                self._backlog[r] += sign * (routes.get(r, 0) > 0)
+                self.metrics.set("danceopd_router_backlog", self._backlog[r], route=r)
+
+
+class ReplayQueueActor(ReplayQueue):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.metrics = ActorMetrics("replay", "replay-0")
+        self._reported_drops: dict[str, int] = {}
+        self._report()
+
+    def _report(self) -> None:
+        # Gauges are re-set on every change: Ray's exporter can drop a gauge set only once.
+        self.metrics.set("danceopd_replay_capacity", self.capacity)
+        self.metrics.set("danceopd_replay_depth", self.depth())
+        for reason, n in self.dropped.items():
+            new = n - self._reported_drops.get(reason, 0)
+            if new:
+                self.metrics.inc("danceopd_dropped_samples", new, reason=reason)
+                self._reported_drops[reason] = n
+
+    def put(self, rb):
+        ok = super().put(rb)
+        self._report()
+        return ok
+
+    def take_sharded(self, n: int, learner_version: int, shards: int):
+        """[meta, shard 0, ..., shard W-1] (num_returns = W + 1): each learner rank gets its own
+        micro-batches by reference, and the loop fetches only the meta."""
+        out, meta = self.take(n, learner_version)
+        self._report()
+        for v in meta["versions"]:
+            self.metrics.observe("danceopd_policy_lag", learner_version - v)
+        per = len(out) // shards if out else 0
+        return [meta] + [out[i * per:(i + 1) * per] for i in range(shards)]
+
+    def purge(self, learner_version):
+        out = super().purge(learner_version)
+        self._report()
+        return out
+
+    def drain(self, reason):
+        out = super().drain(reason)
+        self._report()
+        return out
+
+
+def learner_rank_actor(base):
+    class LearnerRankActor(WeightGroupMember, base):
+        def broadcast_weights(self, version: int) -> int:
+            """Every rank exports (ZeRO-3 gathers); rank 0 broadcasts to the weight group."""
+            from danceopd.collective import BucketBroadcaster
+
+            state = self.export_weights()
+            return BucketBroadcaster().send(self.weight_group, state, version) if state is not None else 0
+
+        def free_port(self) -> tuple[str, int]:
+            return free_port()
+
+    return LearnerRankActor

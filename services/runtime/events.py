@@ -1,0 +1,30 @@
+"""What a fleet's `poll` reports to the training loop (both modes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Ticket `ticket`'s routed batch is done; `handle` is the batch (local) or its ref (Ray)."""
+
+    ticket: int
+    handle: object
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Ticket `ticket` will never arrive: `member` (a rollout worker or teacher replica) failed."""
+
+    ticket: int
+    member: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Rollout worker `worker` (new or restarted) holds weights of `version`."""
+
+    worker: str
+    version: int

@@ -1,0 +1,129 @@
+"""One actor-group abstraction for every role: create, probe, restart with backoff, remove.
+
+Elastic roles (rollout workers, teacher replicas, the singletons) give each member its own
+placement group, so the group grows and shrinks one member at a time; the learner is a gang
+(one placement group, ranks ordered by node so neighbouring ranks share a node).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from services.runtime.placement import RoleSpec
+
+
+@dataclass
+class Member:
+    name: str
+    actor: object
+    pg: object = None
+    bundle_index: int = 0
+    restarts: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def on(pg, bundle: int = 0) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
+
+
+class ActorGroup:
+    """Named actors of one role. `make(name, options)` creates one actor with the given Ray
+    options (resources, scheduling strategy, concurrency)."""
+
+    def __init__(self, role: str, spec: RoleSpec, make, pg_timeout_s: float = 300.0):
+        self.role, self.spec, self.make = role, spec, make
+        self.pg_timeout_s = pg_timeout_s
+        self.members: dict[str, Member] = {}
+        self.restarts_total = 0
+        self._next = 0
+        self._gang_pg = None
+
+    def _options(self, pg, index: int) -> dict:
+        opts = {"num_cpus": self.spec.num_cpus, "num_gpus": self.spec.num_gpus}
+        if self.spec.max_concurrency > 1:
+            opts["max_concurrency"] = self.spec.max_concurrency
+        if pg is not None:
+            opts["scheduling_strategy"] = on(pg, index)
+        return opts
+
+    def add(self, name: str | None = None) -> Member:
+        name = name or f"{self.role}-{self._next}"
+        self._next += 1
+        pg = None
+        if self.spec.bundle:
+            pg = placement_group([self.spec.bundle], strategy="PACK")
+            ray.get(pg.ready(), timeout=self.pg_timeout_s)
+        m = Member(name, self.make(name, self._options(pg, 0)), pg)
+        self.members[name] = m
+        return m
+
+    def reserve_gang(self, n: int) -> tuple[object, int]:
+        """One placement group of n bundles; returns it and the bundle rank 0 will use."""
+        bundle = self.spec.bundle or {"CPU": 0.01}
+        self._gang_pg = pg = placement_group([bundle] * n, strategy="PACK")
+        ray.get(pg.ready(), timeout=self.pg_timeout_s)
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        self._gang_order = sorted(range(n), key=lambda b: (nodes[b], b))  # ranks ordered by node
+        return pg, self._gang_order[0]
+
+    def add_gang(self) -> list[Member]:
+        """The reserved gang's members, rank r in the r-th bundle by node order."""
+        for rank, b in enumerate(self._gang_order):
+            name = f"{self.role}-{rank}"
+            self.members[name] = Member(name, self.make(name, self._options(self._gang_pg, b)), None, b)
+        self._next = len(self._gang_order)
+        return list(self.members.values())
+
+    def restart(self, name: str) -> Member:
+        """Replace a dead or hung member (same name, same placement) after a backoff."""
+        m = self.members[name]
+        if m.restarts >= self.spec.max_restarts:
+            raise RuntimeError(f"{self.role} {name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts})")
+        ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
+        time.sleep(min(0.5 * 2 ** m.restarts, 10.0))
+        m.restarts += 1
+        self.restarts_total += 1
+        m.actor = self.make(name, self._options(m.pg or self._gang_pg, m.bundle_index))
+        m.started = time.time()
+        return m
+
+    def remove(self, name: str) -> None:
+        m = self.members.pop(name)
+        ray.kill(m.actor, no_restart=True)
+        if m.pg is not None:
+            remove_placement_group(m.pg)
+
+    def probe(self, timeout: float = 10.0) -> list[str]:
+        """Names of members that do not answer a ping."""
+        refs = {n: m.actor.__ray_ready__.remote() for n, m in self.members.items()}
+        dead = []
+        for n, r in refs.items():
+            try:
+                ray.get(r, timeout=timeout)
+            except Exception:  # noqa: BLE001 — any failure to answer means unhealthy
+                dead.append(n)
+        return dead
+
+    def names(self) -> list[str]:
+        return list(self.members)
+
+    def actors(self) -> list:
+        return [m.actor for m in self.members.values()]
+
+    @property
+    def only(self):
+        """The actor of a one-member group (router, replay queue, weight store)."""
+        (m,) = self.members.values()
+        return m.actor
+
+    def shutdown(self) -> None:
+        for n in list(self.members):
+            self.remove(n)
+        if self._gang_pg is not None:
+            remove_placement_group(self._gang_pg)
+            self._gang_pg = None

@@ -1,0 +1,137 @@
+"""Job-level telemetry: the progress log, Prometheus job metrics, `/status`, and idle ratios.
+
+The training loop calls `after_step(loop, metrics)` once per learner step and `summary(loop)` at
+the end; everything it reports is read off the loop, the pipeline and the fleet. In Ray mode it
+also serves the controller's metrics and the control API (`serve=True`); local mode only logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from services.telemetry.progress import JobLog
+
+
+class Telemetry:
+    def __init__(self, cfg, start_step: int, show_progress: bool, serve: bool, control_fns=None):
+        self.cfg = cfg
+        self.log = JobLog(cfg, start_step, show_progress)
+        self.console = self.log.console
+        self.metrics = self.control = None
+        self.control_url = None
+        self.step_times: collections.deque = collections.deque(maxlen=11)
+        self.synced_reported = 0
+        self.restarts_reported: collections.Counter = collections.Counter()
+        self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
+        if serve:
+            self._serve(control_fns)
+
+    def _serve(self, control_fns) -> None:
+        from services.control.api import ControlServer, register, resolve_token
+        from services.telemetry.metrics import ControllerMetrics, controller_port
+
+        cfg = self.cfg
+        port = cfg.control.metrics_port if cfg.control.metrics_port is not None else controller_port()
+        try:
+            self.metrics = ControllerMetrics(port, host=cfg.control.host)
+        except OSError:  # the default port is taken (another job on this host): any free port
+            self.metrics = ControllerMetrics(0, host=cfg.control.host)
+            self.console.print(f"[yellow]metrics port {port} is busy; serving on {self.metrics.port}[/]")
+        self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
+        for role in ("rollout", "teacher", "learner"):
+            self.metrics.inc("danceopd_restarts", 0, role=role)  # the series exist from the start
+        token = resolve_token(cfg.control.token_env)
+        status_fn, scale_fn, stop_fn = control_fns
+        self.control = ControlServer(cfg.control.host, cfg.control.port, token, status_fn, scale_fn, stop_fn)
+        host, cport = self.control.start()
+        self.control_url = f"http://{host}:{cport}"
+        register(cfg.job.name, self.control_url, token)
+
+    # ---- per step ---------------------------------------------------------------------------
+    def learner_idle(self, busy_s: float) -> float:
+        """Idle ratio of the learner over the last ten steps."""
+        self.step_times.append((time.perf_counter(), busy_s))
+        (t_old, busy_old), (t_new, busy_new) = self.step_times[0], self.step_times[-1]
+        return max(0.0, 1 - (busy_new - busy_old) / (t_new - t_old)) if t_new > t_old else 0.0
+
+    def after_step(self, loop, metrics: dict) -> float:
+        idle = self.learner_idle(loop.learner_busy_s)
+        counts = loop.fleet.counts()
+        samples = loop.per_step * self.cfg.rollout.batch_size
+        self.log.step(loop.step, metrics, samples=samples, lag=loop.lag_last, workers=counts)
+        restarts = loop.fleet.restarts()
+        m = self.metrics
+        if m is not None:
+            m.set("danceopd_learner_step", loop.step)
+            m.set("danceopd_last_step_timestamp_seconds", time.time())
+            for route, loss in metrics["route_loss"].items():
+                m.set("danceopd_loss", loss, route=route)
+            m.set("danceopd_grad_norm", metrics["grad_norm"])
+            m.set("danceopd_learning_rate", metrics["lr"])
+            m.inc("danceopd_samples_consumed", samples)
+            m.set("danceopd_samples_per_second", self.log.samples_per_s())
+            m.set("danceopd_learner_idle_ratio", idle)
+            m.set("danceopd_weight_version", loop.version)
+            m.set("danceopd_policy_lag_last", loop.lag_last)
+            for role, n in counts.items():
+                m.set("danceopd_workers", n, role=role)
+            for s in loop.sync.records[self.synced_reported:]:
+                m.observe("danceopd_weight_sync_seconds", s["seconds"])
+                m.observe("danceopd_weight_sync_transfer_seconds", s["transfer_s"])
+                m.observe("danceopd_weight_sync_wait_seconds", s["wait_s"])
+                m.set("danceopd_weight_sync_bytes", s["bytes"])
+            for role, n in restarts.items():
+                if n > self.restarts_reported[role]:
+                    m.inc("danceopd_restarts", n - self.restarts_reported[role], role=role)
+                    self.restarts_reported[role] = n
+        self.synced_reported = len(loop.sync.records)
+        acct = loop.pipe.accounting()
+        self._status = {
+            "job": self.cfg.job.name, "state": loop.state, "step": loop.step, "steps": self.cfg.learner.steps,
+            "samples_per_s": round(self.log.samples_per_s(), 3),
+            "lag_last": loop.lag_last, "lag_max": loop.lag_max, "lag_bound": self.cfg.sync.max_policy_lag,
+            "replay_depth": len(loop.pipe.queued), "learner_idle_ratio": round(idle, 4),
+            "batches": {"issued": loop.pipe.next_ticket, "in_flight": len(loop.pipe.in_flight),
+                        "queued": len(loop.pipe.queued)},
+            "samples": {k: acct[k] for k in ("issued", "produced", "consumed", "lost")},
+            "workers": {"rollout": counts["rollout"], "learner": counts["learner"],
+                        "teacher": loop.fleet.teacher_counts()},
+            "last_checkpoint": loop.last_ckpt, "last_step_time": time.time(), "output_dir": str(self.cfg.output_path),
+            "restarts": restarts,
+        }
+        return idle
+
+    def status(self, state: str) -> dict:
+        st = dict(self._status)
+        st["state"] = state
+        st["last_step_age_s"] = round(time.time() - st["last_step_time"], 3) if st.get("last_step_time") else None
+        return st
+
+    # ---- end of job -----------------------------------------------------------------------------
+    def summary(self, loop, wall_s: float) -> dict:
+        busy = loop.fleet.busy_stats()
+        idle = {role: round(max(0.0, 1 - sum(x["busy_s"] for x in stats) / (len(stats) * max(wall_s, 1e-9))), 4)
+                for role, stats in busy.items() if stats}
+        idle["learner"] = round(max(0.0, 1 - loop.learner_busy_s / max(wall_s, 1e-9)), 4)
+        recs = loop.sync.records
+
+        def mean(key):
+            return round(sum(s[key] for s in recs) / max(len(recs), 1), 5)
+
+        extra = {"replay": loop.fleet.replay_stats(), "accounting": loop.pipe.accounting(),
+                 "restarts": loop.fleet.restarts(), "learner_idle_ratio": idle["learner"], "idle_ratio": idle,
+                 "wall_s": round(wall_s, 3), "lag_max": loop.lag_max, "weight_syncs": len(recs),
+                 "sync_seconds_mean": mean("seconds"), "sync_transfer_seconds_mean": mean("transfer_s"),
+                 "sync_wait_seconds_mean": mean("wait_s"), "sync_bytes": recs[-1]["bytes"] if recs else 0,
+                 "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode}
+        return self.log.finish(loop.last_ckpt, extra=extra)
+
+    def close(self) -> None:
+        if self.control is not None:
+            from services.control.api import unregister
+
+            unregister(self.cfg.job.name)
+            self.control.stop()
+        if self.metrics is not None:
+            self.metrics.close()

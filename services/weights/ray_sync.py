@@ -1,0 +1,131 @@
+"""Weight sync in Ray mode: one interface (`push`, `poll`, `fleet_changed`, `records`), two
+transports.
+
+- `ObjectStoreSync` (default): rank 0's exported state goes into the object store once; the
+  weight store keeps the ref (new and restarted workers pull it on start) and every live worker
+  gets `apply_weights([ref], v)`, queued behind its current batch. The gate counts the worker
+  as holding v at once: every later order runs after the switch. Acknowledgements are checked
+  without blocking the loop.
+- `CollectiveSync`: learner rank 0 broadcasts in buckets over a gloo/NCCL group of itself and
+  the workers (rebuilt when the fleet changes); synchronous.
+
+Each record separates the transfer (worker-side fetch and apply) from the wait for the worker
+to finish the batch it was rolling out when the push came.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+class ObjectStoreSync:
+    def __init__(self, cfg, learner, fleet, pipeline):
+        self.cfg, self.learner, self.fleet, self.pipeline = cfg, learner, fleet, pipeline
+        self.timeout_s = cfg.sync.timeout_s
+        self.records: list[dict] = []
+        self.pending: list[dict] = []
+
+    def push(self, version: int) -> None:
+        t0 = time.perf_counter()
+        ref, others = self.learner.export_ref()
+        ray.get(others, timeout=self.timeout_s)
+        ray.get(self.fleet.store.only.put.remote(version, [ref], 0), timeout=self.timeout_s)
+        acks = {name: actor.apply_weights.remote([ref], version) for name, actor in self.fleet.worker_actors().items()}
+        for name in acks:
+            self.pipeline.worker_version[name] = version
+        self.pending.append({"version": version, "t0": t0, "acks": acks})
+
+    def poll(self, block: bool = False) -> None:
+        for sync in list(self.pending):
+            refs = list(sync["acks"].values())
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s if block else 0)
+            if waiting:
+                if time.perf_counter() - sync["t0"] > self.timeout_s:
+                    late = [n for n, r in sync["acks"].items() if r in waiting]
+                    raise TimeoutError(f"weight sync to version {sync['version']}: rollout workers {', '.join(late)} "
+                                       f"did not apply it within sync.timeout_s={self.timeout_s:g}")
+                continue
+            seconds = time.perf_counter() - sync["t0"]
+            answers = []
+            for ref in refs:
+                try:
+                    answers.append(ray.get(ref))
+                except ray.exceptions.RayActorError:
+                    pass  # the worker died: its replacement pulls the latest weights on start
+            self.pending.remove(sync)
+            self.records.append(_record(sync["version"], seconds, answers))
+
+    def fleet_changed(self) -> None:
+        pass  # new workers pull from the weight store on start
+
+    def close(self) -> None:
+        pass
+
+
+class CollectiveSync:
+    def __init__(self, cfg, learner, fleet, pipeline):
+        self.cfg, self.learner, self.fleet, self.pipeline = cfg, learner, fleet, pipeline
+        self.timeout_s = cfg.sync.timeout_s
+        self.records: list[dict] = []
+        self.members: set[str] = set()
+        self.epoch = 0
+        self.version = None
+
+    def _rebuild(self, workers: dict) -> None:
+        """(Re)build the broadcast group: learner rank 0 + the current rollout workers."""
+        self.epoch += 1
+        rank0 = self.learner.ranks[0]
+        addr, port = ray.get(rank0.free_port.remote(), timeout=self.timeout_s)
+        backend = "nccl" if self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0 else "gloo"
+        world = len(workers) + 1
+        refs = [rank0.join_weight_group.remote(backend, addr, port, 0, world, self.epoch, self.timeout_s)]
+        refs += [a.join_weight_group.remote(backend, addr, port, i + 1, world, self.epoch, self.timeout_s)
+                 for i, a in enumerate(workers.values())]
+        ray.get(refs, timeout=self.timeout_s)
+        self.members = set(workers)
+
+    def push(self, version: int) -> None:
+        from danceopd.collective import WeightSyncError
+
+        self.version = version
+        workers = self.fleet.worker_actors()
+        if not workers:
+            return  # nobody to send to yet; workers joining later trigger a broadcast
+        t0 = time.perf_counter()
+        for attempt in range(2):
+            try:
+                if self.members != set(workers):
+                    self._rebuild(workers)
+                sends = [r.broadcast_weights.remote(version) for r in self.learner.ranks]
+                recvs = [a.receive_weights.remote() for a in workers.values()]
+                ray.get(sends, timeout=self.timeout_s)
+                answers = ray.get(recvs, timeout=self.timeout_s)
+                break
+            except (WeightSyncError, ray.exceptions.RayError):
+                if attempt:
+                    raise
+                self.members = set()  # a member died or timed out: rebuild and resend
+                workers = self.fleet.worker_actors()
+        if ray.get(self.fleet.store.only.get_version.remote()) < version:
+            ray.get(self.fleet.store.only.put.remote(version, None, answers[0]["bytes"]))
+        for n in workers:
+            self.pipeline.worker_version[n] = version
+        self.records.append(_record(version, time.perf_counter() - t0, answers))
+
+    def poll(self, block: bool = False) -> None:
+        pass  # pushes are synchronous
+
+    def fleet_changed(self) -> None:
+        if self.version is not None and self.members != set(self.fleet.worker_actors()):
+            self.push(self.version)  # joiners get the current weights now, not at the next step
+
+    def close(self) -> None:
+        pass
+
+
+def _record(version: int, seconds: float, answers: list[dict]) -> dict:
+    transfer = max((a["transfer_s"] for a in answers), default=0.0)
+    return {"version": version, "seconds": seconds, "transfer_s": transfer, "wait_s": max(0.0, seconds - transfer),
+            "bytes": answers[0]["bytes"] if answers else 0}
