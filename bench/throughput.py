@@ -28,13 +28,9 @@ from danceopd.config import load_config  # noqa: E402
 def run_once(config: Path, mode: str, lag: int, steps: int, out: Path) -> dict:
     cfg = load_config(config, [f"learner.steps={steps}", f"sync.max_policy_lag={lag}", f"job.output_dir={out}",
                                "checkpoint.every=0", "control.metrics_port=0"])
-    if mode == "local":
-        from services.local import train_local
+    from services.loop import train
 
-        return train_local(cfg, show_progress=False)
-    from services.ray_runtime import train_ray
-
-    return train_ray(cfg, show_progress=False)
+    return train(cfg, mode=mode, show_progress=False)
 
 
 def main() -> None:
@@ -51,7 +47,7 @@ def main() -> None:
 
     import ray
 
-    from services.ray_runtime import cpus_needed
+    from services.runtime.placement import cpus_needed
 
     base = load_config(args.config)
     ray.init(address="local", num_cpus=cpus_needed(base), include_dashboard=False, log_to_driver=False,

@@ -27,7 +27,7 @@ class TrainLoop:
         self.cfg, self.mode = cfg, mode
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
         self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
-                                    cfg.sync.max_policy_lag, cfg.sync.on_stale)
+                                    cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker)
         if mode == "local":
             from services.runtime.local import build_local as build
         else:

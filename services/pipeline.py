@@ -33,14 +33,13 @@ class Ticket:
 
 
 class RolloutPipeline:
-    def __init__(self, per_step: int, total_steps: int, capacity: int, max_lag: int, on_stale: str = "wait"):
+    def __init__(self, per_step: int, total_steps: int, capacity: int, max_lag: int, on_stale: str = "wait",
+                 depth: int = 1):
         if capacity < per_step:
             raise ValueError(f"replay.capacity: {capacity} batches cannot hold one learner step ({per_step} batches)")
         self.per_step, self.total_steps = per_step, total_steps
         self.capacity, self.max_lag, self.on_stale = capacity, max_lag, on_stale
-        # Two orders per worker when rollouts may run ahead, so a worker never idles between
-        # batches; one when on-policy (lag 0), where the second could not start anyway.
-        self.depth = 1 if max_lag == 0 else 2
+        self.depth = depth  # orders one worker may hold (running + queued behind it)
         self.step = 0  # learner steps done
         self.position = 0  # tickets issued and not lost (consumed ones included)
         self.next_ticket = 0  # the ticket the next order must carry

@@ -24,7 +24,7 @@ class FakeController:
         self.routes = {"t2i", "local_edit"}
 
     def status(self) -> dict:
-        return {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.0, "lag": 0,
+        return {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.0, "lag_last": 0, "lag_max": 0, "lag_bound": 0,
                 "workers": {"rollout": 1, "learner": 1, "teacher": {"t2i": 1, "local_edit": 1}},
                 "last_checkpoint": None, "last_step_age_s": self.age, "output_dir": "/tmp/run"}
 

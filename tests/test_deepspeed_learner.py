@@ -12,8 +12,9 @@ from learner.deepspeed_learner import DeepSpeedLearner
 from learner.learner import Learner
 from learner.step import batch_loss
 from rollout_workers.worker import RolloutWorker
+from router.router import InProcessPool
 from router.teacher import Teacher
-from services.local import build_router, used_teachers
+from services.runtime.local import build_router, used_teachers
 
 pytestmark = pytest.mark.ray
 
@@ -25,7 +26,7 @@ def make_cfg(raw, tmp_path, **learner):
 
 def routed_batches(cfg, n):
     """n RoutedBatches made the real way: router work orders -> student rollout -> teachers."""
-    router = build_router(cfg, {name: Teacher(cfg, name) for name in used_teachers(cfg)})
+    router = build_router(cfg, {name: InProcessPool(Teacher(cfg, name)) for name in used_teachers(cfg)})
     worker = RolloutWorker(cfg)
     return [router.route(worker.rollout(router.next_order(cfg.rollout.batch_size))) for _ in range(n)]
 

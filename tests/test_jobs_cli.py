@@ -209,13 +209,13 @@ def test_parse_ctl_output_takes_the_last_answer():
 
 
 def test_format_status():
-    st = {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.04, "lag": 1,
+    st = {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.04, "lag_last": 1, "lag_max": 1, "lag_bound": 1,
           "workers": {"rollout": 2, "learner": 1, "teacher": {"t2i": 1, "local_edit": 2}},
           "last_checkpoint": "/r/checkpoints/step-00000010", "last_step_age_s": 0.25, "output_dir": "/r"}
     text = jobs.format_status(jobs.JobRef("toy", None), st)
     assert text.splitlines() == [
         "job toy: Ray job unknown (not submitted with danceopd submit), controller running",
-        "step 12/300  samples/s 512.0  lag 1  last step 0.2 s ago",
+        "step 12/300  samples/s 512.0  lag 1 (max 1, bound 1)  last step 0.2 s ago",
         "workers: rollout 2, learner 1, teacher t2i=1 local_edit=2",
         "last checkpoint: /r/checkpoints/step-00000010",
         "output: /r",
@@ -262,7 +262,7 @@ STUB_DRIVER = textwrap.dedent("""
     stopped = threading.Event()
 
     def status():
-        return {"job": name, "state": "running", "step": 7, "steps": 100, "samples_per_s": 3.5, "lag": 0,
+        return {"job": name, "state": "running", "step": 7, "steps": 100, "samples_per_s": 3.5, "lag_last": 0, "lag_max": 0, "lag_bound": 0,
                 "workers": {"rollout": fleet["rollout"], "learner": 1, "teacher": {"t2i": 1}},
                 "last_checkpoint": None, "last_step_age_s": 0.2, "output_dir": "/nowhere"}
 

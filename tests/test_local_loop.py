@@ -7,7 +7,7 @@ import torch
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
 from danceopd.evaluate import toy_route_errors
 from learner.learner import Learner
-from services.local import train_local
+from services.loop import train
 from tests.conftest import cfg_for
 
 
@@ -20,7 +20,7 @@ def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
     cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=250, checkpoint__every=0)
     learner = Learner(cfg)
     before = toy_route_errors(cfg, learner.backend, learner.model, n=128)
-    summary = train_local(cfg, show_progress=False)
+    summary = train(cfg, show_progress=False)
     learner.model.load_state_dict(final_weights(cfg))
     after = toy_route_errors(cfg, learner.backend, learner.model, n=128)
     for route in before:
@@ -30,13 +30,13 @@ def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
 
 def test_resume_gives_identical_weights(toy_raw, tmp_path):
     full = cfg_for(toy_raw, tmp_path, "full", learner__steps=12, checkpoint__every=4)
-    train_local(full, show_progress=False)
+    train(full, show_progress=False)
 
     part = cfg_for(toy_raw, tmp_path, "part", learner__steps=7, checkpoint__every=4)
-    train_local(part, show_progress=False)
+    train(part, show_progress=False)
     assert [p.name for p in list_checkpoints(part.output_path)] == ["step-00000004", "step-00000007"]
     resumed = cfg_for(toy_raw, tmp_path, "part", learner__steps=12, checkpoint__every=4)
-    train_local(resumed, resume_from=list_checkpoints(part.output_path)[0], show_progress=False)
+    train(resumed, resume_from=list_checkpoints(part.output_path)[0], show_progress=False)
 
     a, b = final_weights(full), final_weights(resumed)
     assert a.keys() == b.keys()
@@ -50,13 +50,14 @@ def test_resume_gives_identical_weights(toy_raw, tmp_path):
 
 def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
     cfg = cfg_for(toy_raw, tmp_path, "keep", learner__steps=9, checkpoint__every=2, checkpoint__keep=2)
-    summary = train_local(cfg, show_progress=False)
+    summary = train(cfg, show_progress=False)
     names = [p.name for p in list_checkpoints(cfg.output_path)]
     assert names == ["step-00000008", "step-00000009"]
     root = cfg.output_path / "checkpoints"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
     ck = latest_checkpoint(cfg.output_path)
-    assert {"model.safetensors", "optimizer.pt", "state.json", "COMPLETE"} <= {p.name for p in ck.iterdir()}
+    assert {"model.safetensors", "learner", "state.json", "COMPLETE"} <= {p.name for p in ck.iterdir()}
+    assert (ck / "learner" / "optimizer.pt").is_file()
     assert summary["checkpoint"] == str(ck)
     lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 9 and set(json.loads(lines[-1])["route_loss"]) == {"t2i", "local_edit", "global_edit"}
@@ -66,7 +67,7 @@ def test_all_methods_run(toy_raw, tmp_path):
     for method in ["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]:
         extra = {"method__flowopd_groups": 4} if method == "flowopd" else {}
         cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0, **extra)
-        summary = train_local(cfg, show_progress=False)
+        summary = train(cfg, show_progress=False)
         assert summary["steps"] == 3
         assert all(v["end"] == v["end"] for v in summary["route_loss"].values())  # no NaN
 
@@ -76,11 +77,12 @@ def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
 
     from danceopd.batch import replace_columns
     from rollout_workers.worker import RolloutWorker
+    from router.router import InProcessPool
     from router.teacher import Teacher
-    from services.local import build_router, used_teachers
+    from services.runtime.local import build_router, used_teachers
 
     cfg = cfg_for(toy_raw, tmp_path, "unknown")
-    router = build_router(cfg, {n: Teacher(cfg, n) for n in used_teachers(cfg)})
+    router = build_router(cfg, {n: InProcessPool(Teacher(cfg, n)) for n in used_teachers(cfg)})
     rb = RolloutWorker(cfg).rollout(router.next_order(4))
     bad = replace_columns(rb, route=["inpaint"] * rb.num_rows)
     with pytest.raises(KeyError, match="unknown route 'inpaint'"):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from danceopd.config import config_from_dict
-from services.controller import Controller
+from services.loop import TrainLoop
 from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -86,7 +86,7 @@ def test_every_panel_and_alert_against_real_prometheus(prometheus, toy_raw, tmp_
     raw["checkpoint"] = {"every": 0, "keep": 1}
     raw["control"] = {"metrics_port": ctl_port}
     cfg = config_from_dict(raw, base_dir=tmp_path)
-    controller = Controller(cfg, show_progress=False)
+    controller = TrainLoop(cfg, "ray", show_progress=False)
     result = {}
     job = threading.Thread(target=lambda: result.update(controller.run()), daemon=True)
     job.start()

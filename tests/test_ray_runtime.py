@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
-from services.controller import Controller
-from services.local import train_local
-from services.ray_runtime import train_ray
+from services.loop import TrainLoop, train
 from tests.conftest import cfg_for
 
 pytestmark = pytest.mark.ray
+
+
+def assert_accounting_closes(acct):
+    """Every issued sample is consumed, dropped (by reason) or lost; nothing is left in flight."""
+    dropped = sum(acct["dropped"].values())
+    assert acct["issued"] == acct["produced"] + acct["lost"]
+    assert acct["produced"] == acct["consumed"] + dropped
+    assert acct["in_flight"] == acct["queued"] == 0
 
 
 def losses(cfg):
@@ -26,8 +32,8 @@ def test_ray_equals_local_on_policy(ray_local, toy_raw, tmp_path):
     common = dict(learner__steps=8, checkpoint__every=0, sync__max_policy_lag=0, rollout__workers=1, learner__world_size=1)
     local = cfg_for(toy_raw, tmp_path, "local", **common)
     remote = cfg_for(toy_raw, tmp_path, "ray", **common)
-    train_local(local, show_progress=False)
-    summary = train_ray(remote, show_progress=False)
+    train(local, show_progress=False)
+    summary = train(remote, mode="ray", show_progress=False)
     a, b = losses(local), losses(remote)
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):
@@ -45,14 +51,14 @@ def test_ray_equals_local_on_policy(ray_local, toy_raw, tmp_path):
 def test_scale_two_workers_two_ranks(ray_local, toy_raw, tmp_path, stage):
     cfg = cfg_for(toy_raw, tmp_path, f"zero{stage}", learner__steps=40, learner__world_size=2, learner__zero_stage=stage,
                   rollout__workers=2, rollout__batch_size=16, checkpoint__every=0, sync__max_policy_lag=1)
-    summary = train_ray(cfg, show_progress=False)
+    summary = train(cfg, mode="ray", show_progress=False)
     assert summary["steps"] == 40
     for route, v in summary["route_loss"].items():
         assert v["end"] < v["start"], route
     rows = losses(cfg)
     assert rows[-1]["workers"] == {"rollout": 2, "learner": 2, "teacher": 3}
     acct = summary["accounting"]
-    assert acct["produced"] == acct["consumed"] + sum(acct["dropped"].values()) + acct["lost"]
+    assert_accounting_closes(acct)
     assert acct["consumed"] == 40 * 2 * 16
 
 
@@ -60,7 +66,7 @@ def test_async_lag_bound_holds(ray_local, toy_raw, tmp_path):
     """lag 1: rollouts run ahead of the learner, and no consumed sample is older than 1 version."""
     cfg = cfg_for(toy_raw, tmp_path, "lag1", learner__steps=30, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=1, replay__capacity=8)
-    summary = train_ray(cfg, show_progress=False)
+    summary = train(cfg, mode="ray", show_progress=False)
     lags = {int(k): v for k, v in summary["replay"]["lag_counts"].items()}
     assert max(lags) <= 1
     assert lags.get(1, 0) > 0, f"no overlap happened: {lags}"  # rollout really overlapped learning
@@ -70,20 +76,20 @@ def test_async_lag_bound_holds(ray_local, toy_raw, tmp_path):
 def test_drop_mode_never_exceeds_bound(ray_local, toy_raw, tmp_path):
     cfg = cfg_for(toy_raw, tmp_path, "drop", learner__steps=20, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=0, sync__on_stale="drop", replay__capacity=6)
-    summary = train_ray(cfg, show_progress=False)
+    summary = train(cfg, mode="ray", show_progress=False)
     lags = {int(k) for k in summary["replay"]["lag_counts"]}
     assert lags == {0}
     acct = summary["accounting"]
-    assert acct["produced"] == acct["consumed"] + sum(acct["dropped"].values()) + acct["lost"]
+    assert_accounting_closes(acct)
 
 
 def test_resume_in_ray_mode(ray_local, toy_raw, tmp_path):
     full = cfg_for(toy_raw, tmp_path, "full", learner__steps=10, checkpoint__every=5, sync__max_policy_lag=0)
-    train_ray(full, show_progress=False)
+    train(full, mode="ray", show_progress=False)
     part = cfg_for(toy_raw, tmp_path, "part", learner__steps=5, checkpoint__every=5, checkpoint__keep=3)
-    train_ray(part, show_progress=False)
+    train(part, mode="ray", show_progress=False)
     resumed = cfg_for(toy_raw, tmp_path, "part", learner__steps=10, checkpoint__every=5, checkpoint__keep=3)
-    train_ray(resumed, resume_from=latest_checkpoint(part.output_path), show_progress=False)
+    train(resumed, mode="ray", resume_from=latest_checkpoint(part.output_path), show_progress=False)
     assert [p.name for p in list_checkpoints(part.output_path)] == ["step-00000005", "step-00000010"]
     state = load_json(latest_checkpoint(resumed.output_path) / "state.json")
     assert state["version"] == 10 and state["mode"] == "ray"
@@ -100,20 +106,20 @@ def test_killed_rollout_worker_is_restarted(ray_local, toy_raw, tmp_path):
 
     cfg = cfg_for(toy_raw, tmp_path, "kill", learner__steps=40, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=1, rollout__max_restarts=2)
-    controller = Controller(cfg, show_progress=False)
-    victim = next(iter(controller.workers.members.values()))
+    controller = TrainLoop(cfg, "ray", show_progress=False)
+    victim = next(iter(controller.fleet.rollout.members.values()))
     old_pid = ray.get(victim.actor.pid.remote())
 
     def kill_later():
         while controller.step < 5:
             time.sleep(0.05)
-        ray.kill(controller.workers.members[victim.name].actor, no_restart=True)
+        ray.kill(controller.fleet.rollout.members[victim.name].actor, no_restart=True)
 
     t = threading.Thread(target=kill_later, daemon=True)
     t.start()
     try:
         summary = controller.run()
-        new = controller.workers.members[victim.name].actor
+        new = controller.fleet.rollout.members[victim.name].actor
         new_pid, new_version = ray.get(new.pid.remote()), ray.get(new.get_version.remote())
     finally:
         controller.shutdown()
@@ -123,7 +129,7 @@ def test_killed_rollout_worker_is_restarted(ray_local, toy_raw, tmp_path):
     assert summary["steps"] == 40
     assert summary["restarts"]["rollout"] >= 1
     acct = summary["accounting"]
-    assert acct["produced"] == acct["consumed"] + sum(acct["dropped"].values()) + acct["lost"]
+    assert_accounting_closes(acct)
     assert acct["consumed"] == 40 * cfg.rollout.batch_size
 
 
@@ -133,8 +139,8 @@ def test_collective_transport_matches_object_store(ray_local, toy_raw, tmp_path)
     common = dict(learner__steps=6, checkpoint__every=0, sync__max_policy_lag=0, rollout__workers=2)
     a = cfg_for(toy_raw, tmp_path, "store", **common)
     b = cfg_for(toy_raw, tmp_path, "coll", **common, sync__transport="collective")
-    sa = train_ray(a, show_progress=False)
-    sb = train_ray(b, show_progress=False)
+    sa = train(a, mode="ray", show_progress=False)
+    sb = train(b, mode="ray", show_progress=False)
     for x, y in zip(losses(a), losses(b)):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
     assert sb["weight_syncs"] >= 6 and sb["sync_bytes"] == sa["sync_bytes"] > 0
@@ -148,7 +154,7 @@ def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tm
                         "learner_idle_above": 0.0, "window_steps": 2, "cooldown_steps": 0}
     raw["control"] = {"metrics_port": 0}
     cfg = cfg_for(raw, tmp_path, "autoscale", learner__steps=30, checkpoint__every=0, rollout__workers=1)
-    summary = train_ray(cfg, show_progress=False)
+    summary = train(cfg, mode="ray", show_progress=False)
     counts = [r["workers"]["rollout"] for r in losses(cfg)]
     assert counts[0] == 1 and max(counts) == 2
     assert summary["steps"] == 30

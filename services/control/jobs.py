@@ -383,7 +383,7 @@ def format_status(ref: JobRef, st: dict | None) -> str:
     sps, age = st.get("samples_per_s"), st.get("last_step_age_s")
     line = f"step {st.get('step', '?')}/{st.get('steps', '?')}"
     line += f"  samples/s {sps:.1f}" if isinstance(sps, (int, float)) else f"  samples/s {sps or '-'}"
-    line += f"  lag {st.get('lag', '-')}"
+    line += f"  lag {st.get('lag_last', '-')} (max {st.get('lag_max', '-')}, bound {st.get('lag_bound', '-')})"
     if isinstance(age, (int, float)):
         line += f"  last step {age:.1f} s ago"
     lines.append(line)

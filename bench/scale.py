@@ -1,0 +1,220 @@
+"""Scale benchmark on the `sim` backend: learned samples/s against rollout workers, lag 0 and 1,
+next to the ideal of the slowest role; plus the control-plane ceiling.
+
+    python bench/scale.py [--workers 1,2,4,8,16,32] [--quick]     (make bench-scale)
+
+Writes bench/results/scale.{json,md} and scale.png. Each point is one real job of the training
+loop on a local Ray cluster (real actors, router, teacher pools, replay queue, DeepSpeed learner,
+weight pushes); only the GPU time of each role is a sleep (configs/sim.yaml).
+
+Ideal, in batches/s (B samples each), with r, t, l the rollout / teacher-call / learner
+micro-batch latencies, N workers, R_t replicas of teacher t, q_t = 1 - (1 - w_t)^B the chance that
+a batch holds a row of route t (one call per route present), W ranks, A micro-batches per rank
+and step, P = W*A batches per step, L = max_policy_lag:
+    lag >= 1:  min(N / r,  min_t R_t / (q_t t),  W / l,  (L + 1) P / (r + t + A l))
+               (the last term: a batch for step s may start only once step s-L-1 is done)
+    lag 0:     P / (ceil(P / N) r + t + A l)        (each step's batches wait for the last step)
+Measured samples/s counts steps after the first (start-up and the first step excluded), from the
+step times in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from danceopd.config import load_config  # noqa: E402
+
+R_S, T_S, L_S = 1.0, 0.05, 0.02  # rollout batch, teacher call, learner micro-batch (seconds)
+W, A, B = 1, 32, 8
+
+
+def teacher_replicas(cfg, n_workers: int) -> dict[str, int]:
+    """Replicas per teacher so that no teacher runs above 60 % busy at the rollout bound."""
+    out = {}
+    for route in cfg.routing.routes:
+        q = 1 - (1 - route.weight / sum(r.weight for r in cfg.routing.routes)) ** B
+        out[route.teacher] = max(1, math.ceil(n_workers / R_S * q * T_S / 0.6))
+    return out
+
+
+def ideal(cfg, n: int, lag: int, replicas: dict[str, int]) -> float:
+    """Samples/s bound of the slowest role (see the module doc)."""
+    p = W * A
+    if lag == 0:
+        return B * p / (math.ceil(p / n) * R_S + T_S + A * L_S)
+    total = sum(r.weight for r in cfg.routing.routes)
+    teacher = min(replicas[r.teacher] / ((1 - (1 - r.weight / total) ** B) * T_S) for r in cfg.routing.routes)
+    return B * min(n / R_S, teacher, W / L_S, (lag + 1) * p / (R_S + T_S + A * L_S))
+
+
+def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int = A) -> dict:
+    from services.loop import train
+
+    base = load_config(ROOT / "configs" / "sim.yaml")
+    reps = teacher_replicas(base, n)
+    sets = [f"rollout.workers={n}", f"rollout.batch_size={B}", f"sync.max_policy_lag={lag}",
+            f"learner.world_size={W}", f"learner.grad_accum={accum}", f"learner.steps={steps}",
+            f"replay.capacity={n + 2 * W * accum}", f"routing.max_concurrent_batches={max(16, 2 * n)}",
+            f"backend.rollout_latency_s={latencies[0]}", f"backend.teacher_latency_s={latencies[1]}",
+            f"backend.learner_latency_s={latencies[2]}", f"job.output_dir={out}", "control.metrics_port=0",
+            "checkpoint.every=0"]
+    sets += [f"teachers.{i}.replicas={reps[t.name]}" for i, t in enumerate(base.teachers)]
+    cfg = load_config(ROOT / "configs" / "sim.yaml", sets)
+    cpu0 = time.process_time()
+    summary = train(cfg, mode="ray", show_progress=False)
+    cpu = time.process_time() - cpu0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    window = rows[-1]["time"] - rows[0]["time"]
+    batches = (len(rows) - 1) * W * accum
+    return {"workers": n, "lag": lag, "teacher_replicas": reps, "steps": steps,
+            "batches_per_s": batches / window, "samples_per_s": B * batches / window,
+            "ideal_samples_per_s": ideal(cfg, n, lag, reps), "controller_cpu_s_per_batch": cpu / (steps * W * accum),
+            "idle_ratio": summary["idle_ratio"], "lag_max": summary["lag_max"],
+            "sync_seconds_mean": summary["sync_seconds_mean"], "sync_wait_seconds_mean": summary["sync_wait_seconds_mean"]}
+
+
+def ceiling(n: int, steps: int, out: Path) -> dict:
+    """Near-zero latencies, many workers: batches/s the loop itself sustains, and which
+    processes spent the CPU (psutil, by command line)."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid: p.cpu_times() for p in psutil.process_iter() if _ok(p)}
+    point = run_point(n, 1, steps, out, latencies=(0.0, 0.0, 0.0), accum=8)
+    cpu: dict[str, float] = {}
+    for p in psutil.process_iter():
+        if not _ok(p):
+            continue
+        try:
+            t, name = p.cpu_times(), _kind(p, me)
+        except psutil.Error:
+            continue
+        t0 = before.get(p.pid)
+        used = (t.user + t.system) - ((t0.user + t0.system) if t0 else 0.0)
+        cpu[name] = cpu.get(name, 0.0) + used
+    point["cpu_s_by_process"] = {k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.05}
+    return point
+
+
+def _ok(p) -> bool:
+    try:
+        return p.uid() == os.getuid()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _kind(p, me) -> str:
+    if p.pid == me.pid:
+        return "driver (training loop)"
+    cmd = " ".join(p.cmdline())
+    for tag in ("RolloutWorkerActor", "RouterActor", "TeacherActor", "ReplayQueueActor", "LearnerRankActor",
+                "WeightStore", "raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if tag in cmd:
+            return tag
+    return "ray::idle worker" if "default_worker" in cmd else p.name()
+
+
+def render_md(res: dict) -> str:
+    lines = ["# Scale benchmark (`sim` backend)", "",
+             f"Machine: {res['machine']}. Latencies: rollout batch {R_S} s, teacher call {T_S} s, learner "
+             f"micro-batch {L_S} s; batch {B}, W={W} rank(s) x A={A} micro-batches = {W * A} batches per step; "
+             "3 routes (weights 0.4/0.3/0.3, per-sample routing). Generated by `make bench-scale`.", "",
+             "Ideal (batches/s; samples/s = 8 x that): lag >= 1: `min(N/r, min_t R_t/(q_t t), W/l, (L+1)P/(r+t+A l))`; "
+             "lag 0: `P/(ceil(P/N) r + t + A l)`; q_t = 1-(1-w_t)^B. Measured: steps after the first.", "",
+             "| lag | workers | teacher replicas | samples/s | ideal | efficiency | controller CPU s/batch | idle: rollout / teacher / learner |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in res["points"]:
+        idle = p["idle_ratio"]
+        lines.append(f"| {p['lag']} | {p['workers']} | {'/'.join(str(v) for v in p['teacher_replicas'].values())} | "
+                     f"{p['samples_per_s']:.1f} | {p['ideal_samples_per_s']:.1f} | {p['efficiency']:.3f} | "
+                     f"{p['controller_cpu_s_per_batch'] * 1000:.1f} ms | {idle['rollout']:.2f} / {idle['teacher']:.2f} / {idle['learner']:.2f} |")
+    c = res.get("ceiling")
+    if c:
+        lines += ["", f"Control-plane ceiling (all latencies 0, {c['workers']} workers, lag 1, 8 batches per step): "
+                  f"**{c['batches_per_s']:.1f} batches/s**, controller CPU {c['controller_cpu_s_per_batch'] * 1000:.1f} ms/batch.",
+                  "", "CPU seconds by process during that run:", ""]
+        lines += [f"- {k}: {v} s" for k, v in c["cpu_s_by_process"].items()]
+    lines += ["", "## Reading", "", res.get("reading", "(see the closing note)"), ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for lag, colour in ((0, "tab:blue"), (1, "tab:orange")):
+        pts = [p for p in res["points"] if p["lag"] == lag]
+        if not pts:
+            continue
+        xs = [p["workers"] for p in pts]
+        ax.plot(xs, [p["samples_per_s"] for p in pts], "o-", color=colour, label=f"measured, lag {lag}")
+        ax.plot(xs, [p["ideal_samples_per_s"] for p in pts], "--", color=colour, alpha=0.6, label=f"ideal, lag {lag}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rollout workers")
+    ax.set_ylabel("learned samples/s")
+    ax.set_title("DanceOPD scale (sim backend, 2-core machine)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="1,2,4,8,16,32")
+    ap.add_argument("--lags", default="0,1")
+    ap.add_argument("--steps", type=int, default=4, help="least learner steps per point (the first is excluded)")
+    ap.add_argument("--ceiling-workers", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--render", action="store_true", help="only re-render Markdown and plot from the JSON")
+    args = ap.parse_args()
+    if args.render:
+        res = json.loads((args.out / "scale.json").read_text())
+        (args.out / "scale.md").write_text(render_md(res))
+        plot(res, args.out / "scale.png")
+        return
+
+    import ray
+
+    workers = [int(x) for x in args.workers.split(",")]
+    ray.init(address="local", num_cpus=max(64, 2 * max(workers)), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "points": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for lag in [int(x) for x in args.lags.split(",")]:
+            for n in workers:
+                t0 = time.perf_counter()
+                steps = max(args.steps, n // 2 + 2)  # a longer window where steps are short
+                p = run_point(n, lag, steps, Path(tmp) / f"lag{lag}-n{n}")
+                p["efficiency"] = p["samples_per_s"] / p["ideal_samples_per_s"]
+                res["points"].append(p)
+                print(f"lag {lag} workers {n:>2}: {p['samples_per_s']:7.1f} samples/s (ideal {p['ideal_samples_per_s']:.1f}, "
+                      f"efficiency {p['efficiency']:.3f}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.ceiling_workers:
+            res["ceiling"] = ceiling(args.ceiling_workers, 40, Path(tmp) / "ceiling")
+            print(f"control-plane ceiling: {res['ceiling']['batches_per_s']:.1f} batches/s", flush=True)
+    ray.shutdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(res, indent=1))
+    (args.out / "scale.md").write_text(render_md(res))
+    plot(res, args.out / "scale.png")
+    print(f"wrote {args.out / 'scale.md'}")
+
+
+if __name__ == "__main__":
+    main()

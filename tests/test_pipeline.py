@@ -1,0 +1,119 @@
+"""The rollout pipeline's bookkeeping, without Ray: gate, ticket FIFO, lost tickets, resume point."""
+
+import pytest
+
+from services.pipeline import RolloutPipeline
+
+
+def pipe(per_step=2, steps=10, capacity=8, lag=0, on_stale="wait", workers=("a", "b"), depth=1):
+    p = RolloutPipeline(per_step, steps, capacity, lag, on_stale, depth)
+    p.worker_version.update(dict.fromkeys(workers, 0))
+    return p
+
+
+def issue(p, workers):
+    """Hand out what the plan allows; returns (ticket, worker) pairs."""
+    out = []
+    for w in p.plan(list(workers)):
+        t = p.next_ticket
+        p.issue(t, w, samples=4)
+        out.append((t, w))
+    return out
+
+
+def test_gate_on_policy_issues_exactly_one_step_with_current_weights():
+    p = pipe(per_step=2, lag=0)
+    assert [w for _, w in issue(p, "ab")] == ["a", "b"]  # positions 0, 1 -> step 0, version 0 ok
+    assert issue(p, "ab") == []  # depth 1 at lag 0: both busy
+    for t in (0, 1):
+        p.completed(t, f"rb{t}")
+    p.to_replay()
+    assert issue(p, "ab") == []  # position 2 belongs to step 1: version 0 is too old at lag 0
+    p.took([0, 1])
+    p.stepped()
+    p.worker_version.update(a=1, b=1)
+    assert [t for t, _ in issue(p, "ab")] == [2, 3]
+
+
+def test_gate_with_lag_one_runs_ahead_by_exactly_one_step():
+    p = pipe(per_step=2, lag=1, capacity=16, depth=2)
+    got = issue(p, "ab")
+    # two orders per worker, positions 0..3 are steps 0 and 1: version 0 is within lag 1 of both
+    assert issue(p, "ab") == []  # both workers hold two orders
+    assert [t for t, _ in got] == [0, 1, 2, 3] and [w for _, w in got] == ["a", "b", "a", "b"]
+    assert all(p.worker_version[w] >= t // 2 - 1 for t, w in got)
+
+
+def test_capacity_and_remaining_steps_bound_what_is_issued():
+    p = pipe(per_step=2, lag=3, capacity=3, workers="abc", depth=2)
+    assert len(issue(p, "abc")) == 3  # capacity 3, although depth allows 6
+    p2 = pipe(per_step=2, steps=1, lag=3, capacity=16, workers="abc", depth=2)
+    assert len(issue(p2, "abc")) == 2  # one step of two batches is all the job needs
+
+
+def test_replay_order_is_ticket_order_whatever_finishes_first():
+    p = pipe(per_step=2, lag=1, capacity=16, depth=2)
+    issue(p, "ab")
+    p.completed(2, "rb2")
+    p.completed(1, "rb1")
+    assert p.to_replay() == []  # ticket 0 has not arrived: nothing may overtake it
+    p.completed(0, "rb0")
+    assert p.to_replay() == ["rb0", "rb1", "rb2"]
+    p.completed(3, "rb3")
+    assert p.to_replay() == ["rb3"]
+
+
+def test_a_lost_ticket_is_skipped_and_moves_later_positions_earlier():
+    p = pipe(per_step=2, lag=0, capacity=16)
+    issue(p, "ab")
+    p.completed(1, "rb1")
+    lost = p.lose(0)
+    assert lost.worker == "a" and p.position == 1
+    assert p.to_replay() == ["rb1"]  # 0 will never come: 1 goes in
+    # position 1 is free again: a replacement for the lost batch is still step 0 (version 0 ok)
+    assert [t for t, _ in issue(p, "ab")] == [2]
+    acct = p.accounting()
+    assert acct["issued"] == 12 and acct["lost"] == 4 and acct["produced"] == 4 and acct["in_flight"] == 4
+
+
+def test_first_unconsumed_ticket_skips_consumed_lost_and_dropped():
+    p = pipe(per_step=2, lag=1, capacity=16, on_stale="drop", depth=2)
+    issue(p, "ab")  # tickets 0..3
+    assert p.first_unconsumed() == 0
+    p.lose(0)
+    for t in (1, 2, 3):
+        p.completed(t, f"rb{t}")
+    p.to_replay()
+    assert p.first_unconsumed() == 1
+    p.took([1], dropped={2: 4})
+    assert p.first_unconsumed() == 3
+    p.took([3])
+    assert p.first_unconsumed() == p.next_ticket == 4
+    acct = p.accounting()
+    assert acct["consumed"] == 8 and acct["dropped"] == {"stale": 4} and acct["lost"] == 4
+    assert acct["issued"] == acct["produced"] + acct["lost"]
+    assert acct["produced"] == acct["consumed"] + sum(acct["dropped"].values()) + acct["queued"]
+
+
+def test_drop_mode_never_waits_for_weights():
+    p = pipe(per_step=1, lag=0, on_stale="drop", capacity=16)
+    assert len(issue(p, "ab")) == 2
+    for t in (0, 1):
+        p.completed(t, t)
+    p.to_replay()
+    assert len(issue(p, "ab")) == 2  # version 0 everywhere, yet step 2 and 3 batches are issued
+
+
+def test_resume_restarts_tickets_and_positions():
+    p = pipe(per_step=2, lag=0)
+    p.resume(step=5, next_ticket=11)
+    p.worker_version.update(a=5, b=5)
+    assert [t for t, _ in issue(p, "ab")] == [11, 12]
+    assert p.position == 12  # 10 consumed before the resume + 2 now
+    with pytest.raises(RuntimeError, match="ticket 99 handed out, expected 13"):
+        p.issue(99, "a", 4)
+
+
+def test_capacity_below_one_step_is_refused():
+    with pytest.raises(ValueError, match="replay.capacity: 2 batches cannot hold one learner step"):
+        RolloutPipeline(per_step=4, total_steps=1, capacity=2, max_lag=0)
