@@ -8,7 +8,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-scale bench-reference clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+
+bench-scale: setup
+	$(BIN)/python bench/scale.py
+
+bench-reference: setup
+	$(BIN)/python bench/reference.py
 
 clean:
 	rm -rf runs .pytest_cache

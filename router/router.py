@@ -27,12 +27,14 @@ class TeacherFailure(RuntimeError):
     """A teacher replica failed to answer (died, timed out): the replica is to blame, not the
     rollout worker whose batch it was scoring."""
 
-    def __init__(self, teacher: str, replica: str, cause: str):
+    def __init__(self, teacher: str, replica: str, cause: str, incarnation: str = ""):
         super().__init__(f"teacher {replica}: {cause}")
-        self.teacher, self.replica, self.cause = teacher, replica, cause
+        # `incarnation` names the actor that failed, so a failure reported after the replica
+        # was already replaced does not restart the replacement.
+        self.teacher, self.replica, self.cause, self.incarnation = teacher, replica, cause, incarnation
 
     def __reduce__(self):  # crosses process boundaries inside Ray's task errors
-        return TeacherFailure, (self.teacher, self.replica, self.cause)
+        return TeacherFailure, (self.teacher, self.replica, self.cause, self.incarnation)
 
 
 class InProcessPool:

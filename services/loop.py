@@ -18,7 +18,7 @@ import time
 
 from services import checkpoints
 from services.pipeline import RolloutPipeline
-from services.runtime.events import Joined, Lost, Routed
+from services.runtime.events import Joined, Lost, RolledOut, Routed
 from services.telemetry.status import Telemetry
 
 
@@ -87,7 +87,9 @@ class TrainLoop:
 
     def collect(self, timeout: float) -> None:
         for ev in self.fleet.poll(timeout, self.learner):
-            if isinstance(ev, Routed):
+            if isinstance(ev, RolledOut):
+                self.pipe.rolled_out(ev.ticket)
+            elif isinstance(ev, Routed):
                 self.pipe.completed(ev.ticket, ev.handle)
             elif isinstance(ev, Lost):
                 self.pipe.lose(ev.ticket)

@@ -30,6 +30,7 @@ class Ticket:
     ticket: int
     worker: str
     samples: int
+    rolled_out: bool = False  # the worker is done with it (it is being routed)
 
 
 class RolloutPipeline:
@@ -67,7 +68,7 @@ class RolloutPipeline:
 
     def plan(self, workers: list[str]) -> list[str]:
         """Which workers get an order now, in hand-out order (round robin, one per round)."""
-        load = collections.Counter(t.worker for t in self.in_flight.values())
+        load = collections.Counter(t.worker for t in self.in_flight.values() if not t.rolled_out)
         out: list[str] = []
         while True:
             added = False
@@ -91,7 +92,11 @@ class RolloutPipeline:
         self.counts["issued"] += samples
 
     def busy_workers(self) -> set[str]:
-        return {t.worker for t in self.in_flight.values()}
+        return {t.worker for t in self.in_flight.values() if not t.rolled_out}
+
+    def rolled_out(self, ticket: int) -> None:
+        """The worker finished this batch: it may take the next order while this one is routed."""
+        self.in_flight[ticket].rolled_out = True
 
     # ---- arrivals and losses -------------------------------------------------------------
     def completed(self, ticket: int, handle) -> None:

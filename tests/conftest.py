@@ -20,7 +20,7 @@ def cfg_for(raw: dict, tmp_path: Path, out: str, **over):
     raw["job"]["output_dir"] = str(tmp_path / out)
     for key, value in over.items():
         section, name = key.split("__")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return config_from_dict(raw, base_dir=tmp_path)
 
 

@@ -8,7 +8,7 @@ from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, 
 from danceopd.evaluate import toy_route_errors
 from learner.learner import Learner
 from services.loop import train
-from tests.conftest import cfg_for
+from tests.conftest import ROOT, cfg_for
 
 
 def final_weights(cfg):
@@ -89,3 +89,27 @@ def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
         router.route(bad)
     with pytest.raises(ValueError, match="task 'inpaint' has no samples"):
         router.dataset.sample("inpaint", router.data_rng)
+
+
+def test_local_mode_runs_the_shared_loop_without_importing_ray(toy_raw, tmp_path, write_config):
+    """`--mode local` is the same loop over in-process parts; Ray is never imported."""
+    import subprocess
+    import sys
+
+    raw = dict(toy_raw, learner={**toy_raw["learner"], "steps": 3}, checkpoint={"every": 0, "keep": 1})
+    path = write_config(raw)
+    code = ("import sys; from danceopd.config import load_config; from services.loop import train; "
+            f"s = train(load_config({str(path)!r}), mode='local', show_progress=False); "
+            "assert s['steps'] == 3 and s['mode'] == 'local'; "
+            "print('ray imported' if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 'no ray')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "no ray"
+
+
+def test_local_mode_honours_the_lag_bound(toy_raw, tmp_path):
+    """The staleness gate is the shared loop's, so local mode now runs ahead by max_policy_lag."""
+    cfg = cfg_for(toy_raw, tmp_path, "lag", learner__steps=6, checkpoint__every=0, sync__max_policy_lag=1,
+                  rollout__orders_per_worker=2)
+    summary = train(cfg, show_progress=False)
+    assert summary["lag_max"] == 1 and summary["replay"]["max_lag_seen"] == 1

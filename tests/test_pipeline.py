@@ -35,6 +35,15 @@ def test_gate_on_policy_issues_exactly_one_step_with_current_weights():
     assert [t for t, _ in issue(p, "ab")] == [2, 3]
 
 
+def test_a_worker_takes_its_next_order_while_its_last_batch_is_routed():
+    p = pipe(per_step=2, lag=1, capacity=16)
+    assert [t for t, _ in issue(p, "a")] == [0]
+    assert issue(p, "a") == []  # one order per worker: busy rolling out
+    p.rolled_out(0)
+    assert [t for t, _ in issue(p, "a")] == [1]  # ticket 0 still in flight (routing), worker free
+    assert set(p.in_flight) == {0, 1} and p.busy_workers() == {"a"}
+
+
 def test_gate_with_lag_one_runs_ahead_by_exactly_one_step():
     p = pipe(per_step=2, lag=1, capacity=16, depth=2)
     got = issue(p, "ab")

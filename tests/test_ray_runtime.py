@@ -158,3 +158,26 @@ def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tm
     counts = [r["workers"]["rollout"] for r in losses(cfg)]
     assert counts[0] == 1 and max(counts) == 2
     assert summary["steps"] == 30
+
+
+@pytest.mark.parametrize("first,second", [("local", "ray"), ("ray", "local")])
+def test_resume_across_modes_carries_weights_routes_and_step(ray_local, toy_raw, tmp_path, capsys, first, second):
+    """One checkpoint layout: a run resumes in the other mode with the same weights, route
+    cursor and step; the optimizer state (another learner kind) restarts, said in one line."""
+    a = cfg_for(toy_raw, tmp_path, "cross", learner__steps=4, checkpoint__every=4, sync__max_policy_lag=0)
+    train(a, mode=first, show_progress=False)
+    ck = latest_checkpoint(a.output_path)
+    b = cfg_for(toy_raw, tmp_path, "cross", learner__steps=7, checkpoint__every=0, sync__max_policy_lag=0)
+    loop = TrainLoop(b, second, resume_from=ck, show_progress=False)
+    try:
+        assert "the optimizer state restarts" in capsys.readouterr().err
+        saved, now = load_tensors(ck / "model.safetensors"), loop.learner.export()
+        for k in saved:
+            torch.testing.assert_close(now[k], saved[k], rtol=0, atol=0)
+        assert loop.step == loop.version == 4 and loop.pipe.next_ticket == load_json(ck / "state.json")["router"]["next_ticket"]
+        summary = loop.run()
+    finally:
+        loop.shutdown()
+    assert summary["steps"] == 7
+    state = load_json(latest_checkpoint(b.output_path) / "state.json")
+    assert state["mode"] == second and state["step"] == 7

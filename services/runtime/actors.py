@@ -146,12 +146,13 @@ class RayTeacherPool:
 
     def result(self, handle) -> np.ndarray:
         name, ref = handle
+        who = self.replicas[name]._actor_id.hex()
         try:
             return ray.get(ref, timeout=self.deadline_s)
         except ray.exceptions.GetTimeoutError:
-            raise TeacherFailure(self.teacher, name, f"no answer within deadlines.teacher_s={self.deadline_s:g}") from None
+            raise TeacherFailure(self.teacher, name, f"no answer within deadlines.teacher_s={self.deadline_s:g}", who) from None
         except ray.exceptions.RayActorError as e:
-            raise TeacherFailure(self.teacher, name, f"died ({type(e).__name__})") from None
+            raise TeacherFailure(self.teacher, name, f"died ({type(e).__name__})", who) from None
         finally:
             with self._lock:
                 self._outstanding[name] -= 1

@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class RolledOut:
+    """Ticket `ticket`'s rollout is done (its batch is being routed): its worker is free."""
+
+    ticket: int
+
+
+@dataclass(frozen=True)
 class Routed:
     """Ticket `ticket`'s routed batch is done; `handle` is the batch (local) or its ref (Ray)."""
 

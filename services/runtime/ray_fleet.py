@@ -31,7 +31,7 @@ from services.runtime.actors import (
     free_port,
     learner_rank_actor,
 )
-from services.runtime.events import Joined, Lost, Routed
+from services.runtime.events import Joined, Lost, RolledOut, Routed
 from services.runtime.groups import ActorGroup, on
 from services.runtime.placement import role_specs
 from services.weights.store import WeightStore
@@ -150,6 +150,7 @@ class RayFleet:
                 self._started_next(f.worker, f.ticket, now)
                 f.stage, f.t0 = "route", now
                 f.meta, f.batch = self.router.only.route_meta.options(num_returns=2).remote(f.batch)
+                events.append(RolledOut(f.ticket))
             else:
                 del self.flights[f.ticket]
                 events.append(Routed(f.ticket, f.batch))
@@ -170,7 +171,9 @@ class RayFleet:
         cause = getattr(e, "cause", None)
         if isinstance(cause, TeacherFailure):
             del self.flights[f.ticket]
-            self._restart_teacher(cause.teacher, cause.replica)
+            member = self.teachers[cause.teacher].members.get(cause.replica)
+            if member is not None and member.actor._actor_id.hex() == cause.incarnation:
+                self._restart_teacher(cause.teacher, cause.replica)  # else: already replaced
             return [Lost(f.ticket, cause.replica, cause.cause)]
         if isinstance(e, ray.exceptions.RayActorError):
             raise RuntimeError(f"router: died while routing ticket {f.ticket} ({type(e).__name__})") from None
@@ -199,7 +202,7 @@ class RayFleet:
             self.draining.discard(worker)
             return [Lost(t, worker, cause) for t in lost]
         m = self.rollout.restart(worker)
-        version = ray.get(m.actor.get_version.remote(), timeout=self.dl.rollout_s)  # pulled the latest weights
+        version = ray.get(m.actor.get_version.remote(), timeout=self.cfg.sync.timeout_s)  # up, latest weights pulled
         self._versions[worker] = version
         return [Lost(t, worker, cause) for t in lost] + [Joined(worker, version)]
 
