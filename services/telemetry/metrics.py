@@ -64,7 +64,7 @@ _DECLARED = (
     Metric("danceopd_rollout_idle_ratio", "gauge", "actor", _A, "Fraction of wall time a rollout worker waited (weights, backpressure, no order)."),
     Metric("danceopd_teacher_queries", "counter", "actor", (*_A, "teacher", "route"), "States a teacher replica answered."),
     Metric("danceopd_teacher_latency_seconds", "histogram", "actor", (*_A, "teacher"), "Seconds per teacher call (one routed batch).", _LATENCY),
-    Metric("danceopd_router_backlog", "gauge", "actor", (*_A, "route"), "Rollout batches the router holds waiting for a teacher."),
+    Metric("danceopd_router_backlog", "gauge", "actor", (*_A, "route"), "Batches the router is scoring right now (waiting for teacher answers), per route."),
     Metric("danceopd_replay_depth", "gauge", "actor", _A, "Routed batches in the replay queue."),
     Metric("danceopd_replay_capacity", "gauge", "actor", _A, "Routed batches the replay queue holds before backpressure."),
     Metric("danceopd_dropped_samples", "counter", "actor", (*_A, "reason"), "Samples dropped, by reason (stale, unconsumed, ...)."),
