@@ -46,9 +46,8 @@ def resume(loop, path) -> None:
         loop.learner.load(path / "learner", weights)
     else:
         loop.learner.load_weights(weights)
-        loop.telemetry_note = (f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {loop.mode} "
-                               f"mode: weights, routes, data cursor and step carry over; the optimizer state restarts")
-        print(loop.telemetry_note, file=sys.stderr, flush=True)
+        print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {loop.mode} mode: weights, "
+              "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
     loop.step = loop.version = int(state["step"])
     loop.learner.set_version(loop.version)
     loop.fleet.router_load(state["router"])

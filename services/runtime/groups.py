@@ -98,17 +98,6 @@ class ActorGroup:
         if m.pg is not None:
             remove_placement_group(m.pg)
 
-    def probe(self, timeout: float = 10.0) -> list[str]:
-        """Names of members that do not answer a ping."""
-        refs = {n: m.actor.__ray_ready__.remote() for n, m in self.members.items()}
-        dead = []
-        for n, r in refs.items():
-            try:
-                ray.get(r, timeout=timeout)
-            except Exception:  # noqa: BLE001 — any failure to answer means unhealthy
-                dead.append(n)
-        return dead
-
     def names(self) -> list[str]:
         return list(self.members)
 
