@@ -30,6 +30,34 @@ def test_schedule_equals_diffusers(n, shift):
     assert ours[0] == 1 and ours[-1] == 0 and bool((ours[:-1] > ours[1:]).all())
 
 
+def test_zimage_grid_is_the_reference_trainers():
+    """shift(i-th of linspace(1, 0, N+1)) for i < N with shift 3, then 0 — the reference's Z-Image
+    grid (N = 16: 1.0, .978, .955, ..., .300, .167, 0), not diffusers' SD3 grid."""
+    from danceopd.flow import sigma_grid
+
+    ours = sigma_grid("zimage", 16, 3.0)
+    assert ours.shape == (17,) and ours.dtype == torch.float32
+    assert [round(float(x), 3) for x in ours[:3]] == [1.0, 0.978, 0.955]
+    assert [round(float(x), 3) for x in ours[-3:]] == [0.3, 0.167, 0.0]
+    u = torch.arange(16, dtype=torch.float64) / 16
+    assert torch.allclose(ours[:16].double(), 3 * (1 - u) / (1 + 2 * (1 - u)), atol=1e-7, rtol=0)
+    sd3 = sigma_grid("sd3", 16, 3.0)
+    assert float(sd3[15]) == pytest.approx(0.0089, abs=1e-4) and float(ours[15]) > 0.16
+    with pytest.raises(ValueError, match="sigma grid 'flux'"):
+        sigma_grid("flux", 16, 3.0)
+
+
+def test_the_worker_rolls_out_on_the_configured_grid(toy_raw, tmp_path):
+    from danceopd.flow import sigma_grid
+    from rollout_workers.worker import RolloutWorker
+    from tests.conftest import cfg_for
+
+    auto = RolloutWorker(cfg_for(toy_raw, tmp_path, "auto"))
+    assert torch.equal(auto.sigmas, sigma_grid("sd3", 16, 3.0))  # the toy family's grid
+    z = RolloutWorker(cfg_for(toy_raw, tmp_path, "z", method__sigma_grid="zimage"))
+    assert torch.equal(z.sigmas, sigma_grid("zimage", 16, 3.0))
+
+
 def test_shift_and_forward_noise_conventions():
     assert shift_sigmas(0.5, 3.0) == pytest.approx(0.75)
     x0, eps = torch.randn(3, 5), torch.randn(3, 5)

@@ -136,3 +136,31 @@ def test_flowopd_reward_to_go_credits_later_transitions():
     sample = torch.tensor([0, 0, 0, 1, 1])
     query = torch.tensor([0, 1, 2, 0, 1])
     assert reward_to_go(reward, sample, query).tolist() == [-6.0, -4.0, 0.0, -20.0, 0.0]
+
+
+def test_sft_condition_dropout_drops_text_per_sample_and_keeps_the_rest(toy_raw, tmp_path):
+    """sft with cond_dropout: a seeded share of samples carries the null condition (text dropped,
+    task / source part kept), so the trained model has an unconditional branch."""
+    from danceopd.batch import tensor
+    from rollout_workers.worker import RolloutWorker
+    from router.router import InProcessPool
+    from router.teacher import Teacher
+    from services.runtime.local import build_router, used_teachers
+    from tests.conftest import cfg_for
+
+    def conds(p, name):
+        cfg = cfg_for(toy_raw, tmp_path, name, method__name="sft", method__cond_dropout=p, method__k=1)
+        router = build_router(cfg, {n: InProcessPool(Teacher(cfg, n)) for n in used_teachers(cfg)})
+        worker = RolloutWorker(cfg)
+        rb = worker.rollout(router.next_order(256))
+        return worker.backend, tensor(rb, "cond")
+
+    backend, full = conds(0.0, "p0")
+    _, none = conds(1.0, "p1")
+    _, half = conds(0.5, "p05")
+    assert torch.equal(none, backend.null_cond(full))  # every text dropped, the task one-hot kept
+    dropped = (half != full).any(dim=1)
+    assert torch.equal(half[dropped], backend.null_cond(full)[dropped])
+    assert 0.35 < dropped.float().mean() < 0.65
+    _, again = conds(0.5, "p05b")
+    assert torch.equal(again, half)  # seeded per sample

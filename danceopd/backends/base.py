@@ -39,6 +39,7 @@ class TeacherField(ABC):
 
 class Backend(ABC):
     name: str
+    sigma_grid: str = "sd3"  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS)
 
     @property
     @abstractmethod
