@@ -49,6 +49,26 @@ def sigma_schedule(n: int, shift: float) -> torch.Tensor:
     return torch.cat([sig, torch.zeros(1, dtype=torch.float32)])
 
 
+def zimage_sigma_schedule(n: int, shift: float) -> torch.Tensor:
+    """The reference trainer's Z-Image grid: sigma_i = shift(i-th of linspace(1, 0, n + 1)) for
+    i < n, then a terminal 0 (n = 16, shift 3: 1.0, .978, .955, ..., .300, .167, 0). Unlike the
+    SD3 grid its low end is shifted once and reaches well below diffusers' last state."""
+    if n < 1:
+        raise ValueError(f"zimage_sigma_schedule: n must be >= 1, got {n}")
+    grid = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:n]
+    return torch.cat([shift_sigmas(grid, shift).to(torch.float32), torch.zeros(1, dtype=torch.float32)])
+
+
+SIGMA_GRIDS = {"sd3": sigma_schedule, "zimage": zimage_sigma_schedule}
+
+
+def sigma_grid(name: str, n: int, shift: float) -> torch.Tensor:
+    """The N + 1 sigmas of the named model family's grid (`sd3` or `zimage`)."""
+    if name not in SIGMA_GRIDS:
+        raise ValueError(f"sigma grid {name!r}: not one of {', '.join(SIGMA_GRIDS)}")
+    return SIGMA_GRIDS[name](n, shift)
+
+
 def euler_step(z: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     dt = _sig(sigma_next, z) - _sig(sigma, z)
     return z.float() + dt * v.float()

@@ -14,7 +14,7 @@ import torch
 
 from danceopd.backends import make_backend
 from danceopd.batch import batch_schema, make_batch
-from danceopd.flow import cfg_combine, euler_step, forward_noise, sde_step, sigma_schedule
+from danceopd.flow import cfg_combine, euler_step, forward_noise, sde_step, sigma_grid
 from danceopd.lora import load_trainable_state_dict
 from danceopd.queries import diffusionopd_weights, select_queries
 from danceopd.work import WorkOrder
@@ -29,7 +29,8 @@ class RolloutWorker:
         self.model.eval()  # trainable flags stay: they define which weights a push carries
         self.version = 0
         self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim)
-        self.sigmas = sigma_schedule(cfg.method.rollout_steps, cfg.method.shift)
+        grid = self.backend.sigma_grid if cfg.method.sigma_grid == "auto" else cfg.method.sigma_grid
+        self.sigmas = sigma_grid(grid, cfg.method.rollout_steps, cfg.method.shift)
         self.stats = {"batches": 0, "samples": 0, "nfe": 0, "busy_s": 0.0}
 
     # ---- weights ------------------------------------------------------------------------
@@ -54,6 +55,14 @@ class RolloutWorker:
         v_u, v_c = both.chunk(2)
         return cfg_combine(v_u, v_c, m.rollout_cfg_scale)
 
+    def _drop_text(self, cond: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Condition dropout, seeded per sample: the text goes, an edit's source image stays."""
+        drop = torch.tensor([np.random.default_rng([s, 0xD0]).random() < self.cfg.method.cond_dropout for s in seeds])
+        if drop.any():
+            cond = cond.clone()
+            cond[drop] = self.backend.null_cond(cond[drop])
+        return cond
+
     def _indices(self, seed: int, all_states: bool) -> np.ndarray:
         n = self.cfg.method.rollout_steps
         if all_states:
@@ -69,6 +78,8 @@ class RolloutWorker:
         rows = [it.row for it in items]
         seeds = [it.seed for it in items]
         cond = self.backend.encode(rows)
+        if m.name == "sft" and m.cond_dropout > 0:
+            cond = self._drop_text(cond, seeds)
         z = self.backend.noise(seeds)
         b = len(items)
         all_states = m.name == "diffusionopd" or (m.name == "flowopd" and m.flowopd_all_states)
