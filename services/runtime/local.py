@@ -18,6 +18,7 @@ from router.router import InProcessPool, Router
 from router.teacher import Teacher
 from services.replay import ReplayQueue
 from services.runtime.events import Routed
+from services.weights.store import state_nbytes
 
 
 def used_teachers(cfg) -> list[str]:
@@ -175,7 +176,7 @@ class LocalSync:
         state = self.learner.export()
         self.fleet.worker.set_weights(state, version)
         self.pipeline.worker_version[self.fleet.worker.worker_id] = version
-        self.nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.nbytes = state_nbytes(state)
         dt = time.perf_counter() - t0
         self.records.append({"version": version, "seconds": dt, "transfer_s": dt, "wait_s": 0.0, "bytes": self.nbytes})
 
