@@ -26,6 +26,7 @@ SCALAR_COLUMNS = {
     "sigma": pa.float32(),
     "sigma_next": pa.float32(),
     "weight": pa.float32(),
+    "advantage": pa.float32(),  # flowopd: filled by the router once the teacher answered
     "group": pa.int64(),
     "worker_id": pa.string(),
     "teacher_id": pa.string(),
@@ -80,7 +81,7 @@ def scalars(rb: pa.RecordBatch, name: str) -> list:
 def to_tensors(rb: pa.RecordBatch) -> dict[str, torch.Tensor]:
     """The learner's view: tensors only (strings stay in the record batch)."""
     out = {n: tensor(rb, n) for n in TENSOR_COLUMNS}
-    for n in ("sigma", "sigma_next", "weight"):
+    for n in ("sigma", "sigma_next", "weight", "advantage"):
         out[n] = torch.from_numpy(rb.column(n).to_numpy().astype(np.float32))
     for n in ("sample_index", "group", "query_index"):
         out[n] = torch.from_numpy(rb.column(n).to_numpy().astype(np.int64))

@@ -61,6 +61,7 @@ class TeacherConfig(_Strict):
     kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
     path: str | None = Field(None, description="Model folder for `pretrained` teachers (loaded with from_pretrained).")
     std: float = Field(0.05, gt=0, description="gaussian/oracle: std of the teacher's target distribution.")
+    tasks: list[str] | None = Field(None, min_length=1, description="oracle: ShapesBench tasks this teacher is a specialist of (None = all); on a condition of any other task it ignores the text and answers as for the null condition (the source image of an edit, mid-grey for t2i).")
     seed: int = Field(0, description="gaussian: seed of the per-prompt target means.")
     replicas: int = Field(1, ge=1, description="Teacher actors serving this teacher's routes.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs per teacher actor.")
@@ -99,11 +100,15 @@ class MethodConfig(_Strict):
     teacher_cfg_scale: float = Field(1.0, ge=0, description="CFG absorbed on the teacher side (1 = one pass).")
     rollout_cfg_scale: float = Field(1.0, ge=0, description="CFG the student uses while rolling out (1 = none).")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="sft: probability that a sample's text is dropped (the source image of an edit is kept), so a teacher trained with sft has a real unconditional branch for CFG.")
-    uniform_dt: bool = Field(False, description="diffusionopd: weights 0.5/N^2 instead of dt^2/2.")
+    learner_guidance: bool = Field(True, description="With rollout_cfg_scale != 1, the learner trains the guided field the student rolled out with (reference); false regresses the unguided output.")
+    uniform_dt: bool = Field(True, description="diffusionopd: the reference's constant weights 0.5/N^2 (true) or dt^2/2 on the shifted grid (false).")
     flowopd_eta: float = Field(0.7, gt=0, description="flowopd: SDE noise level eta.")
     flowopd_clip: float = Field(1e-4, gt=0, description="flowopd: PPO ratio clip epsilon.")
     flowopd_groups: int = Field(1, ge=1, description="flowopd: rollouts per prompt; >1 normalises advantages within the group.")
     flowopd_all_states: bool = Field(True, description="flowopd: train on all N transitions (else K).")
+    flowopd_estimator: Literal["kl_gradient", "per_step_detached"] = Field("kl_gradient", description="flowopd: `kl_gradient` descends E[sum KL] (pathwise KL term + reward-to-go surrogate); `per_step_detached` is the reference's form (a row's own detached reward as its advantage), whose expected on-policy gradient is zero.")
+    flowopd_reward_scale: Literal["variance", "step_variance"] = Field("variance", description="flowopd: divide the squared mean difference by the SDE's sigma_t^2 (`variance`, reference) or by 2 sigma_t^2 dt (`step_variance`: the exact Gaussian KL of a step).")
+    flowopd_adv_clamp: float = Field(5.0, gt=0, description="flowopd: advantages are clamped to +-this (reference: 5).")
 
 
 class RolloutConfig(_Strict):
@@ -217,12 +222,13 @@ class Config(_Strict):
                 raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy or sim")
             if t.kind in ("oracle", "pretrained") and self.backend.name in ("toy", "sim"):
                 raise ValueError(f"teachers.{i}.kind: {t.kind!r} teachers need backend.name=shapes")
+            if t.tasks is not None and t.kind != "oracle":
+                raise ValueError(f"teachers.{i}.tasks: only oracle teachers take a task list (this one is {t.kind!r})")
         if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
             raise ValueError("autoscale.min_rollout_workers: larger than max_rollout_workers")
-        if self.method.name == "flowopd" and self.method.flowopd_groups > self.rollout.batch_size:
-            raise ValueError("method.flowopd_groups: larger than rollout.batch_size")
-        if self.method.name == "flowopd" and self.rollout.batch_size % self.method.flowopd_groups:
-            raise ValueError("method.flowopd_groups: must divide rollout.batch_size")
+        from danceopd.methods import make_method  # methods import config types: import here
+
+        make_method(self.method).check(self)
         return self
 
     # ---- paths -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,13 @@ def sigma_grid(name: str, n: int, shift: float) -> torch.Tensor:
     if name not in SIGMA_GRIDS:
         raise ValueError(f"sigma grid {name!r}: not one of {', '.join(SIGMA_GRIDS)}")
     return SIGMA_GRIDS[name](n, shift)
+
+
+def job_sigmas(cfg, backend) -> torch.Tensor:
+    """A job's grid: `method.sigma_grid`, or with `auto` the backend's model family (rollouts and
+    evaluation share it)."""
+    grid = backend.sigma_grid if cfg.method.sigma_grid == "auto" else cfg.method.sigma_grid
+    return sigma_grid(grid, cfg.method.rollout_steps, cfg.method.shift)
 
 
 def euler_step(z: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -129,27 +137,60 @@ def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> t
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def integrate_ode(
-    field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+@dataclass
+class Trajectory:
+    """What `integrate` made. ``states[i]`` is the state before step i (``states[0]`` the noise);
+    ``velocities[i]`` the field at ``states[i]``. Row b is valid up to ``states[until[b]]`` and
+    ``velocities[until[b] - 1]``; past that it holds the sample's last state (it left the batch).
+    ``nfe`` counts field evaluations per sample (a CFG field's two passes count as one)."""
+
+    states: list[torch.Tensor]
+    velocities: list[torch.Tensor]
+    until: torch.Tensor
+    nfe: int
+
+
+def integrate(
+    field: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     z: torch.Tensor,
     sigmas: torch.Tensor,
-    upto: int | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Deterministic Euler from z (noise at sigmas[0]) over the schedule.
+    until: torch.Tensor | list[int] | int | None = None,
+    eta: float | None = None,
+    noise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> Trajectory:
+    """The one rollout integrator: Euler ODE (``eta`` None) or the Flow-GRPO SDE (``eta`` > 0,
+    ``noise(step, active) -> [len(active), *S]``) from z at sigmas[0], every sample stopping at its
+    own last needed state.
 
-    ``field(z, sigma[B]) -> v``. Returns (states, z_end): states[i] is the state *before* step i
-    (states[0] = the noise), len N; z_end is the clean endpoint. With ``upto=i`` integration stops
-    once state i exists (i NFEs instead of N): states has i + 1 entries and z_end = states[i].
+    ``field(z, sigma, active) -> v`` sees only the active samples (``active`` indexes the batch,
+    so a caller can pick their conditions). Sample b takes steps 0 .. until[b] - 1 and so reaches
+    state until[b] (default: the clean endpoint, N steps); a finished sample leaves the active
+    batch, so a batch costs sum(until) evaluations, not B * max(until).
     """
     n = len(sigmas) - 1
-    if upto is not None and not 0 <= upto <= n - 1:
-        raise ValueError(f"integrate_ode: upto={upto} outside [0, {n - 1}]")
-    last = n if upto is None else upto
+    b = z.shape[0]
+    until = torch.full((b,), n, dtype=torch.long) if until is None else torch.as_tensor(until, dtype=torch.long).expand(b)
+    if int(until.min()) < 0 or int(until.max()) > n:
+        raise ValueError(f"integrate: until must lie in [0, {n}], got {until.tolist()}")
+    if eta is not None and noise is None:
+        raise ValueError("integrate: an SDE rollout (eta set) needs a noise function")
     z = z.float()
-    states = [z]
-    for i in range(last):
-        sig = sigmas[i].to(device=z.device, dtype=torch.float32).expand(z.shape[0])
-        z = euler_step(z, field(z, sig), sigmas[i], sigmas[i + 1])
-        if i + 1 < n:
-            states.append(z)
-    return states, z
+    states, velocities, nfe = [z], [], 0
+    for i in range(int(until.max())):
+        active = torch.nonzero(until > i).squeeze(1)
+        sig = sigmas[i].to(device=z.device, dtype=torch.float32).expand(len(active))
+        sig_next = sigmas[i + 1].to(device=z.device, dtype=torch.float32).expand(len(active))
+        za = z[active]
+        v = field(za, sig, active).float()
+        nfe += len(active)
+        if eta is None:
+            z_next = euler_step(za, v, sig, sig_next)
+        else:
+            z_next, _, _ = sde_step(za, v, sig, sig_next, eta, noise(i, active))
+        vel = torch.zeros_like(z)
+        vel[active] = v
+        z = z.clone()
+        z[active] = z_next
+        velocities.append(vel)
+        states.append(z)
+    return Trajectory(states, velocities, until, nfe)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from danceopd.backends import make_backend
+from danceopd.methods import make_method
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
@@ -70,6 +71,7 @@ class DeepSpeedLearner:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
         self.backend = make_backend(cfg)
+        self.method = make_method(cfg.method)
         model = build_student(cfg, self.backend)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +96,7 @@ class DeepSpeedLearner:
             # Set the boundary explicitly so an earlier failed step can never leave DeepSpeed's
             # micro-step counter out of phase with our micro-batches.
             eng.set_gradient_accumulation_boundary(i == n - 1)
-            loss, per_route = batch_loss(self.backend, eng, self.cfg.method, rb, dev)
+            loss, per_route = batch_loss(self.backend, eng, self.method, rb, dev)
             eng.backward(loss)  # DeepSpeed divides by grad_accum, like the plain Learner's 1/n
             losses.append(loss.item())
             routes.append(per_route)

@@ -13,6 +13,7 @@ import torch
 
 from danceopd.backends import make_backend
 from danceopd.lora import load_trainable_state_dict, trainable_state_dict
+from danceopd.methods import make_method
 from learner.step import batch_loss, merge_route_losses
 
 
@@ -27,6 +28,7 @@ class Learner:
         self.backend = make_backend(cfg)
         self.model = build_student(cfg, self.backend)
         self.model.train()
+        self.method = make_method(cfg.method)
         lc = cfg.learner
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay)
@@ -39,7 +41,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         losses, routes = [], []
         for rb in micro_batches:
-            loss, per_route = batch_loss(self.backend, self.model, self.cfg.method, rb)
+            loss, per_route = batch_loss(self.backend, self.model, self.method, rb)
             (loss / len(micro_batches)).backward()
             losses.append(loss.item())
             routes.append(per_route)

@@ -1,7 +1,7 @@
 """The learner's loss on one RoutedBatch — shared by the plain and the DeepSpeed learner.
 
-Algorithm-blind: it sees (state, sigma, cond, target, weight, route) and a method name, never
-a teacher, a router or a dataset.
+Algorithm-blind: the method object (danceopd/methods/) says how to predict and what the loss
+is; the learner never sees a teacher, a router or a dataset, nor checks a method's name.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from danceopd.batch import scalars, to_tensors
-from danceopd.losses import compute_loss, per_route_mean
+from danceopd.losses import per_route_mean
 
 
-def batch_loss(backend, model, method_cfg, rb: pa.RecordBatch, device="cpu"):
+def batch_loss(backend, model, method, rb: pa.RecordBatch, device="cpu"):
     t = {k: v.to(device) for k, v in to_tensors(rb).items()}
-    pred = backend.predict(model, t["state"], t["sigma"], t["cond"]).float()
-    loss, per_row = compute_loss(method_cfg, pred, t)
+    pred = method.predict(backend, model, t)
+    loss, per_row = method.loss(pred, t)
     backend.simulated_compute("learner")
     return loss, per_route_mean(per_row.cpu(), scalars(rb, "route"))
 

@@ -16,9 +16,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from danceopd.batch import replace_columns, scalars
+from danceopd.batch import replace_columns, scalars, to_tensors
 from danceopd.dataset import Dataset
+from danceopd.methods import make_method
 from danceopd.routing import RoutePolicy
 from danceopd.work import WorkItem, WorkOrder, sample_seed
 
@@ -59,6 +61,7 @@ class Router:
         if missing:
             raise ValueError(f"router: no teacher pool for {sorted(missing)}")
         self.pools = pools
+        self.method = make_method(cfg.method)
         self.policy = RoutePolicy({r.name: r.weight for r in cfg.routing.routes}, seed=cfg.job.seed)
         self.data_rng = np.random.Generator(np.random.PCG64([cfg.job.seed, 1]))
         self.next_sample = 0
@@ -84,7 +87,7 @@ class Router:
             return self._next_order(batch_size)
 
     def _next_order(self, batch_size: int) -> WorkOrder:
-        groups = self.cfg.method.flowopd_groups if self.cfg.method.name == "flowopd" else 1
+        groups = self.method.group_size()
         self._before[self.next_ticket] = self.state_dict()
         items = []
         while len(items) < batch_size:
@@ -105,14 +108,15 @@ class Router:
         return self.cfg.method.teacher_cfg_scale if r.cfg_scale is None else r.cfg_scale
 
     def route(self, rb: pa.RecordBatch) -> pa.RecordBatch:
-        """RolloutBatch -> RoutedBatch: fill `target` from the routed teacher, tag `teacher_id`."""
+        """RolloutBatch -> RoutedBatch: fill `target` from the routed teacher (hard routing) or the
+        weight-average of every route's teacher (`mix`), tag `teacher_id`, and add the columns the
+        method computes once targets exist (flowopd's advantages)."""
         t0 = time.perf_counter()
-        method = self.cfg.method.name
         routes = scalars(rb, "route")
         for r in set(routes):
             if r not in self.routes:
                 raise KeyError(f"router: unknown route {r!r} in batch from {scalars(rb, 'worker_id')[0]} (known: {', '.join(self.routes)})")
-        if method == "sft":  # plain flow matching: the data velocity is already the target
+        if self.method.routing == "none":  # plain flow matching: the data velocity is already the target
             return rb
         state = rb.column("state").to_numpy_ndarray()
         sigma = rb.column("sigma").to_numpy()
@@ -120,8 +124,7 @@ class Router:
         target = np.zeros_like(state)
         teacher_ids = [""] * len(routes)
         asks = []  # (rows or None for all, weight, pool, handle): every pool asked before any answer
-        if method == "softmix":
-            # Ablation of hard routing: every row gets the weight-averaged field of ALL routes.
+        if self.method.routing == "mix":
             total = sum(r.weight for r in self.routes.values())
             for name, r in self.routes.items():
                 if r.weight > 0:
@@ -142,11 +145,12 @@ class Router:
                 target += weight * pool.result(handle)
             else:
                 target[sel] = pool.result(handle)
+        extra = self.method.annotate({**to_tensors(rb), "target": torch.from_numpy(target)})
         with self._lock:
             for name in routes:
                 self.stats["routed_rows"][name] += 1
             self.stats["busy_s"] += time.perf_counter() - t0
-        return replace_columns(rb, target=target, teacher_id=teacher_ids)
+        return replace_columns(rb, target=target, teacher_id=teacher_ids, **extra)
 
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:

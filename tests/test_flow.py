@@ -10,7 +10,7 @@ from danceopd.flow import (
     euler_step,
     forward_noise,
     gaussian_log_prob,
-    integrate_ode,
+    integrate,
     sde_step,
     sde_step_mean_std,
     shift_sigmas,
@@ -77,11 +77,12 @@ def test_euler_gaussian_field_reaches_data_distribution(shift):
     std = torch.tensor([0.5, 1.0, 0.2, 2.0])
     z0 = torch.randn(b, 4, generator=g)
 
-    def field(z, sigma):
+    def field(z, sigma, active):
         return gaussian_velocity(z, sigma, mu.expand_as(z), std)
 
-    states, x = integrate_ode(field, z0, sigma_schedule(n, shift))
-    assert len(states) == n
+    traj = integrate(field, z0, sigma_schedule(n, shift))
+    assert len(traj.states) == n + 1 and traj.nfe == b * n
+    x = traj.states[-1]
     # Tolerance = Monte Carlo + Euler bias. Mean: 5 standard errors (std / sqrt(B)) plus 0.01; the
     # field is affine in z, so Euler keeps the mean almost exactly (measured < 1e-6 with whitened
     # noise). Variance: the sample variance has relative sd sqrt(2/B) = 1%, so 5% (5 sd) plus 7%
@@ -128,24 +129,54 @@ def test_cfg_combine():
     assert torch.allclose(cfg_combine(u, c, 4.0), u + 4.0 * (c - u))
 
 
-def test_early_stop_matches_full_integration():
+def test_per_sample_stopping_matches_full_integration():
+    """Each sample stops at its own `until`: its states up to there are bit-equal to a full
+    rollout's, finished samples leave the batch (the field sees only the active ones) and the
+    evaluations are sum(until), not B * max(until)."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(6, 6, generator=g) / 6
-    calls = []
+    seen = []
 
-    def field(z, sigma):
-        calls.append(1)
+    def field(z, sigma, active):
+        seen.append(active.tolist())
         return torch.tanh(z @ w) * (1 + sigma[:, None])
 
     z0 = torch.randn(8, 6, generator=g)
     sigmas = sigma_schedule(16, 3.0)
-    full, _ = integrate_ode(field, z0, sigmas)
-    assert len(calls) == 16
-    for upto in (0, 5, 15):
-        calls.clear()
-        part, z_end = integrate_ode(field, z0, sigmas, upto=upto)
-        assert len(part) == upto + 1 and len(calls) == upto
-        assert all(torch.equal(a, b) for a, b in zip(part, full[: upto + 1], strict=True))
-        assert torch.equal(z_end, full[upto])
-    with pytest.raises(ValueError):
-        integrate_ode(field, z0, sigmas, upto=16)
+    full = integrate(field, z0, sigmas)
+    assert len(seen) == 16 and full.nfe == 8 * 16
+    until = torch.tensor([0, 5, 15, 16, 3, 3, 9, 1])
+    seen.clear()
+    part = integrate(field, z0, sigmas, until=until)
+    assert part.nfe == int(until.sum()) and sum(len(a) for a in seen) == int(until.sum())
+    assert seen[5] == [2, 3, 6]  # step 5 makes state 6: only samples with until > 5 take it
+    for b, u in enumerate(until.tolist()):
+        for i in range(u + 1):
+            assert torch.equal(part.states[i][b], full.states[i][b])
+        assert torch.equal(part.states[-1][b], full.states[u][b])  # frozen once it left
+    with pytest.raises(ValueError, match="until"):
+        integrate(field, z0, sigmas, until=17)
+
+
+def test_sde_integration_draws_each_samples_noise_only_while_active():
+    """The SDE path: z_{i+1} = mean + std * noise; the noise function is asked for the active rows."""
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(4, 3, generator=g)
+    sigmas = sigma_schedule(8, 3.0)
+    noise_tab = torch.randn(8, 4, 3, generator=g)
+
+    def field(z, sigma, active):
+        return -z
+
+    traj = integrate(field, z0, sigmas, until=torch.tensor([8, 2, 5, 8]), eta=0.7,
+                     noise=lambda i, active: noise_tab[i, active])
+    z = z0.clone()
+    for i in range(8):
+        z_next, _, _ = sde_step(z, -z, sigmas[i].expand(4), sigmas[i + 1].expand(4), 0.7, noise_tab[i])
+        for b, u in enumerate([8, 2, 5, 8]):
+            if i < u:
+                assert torch.allclose(traj.states[i + 1][b], z_next[b], atol=1e-6)
+                assert torch.allclose(traj.velocities[i][b], -z[b], atol=1e-6)
+        z = z_next
+    with pytest.raises(ValueError, match="noise"):
+        integrate(field, z0, sigmas, eta=0.7)

@@ -3,7 +3,23 @@ import torch
 
 from danceopd.config import MethodConfig
 from danceopd.flow import sde_step, sigma_schedule
-from danceopd.losses import compute_loss, flowopd_terms, group_normalise, per_route_mean
+from danceopd.losses import group_normalise, per_route_mean
+from danceopd.methods import make_method
+
+
+def compute_loss(cfg, pred, batch):
+    """The learner's path: the method's annotation (upstream, from the rollout and the teacher)
+    then its loss."""
+    method = make_method(cfg)
+    if "query_index" in batch:
+        batch = {**batch, **{k: torch.from_numpy(v) for k, v in method.annotate(batch).items()}}
+    return method.loss(pred, batch)
+
+
+def flowopd_terms(cfg, pred, batch):
+    method = make_method(cfg)
+    adv = torch.from_numpy(method.annotate(batch)["advantage"])
+    return {**method.terms(pred, {**batch, "advantage": adv}), "advantage": adv}
 
 METHODS = ["danceopd", "diffusionopd", "offpolicy", "sft", "softmix", "flowopd"]
 
@@ -23,7 +39,7 @@ def make_batch(rows=6, shape=(3, 2, 2), seed=0, groups=2):
         "state": state, "sigma": sigma, "sigma_next": sigma_next, "cond": torch.randn(rows, 4, generator=g),
         "target": target, "weight": torch.full((rows,), 0.5), "sample_index": torch.arange(rows) // 2,
         "next_state": next_state, "rollout_velocity": rollout_velocity,
-        "group": torch.arange(rows) % groups,
+        "group": torch.arange(rows) % groups, "query_index": idx.clone(),
     }
 
 
@@ -59,7 +75,7 @@ def test_gradient_reaches_pred_not_target_side(method):
 
 
 def test_flowopd_on_policy_ratio_is_one_and_still_has_gradient():
-    cfg = MethodConfig(name="flowopd", flowopd_groups=1)
+    cfg = MethodConfig(name="flowopd", flowopd_groups=1, flowopd_estimator="per_step_detached")
     batch = make_batch()
     pred = batch["rollout_velocity"].clone().requires_grad_()
     t = flowopd_terms(cfg, pred, batch)
@@ -71,17 +87,37 @@ def test_flowopd_on_policy_ratio_is_one_and_still_has_gradient():
     assert pred.grad.abs().sum() > 0
 
 
-def test_flowopd_advantages_without_baseline_are_nonpositive():
-    cfg = MethodConfig(name="flowopd", flowopd_groups=1)
+def test_flowopd_advantages_without_baseline_are_nonpositive_and_groups_compare_one_timestep():
+    cfg = MethodConfig(name="flowopd", flowopd_groups=1, flowopd_adv_clamp=1e9)
     for seed in range(5):
         batch = make_batch(seed=seed)
         t = flowopd_terms(cfg, batch["rollout_velocity"].clone(), batch)
-        assert (t["advantage"] <= 0).all() and torch.equal(t["advantage"], t["reward"])
+        assert (t["advantage"] <= 0).all()
+    batch = make_batch(rows=12, groups=2)
+    batch["query_index"] = torch.arange(12) % 3  # 2 groups x 2 samples x 3 timesteps
+    batch["sample_index"] = torch.arange(12) // 3
+    batch["group"] = torch.arange(12) // 6
     grouped = flowopd_terms(MethodConfig(name="flowopd", flowopd_groups=2), batch["rollout_velocity"], batch)
     adv = grouped["advantage"]
     assert (adv > 0).any() and (adv < 0).any()  # the group baseline centres them
     for gid in (0, 1):
-        assert abs(adv[batch["group"] == gid].mean().item()) < 1e-5
+        for q in (0, 1):  # normalised per (group, timestep): mean 0 at each timestep of a group
+            sel = (batch["group"] == gid) & (batch["query_index"] == q)
+            assert abs(adv[sel].mean().item()) < 1e-5 and adv[sel].abs().max() > 0.5
+
+
+def test_flowopd_reward_scale_and_clamp():
+    """`variance` divides by sigma_t^2 = std^2 / dt (reference), `step_variance` by 2 std^2; the
+    advantage is clamped to +-flowopd_adv_clamp."""
+    batch = make_batch()
+    per_step = dict(name="flowopd", flowopd_estimator="per_step_detached", flowopd_adv_clamp=1e9)
+    r_var = flowopd_terms(MethodConfig(**per_step), batch["rollout_velocity"], batch)["advantage"]
+    r_step = flowopd_terms(MethodConfig(**per_step, flowopd_reward_scale="step_variance"), batch["rollout_velocity"], batch)["advantage"]
+    dt = batch["sigma"] - batch["sigma_next"]
+    assert torch.allclose(r_var, r_step * 2 * dt, rtol=1e-4)
+    clamped = flowopd_terms(MethodConfig(name="flowopd", flowopd_estimator="per_step_detached", flowopd_adv_clamp=0.01),
+                            batch["rollout_velocity"], batch)["advantage"]
+    assert torch.allclose(clamped, r_var.clamp(-0.01, 0.01)) and (r_var < -0.01).any()
 
 
 def test_flowopd_clip_bounds_the_off_policy_ratio():
@@ -91,7 +127,7 @@ def test_flowopd_clip_bounds_the_off_policy_ratio():
     t = flowopd_terms(cfg, pred, batch)
     a, r = t["advantage"], t["ratio"].detach()
     expected = torch.maximum(-a * r, -a * r.clamp(1 - 1e-4, 1 + 1e-4))
-    assert torch.allclose(t["per_row"].detach(), expected)
+    assert torch.allclose(t["surrogate"].detach(), expected)
 
 
 def test_group_normalise():
