@@ -29,3 +29,18 @@ def toy_route_errors(cfg, backend, model, n: int = 256, seed: int = 12345) -> di
             errs.append(float((x.mean(0) - backend.target_mean(route.task, f"class {c}")).norm()))
         out[route.name] = sum(errs) / len(errs)
     return out
+
+
+def weights_route_errors(cfg, weights: dict, n: int = 128) -> dict[str, float] | None:
+    """`toy_route_errors` of a student holding `weights` (the learner's export), or None where
+    the backend has no analytic target to compare with (shapes: see its own evaluation)."""
+    from danceopd.backends import make_backend
+    from danceopd.lora import load_trainable_state_dict
+
+    backend = make_backend(cfg)
+    if not hasattr(backend, "target_mean"):
+        return None
+    model = backend.build_student("random", cfg.job.seed)
+    load_trainable_state_dict(model, weights)
+    model.eval()
+    return {k: round(v, 5) for k, v in toy_route_errors(cfg, backend, model, n=n).items()}

@@ -44,6 +44,7 @@ class TrainLoop:
         if resume_from:
             checkpoints.resume(self, resume_from)
         self.sync.push(self.version)
+        self.eval_start, self.eval_end = self.evaluate(), None
         self.autoscaler = None
         if cfg.autoscale.enabled:
             from services.control.autoscale import AutoscalePolicy
@@ -147,8 +148,17 @@ class TrainLoop:
             self.collect(timeout=1.0)
         self.fleet.replay_put(self.pipe.to_replay())
         self.pipe.took([], self.fleet.replay_drain(), reason="unconsumed")
+        self.eval_end = self.evaluate()
         self.state = "done"
         return self.telemetry.summary(self, time.perf_counter() - self.t_start)
+
+    def evaluate(self) -> dict | None:
+        """Per-route error of the learner's current student (toy backends), for summary.json."""
+        from danceopd.evaluate import weights_route_errors
+
+        if self.cfg.backend.name not in ("toy", "sim"):
+            return None
+        return weights_route_errors(self.cfg, self.learner.export())
 
     # ---- control (called from the control API's threads) -------------------------------------------
     def status(self) -> dict:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
@@ -113,3 +115,18 @@ def test_local_mode_honours_the_lag_bound(toy_raw, tmp_path):
                   rollout__orders_per_worker=2)
     summary = train(cfg, show_progress=False)
     assert summary["lag_max"] == 1 and summary["replay"]["max_lag_seen"] == 1
+
+
+@pytest.mark.parametrize("method", ["flowopd", "danceopd", "diffusionopd", "offpolicy"])
+def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, tmp_path, method):
+    """summary.json carries the per-route evaluation error (evaluate.py's) at the start and the
+    end of a run; each on-policy/off-policy method of configs/toy.yaml lowers it on every route."""
+    import json
+
+    cfg = cfg_for(toy_raw, tmp_path, method, method__name=method, learner__steps=120, checkpoint__every=0)
+    summary = train(cfg, show_progress=False)
+    on_disk = json.loads((cfg.output_path / "summary.json").read_text())
+    start, end = on_disk["eval_start"], on_disk["eval_end"]
+    assert set(start) == set(end) == {r.name for r in cfg.routing.routes} and summary["eval_end"] == end
+    for route in start:
+        assert end[route] < start[route], (method, route, start[route], end[route])

@@ -124,6 +124,7 @@ class Telemetry:
                  "wall_s": round(wall_s, 3), "lag_max": loop.lag_max, "weight_syncs": len(recs),
                  "sync_seconds_mean": mean("seconds"), "sync_transfer_seconds_mean": mean("transfer_s"),
                  "sync_wait_seconds_mean": mean("wait_s"), "sync_bytes": recs[-1]["bytes"] if recs else 0,
+                 "eval_start": loop.eval_start, "eval_end": loop.eval_end,
                  "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])),
                  "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode}
         return self.log.finish(loop.last_ckpt, extra=extra)
