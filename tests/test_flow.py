@@ -180,3 +180,18 @@ def test_sde_integration_draws_each_samples_noise_only_while_active():
         z = z_next
     with pytest.raises(ValueError, match="noise"):
         integrate(field, z0, sigmas, eta=0.7)
+
+
+def test_sde_with_the_exact_field_keeps_the_data_marginal():
+    """The Flow-GRPO SDE shares the ODE's marginals: driven by the exact field of N(mu, std^2) it
+    ends at that distribution. Fails if the drift's sign or the sqrt(dt) in its std is wrong."""
+    g = torch.Generator().manual_seed(4)
+    b, n = 20000, 100
+    mu, std = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 0.3])
+    z0 = torch.randn(b, 2, generator=g)
+    noise = torch.randn(n, b, 2, generator=g)
+    traj = integrate(lambda z, s, active: gaussian_velocity(z, s, mu.expand_as(z), std), z0,
+                     sigma_schedule(n, 1.0), eta=0.7, noise=lambda i, active: noise[i, active])
+    x = traj.states[-1]
+    assert ((x.mean(0) - mu).abs() < 0.05).all(), x.mean(0)
+    assert ((x.std(0) / std - 1).abs() < 0.15).all(), x.std(0)

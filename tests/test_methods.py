@@ -117,3 +117,26 @@ def test_learner_prediction_applies_the_rollout_guidance():
     assert torch.allclose(plain, torch.full((2, 3), 3.0))
     sft = make_method(MethodConfig(name="sft", rollout_cfg_scale=3.0)).predict(be, model, t)
     assert torch.allclose(sft, torch.full((2, 3), 3.0))
+
+
+def test_teacher_cfg_target_is_uncond_plus_scale_times_difference(toy_raw, tmp_path):
+    """target = v(z, null) + a (v(z, c) - v(z, null)), with the edit's task/source part kept in
+    the unconditional branch (only the text is dropped)."""
+    from router.teacher import Teacher
+    from tests.conftest import cfg_for
+
+    cfg = cfg_for(toy_raw, tmp_path, "cfg")
+    teacher = Teacher(cfg, cfg.routing.routes[1].teacher)
+    g = torch.Generator().manual_seed(0)
+    rows = 6
+    cond = torch.zeros(rows, teacher.backend.cond_dim)
+    cond[:, 1] = 1.0  # local_edit task part
+    cond[torch.arange(rows), len(teacher.backend.tasks) + torch.arange(rows) % 4] = 1.0  # class text
+    z, sigma = torch.randn(rows, teacher.backend.dim, generator=g), torch.full((rows,), 0.5)
+    null = teacher.backend.null_cond(cond)
+    assert torch.equal(null[:, : len(teacher.backend.tasks)], cond[:, : len(teacher.backend.tasks)])
+    assert null[:, len(teacher.backend.tasks):].abs().sum() == 0
+    v_c, v_u = teacher.field.velocity(z, sigma, cond), teacher.field.velocity(z, sigma, null)
+    assert (v_c - v_u).abs().max() > 0.1
+    got = torch.from_numpy(teacher.query(z.numpy(), sigma.numpy(), cond.numpy(), 3.0))
+    torch.testing.assert_close(got, v_u + 3.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)

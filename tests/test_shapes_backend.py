@@ -13,7 +13,8 @@ from danceopd import shapes_world as sw
 from danceopd.backends import make_backend
 from danceopd.backends.base import Row
 from danceopd.backends.shapes import ShapesBackend
-from danceopd.config import config_from_dict
+from danceopd.config import ConfigError, config_from_dict, load_config
+from danceopd.fields import gaussian_velocity
 from danceopd.lora import load_trainable_state_dict, trainable_state_dict
 
 
@@ -104,6 +105,64 @@ def test_oracle_teacher_flows_noise_onto_the_ground_truth(world):
     for i, r in enumerate(rows):
         want = torch.zeros(3, 16, 16) if r.source_image is None else torch.from_numpy(sw.load_png(r.source_image))
         torch.testing.assert_close(null_mu[i], want)
+
+
+def _truth(rows: list[Row]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(sw.ground_truth(r.prompt, None if r.source_image is None else sw.load_png(r.source_image)))
+                        for r in rows])
+
+
+def _demo_teachers(backend):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert cfg.backend.name == "shapes" and backend.size == cfg.backend.image_size
+    return cfg, {t.name: backend.build_teacher(t, Path(cfg.base_dir)) for t in cfg.teachers}
+
+
+def test_demo_oracles_are_specialists_so_softmix_is_not_hard_routing(world):
+    """Each demo route's teacher knows only its task, so the softmix target (the weight-average of
+    all routes' teachers, as the router computes it) is far from the hard-routed target."""
+    _, _, backend, rows = world
+    cfg, teachers = _demo_teachers(backend)
+    total = sum(r.weight for r in cfg.routing.routes)
+    for route in cfg.routing.routes:
+        batch = [r for r in rows if r.task == route.task]
+        assert batch, route.task
+        cond = backend.encode(batch)
+        z = backend.noise([200 + i for i in range(len(batch))])
+        sigma = torch.linspace(0.2, 0.8, len(batch))
+        hard = teachers[route.teacher].velocity(z, sigma, cond)
+        soft = sum(r.weight / total * teachers[r.teacher].velocity(z, sigma, cond) for r in cfg.routing.routes)
+        # Hard routing is the exact ground-truth field; softmix pulls every row away from it.
+        torch.testing.assert_close(hard, gaussian_velocity(z, sigma, _truth(batch), teachers[route.teacher].std))
+        rms = (hard - soft).pow(2).mean(dim=(1, 2, 3)).sqrt()
+        assert rms.min() > 0.2, (route.name, rms)
+
+
+def test_oracle_specialist_is_exact_on_its_task_and_drops_the_text_elsewhere(world):
+    _, _, backend, rows = world
+    cfg, teachers = _demo_teachers(backend)
+    everything = backend.build_teacher(cfg.teachers[0].model_copy(update={"tasks": None}), Path(cfg.base_dir))
+    cond = backend.encode(rows)
+    z, sigma = backend.noise([300 + i for i in range(len(rows))]), torch.full((len(rows),), 0.4)
+    truth, null_mu = _truth(rows), everything.targets(backend.null_cond(cond))
+    for t in cfg.teachers:
+        assert t.tasks is not None and len(t.tasks) == 1
+        teacher = teachers[t.name]
+        own = torch.tensor([r.task in t.tasks for r in rows])
+        assert own.any() and (~own).any()
+        mu = teacher.targets(cond)
+        torch.testing.assert_close(mu[own], truth[own], rtol=0, atol=0)
+        torch.testing.assert_close(mu[~own], null_mu[~own], rtol=0, atol=0)  # source image / mid-grey
+        v = teacher.velocity(z, sigma, cond)
+        torch.testing.assert_close(v[own], gaussian_velocity(z, sigma, truth, t.std)[own])
+        torch.testing.assert_close(v[own], everything.velocity(z, sigma, cond)[own])
+        assert (v[~own] - everything.velocity(z, sigma, cond)[~own]).abs().amax(dim=(1, 2, 3)).min() > 0.1
+    bad = cfg.teachers[0].model_copy(update={"tasks": ["t2i", "inpaint"]})
+    with pytest.raises(ValueError, match="teacher t2i_teacher: unknown ShapesBench task 'inpaint'"):
+        backend.build_teacher(bad, Path(cfg.base_dir))
+    with pytest.raises(ConfigError, match="teachers.1.tasks: only oracle teachers"):
+        _cfg(Path(cfg.base_dir)).model_validate({**_cfg(Path(cfg.base_dir)).model_dump(), "teachers": [
+            {"name": "oracle", "kind": "oracle", "tasks": ["t2i"]}, {"name": "pre", "kind": "pretrained", "path": "t", "tasks": ["t2i"]}]})
 
 
 def test_pretrained_teacher_is_frozen_and_matches_its_folder(world):
