@@ -79,6 +79,7 @@ class RouteConfig(_Strict):
 
 class RoutingConfig(_Strict):
     routes: list[RouteConfig] = Field(..., min_length=1, description="Hard routes: route -> (teacher, task, weight).")
+    granularity: Literal["update", "sample"] = Field("update", description="`update` (the reference's hard routing): every micro-batch of every learner rank of one optimizer update comes from one route, drawn by weight; `sample`: a route per sample, so micro-batches mix routes.")
     max_concurrent_batches: int = Field(16, ge=1, le=1024, description="Rollout batches the router scores at once (threads of the router actor); a batch's routes query their teacher pools concurrently.")
 
 

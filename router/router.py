@@ -66,6 +66,9 @@ class Router:
         self.data_rng = np.random.Generator(np.random.PCG64([cfg.job.seed, 1]))
         self.next_sample = 0
         self.next_ticket = 0
+        # routing.granularity update: one route per optimizer update = per_step consecutive orders
+        self.per_update = cfg.learner.world_size * cfg.learner.grad_accum if cfg.routing.granularity == "update" else 0
+        self.group_route, self.group_left = "", 0
         self.stats = {"routed_rows": {n: 0 for n in self.routes}, "busy_s": 0.0}
         # Router state as it was before each outstanding ticket was issued: a checkpoint taken
         # while later tickets are still in flight resumes from the first unconsumed one.
@@ -77,21 +80,36 @@ class Router:
         self.pools[teacher] = pool
 
     # ---- work hand-out ------------------------------------------------------------------
-    def next_orders(self, n: int, batch_size: int) -> list[WorkOrder]:
-        """`n` orders in one call (one round trip for the whole hand-out)."""
+    def next_orders(self, n: int, batch_size: int, owed: list[str] = ()) -> list[WorkOrder]:
+        """`n` orders in one call (one round trip for the whole hand-out). `owed` routes first:
+        replacements for lost or dropped batches of an update that is still short (fresh data,
+        the same route, the open group untouched)."""
+        owed = list(owed)[:n]
         with self._lock:
-            return [self._next_order(batch_size) for _ in range(n)]
+            return [self._next_order(batch_size, owed[i] if i < len(owed) else None) for i in range(n)]
 
     def next_order(self, batch_size: int) -> WorkOrder:
         with self._lock:
             return self._next_order(batch_size)
 
-    def _next_order(self, batch_size: int) -> WorkOrder:
+    def _order_route(self, owed: str | None) -> str | None:
+        """The route every item of this order shares (granularity update), or None (per sample)."""
+        if owed is not None:
+            return owed
+        if not self.per_update:
+            return None
+        if self.group_left == 0:
+            self.group_route, self.group_left = self.policy.next(), self.per_update
+        self.group_left -= 1
+        return self.group_route
+
+    def _next_order(self, batch_size: int, owed: str | None = None) -> WorkOrder:
         groups = self.method.group_size()
         self._before[self.next_ticket] = self.state_dict()
+        order_route = self._order_route(owed)
         items = []
         while len(items) < batch_size:
-            route = self.policy.next()
+            route = order_route or self.policy.next()
             row = self.dataset.sample(self.routes[route].task, self.data_rng)
             group = self.next_sample
             for _ in range(groups):  # a group: the same prompt rolled out with distinct seeds
@@ -155,7 +173,8 @@ class Router:
     # ---- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "data_rng": self.data_rng.bit_generator.state,
-                "next_sample": self.next_sample, "next_ticket": self.next_ticket}
+                "next_sample": self.next_sample, "next_ticket": self.next_ticket,
+                "group_route": self.group_route, "group_left": self.group_left}
 
     def state_before(self, ticket: int) -> dict:
         """The state to resume from when tickets < `ticket` are consumed and later ones are not."""
@@ -172,6 +191,7 @@ class Router:
         self.data_rng.bit_generator.state = state["data_rng"]
         self.next_sample = int(state["next_sample"])
         self.next_ticket = int(state["next_ticket"])
+        self.group_route, self.group_left = state.get("group_route", ""), int(state.get("group_left", 0))
 
     def get_stats(self) -> dict:
         with self._lock:

@@ -27,7 +27,8 @@ class TrainLoop:
         self.cfg, self.mode = cfg, mode
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
         self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
-                                    cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker)
+                                    cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker,
+                                    by_route=cfg.routing.granularity == "update")
         if mode == "local":
             from services.runtime.local import build_local as build
         else:
@@ -82,8 +83,8 @@ class TrainLoop:
     def issue(self) -> None:
         plan = self.pipe.plan(self.fleet.workers())
         if plan:
-            for worker, order in zip(plan, self.fleet.next_orders(len(plan))):
-                self.pipe.issue(order.ticket, worker, len(order.items))
+            for worker, order in zip(plan, self.fleet.next_orders(len(plan), self.pipe.take_owed(len(plan)))):
+                self.pipe.issue(order.ticket, worker, len(order.items), order.items[0].route)
                 self.fleet.submit(worker, order)
 
     def collect(self, timeout: float) -> None:

@@ -12,6 +12,10 @@ Pure Python — no Ray, no clock — so the logic both modes run is unit-tested 
   capacity, and no more are issued than the remaining steps need.
 - **Ticket order**: routed batches enter the replay queue in ticket order (a lost ticket is
   skipped), so what the learner consumes does not depend on which worker was faster.
+- **One route per update** (`by_route`, routing.granularity update): a lost or dropped batch
+  leaves its update short, so its route is *owed*: the next order handed out is of that route.
+  Losing or dropping frees the capacity slot the replacement takes, so this never deadlocks;
+  the learner starts a step once the oldest queued batch's route has a full step queued.
 - **Resume point**: the first ticket not yet consumed; the router's state from just before it
   is what a checkpoint stores.
 
@@ -35,12 +39,15 @@ class Ticket:
 
 class RolloutPipeline:
     def __init__(self, per_step: int, total_steps: int, capacity: int, max_lag: int, on_stale: str = "wait",
-                 depth: int = 1):
+                 depth: int = 1, by_route: bool = False):
         if capacity < per_step:
             raise ValueError(f"replay.capacity: {capacity} batches cannot hold one learner step ({per_step} batches)")
         self.per_step, self.total_steps = per_step, total_steps
         self.capacity, self.max_lag, self.on_stale = capacity, max_lag, on_stale
         self.depth = depth  # orders one worker may hold (running + queued behind it)
+        self.by_route = by_route
+        self.routes: dict[int, str] = {}  # ticket -> route, for tickets not yet consumed
+        self.owed: list[str] = []  # routes of lost / dropped batches, handed out next
         self.step = 0  # learner steps done
         self.position = 0  # tickets issued and not lost (consumed ones included)
         self.next_ticket = 0  # the ticket the next order must carry
@@ -83,9 +90,16 @@ class RolloutPipeline:
             if not added:
                 return out
 
-    def issue(self, ticket: int, worker: str, samples: int) -> None:
+    def take_owed(self, n: int) -> list[str]:
+        """Routes the next `n` orders must have (replacements first); they stay owed until issued."""
+        return self.owed[:n] if self.by_route else []
+
+    def issue(self, ticket: int, worker: str, samples: int, route: str = "") -> None:
         if ticket != self.next_ticket:
             raise RuntimeError(f"pipeline: ticket {ticket} handed out, expected {self.next_ticket}")
+        if self.owed and route == self.owed[0]:
+            self.owed.pop(0)
+        self.routes[ticket] = route
         self.in_flight[ticket] = Ticket(ticket, worker, samples)
         self.next_ticket += 1
         self.position += 1
@@ -108,6 +122,7 @@ class RolloutPipeline:
         """A ticket whose batch will never arrive (its worker died or timed out)."""
         t = self.in_flight.pop(ticket)
         self.lost.add(ticket)
+        self._owe(ticket)
         self.position -= 1
         self.counts["lost"] += t.samples
         return t
@@ -130,15 +145,26 @@ class RolloutPipeline:
         """The replay queue handed `taken` tickets to the learner and dropped `dropped`."""
         for t in taken:
             self.counts["consumed"] += self.queued.pop(t)
+            self.routes.pop(t, None)
         for t, samples in (dropped or {}).items():
             self.queued.pop(t)
             self.dropped[reason] += samples
+            if reason == "stale":
+                self._owe(t)
+            self.routes.pop(t, None)
+
+    def _owe(self, ticket: int) -> None:
+        if self.by_route and self.routes.get(ticket):
+            self.owed.append(self.routes[ticket])
 
     def stepped(self) -> None:
         self.step += 1
 
     def can_learn(self) -> bool:
-        return len(self.queued) >= self.per_step
+        if not self.by_route or len(self.queued) < self.per_step:
+            return len(self.queued) >= self.per_step
+        head = self.routes.get(next(iter(self.queued)))
+        return sum(1 for t in self.queued if self.routes.get(t) == head) >= self.per_step
 
     def first_unconsumed(self) -> int:
         """Tickets before this one are consumed, dropped or lost; the router state from just

@@ -18,13 +18,14 @@ from danceopd.batch import num_samples, read_ipc, write_ipc
 
 
 class ReplayQueue:
-    def __init__(self, capacity: int, max_policy_lag: int, spill_dir: str | Path | None = None):
+    def __init__(self, capacity: int, max_policy_lag: int, spill_dir: str | Path | None = None, by_route: bool = False):
         self.capacity = capacity
+        self.by_route = by_route  # routing.granularity update: a take is one route's batches
         self.max_policy_lag = max_policy_lag
         self.spill_dir = Path(spill_dir) if spill_dir else None
         if self.spill_dir:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-        # entries: (policy_version, samples, ticket, RecordBatch or Path of a spill file)
+        # entries: (policy_version, samples, ticket, RecordBatch or Path of a spill file, route)
         self._items: collections.deque = collections.deque()
         self._in_memory = 0
         self._spilled = 0
@@ -39,6 +40,7 @@ class ReplayQueue:
     def put(self, rb: pa.RecordBatch) -> bool:
         version, samples = min(rb.column("policy_version").to_pylist()), num_samples(rb)
         ticket = rb.column("ticket")[0].as_py() if rb.num_rows else -1
+        route = rb.column("route")[0].as_py() if rb.num_rows else ""
         if self._in_memory < self.capacity:
             item = rb
             self._in_memory += 1
@@ -48,7 +50,7 @@ class ReplayQueue:
             self._spilled += 1
         else:
             return False
-        self._items.append((version, samples, ticket, item))
+        self._items.append((version, samples, ticket, item, route))
         self.put_samples += samples
         return True
 
@@ -63,7 +65,7 @@ class ReplayQueue:
     def _drop_stale(self, learner_version: int) -> dict[int, int]:
         keep, dropped = collections.deque(), {}
         for entry in self._items:
-            version, samples, ticket, item = entry
+            version, samples, ticket, item, _ = entry
             if learner_version - version > self.max_policy_lag:
                 self._load(item)
                 self.dropped["stale"] += samples
@@ -78,16 +80,22 @@ class ReplayQueue:
         return {"dropped": self._drop_stale(learner_version), "depth": self.depth()}
 
     def take(self, n: int, learner_version: int) -> tuple[list[pa.RecordBatch], dict]:
-        """The n oldest fresh batches, or [] (taking nothing) while fewer than n are fresh, and
+        """The n oldest fresh batches (`by_route`: the n oldest of the oldest batch's route), or []
+        (taking nothing) while there are fewer, and
         what happened: {"tickets": taken, "versions": their policy versions, "dropped": {ticket:
         samples} (too stale, dropped on the way)}."""
         dropped = self._drop_stale(learner_version)
         meta = {"tickets": [], "versions": [], "dropped": dropped}
-        if len(self._items) < n:
+        if self.by_route:  # the oldest batch's route; its n oldest batches, or nothing yet
+            picked = [e for e in self._items if e[4] == self._items[0][4]][:n] if self._items else []
+        else:
+            picked = list(self._items)[:n]
+        if len(picked) < n:
             return [], meta
         out = []
-        for _ in range(n):
-            version, samples, ticket, item = self._items.popleft()
+        chosen = {id(e) for e in picked}
+        self._items = collections.deque(e for e in self._items if id(e) not in chosen)
+        for version, samples, ticket, item, _ in picked:
             self.lag_counts[learner_version - version] += samples
             self.consumed_samples += samples
             meta["tickets"].append(ticket)
@@ -99,7 +107,7 @@ class ReplayQueue:
         """Drop everything left (e.g. `unconsumed` at the end of a job): {ticket: samples}."""
         dropped = {}
         while self._items:
-            _, samples, ticket, item = self._items.popleft()
+            _, samples, ticket, item, _ = self._items.popleft()
             self._load(item)
             dropped[ticket] = samples
         self.dropped[reason] += sum(dropped.values())

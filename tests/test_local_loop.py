@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
@@ -19,7 +18,7 @@ def final_weights(cfg):
 
 def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
     """A learning test: per-route error of the student's samples falls at least 5x."""
-    cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=250, checkpoint__every=0)
+    cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=400, checkpoint__every=0)
     learner = Learner(cfg)
     before = toy_route_errors(cfg, learner.backend, learner.model, n=128)
     summary = train(cfg, show_progress=False)
@@ -62,7 +61,7 @@ def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
     assert (ck / "learner" / "optimizer.pt").is_file()
     assert summary["checkpoint"] == str(ck)
     lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and set(json.loads(lines[-1])["route_loss"]) == {"t2i", "local_edit", "global_edit"}
+    assert len(lines) == 9 and set(json.loads(lines[-1])["route_loss"]) <= {"t2i", "local_edit", "global_edit"}
 
 
 def test_all_methods_run(toy_raw, tmp_path):
@@ -130,3 +129,37 @@ def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, 
     assert set(start) == set(end) == {r.name for r in cfg.routing.routes} and summary["eval_end"] == end
     for route in start:
         assert end[route] < start[route], (method, route, start[route], end[route])
+
+
+def _step_routes(cfg) -> list[set[str]]:
+    lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
+    return [set(json.loads(line)["route_loss"]) for line in lines]
+
+
+@pytest.mark.parametrize("extra", [{}, {"sync__max_policy_lag": 1, "sync__on_stale": "drop"},
+                                   {"sync__max_policy_lag": 2, "rollout__orders_per_worker": 2}])
+def test_route_granularity_update_gives_every_step_one_route(toy_raw, tmp_path, extra):
+    """granularity update (default): all micro-batches of an update (grad_accum 3) share one
+    route, drawn by weight; with lag and on_stale drop too. sample: micro-batches mix routes."""
+    cfg = cfg_for(toy_raw, tmp_path, "upd", learner__steps=40, learner__grad_accum=3, replay__capacity=9,
+                  checkpoint__every=0, **extra)
+    assert cfg.routing.granularity == "update"
+    summary = train(cfg, show_progress=False)
+    steps = _step_routes(cfg)
+    assert len(steps) == 40 and all(len(r) == 1 for r in steps), steps
+    assert set().union(*steps) == {"t2i", "local_edit", "global_edit"}  # all routes get updates
+    assert summary["accounting"]["consumed"] == 40 * 3 * cfg.rollout.batch_size
+    mixed = cfg_for(toy_raw, tmp_path, "smp", learner__steps=10, learner__grad_accum=3, replay__capacity=9,
+                    checkpoint__every=0, routing__granularity="sample", **extra)
+    train(mixed, show_progress=False)
+    assert all(len(r) > 1 for r in _step_routes(mixed))
+
+
+def test_route_granularity_update_resumes_the_route_sequence(toy_raw, tmp_path):
+    full = cfg_for(toy_raw, tmp_path, "gfull", learner__steps=12, learner__grad_accum=2, checkpoint__every=5)
+    train(full, show_progress=False)
+    part = cfg_for(toy_raw, tmp_path, "gpart", learner__steps=5, learner__grad_accum=2, checkpoint__every=5)
+    train(part, show_progress=False)
+    resumed = cfg_for(toy_raw, tmp_path, "gpart", learner__steps=12, learner__grad_accum=2, checkpoint__every=5)
+    train(resumed, show_progress=False, resume_from=latest_checkpoint(part.output_path))
+    assert _step_routes(resumed)[-12:] == _step_routes(full)

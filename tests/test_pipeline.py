@@ -126,3 +126,54 @@ def test_resume_restarts_tickets_and_positions():
 def test_capacity_below_one_step_is_refused():
     with pytest.raises(ValueError, match="replay.capacity: 2 batches cannot hold one learner step"):
         RolloutPipeline(per_step=4, total_steps=1, capacity=2, max_lag=0)
+
+
+def test_by_route_a_lost_or_dropped_batch_is_owed_and_learning_waits_for_its_route():
+    """granularity update: a lost/dropped batch's route is handed out next (its update is short),
+    and a step starts only when the oldest queued batch's route has a full step queued."""
+    p = RolloutPipeline(per_step=2, total_steps=10, capacity=8, max_lag=0, by_route=True)
+    p.worker_version.update(a=0, b=0)
+    for t, r in enumerate("AABB"):
+        p.issue(t, "ab"[t % 2], 4, route=r)
+    p.lose(1)
+    assert p.owed == ["A"] and p.take_owed(3) == ["A"]
+    for t in (0, 2, 3):
+        p.completed(t, f"h{t}")
+    p.to_replay()
+    assert not p.can_learn()  # A (the oldest) has one of two; B's full step waits behind it
+    p.issue(4, "a", 4, route="A")
+    assert p.owed == []
+    p.completed(4, "h4")
+    p.to_replay()
+    assert p.can_learn()
+    p.took([0, 4], {2: 4})  # B's ticket 2 dropped as stale: B is owed now
+    assert p.owed == ["B"]
+    flat = RolloutPipeline(per_step=2, total_steps=10, capacity=8, max_lag=0)
+    flat.worker_version.update(a=0)
+    flat.issue(0, "a", 4, route="A")
+    flat.lose(0)
+    assert flat.owed == [] and flat.take_owed(2) == []
+
+
+def test_replay_by_route_takes_the_oldest_routes_batches():
+    import pyarrow as pa
+
+    from services.replay import ReplayQueue
+
+    def rb(ticket, route):
+        return pa.RecordBatch.from_pydict({"policy_version": [0], "sample_index": [ticket], "ticket": [ticket], "route": [route]})
+
+    q = ReplayQueue(capacity=8, max_policy_lag=0, by_route=True)
+    for t, r in enumerate("ABAB"):
+        q.put(rb(t, r))
+    out, meta = q.take(2, 0)
+    assert meta["tickets"] == [0, 2]
+    assert q.take(2, 0)[1]["tickets"] == [1, 3]
+    q.put(rb(4, "A"))
+    q.put(rb(5, "B"))
+    q.put(rb(6, "B"))
+    assert q.take(2, 0)[1]["tickets"] == []  # the oldest is A and A has one batch: wait
+    fifo = ReplayQueue(capacity=8, max_policy_lag=0)
+    for t, r in enumerate("ABAB"):
+        fifo.put(rb(t, r))
+    assert fifo.take(2, 0)[1]["tickets"] == [0, 1]

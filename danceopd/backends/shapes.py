@@ -81,16 +81,30 @@ def load_image(path: Path | None, size: int, what: str, uid: str) -> np.ndarray:
 
 class OracleTeacher(TeacherField):
     """Exact field of N(ground_truth(c), std^2 I): the ShapesBench answer, computed from the
-    condition alone. The null condition's target is the source image (edits) or mid-grey."""
+    condition alone. The null condition's target is the source image (edits) or mid-grey.
 
-    def __init__(self, packer: ShapesCondition, std: float):
+    With `tasks` the oracle is a single-task specialist: it knows the answer only for prompts of
+    those tasks, and on a condition of any other task it does not understand the text, so it
+    answers as for the null condition (keeps the source image of an edit, mid-grey for t2i).
+    Teachers of different tasks are then different fields, and a soft mixture of them is not the
+    routed teacher's answer."""
+
+    def __init__(self, packer: ShapesCondition, std: float, tasks: list[str] | None = None):
+        unknown = sorted(set(tasks or ()) - set(sw.TASKS))
+        if unknown:
+            raise ValueError(f"oracle teacher: unknown ShapesBench task {unknown[0]!r} (known: {', '.join(sw.TASKS)})")
         self.packer, self.std = packer, std
+        self.tasks = None if tasks is None else frozenset(tasks)
         self._target = lru_cache(maxsize=4096)(self._target_uncached)
+
+    def knows(self, prompt: str) -> bool:
+        """Whether this oracle knows the task of a (non-empty) prompt."""
+        return self.tasks is None or sw.parse_prompt(prompt).task in self.tasks
 
     def _target_uncached(self, prompt: str, source: bytes | None) -> torch.Tensor:
         s = self.packer.size
         src = None if source is None else np.frombuffer(source, np.float32).reshape(3, s, s)
-        if not prompt:
+        if not prompt or not self.knows(prompt):
             return torch.zeros(3, s, s) if src is None else torch.from_numpy(src.copy())
         return torch.from_numpy(sw.ground_truth(prompt, src, s))
 
@@ -210,7 +224,10 @@ class ShapesBackend(Backend):
     # ---- teachers and data -----------------------------------------------------------------
     def build_teacher(self, teacher_cfg, base_dir: Path) -> TeacherField:
         if teacher_cfg.kind == "oracle":
-            return OracleTeacher(self.packer, teacher_cfg.std)
+            try:
+                return OracleTeacher(self.packer, teacher_cfg.std, teacher_cfg.tasks)
+            except ValueError as err:
+                raise ValueError(f"teacher {teacher_cfg.name}: {err}") from None
         if teacher_cfg.kind == "pretrained":
             p = Path(teacher_cfg.path).expanduser()
             folder = p if p.is_absolute() else Path(base_dir) / p

@@ -42,7 +42,7 @@ class LocalFleet:
         self.router = build_router(cfg, {n: InProcessPool(t) for n, t in self.teachers.items()})
         self.worker = RolloutWorker(cfg, "rollout-0")
         spill = cfg.replay.spill_dir and cfg.resolve(cfg.replay.spill_dir)
-        self.replay = ReplayQueue(cfg.replay.capacity, cfg.sync.max_policy_lag, spill)
+        self.replay = ReplayQueue(cfg.replay.capacity, cfg.sync.max_policy_lag, spill, cfg.routing.granularity == "update")
         self._events: list = []
 
     # ---- data path -----------------------------------------------------------------------
@@ -52,8 +52,8 @@ class LocalFleet:
     def worker_versions(self) -> dict[str, int]:
         return {self.worker.worker_id: self.worker.version}
 
-    def next_orders(self, n: int) -> list:
-        return self.router.next_orders(n, self.cfg.rollout.batch_size)
+    def next_orders(self, n: int, owed: list[str] = ()) -> list:
+        return self.router.next_orders(n, self.cfg.rollout.batch_size, owed)
 
     def submit(self, worker: str, order) -> None:
         self._events.append(Routed(order.ticket, self.router.route(self.worker.rollout(order))))

@@ -81,7 +81,7 @@ class RayFleet:
         replay_cls = ray.remote(ReplayQueueActor)
         spill = cfg.replay.spill_dir and str(cfg.resolve(cfg.replay.spill_dir))
         self.replay = ActorGroup("replay", specs["replay"], lambda name, opts: replay_cls.options(**opts).remote(
-            cfg.replay.capacity, cfg.sync.max_policy_lag, spill))
+            cfg.replay.capacity, cfg.sync.max_policy_lag, spill, cfg.routing.granularity == "update"))
         self.replay.add()
         worker_cls = ray.remote(RolloutWorkerActor)
         store = self.store.only
@@ -116,8 +116,8 @@ class RayFleet:
         """Live (not draining) workers: the ones a weight push goes to."""
         return {n: self.rollout.members[n].actor for n in self.workers()}
 
-    def next_orders(self, n: int) -> list:
-        return ray.get(self.router.only.next_orders.remote(n, self.cfg.rollout.batch_size), timeout=self.dl.route_s)
+    def next_orders(self, n: int, owed: list[str] = ()) -> list:
+        return ray.get(self.router.only.next_orders.remote(n, self.cfg.rollout.batch_size, list(owed)), timeout=self.dl.route_s)
 
     def submit(self, worker: str, order) -> None:
         actor = self.rollout.members[worker].actor
