@@ -135,7 +135,7 @@ def test_demo_oracles_are_specialists_so_softmix_is_not_hard_routing(world):
         # Hard routing is the exact ground-truth field; softmix pulls every row away from it.
         torch.testing.assert_close(hard, gaussian_velocity(z, sigma, _truth(batch), teachers[route.teacher].std))
         rms = (hard - soft).pow(2).mean(dim=(1, 2, 3)).sqrt()
-        assert rms.min() > 0.2, (route.name, rms)
+        assert rms.min() > 0.1, (route.name, rms)  # identical teachers give ~1e-7
 
 
 def test_oracle_specialist_is_exact_on_its_task_and_drops_the_text_elsewhere(world):
@@ -160,9 +160,11 @@ def test_oracle_specialist_is_exact_on_its_task_and_drops_the_text_elsewhere(wor
     bad = cfg.teachers[0].model_copy(update={"tasks": ["t2i", "inpaint"]})
     with pytest.raises(ValueError, match="teacher t2i_teacher: unknown ShapesBench task 'inpaint'"):
         backend.build_teacher(bad, Path(cfg.base_dir))
+    raw = {"backend": {"name": "shapes"}, "data": {"path": "d.csv"},
+           "routing": {"routes": [{"name": "r", "teacher": "pre", "task": "t2i"}]},
+           "teachers": [{"name": "o", "kind": "oracle", "tasks": ["t2i"]}, {"name": "pre", "kind": "pretrained", "path": "t", "tasks": ["t2i"]}]}
     with pytest.raises(ConfigError, match="teachers.1.tasks: only oracle teachers"):
-        _cfg(Path(cfg.base_dir)).model_validate({**_cfg(Path(cfg.base_dir)).model_dump(), "teachers": [
-            {"name": "oracle", "kind": "oracle", "tasks": ["t2i"]}, {"name": "pre", "kind": "pretrained", "path": "t", "tasks": ["t2i"]}]})
+        config_from_dict(raw)
 
 
 def test_pretrained_teacher_is_frozen_and_matches_its_folder(world):

@@ -92,7 +92,7 @@ class OracleTeacher(TeacherField):
     def __init__(self, packer: ShapesCondition, std: float, tasks: list[str] | None = None):
         unknown = sorted(set(tasks or ()) - set(sw.TASKS))
         if unknown:
-            raise ValueError(f"oracle teacher: unknown ShapesBench task {unknown[0]!r} (known: {', '.join(sw.TASKS)})")
+            raise ValueError(f"unknown ShapesBench task {unknown[0]!r} in tasks (known: {', '.join(sw.TASKS)})")
         self.packer, self.std = packer, std
         self.tasks = None if tasks is None else frozenset(tasks)
         self._target = lru_cache(maxsize=4096)(self._target_uncached)
