@@ -20,7 +20,9 @@ pytestmark = pytest.mark.ray
 
 
 def make_cfg(raw, tmp_path, **learner):
-    raw = {**raw, "rollout": {**raw["rollout"], "batch_size": 16}, "learner": {**raw["learner"], **learner}}
+    # granularity sample: each micro-batch holds every route, so per-route losses are compared too
+    raw = {**raw, "rollout": {**raw["rollout"], "batch_size": 16}, "learner": {**raw["learner"], **learner},
+           "routing": {**raw["routing"], "granularity": "sample"}}
     return config_from_dict(raw, base_dir=tmp_path)
 
 
@@ -106,7 +108,7 @@ def test_two_ranks_learn_export_and_resume(ray_local, toy_raw, tmp_path, stage):
     probe = Learner(cfg)
     probe.load_weights(exports[0])
     with torch.no_grad():
-        expect = sum(batch_loss(probe.backend, probe.model, cfg.method, rb)[0].item() for rb in mine) / 2
+        expect = sum(batch_loss(probe.backend, probe.model, probe.method, rb)[0].item() for rb in mine) / 2
 
     folder = str(tmp_path / "ckpt")
     ray_local.get([r.save_checkpoint.remote(folder) for r in ranks])

@@ -57,6 +57,7 @@ def test_scale_two_workers_two_ranks(ray_local, toy_raw, tmp_path, stage):
         assert v["end"] < v["start"], route
     rows = losses(cfg)
     assert rows[-1]["workers"] == {"rollout": 2, "learner": 2, "teacher": 3}
+    assert all(len(r["route_loss"]) == 1 for r in rows)  # granularity update: both ranks, one route
     acct = summary["accounting"]
     assert_accounting_closes(acct)
     assert acct["consumed"] == 40 * 2 * 16

@@ -47,7 +47,7 @@ def test_routes_of_a_batch_and_batches_are_routed_concurrently(ray_local, sim_ra
     raw = dict(sim_raw, teachers=teachers)
     cfg = cfg_for(raw, tmp_path, "route", backend__rollout_latency_s=0.0, backend__teacher_latency_s=0.4,
               backend__learner_latency_s=0.0, rollout__workers=2, rollout__batch_size=16, learner__steps=6,
-              learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8)
+              learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8, routing__granularity="sample")
     train(cfg, mode="ray", show_progress=False)
     routes_per_step = [len(json.loads(line)["route_loss"]) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
     assert min(routes_per_step) == 3
