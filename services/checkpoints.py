@@ -50,5 +50,9 @@ def resume(loop, path) -> None:
               "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
     loop.step = loop.version = int(state["step"])
     loop.learner.set_version(loop.version)
-    loop.fleet.router_load(state["router"])
+    # The run re-issues whole updates from the first unconsumed ticket. Its router state can sit
+    # inside an update (routing.granularity update, after a lost or dropped batch let a later
+    # ticket of that route be consumed first): close that update, else the job's last one would
+    # stay short and never be learned. Without losses or drops it is closed already.
+    loop.fleet.router_load({**state["router"], "group_left": 0})
     loop.pipe.resume(loop.step, int(state["router"]["next_ticket"]))

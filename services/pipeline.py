@@ -123,6 +123,7 @@ class RolloutPipeline:
         t = self.in_flight.pop(ticket)
         self.lost.add(ticket)
         self._owe(ticket)
+        self.routes.pop(ticket, None)
         self.position -= 1
         self.counts["lost"] += t.samples
         return t
