@@ -150,6 +150,14 @@ class Trajectory:
     nfe: int
 
 
+def guided_velocity(predict, null_cond, z, sigma, cond, scale: float) -> torch.Tensor:
+    """CFG of any field: one pass at scale 1, else both branches in one batched call."""
+    if scale == 1:
+        return predict(z, sigma, cond)
+    v_u, v_c = predict(torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([null_cond(cond), cond])).chunk(2)
+    return cfg_combine(v_u, v_c, scale)
+
+
 def integrate(
     field: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     z: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 
 from danceopd.backends import make_backend
 from danceopd.batch import batch_schema, make_batch
-from danceopd.flow import cfg_combine, forward_noise, integrate, job_sigmas
+from danceopd.flow import forward_noise, guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
 from danceopd.methods import make_method
 from danceopd.work import WorkOrder
@@ -48,12 +48,8 @@ class RolloutWorker:
 
     # ---- rollout ------------------------------------------------------------------------
     def _velocity(self, z, sigma, cond):
-        scale = self.cfg.method.rollout_cfg_scale
-        if scale == 1:
-            return self.backend.predict(self.model, z, sigma, cond)
-        both = self.backend.predict(self.model, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([self.backend.null_cond(cond), cond]))
-        v_u, v_c = both.chunk(2)
-        return cfg_combine(v_u, v_c, scale)
+        return guided_velocity(lambda *a: self.backend.predict(self.model, *a), self.backend.null_cond, z, sigma, cond,
+                               self.cfg.method.rollout_cfg_scale)
 
     def _drop_text(self, cond: torch.Tensor, seeds: list[int], p: float) -> torch.Tensor:
         """Condition dropout, seeded per sample: the text goes, an edit's source image stays."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from danceopd.flow import cfg_combine
+from danceopd.flow import guided_velocity
 from danceopd.losses import weighted_mse
 from danceopd.queries import select_queries
 
@@ -53,12 +53,8 @@ class Method:
         """The student's velocity at the rows' states, with grad. With `learner_guidance` the
         learner trains the field it rolled out with (its CFG included), as the reference does."""
         scale = self.cfg.rollout_cfg_scale if (self.cfg.learner_guidance and self.rollout != "data") else 1.0
-        if scale == 1.0:
-            return backend.predict(model, t["state"], t["sigma"], t["cond"]).float()
-        z, s, c = t["state"], t["sigma"], t["cond"]
-        both = backend.predict(model, torch.cat([z, z]), torch.cat([s, s]), torch.cat([backend.null_cond(c), c])).float()
-        v_u, v_c = both.chunk(2)
-        return cfg_combine(v_u, v_c, scale)
+        return guided_velocity(lambda *a: backend.predict(model, *a), backend.null_cond, t["state"], t["sigma"], t["cond"],
+                               scale).float()
 
     def loss(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(scalar loss with grad to pred, per-row value detached [R])."""
