@@ -11,34 +11,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key and the reason."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeding limit
+MAX_WORKERS = 1024  # bound of every actor count (workers, replicas, ranks)
+MAX_RESOURCE = 1024.0  # bound of CPUs / GPUs of one actor
+MAX_TIMEOUT_S = 7 * 86400.0  # bound of every timeout (huge ones overflow timedelta / ray.get)
+MAX_SCALE = 100.0  # bound of CFG scales
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan / inf never pass a float field: every float knob must be a finite number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class JobConfig(_Strict):
-    name: str = Field("danceopd", description="Job name; used for Ray job ids, metrics labels and logs.")
-    seed: int = Field(0, description="Seed of everything: routes, data sampling, noise, model init.")
-    output_dir: str = Field("runs/danceopd", description="Checkpoints and logs go here (relative to the cwd).")
+    name: str = Field("danceopd", min_length=1, max_length=128, pattern=r"^\S+$", description="Job name; used for Ray job ids, metrics labels and logs.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of everything: routes, data sampling, noise, model init.")
+    output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd).")
 
 
 class BackendConfig(_Strict):
     name: Literal["toy", "shapes", "sim"] = Field("toy", description="Model family: `toy` (analytic vectors), `shapes` (tiny SD3 transformer on ShapesBench images) or `sim` (toy compute plus a configured latency per role: sizing a fleet before you rent it).")
     dim: int = Field(4, ge=1, le=4096, description="toy: dimension of the data vectors.")
-    hidden: int = Field(128, ge=8, description="toy: width of the student MLP.")
+    hidden: int = Field(128, ge=8, le=8192, description="toy: width of the student MLP.")
     num_classes: int = Field(4, ge=1, le=1024, description="toy: prompt classes (`class 0` .. `class N-1`).")
     image_size: int = Field(16, ge=8, le=256, description="shapes: image side in pixels.")
-    patch_size: int = Field(2, ge=1, description="shapes: transformer patch size.")
-    num_layers: int = Field(2, ge=1, description="shapes: transformer blocks.")
-    num_heads: int = Field(2, ge=1, description="shapes: attention heads.")
-    head_dim: int = Field(16, ge=4, description="shapes: attention head width.")
-    max_tokens: int = Field(12, ge=2, description="shapes: prompt length in tokens (padded/truncated).")
+    patch_size: int = Field(2, ge=1, le=256, description="shapes: transformer patch size.")
+    num_layers: int = Field(2, ge=1, le=64, description="shapes: transformer blocks.")
+    num_heads: int = Field(2, ge=1, le=256, description="shapes: attention heads.")
+    head_dim: int = Field(16, ge=4, le=1024, description="shapes: attention head width.")
+    max_tokens: int = Field(12, ge=2, le=1024, description="shapes: prompt length in tokens (padded/truncated).")
     rollout_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one rollout batch takes (stands in for GPU time).")
     teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one teacher query call takes.")
     learner_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one learner micro-batch takes.")
@@ -46,35 +54,42 @@ class BackendConfig(_Strict):
 
 class LoraConfig(_Strict):
     enabled: bool = Field(False, description="Train LoRA adapters instead of the full student.")
-    rank: int = Field(4, ge=1, description="LoRA rank.")
-    alpha: float = Field(8.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="Module names that get adapters (peft).")
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(8.0, gt=0, le=1e4, description="LoRA alpha (scale = alpha / rank).")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Module names that get adapters (peft).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v):
+            raise ValueError("an empty module name matches the whole model")
+        return v
 
 
 class StudentConfig(_Strict):
-    init: str = Field("random", description="`random` (seeded) or a `save_pretrained` folder to start from.")
+    init: str = Field("random", min_length=1, description="`random` (seeded) or a `save_pretrained` folder to start from.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TeacherConfig(_Strict):
-    name: str = Field(..., description="Teacher name referenced by routes.")
+    name: str = Field(..., min_length=1, description="Teacher name referenced by routes.")
     kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
-    path: str | None = Field(None, description="Model folder for `pretrained` teachers (loaded with from_pretrained).")
-    std: float = Field(0.05, gt=0, description="gaussian/oracle: std of the teacher's target distribution.")
+    path: str | None = Field(None, min_length=1, description="Model folder for `pretrained` teachers (loaded with from_pretrained).")
+    std: float = Field(0.05, ge=1e-4, le=100, description="gaussian/oracle: std of the teacher's target distribution.")
     tasks: list[str] | None = Field(None, min_length=1, description="oracle: ShapesBench tasks this teacher is a specialist of (None = all); on a condition of any other task it ignores the text and answers as for the null condition (the source image of an edit, mid-grey for t2i).")
-    seed: int = Field(0, description="gaussian: seed of the per-prompt target means.")
-    replicas: int = Field(1, ge=1, description="Teacher actors serving this teacher's routes.")
-    num_cpus: float = Field(0.1, ge=0, description="CPUs per teacher actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per teacher actor.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="gaussian: seed of the per-prompt target means.")
+    replicas: int = Field(1, ge=1, le=MAX_WORKERS, description="Teacher actors serving this teacher's routes.")
+    num_cpus: float = Field(0.1, ge=0, le=MAX_RESOURCE, description="CPUs per teacher actor.")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per teacher actor.")
 
 
 class RouteConfig(_Strict):
-    name: str = Field(..., description="Route name (metrics label).")
-    teacher: str = Field(..., description="Name of the frozen teacher this route distils.")
-    task: str = Field(..., description="Dataset task bucket whose samples this route draws.")
-    weight: float = Field(1.0, ge=0, description="Relative probability of this route.")
+    name: str = Field(..., min_length=1, description="Route name (metrics label).")
+    teacher: str = Field(..., min_length=1, description="Name of the frozen teacher this route distils.")
+    task: str = Field(..., min_length=1, description="Dataset task bucket whose samples this route draws.")
+    weight: float = Field(1.0, ge=0, le=1e6, description="Relative probability of this route.")
     requires_source_image: bool = Field(False, description="Edit route: every sample must have a source image.")
-    cfg_scale: float | None = Field(None, ge=0, description="Teacher CFG scale for this route (default: method.teacher_cfg_scale).")
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_SCALE, description="Teacher CFG scale for this route (default: method.teacher_cfg_scale).")
 
 
 class RoutingConfig(_Strict):
@@ -94,18 +109,18 @@ MethodName = Literal["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", 
 class MethodConfig(_Strict):
     name: MethodName = Field("danceopd", description="danceopd | diffusionopd | flowopd | offpolicy | sft | softmix.")
     rollout_steps: int = Field(16, ge=1, le=1000, description="N: Euler steps of the student rollout.")
-    shift: float = Field(3.0, gt=0, description="Sigma-schedule shift s.")
+    shift: float = Field(3.0, gt=0, le=100, description="Sigma-schedule shift s.")
     sigma_grid: Literal["auto", "sd3", "zimage"] = Field("auto", description="Sigma grid of the rollout: `sd3` (diffusers' FlowMatchEulerDiscreteScheduler, bit for bit), `zimage` (the reference trainer's Z-Image grid, shift(linspace(1, 0, N+1))[:N] then 0), or `auto`: the backend's model family (toy, shapes and sim: sd3).")
-    k: int = Field(1, ge=1, description="K: query states per rollout (danceopd, softmix, flowopd).")
+    k: int = Field(1, ge=1, le=1000, description="K: query states per rollout (danceopd, softmix, flowopd).")
     query_bias: QueryBias = Field("low_t", description="Which trajectory states to query.")
-    teacher_cfg_scale: float = Field(1.0, ge=0, description="CFG absorbed on the teacher side (1 = one pass).")
-    rollout_cfg_scale: float = Field(1.0, ge=0, description="CFG the student uses while rolling out (1 = none).")
+    teacher_cfg_scale: float = Field(1.0, ge=0, le=MAX_SCALE, description="CFG absorbed on the teacher side (1 = one pass).")
+    rollout_cfg_scale: float = Field(1.0, ge=0, le=MAX_SCALE, description="CFG the student uses while rolling out (1 = none).")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="sft: probability that a sample's text is dropped (the source image of an edit is kept), so a teacher trained with sft has a real unconditional branch for CFG.")
     learner_guidance: bool = Field(True, description="With rollout_cfg_scale != 1, the learner trains the guided field the student rolled out with (reference); false regresses the unguided output.")
     uniform_dt: bool = Field(True, description="diffusionopd: the reference's constant weights 0.5/N^2 (true) or dt^2/2 on the shifted grid (false).")
-    flowopd_eta: float = Field(0.7, gt=0, description="flowopd: SDE noise level eta.")
-    flowopd_clip: float = Field(1e-4, gt=0, description="flowopd: PPO ratio clip epsilon.")
-    flowopd_groups: int = Field(1, ge=1, description="flowopd: rollouts per prompt; >1 normalises advantages within the group.")
+    flowopd_eta: float = Field(0.7, gt=0, le=10, description="flowopd: SDE noise level eta.")
+    flowopd_clip: float = Field(1e-4, gt=0, le=1, description="flowopd: PPO ratio clip epsilon.")
+    flowopd_groups: int = Field(1, ge=1, le=65536, description="flowopd: rollouts per prompt; >1 normalises advantages within the group.")
     flowopd_all_states: bool = Field(True, description="flowopd: train on all N transitions (else K).")
     flowopd_estimator: Literal["kl_gradient", "per_step_detached"] = Field("kl_gradient", description="flowopd: `kl_gradient` descends E[sum KL] (pathwise KL term + reward-to-go surrogate); `per_step_detached` is the reference's form (a row's own detached reward as its advantage), whose expected on-policy gradient is zero.")
     flowopd_reward_scale: Literal["variance", "step_variance"] = Field("variance", description="flowopd: divide the squared mean difference by the SDE's sigma_t^2 (`variance`, reference) or by 2 sigma_t^2 dt (`step_variance`: the exact Gaussian KL of a step).")
@@ -113,70 +128,75 @@ class MethodConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
-    workers: int = Field(1, ge=1, description="Rollout worker actors.")
-    batch_size: int = Field(8, ge=1, description="Samples per rollout batch (= per-rank learner micro-batch).")
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Rollout worker actors.")
+    batch_size: int = Field(8, ge=1, le=65536, description="Samples per rollout batch (= per-rank learner micro-batch).")
     early_stop: bool = Field(True, description="Integrate only up to the last queried state.")
     orders_per_worker: int = Field(1, ge=1, le=8, description="Work orders one worker holds at once (running + queued). 2 hides the controller round trip between very short batches; 1 (default) lets new weights reach a worker after its current batch, not after the one queued behind it, which scales better when batches take seconds.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per rollout worker.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
-    max_restarts: int = Field(3, ge=0, description="Controller restarts of a dead rollout worker.")
+    num_cpus: float = Field(1.0, ge=0, le=MAX_RESOURCE, description="CPUs per rollout worker.")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per rollout worker.")
+    max_restarts: int = Field(3, ge=0, le=10000, description="Controller restarts of a dead rollout worker.")
+    max_workers: int = Field(64, ge=1, le=100_000, description="Most rollout workers `scale` (manual or autoscale) may ask for; above it a request is refused.")
 
 
 class LearnerConfig(_Strict):
-    steps: int = Field(200, ge=1, description="Optimizer steps of the job.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, ge=0, description="Global grad-norm clip (0 = off).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step and rank.")
+    steps: int = Field(200, ge=1, le=10**9, description="Optimizer steps of the job.")
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global grad-norm clip (0 = off).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step and rank.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (ray mode).")
-    world_size: int = Field(1, ge=1, description="Learner ranks W.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per learner rank.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per learner rank.")
+    world_size: int = Field(1, ge=1, le=MAX_WORKERS, description="Learner ranks W.")
+    num_cpus: float = Field(1.0, ge=0, le=MAX_RESOURCE, description="CPUs per learner rank.")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per learner rank.")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
 
 
 class SyncConfig(_Strict):
-    max_policy_lag: int = Field(0, ge=0, description="Learner version minus sample version allowed (0 = exact on-policy).")
-    sync_every: int = Field(1, ge=1, description="Push weights every this many learner steps.")
+    max_policy_lag: int = Field(0, ge=0, le=10**6, description="Learner version minus sample version allowed (0 = exact on-policy).")
+    sync_every: int = Field(1, ge=1, le=10**6, description="Push weights every this many learner steps.")
     transport: Literal["object_store", "collective"] = Field("object_store", description="How weights reach rollout workers.")
     on_stale: Literal["drop", "wait"] = Field("wait", description="`wait`: a rollout worker waits for fresh enough weights before it starts a batch (no waste); `drop`: rollouts never wait and the replay queue drops too-stale batches.")
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one weight sync.")
+    timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S, description="Timeout of one weight sync.")
 
 
 class ReplayConfig(_Strict):
-    capacity: int = Field(8, ge=1, description="Routed batches the replay queue holds before backpressure.")
-    spill_dir: str | None = Field(None, description="Arrow IPC spill folder for batches beyond capacity (None = block instead).")
+    capacity: int = Field(8, ge=1, le=10**6, description="Routed batches the replay queue holds before backpressure.")
+    spill_dir: str | None = Field(None, min_length=1, description="Arrow IPC spill folder for batches beyond capacity (None = block instead).")
 
 
 class DeadlinesConfig(_Strict):
     """How long each remote wait on the data path may take before it counts as that actor's failure."""
 
-    rollout_s: float = Field(600.0, gt=0, description="One rollout batch on a worker; past it the worker is restarted and its batches re-issued.")
-    route_s: float = Field(900.0, gt=0, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router.")
-    teacher_s: float = Field(300.0, gt=0, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
-    replay_s: float = Field(60.0, gt=0, description="One replay-queue call (put, take, stats).")
-    learner_step_s: float = Field(900.0, gt=0, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
+    rollout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="One rollout batch on a worker; past it the worker is restarted and its batches re-issued.")
+    route_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router.")
+    teacher_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
+    replay_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S, description="One replay-queue call (put, take, stats).")
+    learner_step_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
+    placement_s: float = Field(120.0, gt=0, le=86_400, description="A new rollout worker the cluster has not placed within this long is given up (its placement group removed); the job goes on without it.")
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(50, ge=0, description="Checkpoint every this many steps (0 = only at the end).")
-    keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    every: int = Field(50, ge=0, le=10**9, description="Checkpoint every this many steps (0 = only at the end).")
+    keep: int = Field(2, ge=1, le=10**6, description="Checkpoints kept; older ones are deleted.")
+    stop_grace_s: float = Field(20.0, ge=0, le=3600, description="After SIGTERM/SIGINT or /stop: once the final checkpoint is written, seconds to wait for in-flight batches to land (so the sample accounting closes) before exiting anyway.")
 
 
 class ControlConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Bind address of the controller's control API and metrics (0.0.0.0 on a cluster head).")
-    port: int = Field(0, ge=0, le=65535, description="Control API port (/health /status /scale /stop); 0 = a free port.")
+    host: str = Field("127.0.0.1", description="Bind address of the control API (/health /status /scale /stop); keep loopback: `danceopd status`, `scale` and `stop` call it on the head.")
+    port: int = Field(0, ge=0, le=65535, description="Control API port; 0 = a free port.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it).")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Controller Prometheus port; None = $DANCEOPD_METRICS_PORT or 9095, 0 = a free port.")
-    token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token mutating endpoints require (generated when unset).")
+    stall_after_s: float = Field(600.0, gt=0, description="Seconds without a learner step (counted from the job's start before the first) after which /health answers 503; exported as danceopd_stall_after_seconds for the stall alert.")
+    token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token that /scale, /stop and the full /status require (generated when unset).")
 
 
 class AutoscaleConfig(_Strict):
     enabled: bool = Field(False, description="Grow/shrink the rollout fleet from learner idle ratio and replay fullness.")
-    min_rollout_workers: int = Field(1, ge=1, description="Never fewer rollout workers.")
-    max_rollout_workers: int = Field(8, ge=1, description="Never more rollout workers.")
+    min_rollout_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Never fewer rollout workers.")
+    max_rollout_workers: int = Field(8, ge=1, le=MAX_WORKERS, description="Never more rollout workers.")
     learner_idle_above: float = Field(0.3, ge=0, le=1, description="Add a worker while the learner idle ratio stays above this.")
-    window_steps: int = Field(10, ge=1, description="Learner steps a condition must hold before acting.")
-    cooldown_steps: int = Field(10, ge=0, description="Learner steps to wait after a scaling action.")
+    window_steps: int = Field(10, ge=1, le=10**6, description="Learner steps a condition must hold before acting.")
+    cooldown_steps: int = Field(10, ge=0, le=10**6, description="Learner steps to wait after a scaling action.")
 
 
 class Config(_Strict):
@@ -214,6 +234,10 @@ class Config(_Strict):
                 raise ValueError(f"routing.routes.{i}.teacher: unknown teacher {r.teacher!r} (known: {', '.join(names)})")
         if sum(r.weight for r in self.routing.routes) <= 0:
             raise ValueError("routing.routes: all route weights are 0; at least one must be positive")
+        b = self.backend
+        if b.name == "shapes" and b.num_heads * b.head_dim > 4096:
+            raise ValueError(f"backend.head_dim: num_heads x head_dim = {b.num_heads * b.head_dim} exceeds 4096, "
+                             "the widest transformer the shapes backend builds")
         if self.method.k > self.method.rollout_steps:
             raise ValueError(f"method.k: {self.method.k} query states exceed rollout_steps={self.method.rollout_steps}")
         for i, t in enumerate(self.teachers):
@@ -227,6 +251,24 @@ class Config(_Strict):
                 raise ValueError(f"teachers.{i}.tasks: only oracle teachers take a task list (this one is {t.kind!r})")
         if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
             raise ValueError("autoscale.min_rollout_workers: larger than max_rollout_workers")
+        a = self.autoscale
+        if a.enabled and not a.min_rollout_workers <= self.rollout.workers <= a.max_rollout_workers:
+            raise ValueError(f"rollout.workers: {self.rollout.workers} is outside the autoscale bounds "
+                             f"[{a.min_rollout_workers}, {a.max_rollout_workers}]")
+        per_step = self.learner.world_size * self.learner.grad_accum
+        if self.replay.capacity < per_step:
+            # Spilling does not help: the learner takes a whole step from the queue at once.
+            raise ValueError(f"replay.capacity: {self.replay.capacity} is below the batches one learner step needs "
+                             f"(learner.world_size x grad_accum = {per_step})")
+        if self.learner.dist_backend == "nccl" and self.learner.num_gpus < 1:
+            raise ValueError("learner.dist_backend: nccl needs a whole GPU per rank (learner.num_gpus >= 1)")
+        resources = [("rollout", self.rollout), ("learner", self.learner)]
+        resources += [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
+        for key, section in resources:
+            for res in ("num_cpus", "num_gpus"):
+                q = getattr(section, res)
+                if 0 < q < 1e-4:  # Ray refuses finer fractions
+                    raise ValueError(f"{key}.{res}: {q:g} is finer than Ray's resource precision (0.0001)")
         from danceopd.methods import make_method  # methods import config types: import here
 
         make_method(self.method).check(self)

@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -25,13 +26,17 @@ class DatasetError(ValueError):
 
 
 def _read_table(path: Path):
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    if path.suffix == ".csv":
+    if path.suffix not in (".csv", ".parquet"):
+        raise DatasetError(f"data.path: {path.name}: expected a .csv or .parquet file")
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path)
         # Everything is a string: uids like "007" and empty image cells must stay as written.
         opts = pacsv.ConvertOptions(strings_can_be_null=False, column_types={c: "string" for c in REQUIRED + OPTIONAL})
         return pacsv.read_csv(path, convert_options=opts)
-    raise DatasetError(f"data.path: {path.name}: expected a .csv or .parquet file")
+    except (pa.ArrowException, OSError, UnicodeError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise DatasetError(f"data.path: {path.name}: not a readable {path.suffix[1:]} file ({detail})") from None
 
 
 class Dataset:
@@ -39,6 +44,7 @@ class Dataset:
         self.path = path
         self.rows = rows
         self.by_uid = {r.uid: r for r in rows}
+        self.line = {r.uid: i + 1 for i, r in enumerate(rows)}  # data row number (header not counted)
         self.buckets: dict[str, list[Row]] = {}
         for r in rows:
             self.buckets.setdefault(r.task, []).append(r)
@@ -58,13 +64,13 @@ class Dataset:
         for i in range(table.num_rows):
             uid = str(cols["uid"][i] or "").strip()
             if not uid:
-                raise DatasetError(f"data row {i + 1}: empty uid")
+                raise DatasetError(f"data.path: {path.name} row {i + 1}: empty uid")
             if uid in seen:
-                raise DatasetError(f"data row {i + 1}: duplicate uid {uid!r}")
+                raise DatasetError(f"data.path: {path.name} row {i + 1}: duplicate uid {uid!r}")
             seen.add(uid)
             task = str(cols["task"][i] or "").strip()
             if not task:
-                raise DatasetError(f"data row {i + 1} (uid {uid}): empty task")
+                raise DatasetError(f"data.path: {path.name} row {i + 1} (uid {uid}): empty task")
 
             def img(name, i=i):
                 v = cols[name][i]
@@ -84,6 +90,10 @@ class Dataset:
             raise DatasetError(f"task {task!r} has no samples in {self.path.name}")
         return bucket[int(rng.integers(len(bucket)))]
 
+    def where(self, row: Row) -> str:
+        """`data.path: FILE row N (uid U)`: the start of a one-line message about a row."""
+        return f"data.path: {self.path.name} row {self.line.get(row.uid, '?')} (uid {row.uid})"
+
     def check_routes(self, routes) -> None:
         """Every route's bucket is non-empty, edit routes have source images, files exist."""
         for i, route in enumerate(routes):
@@ -93,12 +103,12 @@ class Dataset:
                 raise DatasetError(f"routing.routes.{i}.task: bucket {route.task!r} is empty in {self.path.name} (tasks present: {known})")
             for r in bucket:
                 if route.requires_source_image and r.source_image is None:
-                    raise DatasetError(f"data row uid {r.uid}: route {route.name!r} requires a source image, the row has none")
+                    raise DatasetError(f"{self.where(r)}: route {route.name!r} requires a source image, the row has none")
         for r in self.rows:
             for name in ("source_image", "target_image"):
                 p = getattr(r, name)
                 if p is not None and not p.is_file():
-                    raise DatasetError(f"data row uid {r.uid}: {name} {p} does not exist")
+                    raise DatasetError(f"{self.where(r)}: {name} {p} does not exist")
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -9,12 +9,13 @@ what the learner exports to rollout workers and writes to checkpoints.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+# peft is imported only where adapters are made or met: it pulls in transformers (seconds of
+# start-up in every actor process, LoRA or not).
 
 
 def _matches(name: str, target: str) -> bool:
@@ -31,6 +32,9 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     for t in lora_cfg.target_modules:
         if not any(_matches(n, t) for n in names):
             raise ValueError(f"student.lora.target_modules: {t!r} matches no module of {type(model).__name__}")
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
     peft_cfg = PeftLoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
                               lora_dropout=0.0, bias="none")
     model = inject_adapter_in_model(peft_cfg, model)
@@ -42,6 +46,10 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
 
 
 def has_lora(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # no adapter can exist before peft was imported
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
@@ -69,6 +77,8 @@ def load_trainable_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A copy with every adapter merged into its base layer and the peft wrappers removed: a
     plain model whose predictions equal the LoRA model's (so it saves as a normal folder)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     out = copy.deepcopy(model)
     for name, module in list(out.named_modules()):
         if not isinstance(module, BaseTunerLayer) or not name:

@@ -340,15 +340,39 @@ def save_png(image, path: str | Path) -> None:
     Image.fromarray(u8, "RGB").save(path)
 
 
-def load_png(path: str | Path) -> np.ndarray:
-    """A PNG as float32 [3, H, W] in [-1, 1]."""
+MAX_IMAGE_BYTES = 64 * 2**20  # larger image files are refused before they are read
+MAX_IMAGE_SIDE = 4096  # and images with a larger side before they are decoded
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message is one line and names the file."""
+
+
+def load_png(path: str | Path, size: int | None = None) -> np.ndarray:
+    """A PNG as float32 [3, H, W] in [-1, 1]. ImageError for a missing, oversized or unreadable
+    file, and (with `size`) for an image that is not size x size; sizes are read from the header,
+    so an oversized image is never decoded."""
     from PIL import Image
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"image {path}: file not found")
-    with Image.open(path) as im:
-        u8 = np.asarray(im.convert("RGB"), np.float32)
+        raise ImageError(f"image {path} not found")
+    nbytes = path.stat().st_size
+    if nbytes > MAX_IMAGE_BYTES:
+        raise ImageError(f"image {path} is {nbytes / 2**20:.0f} MiB, more than {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if max(w, h) > MAX_IMAGE_SIDE:
+                raise ImageError(f"image {path} is {w}x{h}, more than {MAX_IMAGE_SIDE} px a side")
+            if size is not None and (w, h) != (size, size):
+                raise ImageError(f"image {path} is {w}x{h}, expected {size}x{size}")
+            u8 = np.asarray(im.convert("RGB"), np.float32)
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        detail = (str(e).splitlines() or [type(e).__name__])[0].replace(f" '{path}'", "").replace(str(path), "the file")
+        raise ImageError(f"image {path} is not a readable image ({detail[:100]})") from None
     return (u8.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
 
 

@@ -1,12 +1,47 @@
 """`danceopd validate`: check everything a job needs — config, dataset buckets against routes,
-image files, prompts, model folders — without loading a single weight."""
+image files, prompts, model folders, writable folders, ports — without loading a single weight.
+
+Every problem is one line that starts with the config key at fault (`learner.lr: ...`,
+`data.path: data.csv row 7 (uid x): ...`); `danceopd train` runs the same checks before any actor
+starts. Ports 1-1023 are refused for the control API and the metrics endpoint (binding them
+needs root, which the controller should not have): use 0 (a free port) or 1024-65535.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 from pathlib import Path
 
 from danceopd.config import Config, ConfigError
 from danceopd.dataset import Dataset
+
+_KEY = re.compile(r"^([a-z_]+)(\.[\w]+)*:")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    msg = text.splitlines()[0] if text else type(err).__name__
+    # An unexpected failure (not a ValueError) says what it was.
+    return msg if isinstance(err, ValueError) else f"{type(err).__name__}: {msg}"
+
+
+def _line(key: str, err: Exception) -> str:
+    """One line naming `key`, unless the message already starts with a config key."""
+    msg = _first_line(err)
+    m = _KEY.match(msg)
+    return msg if m and m.group(1) in Config.model_fields else f"{key}: {msg}"
+
+
+def _named(key: str, fn, *args):
+    """fn(*args), any exception turned into a ConfigError whose one line names `key`."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        raise ConfigError(_line(key, e)) from None
 
 
 def _model_folder(path: Path, key: str) -> None:
@@ -18,8 +53,95 @@ def _model_folder(path: Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} has no .safetensors weights (pickle checkpoints are refused)")
 
 
-def validate(cfg: Config) -> Dataset:
-    """Raises ConfigError / DatasetError / ValueError with a one-line message."""
+def _writable_dir(path: Path, key: str) -> None:
+    """`path` is a writable folder or can be made one: its first existing ancestor is a writable
+    folder. Nothing is created."""
+    path = Path(os.path.abspath(path))
+    probe = path
+    try:
+        while not probe.exists():
+            if probe.is_symlink():
+                raise ConfigError(f"{key}: {probe} is a dangling symlink")
+            probe = probe.parent
+    except OSError as e:
+        raise ConfigError(f"{key}: {probe}: {e.strerror or e}") from None
+    if not probe.is_dir():
+        raise ConfigError(f"{key}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "folder is not writable" if probe == path else f"folder is not writable, so {path} cannot be created"
+        raise ConfigError(f"{key}: {probe}: {what}")
+
+
+def _is_host(host: str) -> bool:
+    if host == "":  # every interface
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
+
+
+def _metrics_port(cfg: Config) -> int:
+    """The controller's metrics port as the controller will pick it."""
+    if cfg.control.metrics_port is not None:
+        return cfg.control.metrics_port
+    from services.telemetry.metrics import CONTROLLER_PORT_ENV, controller_port
+
+    try:
+        port = controller_port()
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"control.metrics_port: unset, and ${CONTROLLER_PORT_ENV}="
+                          f"{os.environ.get(CONTROLLER_PORT_ENV)!r} is not a port")
+    return port
+
+
+def _control(cfg: Config) -> None:
+    c = cfg.control
+    for key in ("host", "metrics_host"):
+        host = getattr(c, key, "")
+        if not _is_host(host):
+            raise ConfigError(f"control.{key}: {host!r} is not an IP address or host name")
+    metrics = _metrics_port(cfg)
+    for key, port in (("control.port", c.port), ("control.metrics_port", c.metrics_port)):
+        if port is not None and 0 < port < 1024:
+            raise ConfigError(f"{key}: {port} is a privileged port (below 1024); use 0 (a free port) or 1024-65535")
+    if c.port and c.port == metrics:
+        source = "control.metrics_port" if c.metrics_port is not None else "the metrics port (control.metrics_port unset)"
+        raise ConfigError(f"control.port: {c.port} is also {source}; give them different ports, or 0 (a free port)")
+    if not _ENV_NAME.match(c.token_env):
+        raise ConfigError(f"control.token_env: {c.token_env!r} is not an environment variable name")
+
+
+def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
+    """The built teacher fields that will answer the rows of each routed task (pretrained
+    teachers are checked by their folder only: building one loads its weights)."""
+    built = {}
+    for i, t in enumerate(cfg.teachers):
+        if t.kind == "pretrained":
+            _named(f"teachers.{i}.path", backend.check_model_folder, cfg.resolve(t.path))
+            continue
+        built[t.name] = _named(f"teachers.{i}.tasks" if t.tasks else f"teachers.{i}",
+                               backend.build_teacher, t, Path(cfg.base_dir))
+    routes = cfg.routing.routes
+    if method.routing == "none":
+        return {}
+    if method.routing == "mix":  # every route's teacher answers every row
+        every = tuple({id(f): f for r in routes if (f := built.get(r.teacher))}.values())
+        return {r.task: every for r in routes}
+    out: dict[str, dict] = {}
+    for r in routes:
+        if r.teacher in built:
+            out.setdefault(r.task, {})[id(built[r.teacher])] = built[r.teacher]
+    return {task: tuple(fields.values()) for task, fields in out.items()}
+
+
+def validate(cfg: Config, local_paths: bool = True) -> Dataset:
+    """Raises ConfigError / DatasetError (ValueErrors) with a one-line message naming the key.
+    `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir), for a
+    job that runs on another machine."""
     if cfg.student.init != "random":
         _model_folder(cfg.resolve(cfg.student.init), "student.init")
     for i, t in enumerate(cfg.teachers):
@@ -28,16 +150,28 @@ def validate(cfg: Config) -> Dataset:
     if cfg.sync.max_policy_lag < cfg.sync.sync_every - 1:
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
                           "samples made between pushes would all be stale")
-    per_step = cfg.learner.world_size * cfg.learner.grad_accum
-    if cfg.replay.capacity < per_step and cfg.replay.spill_dir is None:
-        raise ConfigError(f"replay.capacity: {cfg.replay.capacity} is below the batches one learner step needs ({per_step})")
-    dataset = Dataset.load(cfg.resolve(cfg.data.path))
-    dataset.check_routes(cfg.routing.routes)
+    _control(cfg)
+    if local_paths:
+        _writable_dir(cfg.output_path, "job.output_dir")
+        if cfg.replay.spill_dir:
+            _writable_dir(cfg.resolve(cfg.replay.spill_dir), "replay.spill_dir")
+    dataset = _named("data.path", Dataset.load, cfg.resolve(cfg.data.path))
+    _named("data.path", dataset.check_routes, cfg.routing.routes)
     from danceopd.backends import make_backend  # after the cheap checks: backends import model code
+    from danceopd.methods import make_method
 
-    backend = make_backend(cfg)
+    backend = _named("backend", make_backend, cfg)
+    init = cfg.student.init if cfg.student.init == "random" else str(cfg.resolve(cfg.student.init))
+    _named("student.init" if init != "random" else "student.lora", backend.check_student, init)
+    method = make_method(cfg.method)
+    teachers = _teachers_by_task(cfg, backend, method)
+    needs_target = method.rollout == "data"  # sft / offpolicy train on the dataset targets
     routed = {r.task for r in cfg.routing.routes}
     for row in dataset.rows:
         if row.task in routed:
-            backend.check_row(row)
+            try:
+                backend.check_row(row, needs_target, teachers.get(row.task, ()))
+            except Exception as e:
+                msg = _first_line(e).removeprefix(f"row {row.uid}: ")
+                raise ConfigError(f"{dataset.where(row)}: {msg}") from None
     return dataset

@@ -13,17 +13,40 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from danceopd.backends import make_backend
+from danceopd.checkpoint import (
+    load_json,
+    load_tensors,
+    load_torch,
+    save_json,
+    save_tensors,
+    save_torch,
+    verify_no_pickle,
+)
 from danceopd.methods import make_method
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
-CKPT_TAG = "deepspeed"
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # what DeepSpeed restores
+
+
+def _plain_state(sd: dict) -> dict:
+    """A ZeRO optimizer state_dict with its DeepSpeed objects made plain, so that it loads with
+    `weights_only=True`: the loss scaler as its attributes, the stage enum as an int, and without
+    the slice mappings (fragment_address tuples, used only by universal checkpoints)."""
+    sd = dict(sd)
+    sd.pop("param_slice_mappings", None)
+    if "loss_scaler" in sd:
+        sd["loss_scaler"] = dict(vars(sd["loss_scaler"]))
+    if "zero_stage" in sd:
+        sd["zero_stage"] = int(sd["zero_stage"])
+    return sd
 
 
 def _ds_config(cfg) -> dict:
@@ -144,16 +167,51 @@ class DeepSpeedLearner:
             self.engine.optimizer.refresh_fp32_params()  # ZeRO keeps master copies of the weights
 
     def save_checkpoint(self, folder: str) -> None:
-        self.engine.save_checkpoint(folder, tag=CKPT_TAG, client_state={"version": self.version})
+        """The learner state a resume needs, in non-pickle files (not DeepSpeed's checkpoint, whose
+        loader unpickles): rank 0 writes the trainable weights (safetensors) and engine.json; every
+        rank writes its optimizer partition as tensors and plain values (optimizer-rankNNN.pt).
+        Collective (the weights are gathered under ZeRO-3)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = self.export_weights()
+        save_torch(folder / f"optimizer-rank{self.rank:03d}.pt", _plain_state(self.engine.optimizer.state_dict()))
+        if self.rank == 0:
+            eng = self.engine
+            save_tensors(folder / "weights.safetensors", weights)
+            save_json(folder / "engine.json", {"version": self.version, "world_size": self.world_size,
+                                               "zero_stage": self.cfg.learner.zero_stage,
+                                               **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
 
     def load_checkpoint(self, folder: str) -> int:
-        # DeepSpeed's torch checkpoint engine loads with weights_only=False itself (its files
-        # hold optimizer state and config objects), so torch>=2.6's weights_only default does
-        # not reach it; strict module loading is fine since the module is rebuilt identically.
-        path, client = self.engine.load_checkpoint(folder, tag=CKPT_TAG)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {CKPT_TAG!r} under {folder}")
-        self.version = int(client["version"])
+        """Restore what save_checkpoint wrote (exactly: weights, optimizer partitions, counters).
+        Every file is read weights-only; a file holding pickled objects is refused on every rank
+        before any collective call, so no rank is left waiting. Collective."""
+        folder = Path(folder)
+        if not (folder / "engine.json").is_file():
+            raise FileNotFoundError(f"no DeepSpeed learner state under {folder} (engine.json)")
+        meta = load_json(folder / "engine.json")
+        want = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage}
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"{folder}: the learner state was written with {got}, this run has {want}; resume "
+                             "with the same learner.world_size and learner.zero_stage")
+        verify_no_pickle(folder)  # all ranks' files, so all ranks refuse together
+        state = load_torch(folder / f"optimizer-rank{self.rank:03d}.pt")
+        self.load_weights(load_tensors(folder / "weights.safetensors"))
+        opt = self.engine.optimizer
+        if self.cfg.learner.zero_stage == 0:
+            opt.load_state_dict(state)  # the client torch optimizer itself
+        else:
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+
+            opt.loss_scaler.__dict__.update(state["loss_scaler"])
+            state.update(loss_scaler=opt.loss_scaler, zero_stage=ZeroStageEnum(state["zero_stage"]))
+            per_rank = [None] * self.world_size  # ZeRO reads the entry of its own data-parallel rank
+            per_rank[self.rank] = state
+            opt.load_state_dict(per_rank, load_from_fp32_weights=True)
+        for k in ENGINE_COUNTERS:
+            setattr(self.engine, k, int(meta[k]))
+        self.version = int(meta["version"])
         return self.version
 
     def get_version(self) -> int:

@@ -1,11 +1,14 @@
 """Checkpoint and resume of a training loop — one layout and one state schema for both modes.
 
-    checkpoints/step-00000050/
+    output_dir/run.json                 the run writing here: run_id (new at a fresh start,
+                                        carried over a resume), resumed_from, step
+    output_dir/checkpoints/step-00000050/
         model.safetensors   the trainable weights (LoRA adapters only for a LoRA student)
-        learner/            the learner's own state: `torch-adamw` (local mode) optimizer.pt +
-                            rng.json; `deepspeed` (Ray mode) the DeepSpeed checkpoint
-        state.json          schema, step, weight version, router state at the first unconsumed
-                            ticket, sample accounting, mode and learner kind
+        learner/            the learner's own state, no pickle anywhere: `torch-adamw` (local mode)
+                            optimizer.pt + rng.json; `deepspeed` (Ray mode) per-rank optimizer
+                            state (optimizer-rankNNN.pt) + weights.safetensors + engine.json
+        state.json          schema, run_id, step, weight version, router state at the first
+                            unconsumed ticket, sample accounting, mode and learner kind
         COMPLETE
 
 Resuming with the other mode carries the weights, routes, data cursor and step over; the
@@ -15,32 +18,120 @@ optimizer state belongs to one learner kind and restarts (said in one line).
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
-from danceopd.checkpoint import atomic_checkpoint, load_json, load_tensors, prune, save_json, save_tensors
+from danceopd.checkpoint import (
+    RUN_FILE,
+    CheckpointError,
+    atomic_checkpoint,
+    checkpoint_dir,
+    checkpoint_run_id,
+    list_checkpoints,
+    load_json,
+    load_tensors,
+    new_run_id,
+    prune,
+    read_run,
+    resolve_resume,
+    save_json,
+    save_tensors,
+    verify_no_pickle,
+    write_run,
+)
 
-SCHEMA = 2
+SCHEMA = 3
+MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE)  # what --overwrite moves aside
 
 
-def save(loop) -> str:
+def prepare_output(cfg, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:
+    """Decide, before anything starts, where a `train` run begins: (checkpoint to resume or None,
+    run id). A fresh run into a job.output_dir that holds another run's checkpoints or metrics is
+    refused unless `overwrite`, which moves them to output_dir/.overwritten-<time>/."""
+    out = cfg.output_path
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite: give one (continue the run, or start a new one)")
+    if resume:
+        try:
+            ckpt = resolve_resume(out, resume)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+        if ckpt is not None:
+            return ckpt, load_state(ckpt)["run_id"]
+        # --resume auto with no checkpoint yet (e.g. a retried job that died before its first):
+        # a fresh start; metrics.jsonl restarts with it (JobLog truncates to step 0).
+    else:
+        held = _held(out)
+        if held and not overwrite:
+            raise CheckpointError(f"job.output_dir {out} holds {held}: pass --resume auto to continue that run, "
+                                  "or --overwrite to move it aside (to .overwritten-<time>/) and start a new run")
+        if held:
+            aside = out / f".overwritten-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for name in MOVED:
+                if (out / name).exists():
+                    (out / name).rename(aside / name)
+            print(f"--overwrite: moved {held} to {aside}", file=sys.stderr, flush=True)
+    run_id = new_run_id()
+    write_run(out, run_id)
+    return None, run_id
+
+
+def _held(out: Path) -> str | None:
+    """What another run left in `out` (its checkpoints, its metrics), or None."""
+    found = list_checkpoints(out)
+    metrics = out / "metrics.jsonl"
+    parts = []
+    if found:
+        rid = checkpoint_run_id(found[-1]) or (read_run(out) or {}).get("run_id")
+        parts.append(f"{len(found)} checkpoint(s) up to {found[-1].name}" + (f" of run {rid}" if rid else ""))
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        parts.append("metrics.jsonl")
+    return " and ".join(parts) or None
+
+
+def load_state(path: Path) -> dict:
+    """state.json of a checkpoint, after checking its schema and that no file in it holds pickle."""
+    path = Path(path)
+    state = load_json(path / "state.json")
+    if state.get("schema") != SCHEMA:
+        raise CheckpointError(f"--resume {path}: checkpoint schema {state.get('schema')!r} is not {SCHEMA} "
+                              "(written by an older DanceOPD); start a fresh run")
+    verify_no_pickle(path)
+    return state
+
+
+def _run_id(loop) -> str:
+    """The loop's run id: set by resume() or the caller, else output_dir/run.json (written by
+    prepare_output), else a new one."""
+    rid = getattr(loop, "run_id", None) or (read_run(loop.cfg.output_path) or {}).get("run_id")
+    if not rid:
+        rid = new_run_id()
+        write_run(loop.cfg.output_path, rid)
+    loop.run_id = rid
+    return rid
+
+
+def save(loop, run_id: str | None = None) -> str:
     cfg = loop.cfg
+    run_id = run_id or _run_id(loop)
     first = loop.pipe.first_unconsumed()
     router_state = loop.fleet.router_state_before(first)
     with atomic_checkpoint(cfg.output_path, loop.step) as tmp:
         loop.learner.save(tmp / "learner")
         save_tensors(tmp / "model.safetensors", loop.learner.export())
-        save_json(tmp / "state.json", {"schema": SCHEMA, "step": loop.step, "version": loop.version,
+        save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": loop.step, "version": loop.version,
                                        "router": router_state, "mode": loop.mode, "learner": loop.learner.kind,
                                        "accounting": loop.pipe.accounting()})
-    prune(cfg.output_path, cfg.checkpoint.keep)
+    written = checkpoint_dir(cfg.output_path, loop.step)
+    prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
     loop.fleet.router_forget_before(first)
-    return str(cfg.output_path / "checkpoints" / f"step-{loop.step:08d}")
+    return str(written)
 
 
 def resume(loop, path) -> None:
-    state = load_json(path / "state.json")
-    if state.get("schema") != SCHEMA:
-        raise ValueError(f"--resume {path}: checkpoint schema {state.get('schema')!r} is not {SCHEMA} "
-                         "(written by an older DanceOPD); start a fresh run")
+    path = Path(path)
+    state = load_state(path)
     weights = load_tensors(path / "model.safetensors")
     if state["learner"] == loop.learner.kind:
         loop.learner.load(path / "learner", weights)
@@ -49,6 +140,8 @@ def resume(loop, path) -> None:
         print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {loop.mode} mode: weights, "
               "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
     loop.step = loop.version = int(state["step"])
+    loop.run_id = state["run_id"]
+    write_run(loop.cfg.output_path, loop.run_id, resumed_from=str(path), step=loop.step)
     loop.learner.set_version(loop.version)
     # The run re-issues whole updates from the first unconsumed ticket. Its router state can sit
     # inside an update (routing.granularity update, after a lost or dropped batch let a later

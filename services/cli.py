@@ -22,22 +22,35 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def load_valid(config: Path, overrides: list[str] | None) -> Config:
-    """Config + full validation (data, files, prompts, model folders): one line and exit 2 on error."""
-    from danceopd.validate import validate
+def load_valid(config: Path, overrides: list[str] | None, local_paths: bool = True) -> Config:
+    """Config + full validation (data, files, prompts, model folders, ports, writable folders):
+    one line and exit 2 on any error, never a traceback. `local_paths=False`: the job runs on
+    another machine, so the folders it writes are not checked here."""
+    from rich.markup import escape
 
     try:
+        from danceopd.validate import validate
+
         cfg = load_config(config, overrides)
-        validate(cfg)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as e:
-        fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+        validate(cfg, local_paths=local_paths)
+    except Exception as e:  # whatever validation raises ends as one line
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e).strip()
+        msg = text.splitlines()[0] if text else ""
+        if not isinstance(e, ValueError):
+            msg = f"{config}: validation failed: {type(e).__name__}{': ' + msg if msg else ''}"
+        fail(escape(msg))
     return cfg
 
 
 @app.command()
-def validate(config: Path, set_: list[str] | None = SetOpt):
-    """Check a config, its dataset buckets, image files and model folders (no weights are loaded)."""
-    cfg = load_valid(config, set_)
+def validate(
+    config: Path,
+    set_: list[str] | None = SetOpt,
+    remote: bool = typer.Option(False, "--remote", help="The job runs on another machine (a cluster): do not check "
+                                "here that the folders it writes (job.output_dir, replay.spill_dir) can be written."),
+):
+    """Check a config, its dataset buckets, images, prompts, model folders, ports and output folders (no weights are loaded)."""
+    cfg = load_valid(config, set_, local_paths=not remote)
     typer.echo(f"ok: {config} — {len(cfg.routing.routes)} routes, {len(cfg.teachers)} teachers, method {cfg.method.name}")
 
 
@@ -47,19 +60,20 @@ def train(
     mode: str = typer.Option("ray", help="`ray` (actors on a Ray cluster) or `local` (one process, the reference loop)."),
     address: str | None = typer.Option(None, help="Ray address to join (`auto`: a running cluster); default: start a local one."),
     resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the latest in job.output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a job.output_dir that holds another run: its checkpoints and metrics move to job.output_dir/.overwritten-<time>/."),
     set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ):
     """Run a training job."""
-    from danceopd.checkpoint import resolve_resume
+    from services.checkpoints import prepare_output
     from services.telemetry.progress import print_summary
 
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
         fail(f"--mode: {mode!r} is not one of ray, local")
-    try:
-        ckpt = resolve_resume(cfg.output_path, resume)
-    except FileNotFoundError as e:
+    try:  # before anything starts: refuse to mix runs in one output_dir, or a tampered checkpoint
+        ckpt, _run_id = prepare_output(cfg, resume, overwrite)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
     if resume and ckpt is None:
         err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
@@ -146,15 +160,19 @@ def job_submit(
     address: str | None = AddressOpt,
     set_: list[str] | None = SetOpt,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's logs until it ends (default), or only print its id."),
-    working_dir: Path | None = typer.Option(None, "--working-dir", help="Folder shipped to the cluster (default: the repo root, else the cwd); CONFIG must be inside it."),
+    working_dir: Path | None = typer.Option(None, "--working-dir", help="Upload this whole folder as the job's working directory (CONFIG inside it) instead of only the config and the files it names; refused for / , your home folder, or a folder holding credentials (.ssh, .aws, ...)."),
+    resume: str | None = typer.Option(None, help="Passed to `danceopd train` on the cluster: a checkpoint folder there, or `auto`."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Passed to `danceopd train` on the cluster: start a new run in an output_dir that holds another."),
 ):
     """Submit a training job to a Ray cluster through its Jobs API; prints the submission id."""
     from services.control import jobs
 
     cfg = load_valid(config, set_)
+    if resume and overwrite:
+        fail("--resume and --overwrite: give one (continue the run, or start a new one)")
     try:
         client = jobs.connect(address)
-        sid = jobs.submit(client, config, cfg, set_, working_dir)
+        sid = jobs.submit(client, config, cfg, set_, working_dir, resume=resume, overwrite=overwrite)
     except jobs.JobsError as e:
         fail(str(e), e.code)
     typer.echo(sid)

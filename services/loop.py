@@ -13,6 +13,8 @@ made, or Ray actors whose calls return refs. Sync versus async is only the gate
 from __future__ import annotations
 
 import queue
+import signal
+import sys
 import threading
 import time
 
@@ -57,6 +59,14 @@ class TrainLoop:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except Exception as e:
+            self.state = "failed"
+            self.telemetry.failed(self, e)
+            raise
+
+    def _run(self) -> dict:
         cfg, timer = self.cfg, self.telemetry.log.timer
         self.state = "running"
         while self.step < cfg.learner.steps and not self.stop_requested.is_set():
@@ -145,7 +155,12 @@ class TrainLoop:
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
             self.last_ckpt = checkpoints.save(self)  # the final (or graceful-stop) checkpoint
         self.sync.poll(block=True)
-        while self.pipe.in_flight:  # let in-flight work land so the accounting closes exactly
+        # Let in-flight work land so the accounting closes exactly; after a stop request (a
+        # signal: the pod may be killed soon) only for `checkpoint.stop_grace_s`.
+        t0 = time.perf_counter()
+        while self.pipe.in_flight:
+            if self.stop_requested.is_set() and time.perf_counter() - t0 > self.cfg.checkpoint.stop_grace_s:
+                break
             self.collect(timeout=1.0)
         self.fleet.replay_put(self.pipe.to_replay())
         self.pipe.took([], self.fleet.replay_drain(), reason="unconsumed")
@@ -171,6 +186,11 @@ class TrainLoop:
             raise ValueError("scaling needs --mode ray: local mode runs one worker in this process")
         if rollout_workers is not None and (not isinstance(rollout_workers, int) or rollout_workers < 1):
             raise ValueError(f"rollout_workers: {rollout_workers!r} is not a positive integer")
+        if rollout_workers is not None and rollout_workers > self.cfg.rollout.max_workers:
+            raise ValueError(f"rollout_workers: {rollout_workers} is above rollout.max_workers={self.cfg.rollout.max_workers}")
+        if rollout_workers is not None and rollout_workers > (ceiling := self.fleet.max_rollout_workers()):
+            raise ValueError(f"rollout_workers: {rollout_workers} workers can never be placed: the cluster holds at "
+                             f"most {ceiling} next to this job's other roles")
         routes = {r.name for r in self.cfg.routing.routes}
         for route, n in (teachers or {}).items():
             if route not in routes:
@@ -200,6 +220,34 @@ class TrainLoop:
         self.fleet.shutdown()
 
 
+class StopOnSignal:
+    """SIGTERM / SIGINT (`ray job stop`, pod eviction, Ctrl-C) ask the loop to stop gracefully:
+    finish the running step, write the final checkpoint, exit 0. A second signal aborts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.loop, self.received = None, None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None or self.loop is None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborting without a final checkpoint")
+        self.received = signal.Signals(signum).name
+        print(f"{self.received}: stopping after step {self.loop.step + 1 if self.loop.learner.busy else self.loop.step}"
+              f", then the final checkpoint (send it again to abort)", file=sys.stderr, flush=True)
+        self.loop.request_stop()
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
 def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True) -> dict:
     """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
     started = False
@@ -209,8 +257,13 @@ def train(cfg, mode: str = "local", address: str | None = None, resume_from=None
         started = connect(cfg, address)
     loop = None
     try:
-        loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress)
-        return loop.run()
+        with StopOnSignal() as stop:  # after connecting: ray.init sets its own SIGTERM handler
+            loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress)
+            stop.loop = loop
+            summary = loop.run()
+            if stop.received:
+                summary["stopped_by"] = stop.received
+            return summary
     finally:
         if loop is not None:
             loop.shutdown()

@@ -1,14 +1,21 @@
 """The control API over real HTTP on a free loopback port. The controller's three methods are
 replaced by plain recording functions (test doubles); the server, routing, auth and JSON
-handling are the real ones."""
+handling are the real ones. The last tests run the real Telemetry wiring (metrics and control
+servers, status with the job's start), with only the Ray registry stubbed out."""
 
 import http.client
 import json
 import threading
+import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.control import api
 from services.control.api import ControlServer, control_url, parse_scale_request, resolve_token
+from services.control.jobs import ctl_request
+from tests.conftest import cfg_for, free_port
 
 TOKEN = "s3cret-token"
 
@@ -21,12 +28,17 @@ class FakeController:
         self.scale_calls: list[dict] = []
         self.stop_calls = 0
         self.age = 0.5
+        self.uptime = None  # seconds since the job started; the real status() always has it
+        self.state = "running"
         self.routes = {"t2i", "local_edit"}
 
     def status(self) -> dict:
-        return {"job": "toy", "state": "running", "step": 12, "steps": 300, "samples_per_s": 512.0, "lag_last": 0, "lag_max": 0, "lag_bound": 0,
-                "workers": {"rollout": 1, "learner": 1, "teacher": {"t2i": 1, "local_edit": 1}},
-                "last_checkpoint": None, "last_step_age_s": self.age, "output_dir": "/tmp/run"}
+        st = {"job": "toy", "state": self.state, "step": 12, "steps": 300, "samples_per_s": 512.0, "lag_last": 0, "lag_max": 0, "lag_bound": 0,
+              "workers": {"rollout": 1, "learner": 1, "teacher": {"t2i": 1, "local_edit": 1}},
+              "last_checkpoint": "/tmp/run/checkpoints/step-00000010", "last_step_age_s": self.age, "output_dir": "/tmp/run"}
+        if self.uptime is not None:
+            st["uptime_s"] = self.uptime
+        return st
 
     def scale(self, rollout_workers=None, teachers=None) -> dict:
         for route, n in (teachers or {}).items():
@@ -80,9 +92,33 @@ def test_health_and_status(ctl):
     code, body, _ = request(port, "GET", "/health")
     assert code == 200
     assert body == {"ok": True, "state": "running", "step": 12, "last_step_age_s": 0.5}
-    code, body, r = request(port, "GET", "/status")
+    code, body, r = request(port, "GET", "/status", token=TOKEN)
     assert code == 200 and r.getheader("Content-Type") == "application/json"
     assert body == fake.status()
+
+
+def test_status_without_a_valid_token_is_the_public_view(ctl):
+    fake, _, _, port = ctl
+    public = {"job": "toy", "state": "running", "step": 12, "steps": 300, "last_step_age_s": 0.5, "ok": True}
+    for token in (None, "wrong", ""):
+        code, body, _ = request(port, "GET", "/status", token=token)
+        assert code == 200 and body == public, token
+    assert set(public) == {*api.PUBLIC_STATUS_KEYS, "ok"}
+    raw = json.dumps(body)
+    assert "/tmp/run" not in raw and TOKEN not in raw and "workers" not in raw
+    # Basic auth carrying the right secret is not a bearer token either
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/status", headers={"Authorization": f"Basic {TOKEN}"})
+    assert json.loads(conn.getresponse().read()) == public
+    conn.close()
+    fake.age = 61.0  # over the fixture's 60 s bound: the public view says so
+    assert request(port, "GET", "/status")[1]["ok"] is False
+
+
+def test_the_status_cli_path_sends_the_token_and_gets_the_full_view(ctl):
+    """`danceopd status` -> helper job -> jobs.ctl_request with the registry's token."""
+    fake, server, _, _ = ctl
+    assert ctl_request(server.url, TOKEN, "status") == fake.status()
 
 
 def test_health_is_503_when_the_last_step_is_too_old(ctl):
@@ -91,6 +127,19 @@ def test_health_is_503_when_the_last_step_is_too_old(ctl):
     code, body, _ = request(port, "GET", "/health")
     assert code == 503
     assert body["ok"] is False and "61 s" in body["error"]
+
+
+def test_health_counts_from_the_start_until_the_first_step(ctl):
+    fake, _, _, port = ctl
+    fake.age = None  # no learner step yet
+    fake.uptime = 59.0
+    code, body, _ = request(port, "GET", "/health")
+    assert code == 200 and body["ok"] is True and body["uptime_s"] == 59.0
+    fake.uptime = 61.0  # started longer ago than the 60 s bound and still no step
+    code, body, _ = request(port, "GET", "/health")
+    assert code == 503 and body["ok"] is False and "61 s since the job started" in body["error"]
+    fake.state = "done"  # a finished job is never stalled
+    assert request(port, "GET", "/health")[0] == 200
 
 
 def test_scale_needs_the_token(ctl):
@@ -209,3 +258,54 @@ def test_control_url_and_parse():
     assert control_url("::1", 8000) == "http://[::1]:8000"
     assert parse_scale_request({"rollout_workers": 3}) == (3, None)
     assert parse_scale_request({"teachers": {"a": 1}}) == (None, {"a": 1})
+
+
+# ---- the real wiring: Telemetry serves metrics and the control API apart -----------------------
+
+def scrape(host: str, port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+@pytest.fixture
+def telemetry(toy_raw, tmp_path, monkeypatch):
+    """A real Telemetry with serve=True; only the Ray registry is replaced (no Ray here)."""
+    from services.telemetry.status import Telemetry
+
+    registered = {}
+    monkeypatch.setattr(api, "register", lambda job, url, token: registered.update(job=job, url=url, token=token))
+    monkeypatch.setattr(api, "unregister", lambda job: registered.clear())
+    monkeypatch.setenv("DANCEOPD_CONTROL_TOKEN", TOKEN)
+    ctl_port = free_port()
+    cfg = cfg_for(toy_raw, tmp_path, "run", control__host="127.0.0.1", control__port=ctl_port,
+                  control__metrics_host="0.0.0.0", control__metrics_port=0, control__stall_after_s=5)
+    holder = {}
+    fns = (lambda: holder["t"].status("starting"), lambda **kw: {}, lambda: None)
+    tel = holder["t"] = Telemetry(cfg, 0, show_progress=False, serve=True, control_fns=fns)
+    yield tel, registered, ctl_port
+    tel.close()
+
+
+def test_metrics_and_control_bind_separately(telemetry):
+    tel, registered, ctl_port = telemetry
+    assert tel.metrics._server.socket.getsockname()[0] == "0.0.0.0"  # scrapeable from the pod network
+    assert tel.control._server.socket.getsockname()[:2] == ("127.0.0.1", ctl_port)  # the API: loopback only
+    assert tel.metrics.port != ctl_port
+    assert registered == {"job": tel.cfg.job.name, "url": f"http://127.0.0.1:{ctl_port}", "token": TOKEN}
+    series = scrape("127.0.0.1", tel.metrics.port)
+    assert series["danceopd_start_timestamp_seconds"] == pytest.approx(tel.started_at)
+    assert series["danceopd_stall_after_seconds"] == 5
+    assert series["danceopd_last_step_timestamp_seconds"] == 0
+
+
+def test_health_of_a_job_that_never_steps(telemetry):
+    tel, _, ctl_port = telemetry
+    code, body, _ = request(ctl_port, "GET", "/health")
+    assert code == 200 and body["last_step_age_s"] is None and 0 <= body["uptime_s"] < 5
+    tel.started_at = time.time() - 6  # started 6 s ago, bound 5 s (control.stall_after_s), no step
+    code, body, _ = request(ctl_port, "GET", "/health")
+    assert code == 503 and "since the job started" in body["error"]
+    code, body, _ = request(ctl_port, "GET", "/status")
+    assert code == 200 and body["ok"] is False and body["state"] == "starting" and set(body) == {*api.PUBLIC_STATUS_KEYS, "ok"}
+    code, body, _ = request(ctl_port, "GET", "/status", token=TOKEN)
+    assert body["uptime_s"] >= 6 and body["steps"] == tel.cfg.learner.steps

@@ -154,6 +154,27 @@ def test_podmonitor_scrapes_declared_ports():
     assert sel.items() <= labels.items(), "the PodMonitor selects no DanceOPD pod"
 
 
+def test_podmonitor_scrapes_the_controller_metrics_the_job_config_opens():
+    """The head's scraped ctrl-metrics port is the port the controller of the job the manifests run
+    serves /metrics on, and that config binds /metrics (not the control API) on 0.0.0.0."""
+    from danceopd.config import load_config
+
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    scraped = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
+    configs = {repo_path(argv[2]) for _, argv in danceopd_commands() if argv[1] == "train"}
+    assert configs == {ROOT / "configs" / "cluster.yaml"}
+    ctl = load_config(ROOT / "configs" / "cluster.yaml").control
+    assert ctl.metrics_host == "0.0.0.0", "the PodMonitor cannot scrape /metrics on loopback"
+    assert ctl.host == "127.0.0.1", "the control API must stay on loopback"
+    for spec in cluster_specs():
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        env = {e["name"]: e["value"] for e in head.get("env", [])}
+        serves = ctl.metrics_port if ctl.metrics_port is not None else int(env.get(M.CONTROLLER_PORT_ENV, M.DEFAULT_CONTROLLER_PORT))
+        assert [n for n in scraped if ports.get(n) == serves] == ["ctrl-metrics"], \
+            f"the PodMonitor scrapes no head port {serves} (the controller's /metrics)"
+
+
 def test_gpu_budget_of_cluster_config_fits():
     from danceopd.config import load_config
 
@@ -341,6 +362,41 @@ def test_promtool_check_rules():
 def test_promtool_check_config():
     res = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus",
                          capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_stall_alert_fires_for_a_job_that_never_steps(tmp_path):
+    """promtool's rule unit test: a job that never steps fires DanceOPDLearnerStalled once its
+    start is older than its stall bound; a stepping job and a job with a larger bound do not;
+    a job that stops stepping fires from its last step."""
+    exe = promtool()
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            r.pop("annotations", None)  # rendered text; the test is about expr, for and labels
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    # Every job's controller starts at t=10m (a real start is ~1.7e9 s after the epoch, so an
+    # expression that took the 0 before the first step for a timestamp would fire at once).
+    jobs = {  # job: (last-step timestamp, one value a minute from t=0; stall bound)
+        "never": ("0x60", 600), "steps": ("0x10 660+60x50", 600), "patient": ("0x60", 1200),
+        "stopped": ("0x10 660 720 780 840 900x45", 600),  # steps until t=15m, then none
+    }
+    series = [s for job, (last, bound) in jobs.items() for s in (
+        {"series": f'danceopd_start_timestamp_seconds{{job="{job}"}}', "values": "600x60"},
+        {"series": f'danceopd_last_step_timestamp_seconds{{job="{job}"}}', "values": last},
+        {"series": f'danceopd_stall_after_seconds{{job="{job}"}}', "values": f"{bound}x60"})]
+
+    def firing(*names):
+        return [{"exp_labels": {"severity": "critical", "job": n}} for n in names]
+
+    # bound exceeded after 20m (never), 25m (stopped), 30m (patient); then `for: 2m` plus one evaluation
+    checks = [("15m", firing()), ("21m", firing()), ("23m", firing("never")), ("28m", firing("never", "stopped")),
+              ("33m", firing("never", "stopped", "patient"))]
+    test = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [{"eval_time": t, "alertname": "DanceOPDLearnerStalled", "exp_alerts": exp} for t, exp in checks]}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    res = subprocess.run([exe, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 

@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.control import jobs
 from tests.conftest import ROOT, free_port
@@ -179,15 +180,119 @@ def test_parse_teachers():
             jobs.parse_teachers(bad)
 
 
-def test_working_dir_is_the_repo_root_else_the_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT / "configs")
-    assert jobs.working_dir_for(Path("toy.yaml")) == (ROOT, "configs/toy.yaml")
-    (tmp_path / "exp").mkdir()
-    (tmp_path / "exp" / "c.yaml").write_text("{}")
-    monkeypatch.chdir(tmp_path)
-    assert jobs.working_dir_for(Path("exp/c.yaml")) == (tmp_path.resolve(), "exp/c.yaml")
-    with pytest.raises(jobs.JobsError, match="must be inside the working directory"):
-        jobs.working_dir_for(ROOT / "configs" / "toy.yaml")
+def _home_with_a_job(tmp_path: Path) -> Path:
+    """A home folder with credentials in it and an experiment: a config whose data lies beside it
+    (../data) and whose student starts from a model folder (../models/student)."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    (home / ".aws").mkdir()
+    (home / ".aws" / "credentials").write_text("secret")
+    (home / "notes.txt").write_text("not for the cluster")
+    shutil.copytree(ROOT / "configs" / "data" / "shapes", home / "data" / "shapes")
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    raw["data"] = {"path": "../data/shapes/data.csv"}
+    (home / "exp").mkdir()
+    (home / "exp" / "c.yaml").write_text(yaml.safe_dump(raw))
+    return home
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_staged_upload_holds_the_config_and_its_data_only(tmp_path, monkeypatch):
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    cfg = load_config("exp/c.yaml")
+    dest = tmp_path / "staged"
+    rel = jobs.stage_upload(Path("exp/c.yaml"), cfg, dest)
+    assert rel == "exp/c.yaml"
+    got = _listing(dest)
+    images = {p.relative_to(home).as_posix() for p in (home / "data" / "shapes" / "images").iterdir()}
+    assert got == {"exp/c.yaml", "data/shapes/data.csv", *images}
+    # The copy resolves like the original: the same config, data and images from inside it.
+    staged = load_config(dest / rel)
+    assert jobs.config_inputs(dest / rel, staged)[0] == [Path(str(p).replace(str(home), str(dest), 1))
+                                                          for p in jobs.config_inputs(home / "exp/c.yaml", cfg)[0]]
+
+    # From another cwd the anchor is the common folder of the config and its inputs (still home/).
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert jobs.stage_upload(home / "exp" / "c.yaml", cfg, tmp_path / "again") == "exp/c.yaml"
+    assert _listing(tmp_path / "again") == got
+
+
+def test_staged_upload_takes_model_folders_without_pickles_or_hidden_files(tmp_path, monkeypatch):
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    model = home / "models" / "student"
+    (model / "sub").mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "sub/extra.json", "weights.bin", ".token"):
+        (model / name).write_text("x")
+    raw = yaml.safe_load((home / "exp" / "c.yaml").read_text())
+    raw["student"] = {"init": "../models/student"}
+    (home / "exp" / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    dest = tmp_path / "staged"
+    jobs.stage_upload(Path("exp/c.yaml"), load_config("exp/c.yaml"), dest)
+    assert {p for p in _listing(dest) if p.startswith("models/")} == {
+        "models/student/config.json", "models/student/diffusion_pytorch_model.safetensors", "models/student/sub/extra.json"}
+    (model / ".ssh").mkdir()  # a model folder holding credentials is never uploaded
+    with pytest.raises(jobs.JobsError, match="model folder .* refused: it holds"):
+        jobs.stage_upload(Path("exp/c.yaml"), load_config("exp/c.yaml"), tmp_path / "again")
+
+
+class FakeJobsClient:
+    """Records what submit would send; looks at the working_dir while it still exists."""
+
+    def __init__(self):
+        self.sent, self.files = None, None
+
+    def list_jobs(self):
+        return []
+
+    def submit_job(self, **kw):
+        self.sent = kw
+        self.files = _listing(Path(kw["runtime_env"]["working_dir"]))
+        return "raysubmit_fake"
+
+
+def test_submit_from_a_home_folder_ships_the_package_config_and_data_not_the_home(tmp_path, monkeypatch):
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    cfg = load_config("exp/c.yaml")
+    client = FakeJobsClient()
+    assert jobs.submit(client, Path("exp/c.yaml"), cfg, ["learner.steps=3"], resume="auto") == "raysubmit_fake"
+    env = client.sent["runtime_env"]
+    assert "exp/c.yaml" in client.files and "data/shapes/data.csv" in client.files
+    assert not any(f.startswith((".ssh", ".aws")) or f == "notes.txt" for f in client.files), client.files
+    assert not Path(env["working_dir"]).exists()  # the staging folder is gone once submitted
+    mods = [Path(p) for p in env["py_modules"]]
+    assert [m.name for m in mods] == list(jobs.PACKAGES) and (mods[1] / "cli.py").is_file()
+    assert all(not m.is_relative_to(home) for m in mods)
+    assert client.sent["entrypoint"] == ("danceopd train exp/c.yaml --address auto --no-progress --resume auto "
+                                         "--set learner.steps=3")
+
+    # --working-dir is an explicit opt-in, and never the home folder or a folder with credentials.
+    for wd in (home, Path("/")):
+        with pytest.raises(jobs.JobsError, match="refused: it is / or your home folder"):
+            jobs.submit(FakeJobsClient(), home / "exp" / "c.yaml", cfg, None, working_dir=wd)
+    (home / "exp" / ".git-credentials").write_text("x")
+    with pytest.raises(jobs.JobsError, match=r"refused: it holds .*\.git-credentials"):
+        jobs.submit(FakeJobsClient(), home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
+    (home / "exp" / ".git-credentials").unlink()
+    client = FakeJobsClient()
+    jobs.submit(client, home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
+    assert client.files == {"c.yaml"} and client.sent["entrypoint"].startswith("danceopd train c.yaml ")
 
 
 def test_entrypoints_quote_their_arguments():

@@ -107,6 +107,16 @@ def test_every_panel_and_alert_against_real_prometheus(prometheus, toy_raw, tmp_
         # the controller's job-level view agrees with what Prometheus scraped
         step = float(query(prom_port, 'max(danceopd_learner_step{job="danceopd"})')["data"]["result"][0]["value"][1])
         assert step >= 1
+        # the stall alert's inputs: the controller's start and its bound (control.stall_after_s) ...
+        start = query(prom_port, 'danceopd_start_timestamp_seconds{job="danceopd"}')["data"]["result"]
+        assert float(start[0]["value"][1]) == pytest.approx(controller.telemetry.started_at, abs=1e-3)
+        bound = query(prom_port, 'danceopd_stall_after_seconds{job="danceopd"}')["data"]["result"]
+        assert float(bound[0]["value"][1]) == cfg.control.stall_after_s
+        # ... and its expression matches the scraped series with each other (a bound below any age fires)
+        stalled = dict(alert_exprs())["DanceOPDLearnerStalled"]
+        assert "> danceopd_stall_after_seconds" in stalled
+        always = stalled.replace("> danceopd_stall_after_seconds", "> -1 * danceopd_stall_after_seconds")
+        assert query(prom_port, always)["data"]["result"], always
     finally:
         controller.request_stop()
         job.join(timeout=120)

@@ -84,9 +84,21 @@ class Backend(ABC):
             out[i] = torch.randn(self.state_shape, generator=g)
         return out
 
-    def check_row(self, row: Row) -> None:
-        """Raise a one-line ValueError if this row cannot be encoded (prompt, images)."""
-        self.encode([row])
+    def check_row(self, row: Row, needs_target: bool = False, teachers: tuple[TeacherField, ...] = ()) -> None:
+        """Raise a one-line ValueError if this row cannot be used: its condition (prompt, images)
+        does not encode, its data target does not load (`needs_target`: methods that train on the
+        data), or one of `teachers` (the built fields that will see it) cannot answer it."""
+        cond = self.encode([row])
+        if needs_target:
+            self.data_target([row])
+        for teacher in teachers:
+            teacher.velocity(self.noise([0]), torch.full((1,), 0.5), cond)
+
+    def check_student(self, init: str) -> None:
+        """Raise a one-line ValueError if `build_student(init)` would fail (LoRA targets that match
+        no module, a model folder of other shapes). Built on the meta device: no memory, no init."""
+        with torch.device("meta"):
+            self.build_student(init, 0)
 
     def simulated_compute(self, role: str) -> None:
         """Stand-in for GPU time of one unit of `role`'s work (`rollout` batch, `teacher` call,

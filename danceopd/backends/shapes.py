@@ -68,15 +68,14 @@ def _pooled(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def load_image(path: Path | None, size: int, what: str, uid: str) -> np.ndarray:
+    """A row's image, checked (missing, oversized, unreadable, not size x size) before it is decoded."""
     if path is None:
         raise ValueError(f"row {uid}: no {what} image")
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"row {uid}: {what} image {path} not found")
-    img = sw.load_png(path)
-    if img.shape[1:] != (size, size):
-        raise ValueError(f"row {uid}: {what} image {path} is {img.shape[2]}x{img.shape[1]}, expected {size}x{size} (backend.image_size)")
-    return img
+    try:
+        return sw.load_png(path, size)
+    except sw.ImageError as e:
+        hint = " (backend.image_size)" if "expected" in str(e) else ""
+        raise ValueError(f"row {uid}: {what} {e}{hint}") from None
 
 
 class OracleTeacher(TeacherField):
@@ -145,7 +144,10 @@ class ShapesBackend(Backend):
         b = cfg.backend
         if b.image_size % b.patch_size:
             raise ValueError(f"backend.patch_size: {b.patch_size} does not divide image_size={b.image_size}")
-        sw.check_size(b.image_size)
+        try:
+            sw.check_size(b.image_size)
+        except ValueError as e:
+            raise ValueError(f"backend.image_size: {e}") from None
         self.size, self.patch_size = b.image_size, b.patch_size
         self.num_layers, self.num_heads, self.head_dim = b.num_layers, b.num_heads, b.head_dim
         self.packer = ShapesCondition(b.image_size, b.max_tokens)
@@ -192,14 +194,43 @@ class ShapesBackend(Backend):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder}: not a save_pretrained model folder (no config.json)")
-        model = SD3Transformer2DModel.from_pretrained(folder)
+        model = SD3Transformer2DModel.from_pretrained(folder, use_safetensors=True)
         c = model.config
-        want = {"sample_size": self.size, "patch_size": self.patch_size, "in_channels": 6, "out_channels": 3,
-                "joint_attention_dim": len(sw.VOCAB), "pooled_projection_dim": len(sw.VOCAB)}
-        for k, v in want.items():
+        for k, v in self._model_shapes().items():
             if c[k] != v:
                 raise ValueError(f"{folder}: model {k}={c[k]} does not match the shapes backend ({v})")
         return model
+
+    def _model_shapes(self) -> dict:
+        """The config.json entries a model folder must have to fit this backend."""
+        return {"sample_size": self.size, "patch_size": self.patch_size, "in_channels": 6, "out_channels": 3,
+                "joint_attention_dim": len(sw.VOCAB), "pooled_projection_dim": len(sw.VOCAB)}
+
+    def check_model_folder(self, folder: str | Path) -> dict:
+        """A save_pretrained folder's config.json, checked against this backend's shapes the way
+        `load_model` checks the loaded model, but without reading a weight."""
+        folder = Path(folder)
+        try:
+            c = SD3Transformer2DModel.load_config(folder)
+        except Exception as e:  # diffusers raises OSError / ValueError on a missing or bad file
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{folder}: not a readable model config ({detail})") from None
+        for k, v in self._model_shapes().items():
+            if c.get(k) != v:
+                raise ValueError(f"{folder}: model {k}={c.get(k)} does not match the shapes backend ({v})")
+        return c
+
+    def check_student(self, init: str) -> None:
+        config = None if init == "random" else self.check_model_folder(self.cfg.resolve(init))
+        if not self.cfg.student.lora.enabled:
+            return
+        with torch.device("meta"):  # module names only: no memory, no weights
+            model = self._new_model() if config is None else SD3Transformer2DModel.from_config(config)
+        apply_lora(model, self.cfg.student.lora)
+
+    def check_row(self, row: Row, needs_target: bool = False, teachers: tuple[TeacherField, ...] = ()) -> None:
+        # A row's target image is checked whenever it has one (evaluation and sft read it).
+        super().check_row(row, needs_target or row.target_image is not None, teachers)
 
     def build_student(self, init: str, seed: int) -> nn.Module:
         # Fork the RNG so seeding the init (and the LoRA adapters) leaves global state alone.

@@ -112,6 +112,20 @@ class ToyBackend(Backend):
         torch.manual_seed(seed)  # nn.Linear init draws from the global generator
         return ToyMLP(self.dim, self.cond_dim, self.hidden)
 
+    def check_student(self, init: str) -> None:
+        if init == "random":
+            return  # a ToyMLP of the backend's own sizes always builds
+        path = Path(init) / "config.json"
+        try:
+            meta = json.loads(path.read_text())
+            got = {k: int(meta[k]) for k in ("dim", "cond_dim", "hidden")}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a toy model config ({type(e).__name__}: {e})") from None
+        want = {"dim": self.dim, "cond_dim": self.cond_dim}
+        for k, v in want.items():
+            if got[k] != v:
+                raise ValueError(f"{init}: toy model {k}={got[k]} does not match the toy backend ({v})")
+
     def save_student(self, model: nn.Module, path: Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,22 @@
 
 Endpoints (JSON in, JSON out; every error body is one line: {"error": "..."}):
 
-    GET  /health  liveness, no token: 200 {ok, state, step, last_step_age_s}; 503 when the last
-                  learner step is older than `stall_after_s` (default 600 s) or status fails
-    GET  /status  the controller's status dict, no token (read-only)
+    GET  /health  liveness, no token: 200 {ok, state, step, last_step_age_s[, uptime_s]}; 503 when
+                  the last learner step is older than `stall_after_s` (control.stall_after_s,
+                  default 600 s), when no step came within `stall_after_s` of the job's start
+                  (`uptime_s`), or when status fails
+    GET  /status  with the token: the controller's full status dict; without a valid token the
+                  public view {job, state, step, steps, last_step_age_s, ok} (no paths, no
+                  fleet details)
     POST /scale   {"rollout_workers": N, "teachers": {"route": N}} -> the controller's answer;
                   400 on bad JSON / types or a ValueError from the controller
     POST /stop    graceful stop (final checkpoint, then exit) -> 202
     POST endpoints need `Authorization: Bearer <token>`: 401 when missing, 403 when wrong.
 
-The server binds 127.0.0.1 unless told otherwise; on a cluster head, `control.host: 0.0.0.0`.
+The server binds `control.host` (127.0.0.1): `danceopd status|scale|stop` reach it through a
+helper job on the head, over loopback. The controller's Prometheus /metrics is a separate
+server on `control.metrics_host`, the one address a cluster opens (0.0.0.0 in
+configs/cluster.yaml), so scraping never exposes this API.
 
 Registry: `register(job_name, url, token)` creates a small named Ray actor
 ("danceopd-control:<job>", namespace "danceopd"). It is NOT detached, so it dies with the
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STALL_AFTER_S = 600.0
 MAX_BODY_BYTES = 64 * 1024
+PUBLIC_STATUS_KEYS = ("job", "state", "step", "steps", "last_step_age_s")
 REGISTRY_NAMESPACE = "danceopd"
 _SCALE_KEYS = {"rollout_workers", "teachers"}
 
@@ -82,6 +90,20 @@ def parse_scale_request(body: object) -> tuple[int | None, dict[str, int] | None
     return rollout, (dict(teachers) if teachers else None)
 
 
+def stall(st: dict, stall_after_s: float) -> str | None:
+    """Why a status dict counts as stalled, or None: no learner step for more than
+    `stall_after_s`, counted from the last step, or from the job's start (`uptime_s`) before the
+    first. A finished job never stalls."""
+    if st.get("state") == "done":
+        return None
+    age, up = st.get("last_step_age_s"), st.get("uptime_s")
+    if age is not None and float(age) > stall_after_s:
+        return f"no learner step for {float(age):.0f} s (stall threshold {stall_after_s:.0f} s)"
+    if age is None and up is not None and float(up) > stall_after_s:
+        return f"no learner step in the {float(up):.0f} s since the job started (stall threshold {stall_after_s:.0f} s)"
+    return None
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -122,15 +144,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes")
         return self.rfile.read(n) if n else b""
 
+    def _bearer(self) -> str | None:
+        """The bearer token the request carries, or None."""
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        return given.strip() if scheme.lower() == "bearer" and given.strip() else None
+
+    def _token_ok(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self.server.control.token.encode())
+
     def _authorized(self) -> bool:
         """Answers 401/403 itself and returns False when the bearer token is missing/wrong."""
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header or scheme.lower() != "bearer" or not given.strip():
+        given = self._bearer()
+        if given is None:
             self._error(HTTPStatus.UNAUTHORIZED, "missing bearer token (Authorization: Bearer <token>)",
                         {"WWW-Authenticate": 'Bearer realm="danceopd"'})
             return False
-        if not hmac.compare_digest(given.strip().encode(), self.server.control.token.encode()):
+        if not self._token_ok(given):
             self._error(HTTPStatus.FORBIDDEN, "wrong token")
             return False
         return True
@@ -146,9 +175,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._health(ctl)
         elif path == "/status":
             try:
-                self._send(HTTPStatus.OK, ctl.status_fn())
+                st = ctl.status_fn()
             except Exception as e:  # the API must answer even when the controller misbehaves
                 self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"status failed: {type(e).__name__}: {e}")
+                return
+            if not self._token_ok(self._bearer()):  # public view: no paths, fleet or checkpoints
+                st = {**{k: st.get(k) for k in PUBLIC_STATUS_KEYS}, "ok": stall(st, ctl.stall_after_s) is None}
+            self._send(HTTPStatus.OK, st)
         elif path in ("/scale", "/stop"):
             self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} needs POST", {"Allow": "POST"})
         else:
@@ -201,13 +234,14 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"status failed: {type(e).__name__}: {e}")
             return
-        age = st.get("last_step_age_s")
-        state = st.get("state")
-        stalled = age is not None and state != "done" and float(age) > ctl.stall_after_s
-        payload = {"ok": not stalled, "state": state, "step": st.get("step"), "last_step_age_s": age}
-        if stalled:
-            payload["error"] = f"no learner step for {float(age):.0f} s (stall threshold {ctl.stall_after_s:.0f} s)"
-        self._send(HTTPStatus.SERVICE_UNAVAILABLE if stalled else HTTPStatus.OK, payload)
+        why = stall(st, ctl.stall_after_s)
+        payload = {"ok": why is None, "state": st.get("state"), "step": st.get("step"),
+                   "last_step_age_s": st.get("last_step_age_s")}
+        if "uptime_s" in st:
+            payload["uptime_s"] = st["uptime_s"]
+        if why:
+            payload["error"] = why
+        self._send(HTTPStatus.OK if why is None else HTTPStatus.SERVICE_UNAVAILABLE, payload)
 
 
 class ControlServer:

@@ -1,7 +1,9 @@
 """Job submission and remote control through the Ray Jobs API only.
 
-`danceopd submit` sends `danceopd train <config> --address auto` as a Ray job (the working
-directory travels as the job's runtime_env) tagged with metadata {"danceopd_job": job.name}.
+`danceopd submit` sends `danceopd train <config> --address auto` as a Ray job tagged with
+metadata {"danceopd_job": job.name}. It uploads only what the job needs: the danceopd packages
+(runtime_env `py_modules`) and a staged working_dir holding the config and the local files it
+names through relative paths (data file, its images, model folders), never an arbitrary folder.
 
 `danceopd status|scale|stop` never connect to the controller directly: the control API binds
 loopback on the head by default, and the only port a user is assumed to reach is the Jobs API
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +36,11 @@ META_CTL = "danceopd_ctl"  # metadata key of helper jobs
 CTL_BEGIN = "<<<DANCEOPD-CTL-JSON "
 CTL_END = " DANCEOPD-CTL-JSON>>>"
 EXCLUDES = [".venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"]
+PACKAGES = ("danceopd", "services", "learner", "router", "rollout_workers")  # the job's code (py_modules)
+# Names that mark credentials: a folder holding one is never uploaded.
+SECRETS = {".ssh", ".aws", ".gnupg", ".git-credentials", ".netrc", ".kube", ".docker", ".pypirc", ".env", ".ray",
+           ".config", "id_rsa", "id_ecdsa", "id_ed25519"}
+MODEL_SKIP = (".*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")  # hidden, or pickle weights (never loaded)
 ACTIONS = ("status", "scale", "stop")
 
 
@@ -60,31 +70,89 @@ def parse_teachers(items: list[str] | None) -> dict[str, int] | None:
     return out
 
 
-def repo_root(start: Path) -> Path | None:
-    """The danceopd checkout containing `start` (a folder with pyproject.toml and services/cli.py)."""
-    start = start.resolve()
-    for p in (start, *start.parents):
-        if (p / "pyproject.toml").is_file() and (p / "services" / "cli.py").is_file():
-            return p
-    return None
+def package_dirs() -> list[Path]:
+    """The source folders of the danceopd code this CLI runs (a checkout or site-packages)."""
+    root = Path(__file__).resolve().parents[2]
+    return [root / p for p in PACKAGES]
 
 
-def working_dir_for(config: Path, cwd: Path | None = None) -> tuple[Path, str]:
-    """(working dir to ship, config path relative to it): the repo root when the cwd is inside
-    a danceopd checkout, else the cwd. The config must live inside it (it travels with it)."""
-    cwd = (cwd or Path.cwd()).resolve()
-    wd = repo_root(cwd) or cwd
-    cfg = config.resolve()
-    try:
-        rel = cfg.relative_to(wd)
-    except ValueError:
-        raise JobsError(f"{config}: the config must be inside the working directory that is shipped to the "
-                        f"cluster ({wd}); copy it there or run from the folder that contains it") from None
-    return wd, rel.as_posix()
+def check_uploadable(folder: Path, what: str) -> None:
+    """Refuse to upload /, the home folder (or a folder above it), or a folder holding credentials."""
+    f, home = Path(os.path.abspath(folder)), Path.home().resolve()
+    if f == Path(f.anchor) or f.resolve() == home or home.is_relative_to(f.resolve()):
+        raise JobsError(f"{what} {folder}: refused: it is / or your home folder (or above it); name a folder "
+                        "that holds only what the job needs")
+    for root, dirs, files in os.walk(f):
+        dirs[:] = [d for d in dirs if d not in EXCLUDES]
+        for name in (*dirs, *files):
+            if name in SECRETS:
+                raise JobsError(f"{what} {folder}: refused: it holds {Path(root, name)} (credentials are never "
+                                "uploaded); name a folder without it")
 
 
-def train_entrypoint(rel_config: str, overrides: list[str] | None) -> str:
+def config_inputs(config: Path, cfg) -> tuple[list[Path], list[str]]:
+    """(local files and model folders the config names through relative paths, as absolute
+    un-resolved paths; the absolute paths it names, which must exist on the cluster)."""
+    from danceopd.dataset import Dataset
+
+    base = Path(os.path.abspath(config)).parent  # lexical: a relative path resolves the same way in the copy
+    local: list[Path] = []
+    absolute: list[str] = []
+
+    def ref(raw: str) -> Path | None:
+        p = Path(raw).expanduser()
+        if p.is_absolute():
+            absolute.append(str(p))
+            return None
+        local.append(Path(os.path.normpath(base / p)))
+        return local[-1]
+
+    data = ref(cfg.data.path)
+    if data is not None:
+        for row in Dataset.load(data).rows:
+            for img in (row.source_image, row.target_image):
+                if img is None:
+                    continue
+                if img.is_relative_to(data.parent):  # written relative to the data file
+                    local.append(Path(os.path.normpath(img)))
+                else:
+                    absolute.append(str(img))
+    if cfg.student.init != "random":
+        ref(cfg.student.init)
+    for t in cfg.teachers:
+        if t.kind == "pretrained" and t.path:
+            ref(t.path)
+    return local, absolute
+
+
+def stage_upload(config: Path, cfg, dest: Path, cwd: Path | None = None) -> str:
+    """Copy the config and the local inputs it names into `dest`, each at its path relative to one
+    anchor (the cwd when it holds them all, else their common folder), so that the config's
+    relative paths resolve the same way in the copy; nothing else is copied. Returns the config's
+    path inside `dest`."""
+    cwd = Path(os.path.abspath(cwd or Path.cwd()))
+    config = Path(os.path.abspath(config))
+    inputs, _ = config_inputs(config, cfg)
+    paths = [config, *inputs]
+    anchor = cwd if all(p.is_relative_to(cwd) for p in paths) else Path(os.path.commonpath(paths))
+    for p in paths:
+        target = dest / p.relative_to(anchor)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():  # a model folder: its visible files, safetensors weights only
+            check_uploadable(p, "model folder")
+            shutil.copytree(p, target, ignore=shutil.ignore_patterns(*MODEL_SKIP), dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, target)
+    return config.relative_to(anchor).as_posix()
+
+
+def train_entrypoint(rel_config: str, overrides: list[str] | None, resume: str | None = None,
+                     overwrite: bool = False) -> str:
     parts = ["danceopd", "train", rel_config, "--address", "auto", "--no-progress"]
+    if resume:
+        parts += ["--resume", resume]
+    if overwrite:
+        parts += ["--overwrite"]
     for o in overrides or []:
         parts += ["--set", o]
     return shlex.join(parts)
@@ -213,27 +281,36 @@ def resolve_job(client, job: str) -> JobRef:
     return JobRef(job, pick)
 
 
-def submit(client, config: Path, cfg, overrides: list[str] | None, working_dir: Path | None = None) -> str:
-    """Submit the training job; returns the submission id."""
-    if working_dir is None:
-        wd, rel = working_dir_for(config)
-    else:
-        wd = working_dir.resolve()
-        try:
-            rel = config.resolve().relative_to(wd).as_posix()
-        except ValueError:
-            raise JobsError(f"{config}: not inside --working-dir {wd}") from None
+def submit(client, config: Path, cfg, overrides: list[str] | None, working_dir: Path | None = None,
+           resume: str | None = None, overwrite: bool = False) -> str:
+    """Submit the training job; returns the submission id. Uploads the danceopd packages
+    (py_modules) and, as working_dir, a staging folder with the config and its local inputs
+    (`stage_upload`), or the explicit `working_dir` after `check_uploadable`."""
     name = cfg.job.name
     live = [j for j in training_jobs(client, name) if not j.status.is_terminal()]
     if live:
         raise JobsError(f"job.name {name!r} is already running as {live[0].submission_id}; stop it or set another "
                         f"job.name (--set job.name=...)")
-    try:
-        return _api(client, client.submit_job, entrypoint=train_entrypoint(rel, overrides),
-                    runtime_env={"working_dir": str(wd), "excludes": list(EXCLUDES)},
-                    metadata={META_JOB: name, "danceopd_config": rel})
-    except (RuntimeError, ValueError) as e:
-        raise JobsError(f"submit failed: {_first_line(e)}") from None
+    with tempfile.TemporaryDirectory(prefix="danceopd-submit-") as staging:
+        if working_dir is None:
+            try:
+                wd, rel = Path(staging), stage_upload(config, cfg, Path(staging))
+            except (OSError, ValueError) as e:  # DatasetError is a ValueError
+                raise JobsError(f"staging the upload: {e}") from None
+        else:
+            wd = working_dir.resolve()
+            check_uploadable(wd, "--working-dir")
+            try:
+                rel = config.resolve().relative_to(wd).as_posix()
+            except ValueError:
+                raise JobsError(f"{config}: not inside --working-dir {wd}") from None
+        runtime_env = {"working_dir": str(wd), "py_modules": [str(p) for p in package_dirs()],
+                       "excludes": list(EXCLUDES)}
+        try:  # the client uploads both before it returns, so the staging folder may go then
+            return _api(client, client.submit_job, entrypoint=train_entrypoint(rel, overrides, resume, overwrite),
+                        runtime_env=runtime_env, metadata={META_JOB: name, "danceopd_config": rel})
+        except (RuntimeError, ValueError) as e:
+            raise JobsError(f"submit failed: {_first_line(e)}") from None
 
 
 def wait_for(client, submission_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
@@ -257,13 +334,10 @@ def wait_for(client, submission_id: str, timeout_s: float | None = None, poll_s:
 def run_ctl(client, ref: JobRef, action: str, rollout_workers: int | None = None,
             teachers: dict[str, int] | None = None, timeout_s: float = 120.0) -> dict:
     """Run `danceopd ctl` as a helper job on the head; returns the controller's answer."""
-    runtime_env = {}
-    root = repo_root(Path.cwd())
-    if root is not None:  # run the same code as this CLI; else the danceopd installed on the head
-        runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES)}
+    runtime_env = {"py_modules": [str(p) for p in package_dirs()], "excludes": list(EXCLUDES)}  # this CLI's code
     try:
         sid = _api(client, client.submit_job, entrypoint=ctl_entrypoint(ref.name, action, rollout_workers, teachers),
-                   runtime_env=runtime_env or None, metadata={META_CTL: action, "target": ref.name})
+                   runtime_env=runtime_env, metadata={META_CTL: action, "target": ref.name})
     except (RuntimeError, ValueError) as e:
         raise JobsError(f"could not submit the control helper job: {_first_line(e)}") from None
     try:

@@ -176,6 +176,14 @@ class RouterActor(Router):
             self._report(routes, -1)
         return {"ticket": rb.column("ticket")[0].as_py(), "rows": out.num_rows}, out
 
+    def next_orders_with_state(self, n: int, batch_size: int, owed: list[str]):
+        """(orders, router state before each, state after the last): the controller keeps the
+        states, so a restarted router resumes the hand-out and checkpoints need no router call."""
+        orders = self.next_orders(n, batch_size, owed)
+        with self._lock:
+            before = [self._before.pop(o.ticket) for o in orders]
+            return orders, before, self.state_dict()
+
     def _report(self, routes: collections.Counter, sign: int) -> None:
         with self._lock:  # batches of each route being scored right now
             for r in self.routes:

@@ -17,6 +17,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from services.runtime.placement import RoleSpec
 
 
+class RoleFailure(RuntimeError):
+    """The job cannot go on: one line naming the role, the member and the cause."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: last line` of an exception, unwrapping Ray's task errors to their cause."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
 @dataclass
 class Member:
     name: str
@@ -25,6 +36,22 @@ class Member:
     bundle_index: int = 0
     restarts: int = 0
     started: float = field(default_factory=time.time)
+
+    @property
+    def incarnation(self) -> str:
+        """The current actor's id: a failure reported by an earlier incarnation (already
+        replaced) must not restart its replacement."""
+        return self.actor._actor_id.hex()
+
+
+@dataclass
+class Pending:
+    """A member whose placement group the cluster has not placed yet."""
+
+    name: str
+    pg: object
+    ready: object  # the placement group's ready() ref
+    since: float = field(default_factory=time.perf_counter)
 
 
 def on(pg, bundle: int = 0) -> PlacementGroupSchedulingStrategy:
@@ -39,7 +66,9 @@ class ActorGroup:
         self.role, self.spec, self.make = role, spec, make
         self.pg_timeout_s = pg_timeout_s
         self.members: dict[str, Member] = {}
+        self.pending: dict[str, Pending] = {}
         self.restarts_total = 0
+        self.failures_total = 0  # deaths and missed deadlines, the fatal last one included
         self._next = 0
         self._gang_pg = None
 
@@ -62,6 +91,41 @@ class ActorGroup:
         self.members[name] = m
         return m
 
+    def add_later(self) -> Pending | Member:
+        """Ask for a member without waiting for the cluster to place it: `poll_pending` turns it
+        into a member once placed (a member at once when the role reserves nothing)."""
+        if not self.spec.bundle:
+            return self.add()
+        name = f"{self.role}-{self._next}"
+        self._next += 1
+        pg = placement_group([self.spec.bundle], strategy="PACK")
+        self.pending[name] = p = Pending(name, pg, pg.ready())
+        return p
+
+    def poll_pending(self, timeout_s: float) -> tuple[list[Member], list[str]]:
+        """(members placed since the last poll, names given up after `timeout_s` unplaced: their
+        placement groups are removed, so nothing is left reserved)."""
+        placed, expired = [], []
+        for name, p in list(self.pending.items()):
+            done, _ = ray.wait([p.ready], timeout=0)
+            if done:
+                del self.pending[name]
+                m = Member(name, self.make(name, self._options(p.pg, 0)), p.pg)
+                self.members[name] = m
+                placed.append(m)
+            elif time.perf_counter() - p.since > timeout_s:
+                del self.pending[name]
+                remove_placement_group(p.pg)
+                expired.append(name)
+        return placed, expired
+
+    def cancel_pending(self, n: int) -> list[str]:
+        """Give up the `n` newest pending members (a scale-down while they wait)."""
+        names = list(self.pending)[::-1][:n]
+        for name in names:
+            remove_placement_group(self.pending.pop(name).pg)
+        return names
+
     def reserve_gang(self, n: int) -> tuple[object, int]:
         """One placement group of n bundles; returns it and the bundle rank 0 will use."""
         bundle = self.spec.bundle or {"CPU": 0.01}
@@ -79,12 +143,18 @@ class ActorGroup:
         self._next = len(self._gang_order)
         return list(self.members.values())
 
-    def restart(self, name: str) -> Member:
-        """Replace a dead or hung member (same name, same placement) after a backoff."""
+    def restart(self, name: str, cause: str = "") -> Member:
+        """Replace a dead or hung member (same name, same placement) after a backoff. The budget
+        counts failures of the member, one per incarnation."""
         m = self.members[name]
+        self.failures_total += 1
         if m.restarts >= self.spec.max_restarts:
-            raise RuntimeError(f"{self.role} {name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts})")
-        ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
+            last = f"; last: {cause}" if cause else ""
+            raise RoleFailure(f"{self.role} {name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts}){last}")
+        try:
+            ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
+        except Exception:  # noqa: BLE001 — already gone
+            pass
         time.sleep(min(0.5 * 2 ** m.restarts, 10.0))
         m.restarts += 1
         self.restarts_total += 1
@@ -111,6 +181,7 @@ class ActorGroup:
         return m.actor
 
     def shutdown(self) -> None:
+        self.cancel_pending(len(self.pending))
         for n in list(self.members):
             self.remove(n)
         if self._gang_pg is not None:

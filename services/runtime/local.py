@@ -99,6 +99,12 @@ class LocalFleet:
     def restarts(self) -> dict:
         return {"rollout": 0, "teacher": 0}
 
+    def failures(self) -> dict:
+        return {}
+
+    def pending_counts(self) -> dict[str, int]:
+        return {}
+
     def busy_stats(self) -> dict:
         return {"rollout": [self.worker.get_stats()], "teacher": [t.get_stats() for t in self.teachers.values()],
                 "router": [self.router.get_stats()]}

@@ -11,6 +11,9 @@ import math
 import os
 from dataclasses import dataclass
 
+SINGLETON_RESTARTS = 3
+TEACHER_RESTARTS = 3
+
 
 @dataclass(frozen=True)
 class RoleSpec:
@@ -30,14 +33,16 @@ def role_specs(cfg) -> dict[str, RoleSpec]:
     specs = {
         "rollout": RoleSpec(r.num_cpus, r.num_gpus, r.max_restarts, members=r.workers),
         "learner": RoleSpec(lc.num_cpus, lc.num_gpus, 0, members=lc.world_size),
-        "router": RoleSpec(0.1, 0.0, 0, max_concurrency=cfg.routing.max_concurrent_batches),
-        "replay": RoleSpec(),
-        "weight_store": RoleSpec(),
+        # The singletons are rebuilt in place from what the controller holds (router state,
+        # queued batch refs, the latest weights): a few restarts, like a teacher replica.
+        "router": RoleSpec(0.1, 0.0, SINGLETON_RESTARTS, max_concurrency=cfg.routing.max_concurrent_batches),
+        "replay": RoleSpec(max_restarts=SINGLETON_RESTARTS),
+        "weight_store": RoleSpec(max_restarts=SINGLETON_RESTARTS),
     }
     used = {route.teacher for route in cfg.routing.routes}
     for t in cfg.teachers:
         if t.name in used:
-            specs[f"teacher:{t.name}"] = RoleSpec(t.num_cpus, t.num_gpus, 3, members=t.replicas)
+            specs[f"teacher:{t.name}"] = RoleSpec(t.num_cpus, t.num_gpus, TEACHER_RESTARTS, members=t.replicas)
     return specs
 
 

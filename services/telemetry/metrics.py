@@ -72,6 +72,8 @@ _DECLARED = (
     # ---- controller (prometheus_client in the driver) --------------------------------------
     Metric("danceopd_learner_step", "gauge", "controller", (), "Optimizer steps done."),
     Metric("danceopd_last_step_timestamp_seconds", "gauge", "controller", (), "Unix time of the last learner step (0 before the first)."),
+    Metric("danceopd_start_timestamp_seconds", "gauge", "controller", (), "Unix time the controller started: the stall alert counts from it until the first step."),
+    Metric("danceopd_stall_after_seconds", "gauge", "controller", (), "control.stall_after_s of the job: the bound /health and the stall alert use."),
     Metric("danceopd_loss", "gauge", "controller", ("route",), "Training loss of the last step, per route."),
     Metric("danceopd_grad_norm", "gauge", "controller", (), "Global gradient norm of the last step (before clipping)."),
     Metric("danceopd_learning_rate", "gauge", "controller", (), "Learning rate of the last step."),
@@ -87,6 +89,8 @@ _DECLARED = (
     Metric("danceopd_weight_version", "gauge", "controller", (), "Latest published weight version."),
     Metric("danceopd_workers", "gauge", "controller", ("role",), "Live actors by role."),
     Metric("danceopd_restarts", "counter", "controller", ("role",), "Actor restarts by role."),
+    Metric("danceopd_failures", "counter", "controller", ("role",), "Member failures by role (deaths and missed deadlines, the fatal last one included)."),
+    Metric("danceopd_workers_pending", "gauge", "controller", ("role",), "Members asked for and not yet placed by the cluster (they time out after deadlines.placement_s)."),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 

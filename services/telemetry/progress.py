@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -17,7 +18,9 @@ class JobLog:
         self.start_step = start_step
         self.out = cfg.output_path
         self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (self.out / "metrics.jsonl").open("a")
+        # One run's steps only: a resumed run drops what it will redo (steps after start_step), a
+        # fresh one (start_step 0) starts an empty file.
+        self.metrics_file = truncate_metrics(self.out / "metrics.jsonl", start_step).open("a")
         self.timers: dict[str, float] = defaultdict(float)
         self.route_losses: dict[str, list[float]] = defaultdict(list)
         self.t0 = time.perf_counter()
@@ -77,6 +80,23 @@ class JobLog:
         summary.update(extra or {})
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+def truncate_metrics(path: Path, step: int) -> Path:
+    """Drop the lines of steps after `step` (and a torn last line) from a metrics.jsonl."""
+    if not path.is_file():
+        return path
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+    return path
 
 
 def _window(values: list[float], first: bool) -> float:

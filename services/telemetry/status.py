@@ -16,6 +16,7 @@ from services.telemetry.progress import JobLog
 class Telemetry:
     def __init__(self, cfg, start_step: int, show_progress: bool, serve: bool, control_fns=None):
         self.cfg = cfg
+        self.started_at = time.time()  # /health and the stall alert count from here until the first step
         self.log = JobLog(cfg, start_step, show_progress)
         self.console = self.log.console
         self.metrics = self.control = None
@@ -33,17 +34,22 @@ class Telemetry:
 
         cfg = self.cfg
         port = cfg.control.metrics_port if cfg.control.metrics_port is not None else controller_port()
+        # /metrics and the control API bind apart: a cluster opens metrics_host, never the API.
         try:
-            self.metrics = ControllerMetrics(port, host=cfg.control.host)
+            self.metrics = ControllerMetrics(port, host=cfg.control.metrics_host)
         except OSError:  # the default port is taken (another job on this host): any free port
-            self.metrics = ControllerMetrics(0, host=cfg.control.host)
+            self.metrics = ControllerMetrics(0, host=cfg.control.metrics_host)
             self.console.print(f"[yellow]metrics port {port} is busy; serving on {self.metrics.port}[/]")
         self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
-        for role in ("rollout", "teacher", "learner"):
-            self.metrics.inc("danceopd_restarts", 0, role=role)  # the series exist from the start
+        self.metrics.set("danceopd_start_timestamp_seconds", self.started_at)
+        self.metrics.set("danceopd_stall_after_seconds", cfg.control.stall_after_s)
+        for role in ("rollout", "teacher", "learner", "router", "replay", "weight_store"):
+            for name in ("danceopd_restarts", "danceopd_failures"):
+                self.metrics.inc(name, 0, role=role)  # the series exist from the start
         token = resolve_token(cfg.control.token_env)
         status_fn, scale_fn, stop_fn = control_fns
-        self.control = ControlServer(cfg.control.host, cfg.control.port, token, status_fn, scale_fn, stop_fn)
+        self.control = ControlServer(cfg.control.host, cfg.control.port, token, status_fn, scale_fn, stop_fn,
+                                     stall_after_s=cfg.control.stall_after_s)
         host, cport = self.control.start()
         self.control_url = f"http://{host}:{cport}"
         register(cfg.job.name, self.control_url, token)
@@ -81,10 +87,7 @@ class Telemetry:
                 m.observe("danceopd_weight_sync_transfer_seconds", s["transfer_s"])
                 m.observe("danceopd_weight_sync_wait_seconds", s["wait_s"])
                 m.set("danceopd_weight_sync_bytes", s["bytes"])
-            for role, n in restarts.items():
-                if n > self.restarts_reported[role]:
-                    m.inc("danceopd_restarts", n - self.restarts_reported[role], role=role)
-                    self.restarts_reported[role] = n
+            self._report_fleet(loop)
         self.synced_reported = len(loop.sync.records)
         acct = loop.pipe.accounting()
         self._status = {
@@ -98,14 +101,34 @@ class Telemetry:
             "workers": {"rollout": counts["rollout"], "learner": counts["learner"],
                         "teacher": loop.fleet.teacher_counts()},
             "last_checkpoint": loop.last_ckpt, "last_step_time": time.time(), "output_dir": str(self.cfg.output_path),
-            "restarts": restarts,
+            "restarts": restarts, "failures": loop.fleet.failures(), "pending": loop.fleet.pending_counts(),
         }
         return idle
+
+    def _report_fleet(self, loop) -> None:
+        """Restarts and failures by role (counters), members waiting for placement (gauge)."""
+        m = self.metrics
+        for name, counts in (("danceopd_restarts", loop.fleet.restarts()), ("danceopd_failures", loop.fleet.failures())):
+            for role, n in counts.items():
+                if n > self.restarts_reported[name, role]:
+                    m.inc(name, n - self.restarts_reported[name, role], role=role)
+                    self.restarts_reported[name, role] = n
+        for role, n in loop.fleet.pending_counts().items():
+            m.set("danceopd_workers_pending", n, role=role)
+
+    def failed(self, loop, error: BaseException) -> None:
+        """The job is failing: count it where a scrape or /status can still see it."""
+        self._status = {**self._status, "state": "failed", "error": str(error).splitlines()[0] if str(error) else type(error).__name__}
+        if self.metrics is not None:
+            if getattr(loop.learner, "failed", None):
+                self.metrics.inc("danceopd_failures", 1, role="learner")
+            self._report_fleet(loop)
 
     def status(self, state: str) -> dict:
         st = dict(self._status)
         st["state"] = state
         st["last_step_age_s"] = round(time.time() - st["last_step_time"], 3) if st.get("last_step_time") else None
+        st["uptime_s"] = round(time.time() - self.started_at, 3)
         return st
 
     # ---- end of job -----------------------------------------------------------------------------

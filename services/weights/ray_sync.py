@@ -19,43 +19,59 @@ import time
 
 import ray
 
+from services.runtime.groups import first_line
+
 
 class ObjectStoreSync:
     def __init__(self, cfg, learner, fleet, pipeline):
         self.cfg, self.learner, self.fleet, self.pipeline = cfg, learner, fleet, pipeline
         self.timeout_s = cfg.sync.timeout_s
+        # A push is applied after the batches queued on the worker: allow for them.
+        self.ack_deadline_s = cfg.sync.timeout_s + cfg.rollout.orders_per_worker * cfg.deadlines.rollout_s
         self.records: list[dict] = []
         self.pending: list[dict] = []
 
     def push(self, version: int) -> None:
         t0 = time.perf_counter()
         ref, others = self.learner.export_ref()
-        ray.get(others, timeout=self.timeout_s)
-        ray.get(self.fleet.store.only.put.remote(version, [ref], 0), timeout=self.timeout_s)
-        acks = {name: actor.apply_weights.remote([ref], version) for name, actor in self.fleet.worker_actors().items()}
+        self.learner.wait([ref, *others], "exporting weights", self.timeout_s, fetch=False)
+        self.fleet.store_put(version, [ref], 0)
+        acks = {name: (actor.apply_weights.remote([ref], version), self.fleet.rollout.members[name].incarnation)
+                for name, actor in self.fleet.worker_actors().items()}
         for name in acks:
             self.pipeline.worker_version[name] = version
         self.pending.append({"version": version, "t0": t0, "acks": acks})
 
     def poll(self, block: bool = False) -> None:
+        """Check acknowledgements without blocking the loop. An acknowledgement that raised, or
+        one later than the worker's queued batches plus `sync.timeout_s` could explain, is that
+        worker's failure: it is restarted and pulls the latest weights from the store (the gate
+        must not believe it holds a version it never applied)."""
         for sync in list(self.pending):
-            refs = list(sync["acks"].values())
-            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s if block else 0)
-            if waiting:
-                if time.perf_counter() - sync["t0"] > self.timeout_s:
-                    late = [n for n, r in sync["acks"].items() if r in waiting]
-                    raise TimeoutError(f"weight sync to version {sync['version']}: rollout workers {', '.join(late)} "
-                                       f"did not apply it within sync.timeout_s={self.timeout_s:g}")
-                continue
-            seconds = time.perf_counter() - sync["t0"]
+            refs = [r for r, _ in sync["acks"].values()]
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.ack_deadline_s if block else 0)
+            age = time.perf_counter() - sync["t0"]
             answers = []
-            for ref in refs:
+            for name, (ref, incarnation) in list(sync["acks"].items()):
+                if ref in waiting:
+                    if age > self.ack_deadline_s:
+                        del sync["acks"][name]
+                        self.fleet.worker_failed(name, f"weight version {sync['version']} not applied within "
+                                                 f"{self.ack_deadline_s:g} s", incarnation)
+                    continue
                 try:
                     answers.append(ray.get(ref))
-                except ray.exceptions.RayActorError:
-                    pass  # the worker died: its replacement pulls the latest weights on start
+                except ray.exceptions.RayError as e:
+                    died = isinstance(e, ray.exceptions.RayActorError)
+                    # A dead worker's replacement pulls the latest weights on start.
+                    self.fleet.worker_failed(name, "died" if died else f"applying weights failed: {first_line(e)}",
+                                             incarnation)
+                del sync["acks"][name]
+            sync.setdefault("answers", []).extend(answers)
+            if sync["acks"]:
+                continue
             self.pending.remove(sync)
-            self.records.append(_record(sync["version"], seconds, answers))
+            self.records.append(_record(sync["version"], time.perf_counter() - sync["t0"], sync["answers"]))
 
     def fleet_changed(self) -> None:
         pass  # new workers pull from the weight store on start
@@ -108,8 +124,8 @@ class CollectiveSync:
                     raise
                 self.members = set()  # a member died or timed out: rebuild and resend
                 workers = self.fleet.worker_actors()
-        if ray.get(self.fleet.store.only.get_version.remote()) < version:
-            ray.get(self.fleet.store.only.put.remote(version, None, answers[0]["bytes"]))
+        if self.fleet.store_version() < version:
+            self.fleet.store_put(version, None, answers[0]["bytes"])
         for n in workers:
             self.pipeline.worker_version[n] = version
         self.records.append(_record(version, time.perf_counter() - t0, answers))

@@ -1,0 +1,209 @@
+"""Fault injection, one test per role, in Ray mode on the `sim` backend.
+
+A fault is a real process fault: the actor's process is found through Ray's GCS actor table
+(`ray._private.state.actors`; the public `ray.util.state` needs the dashboard, which the test
+cluster does not run) and sent SIGKILL (death) or SIGSTOP (alive, never answering). For each:
+the job either finishes every step with the sample accounting exact, or (a learner rank) fails
+within a bound with one line naming the rank, and resuming continues to the end. Every fault
+is blamed on the role that failed: no other role's restart counter moves.
+
+Set DANCEOPD_FAULT_REPORT=path.json to collect each test's recovery seconds (the README table).
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import yaml
+
+from danceopd.checkpoint import latest_checkpoint
+from services.loop import TrainLoop
+from services.runtime.groups import RoleFailure
+from tests.conftest import ROOT, cfg_for
+from tests.test_ray_runtime import assert_accounting_closes
+
+pytestmark = pytest.mark.ray
+
+ROLES = ("rollout", "teacher", "router", "replay", "weight_store")
+
+
+@pytest.fixture
+def sim_raw(tmp_path) -> dict:
+    import shutil
+
+    raw = yaml.safe_load((ROOT / "configs" / "sim.yaml").read_text())
+    shutil.copytree(ROOT / "configs" / "data" / "toy", tmp_path / "data" / "toy")
+    raw["control"] = {"metrics_port": 0}
+    return raw
+
+
+def small(sim_raw, tmp_path, name, **over):
+    """2 workers, 0.15 s rollouts, lag 1 and two orders per worker: two batches of one worker are
+    in flight when it dies, so one death must cost one restart, not two."""
+    one = dict(sim_raw["teachers"][0], name="teacher")  # one teacher serves every route: fewer processes
+    sim_raw = {**sim_raw, "teachers": [one],
+               "routing": {**sim_raw["routing"], "routes": [dict(r, teacher="teacher") for r in sim_raw["routing"]["routes"]]}}
+    base = dict(backend__rollout_latency_s=0.15, backend__teacher_latency_s=0.02, backend__learner_latency_s=0.01,
+                rollout__workers=2, rollout__orders_per_worker=2, rollout__max_restarts=1, learner__steps=16,
+                learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8, checkpoint__every=0)
+    return cfg_for(sim_raw, tmp_path, name, **{**base, **over})
+
+
+def process_of(actor) -> int:
+    import ray._private.state as gcs
+
+    return int(gcs.actors(actor._actor_id.hex())["Pid"])
+
+
+def reap(pid) -> None:
+    """A stopped process the job replaced is still ours to end (exactly that pid)."""
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def report(name: str, **figures) -> None:
+    path = os.environ.get("DANCEOPD_FAULT_REPORT")
+    if path:
+        rows = json.loads(open(path).read()) if os.path.exists(path) else {}
+        rows[name] = figures
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+class Fault(threading.Thread):
+    """Once the loop reaches `at_step`, send `sig` to the process of `pick(loop)`; then time how
+    long until the role's restart counter moved and one more learner step was done."""
+
+    def __init__(self, loop, pick, role: str, sig=signal.SIGKILL, at_step: int = 4):
+        super().__init__(daemon=True)
+        self.loop, self.pick, self.role, self.sig, self.at_step = loop, pick, role, sig, at_step
+        self.t_fault = self.recovered_s = None
+        self.pid = None
+
+    def run(self):
+        loop = self.loop
+        while loop.step < self.at_step and loop.state in ("starting", "running"):
+            time.sleep(0.01)
+        self.pid = process_of(self.pick(loop))
+        before = dict(loop.fleet.restarts()) if self.role in ROLES else {}
+        self.t_fault = time.perf_counter()
+        os.kill(self.pid, self.sig)
+        while loop.state in ("starting", "running"):
+            if self.role in ROLES and loop.fleet.restarts()[self.role] > before[self.role]:
+                step = loop.step
+                while loop.step == step and loop.state == "running":
+                    time.sleep(0.005)
+                self.recovered_s = time.perf_counter() - self.t_fault
+                return
+            time.sleep(0.005)
+
+
+def run_with_fault(cfg, pick, role, sig=signal.SIGKILL, at_step=4):
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    fault = Fault(loop, pick, role, sig, at_step)
+    fault.start()
+    try:
+        summary = loop.run()
+    finally:
+        loop.shutdown()
+        fault.join(timeout=5)
+        reap(fault.pid)
+    assert fault.pid is not None, "the fault was never injected"
+    return summary, fault
+
+
+def assert_recovered(summary, cfg, role, fault, name):
+    assert summary["steps"] == cfg.learner.steps
+    acct = summary["accounting"]
+    assert_accounting_closes(acct)
+    assert acct["consumed"] == cfg.learner.steps * cfg.learner.grad_accum * cfg.rollout.batch_size
+    restarts = summary["restarts"]
+    assert restarts[role] == 1, restarts  # one death, one restart
+    assert all(n == 0 for r, n in restarts.items() if r != role), restarts  # nobody else is blamed
+    assert fault.recovered_s is not None
+    report(name, role=role, fault="SIGSTOP" if fault.sig == signal.SIGSTOP else "SIGKILL",
+           recovered_s=round(fault.recovered_s, 2), lost_samples=acct["lost"], outcome="finished")
+    return acct
+
+
+def test_killed_rollout_worker_costs_one_restart(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-rollout")
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.rollout.members["rollout-0"].actor, "rollout")
+    acct = assert_recovered(summary, cfg, "rollout", fault, "rollout worker")
+    assert acct["lost"] > 0  # its batches were lost and re-issued
+
+
+def test_killed_teacher_replica_is_blamed_and_replaced(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-teacher", backend__teacher_latency_s=0.1)
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.teachers["teacher"].members["teacher:teacher-0"].actor, "teacher")
+    assert_recovered(summary, cfg, "teacher", fault, "teacher replica")
+
+
+def test_killed_router_is_rebuilt_without_losing_a_batch(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1)
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.router.only, "router")
+    acct = assert_recovered(summary, cfg, "router", fault, "router")
+    assert acct["lost"] == 0  # batches being routed were routed again by the new router
+
+
+def test_killed_replay_queue_is_rebuilt_from_the_queued_refs(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-replay", backend__learner_latency_s=0.1)
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.replay.only, "replay")
+    acct = assert_recovered(summary, cfg, "replay", fault, "replay queue")
+    assert acct["lost"] == 0
+
+
+def test_killed_weight_store_is_rebuilt_with_the_latest_weights(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-store")
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.store.only, "weight_store")
+    assert_recovered(summary, cfg, "weight_store", fault, "weight store")
+
+
+def test_hung_teacher_is_restarted_and_the_job_finishes(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "hung-teacher", deadlines__teacher_s=1.5)
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.teachers["teacher"].members["teacher:teacher-0"].actor, "teacher", signal.SIGSTOP)
+    assert_recovered(summary, cfg, "teacher", fault, "teacher replica (hung)")
+
+
+def test_hung_rollout_worker_is_restarted_and_the_job_finishes(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "hung-rollout", deadlines__rollout_s=1.5)
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.rollout.members["rollout-1"].actor, "rollout",
+                                    signal.SIGSTOP)
+    assert_recovered(summary, cfg, "rollout", fault, "rollout worker (hung)")
+
+
+def test_killed_learner_rank_fails_fast_naming_it_and_resume_finishes(ray_local, sim_raw, tmp_path):
+    cfg = small(sim_raw, tmp_path, "kill-learner", learner__world_size=2, learner__num_cpus=0.2, checkpoint__every=3,
+                checkpoint__keep=5, learner__steps=12)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    fault = Fault(loop, lambda lp: lp.learner.ranks[1], "learner", at_step=7)
+    fault.start()
+    try:
+        with pytest.raises(RoleFailure) as err:
+            loop.run()
+        failed_after = time.perf_counter() - fault.t_fault
+    finally:
+        loop.shutdown()
+        fault.join(timeout=5)
+    msg = str(err.value)
+    assert msg.startswith("learner learner-1: ") and "died" in msg and "\n" not in msg, msg
+    assert failed_after < 60, failed_after  # not the collective's timeout
+    assert loop.status()["state"] == "failed"
+    ckpt = latest_checkpoint(cfg.output_path)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 6
+    t0 = time.perf_counter()
+    resumed = TrainLoop(cfg, "ray", resume_from=ckpt, show_progress=False)
+    try:
+        summary = resumed.run()
+    finally:
+        resumed.shutdown()
+    assert summary["steps"] == cfg.learner.steps
+    assert_accounting_closes(summary["accounting"])
+    report("learner rank", role="learner", fault="SIGKILL", failed_after_s=round(failed_after, 2),
+           resume_to_end_s=round(time.perf_counter() - t0, 2), outcome="fails naming the rank; --resume auto finishes")
