@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/danceopd train $(DEMO_CONFIG)
+	$(BIN)/danceopd train $(DEMO_CONFIG) --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -x --timeout 900

@@ -146,7 +146,7 @@ def load_torch(path: Path, mmap: bool = False):
         return CheckpointError(f"{path}: refused: {why}; checkpoint files are never unpickled")
 
     with open(path, "rb") as f:
-        if False:
+        if f.read(4) != b"PK\x03\x04":
             raise refuse("not a torch.save zip archive (a plain pickle?)")
     try:
         return torch.load(str(path), weights_only=True, mmap=mmap)

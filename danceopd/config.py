@@ -186,7 +186,7 @@ class ControlConfig(_Strict):
     port: int = Field(0, ge=0, le=65535, description="Control API port; 0 = a free port.")
     metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it).")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Controller Prometheus port; None = $DANCEOPD_METRICS_PORT or 9095, 0 = a free port.")
-    stall_after_s: float = Field(600.0, gt=0, description="Seconds without a learner step (counted from the job's start before the first) after which /health answers 503; exported as danceopd_stall_after_seconds for the stall alert.")
+    stall_after_s: float = Field(600.0, gt=0, le=7 * 86_400, description="Seconds without a learner step (counted from the job's start before the first) after which /health answers 503; exported as danceopd_stall_after_seconds for the stall alert.")
     token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token that /scale, /stop and the full /status require (generated when unset).")
 
 

@@ -78,8 +78,15 @@ def train(
     if resume and ckpt is None:
         err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
     from services.loop import train as run_job
+    from services.runtime.groups import RoleFailure
 
-    summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress)
+    try:
+        summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)
+    except RoleFailure as e:  # one line naming the role; the actors' logs hold the rest
+        where = " (actor logs: /tmp/ray/session_latest/logs)" if mode == "ray" else ""
+        fail(f"{e}{where}", 1)
+    except KeyboardInterrupt as e:
+        fail(f"interrupted: {e}" if str(e) else "interrupted", 130)
     print_summary(summary)
 
 
@@ -167,7 +174,7 @@ def job_submit(
     """Submit a training job to a Ray cluster through its Jobs API; prints the submission id."""
     from services.control import jobs
 
-    cfg = load_valid(config, set_)
+    cfg = load_valid(config, set_, local_paths=False)  # the folders it writes are the cluster's
     if resume and overwrite:
         fail("--resume and --overwrite: give one (continue the run, or start a new one)")
     try:

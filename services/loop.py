@@ -25,8 +25,9 @@ from services.telemetry.status import Telemetry
 
 
 class TrainLoop:
-    def __init__(self, cfg, mode: str = "local", resume_from=None, show_progress: bool = True):
+    def __init__(self, cfg, mode: str = "local", resume_from=None, show_progress: bool = True, run_id: str | None = None):
         self.cfg, self.mode = cfg, mode
+        self.run_id = run_id  # from checkpoints.prepare_output; resume() carries the checkpoint's over
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
         self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
                                     cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker,
@@ -44,6 +45,7 @@ class TrainLoop:
         self.state = "starting"
         self.commands: queue.Queue = queue.Queue()
         self.stop_requested = threading.Event()
+        self.stopped_by: str | None = None  # what asked for a graceful stop (/stop, SIGTERM, ...)
         if resume_from:
             checkpoints.resume(self, resume_from)
         self.sync.push(self.version)
@@ -200,7 +202,8 @@ class TrainLoop:
         self.commands.put({"rollout_workers": rollout_workers, "teachers": teachers or {}})
         return {"accepted": True, "rollout_workers": rollout_workers, "teachers": teachers or {}}
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "/stop") -> None:
+        self.stopped_by = self.stopped_by or reason
         self.state = "stopping"
         self.stop_requested.set()
 
@@ -236,19 +239,22 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None or self.loop is None:
+        if self.loop is None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} before the job started")
+        if self.received is not None:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: aborting without a final checkpoint")
         self.received = signal.Signals(signum).name
         print(f"{self.received}: stopping after step {self.loop.step + 1 if self.loop.learner.busy else self.loop.step}"
               f", then the final checkpoint (send it again to abort)", file=sys.stderr, flush=True)
-        self.loop.request_stop()
+        self.loop.request_stop(self.received)
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
             signal.signal(s, old)
 
 
-def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True) -> dict:
+def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True,
+          run_id: str | None = None) -> dict:
     """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
     started = False
     if mode == "ray":
@@ -258,12 +264,9 @@ def train(cfg, mode: str = "local", address: str | None = None, resume_from=None
     loop = None
     try:
         with StopOnSignal() as stop:  # after connecting: ray.init sets its own SIGTERM handler
-            loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress)
+            loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress, run_id=run_id)
             stop.loop = loop
-            summary = loop.run()
-            if stop.received:
-                summary["stopped_by"] = stop.received
-            return summary
+            return loop.run()
     finally:
         if loop is not None:
             loop.shutdown()

@@ -219,7 +219,7 @@ def check_cli(argv: list[str]) -> None:
     config = ctx.params.get("config")
     assert config is not None, f"danceopd {argv[0]} takes no config"
     overrides = [a for s in (ctx.params.get("set_") or []) for a in ("--set", s)]
-    res = CliRunner().invoke(app, ["validate", str(repo_path(str(config))), *overrides])
+    res = CliRunner().invoke(app, ["validate", str(repo_path(str(config))), "--remote", *overrides])
     assert res.exit_code == 0, f"danceopd validate {config}: {res.output}"
 
 

@@ -70,6 +70,9 @@ def parse_teachers(items: list[str] | None) -> dict[str, int] | None:
     return out
 
 
+STOP_WAIT_S = 120
+
+
 def package_dirs() -> list[Path]:
     """The source folders of the danceopd code this CLI runs (a checkout or site-packages)."""
     root = Path(__file__).resolve().parents[2]
@@ -305,7 +308,10 @@ def submit(client, config: Path, cfg, overrides: list[str] | None, working_dir: 
             except ValueError:
                 raise JobsError(f"{config}: not inside --working-dir {wd}") from None
         runtime_env = {"working_dir": str(wd), "py_modules": [str(p) for p in package_dirs()],
-                       "excludes": list(EXCLUDES)}
+                       "excludes": list(EXCLUDES),
+                       # `ray job stop` SIGTERMs the driver, then SIGKILLs it after this many
+                       # seconds (Ray's default: 3): time for the final checkpoint.
+                       "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}}
         try:  # the client uploads both before it returns, so the staging folder may go then
             return _api(client, client.submit_job, entrypoint=train_entrypoint(rel, overrides, resume, overwrite),
                         runtime_env=runtime_env, metadata={META_JOB: name, "danceopd_config": rel})

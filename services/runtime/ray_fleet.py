@@ -116,7 +116,8 @@ class RayFleet:
         self.gave_up: collections.Counter = collections.Counter()  # role -> pending members removed unplaced
         # Asked last, so every actor starts at once.
         self._router_state = self._call(self.router.only.state_dict.remote(), "router", self.dl.route_s)
-        self._versions = dict(zip(self.rollout.names(), ray.get([a.get_version.remote() for a in self.rollout.actors()])))
+        self._versions = {n: self._call(m.actor.get_version.remote(), f"rollout {n} (starting)", self.cfg.sync.timeout_s + 600)
+                          for n, m in self.rollout.members.items()}
 
     def _teacher_maker(self, teacher: str, env: dict):
         cls = ray.remote(TeacherActor)

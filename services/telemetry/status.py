@@ -149,7 +149,8 @@ class Telemetry:
                  "sync_wait_seconds_mean": mean("wait_s"), "sync_bytes": recs[-1]["bytes"] if recs else 0,
                  "eval_start": loop.eval_start, "eval_end": loop.eval_end,
                  "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])),
-                 "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode}
+                 "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode,
+                 "stopped_by": loop.stopped_by}
         return self.log.finish(loop.last_ckpt, extra=extra)
 
     def close(self) -> None:

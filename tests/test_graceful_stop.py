@@ -1,0 +1,94 @@
+"""SIGTERM / SIGINT to the driver (what `ray job stop`, a RayJob deletion or a pod eviction
+sends): the job finishes the running step, writes the final checkpoint and exits 0, and
+`--resume auto` continues from it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from danceopd.checkpoint import latest_checkpoint, load_json
+from tests.conftest import ROOT
+
+
+def steps_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def start_job(tmp_path, toy_raw, mode: str, steps: int, **extra):
+    raw = dict(toy_raw)
+    raw["learner"] = {**raw["learner"], "steps": steps}
+    raw["checkpoint"] = {"every": 0, "keep": 2}
+    raw["control"] = {"metrics_port": 0}
+    raw.update(extra)
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "services.cli", "train", str(cfg_path), "--mode", mode, "--no-progress"]
+    # Its own session: the signal goes to exactly this driver, not to the test run.
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True), cfg_path
+
+
+def wait_for_steps(proc, out, n: int, timeout_s: float) -> None:
+    t0 = time.time()
+    while steps_logged(out) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout_s:
+            proc.kill()
+            raise AssertionError(f"fewer than {n} steps within {timeout_s} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_local_mode_checkpoints_and_exits_0(tmp_path, toy_raw, sig):
+    out = tmp_path / "run"
+    proc, cfg_path = start_job(tmp_path, toy_raw, "local", steps=100_000)
+    wait_for_steps(proc, out, 5, timeout_s=180)
+    t0 = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    stop_s = time.time() - t0
+    assert proc.returncode == 0, err[-2000:]
+    assert signal.Signals(sig).name in err and "final checkpoint" in err
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    step = load_json(ckpt / "state.json")["step"]
+    assert step == steps_logged(out) and 5 <= step < 100_000  # the checkpoint holds every step done
+    assert stop_s < 60, stop_s
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == step and summary.get("stopped_by") == signal.Signals(sig).name
+
+
+@pytest.mark.ray
+def test_sigterm_in_ray_mode_checkpoints_exits_0_and_resumes(tmp_path, toy_raw):
+    out = tmp_path / "run"
+    proc, cfg_path = start_job(tmp_path, toy_raw, "ray", steps=100_000)
+    wait_for_steps(proc, out, 5, timeout_s=300)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    stop_s = time.time() - t0
+    assert proc.returncode == 0, err[-3000:]
+    ckpt = latest_checkpoint(out)
+    step = load_json(ckpt / "state.json")["step"]
+    assert step == steps_logged(out) >= 5
+    assert stop_s < 60, stop_s
+    # The same command with --resume auto goes on from there (to a nearer end).
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["learner"]["steps"] = step + 3
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "services.cli", "train", str(cfg_path), "--mode", "local",
+                        "--resume", "auto", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_json(latest_checkpoint(out) / "state.json")["step"] == step + 3

@@ -1,0 +1,91 @@
+"""Scaling past what the cluster can provide never blocks the loop or kills the job: members
+the cluster cannot place now are pending (in /status and metrics), time out and are removed
+with their placement groups; requests the cluster can never satisfy are refused at once."""
+
+import threading
+import time
+
+import pytest
+
+from services.loop import TrainLoop
+from services.runtime.placement import RoleSpec
+from services.runtime.ray_fleet import placeable
+from tests.conftest import cfg_for
+
+
+def test_placeable_counts_per_node_not_the_summed_free_resources():
+    spec = RoleSpec(num_cpus=2.0)
+    nodes = [{"CPU": 3.0}, {"CPU": 3.0}]
+    assert placeable(spec, nodes, {}) == 2  # summing would say 3: no node has room for a second one
+    assert placeable(spec, nodes, {"CPU": 3.0}) == 1  # the job's other roles take their share
+    assert placeable(RoleSpec(num_cpus=1.0, num_gpus=1.0), [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0}], {}) == 1
+
+
+@pytest.mark.ray
+def test_scale_beyond_capacity_is_pending_then_removed_while_training_goes_on(ray_local, toy_raw, tmp_path):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    cfg = cfg_for(toy_raw, tmp_path, "pending", learner__steps=600, rollout__num_cpus=2.0, deadlines__placement_s=3.0,
+                  checkpoint__every=0, control__metrics_port=0)
+    free = ray.available_resources().get("CPU", 0)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    # Take all but what the job holds, so a second 2-CPU worker fits the cluster but not now.
+    hog = ray.util.placement_group([{"CPU": max(free - 2.0 - 1.4, 0.5)}])
+    ray.get(hog.ready(), timeout=60)
+    seen = {}
+
+    def scale_later():
+        while loop.step < 3:
+            time.sleep(0.01)
+        seen["answer"] = loop.request_scale(rollout_workers=2)
+        t0 = time.time()
+        while time.time() - t0 < 30:
+            pending = loop.fleet.rollout.pending
+            if pending:
+                seen["pg"] = next(iter(pending.values())).pg.id.hex()
+                seen["step_while_pending"] = loop.step
+                break
+            time.sleep(0.01)
+        while loop.fleet.rollout.pending:
+            seen["status_pending"] = max(seen.get("status_pending", 0), loop.status()["pending"]["rollout"])
+            time.sleep(0.01)
+        seen["step_after"] = loop.step
+
+    t = threading.Thread(target=scale_later, daemon=True)
+    t.start()
+    try:
+        t_run = time.perf_counter()
+        summary = loop.run()
+        wall = time.perf_counter() - t_run
+        gave_up = dict(loop.fleet.gave_up)
+    finally:
+        loop.shutdown()
+        ray.util.remove_placement_group(hog)
+        t.join(timeout=5)
+    assert seen["answer"]["accepted"]
+    assert "pg" in seen, seen
+    assert seen["status_pending"] == 1, seen
+    assert seen["step_after"] > seen["step_while_pending"]  # the loop kept stepping while it waited
+    assert summary["steps"] == cfg.learner.steps
+    assert gave_up == {"rollout": 1}
+    assert placement_group_table()[seen["pg"]]["state"] == "REMOVED"  # nothing left reserved
+    assert summary["accounting"]["consumed"] == cfg.learner.steps * cfg.rollout.batch_size
+    assert wall < 120
+
+
+@pytest.mark.ray
+def test_scale_requests_the_cluster_can_never_hold_are_refused(ray_local, toy_raw, tmp_path):
+    cfg = cfg_for(toy_raw, tmp_path, "refuse", learner__steps=2, rollout__num_cpus=2.0, rollout__max_workers=3,
+                  control__metrics_port=0)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    try:
+        with pytest.raises(ValueError, match=r"above rollout.max_workers=3"):
+            loop.request_scale(rollout_workers=4)
+        cfg2 = cfg_for(toy_raw, tmp_path, "refuse2", learner__steps=2, rollout__num_cpus=2.0, control__metrics_port=0)
+        loop.cfg = cfg2
+        with pytest.raises(ValueError, match=r"can never be placed: the cluster holds at most \d+"):
+            loop.request_scale(rollout_workers=50)
+        assert loop.commands.empty()  # nothing was queued
+    finally:
+        loop.shutdown()
