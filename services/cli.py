@@ -82,6 +82,8 @@ def train(
 
     try:
         summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)
+    except ConfigError as e:  # found once connected: what the cluster can never provide
+        fail(str(e))
     except RoleFailure as e:  # one line naming the role; the actors' logs hold the rest
         where = " (actor logs: /tmp/ray/session_latest/logs)" if mode == "ray" else ""
         fail(f"{e}{where}", 1)

@@ -531,3 +531,31 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     assert (ckpts[-1] / "model.safetensors").is_file()
     r = cli(head, "status", sid, "--address", head.address)
     assert r.returncode == 0 and "Ray job SUCCEEDED, controller not running" in r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_stop_is_a_graceful_stop(head, tmp_path):
+    """`ray job stop` SIGTERMs the driver: the job finishes its step, writes the final checkpoint
+    and exits within RAY_JOB_STOP_WAIT_TIME_S (which submit sets; Ray's default 3 s is too short)."""
+    name = f"sigterm-{uuid.uuid4().hex[:6]}"
+    out_dir = tmp_path / "run"
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait",
+            "--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=100000",
+            "--set", "checkpoint.every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sid = r.stdout.strip().splitlines()[-1]
+    assert ray_job_info(head, sid)["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
+    _wait_status(head, sid, lambda c: c["step"] > 2, "learner steps")
+    stop = subprocess.run([str(BIN / "ray"), "job", "stop", sid, "--address", head.address, "--no-wait"],
+                          env=head.client_env(), capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    info = wait_job_end(head, sid, timeout_s=300)
+    assert info["status"] == "STOPPED"
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", sid, "--address", head.address],
+                          env=head.client_env(), capture_output=True, text=True, timeout=120).stdout
+    assert "SIGTERM: stopping after step" in logs, logs[-3000:]
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").exists(), logs[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == int(ckpts[-1].name.split("-")[1]) > 2

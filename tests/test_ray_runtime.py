@@ -156,11 +156,13 @@ def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tm
     raw["autoscale"] = {"enabled": True, "min_rollout_workers": 1, "max_rollout_workers": 2,
                         "learner_idle_above": 0.0, "window_steps": 2, "cooldown_steps": 0}
     raw["control"] = {"metrics_port": 0}
-    cfg = cfg_for(raw, tmp_path, "autoscale", learner__steps=30, checkpoint__every=0, rollout__workers=1)
+    # Growing does not wait for the new worker: it joins a few seconds later (its start-up), so
+    # the job runs long enough to see it.
+    cfg = cfg_for(raw, tmp_path, "autoscale", learner__steps=300, checkpoint__every=0, rollout__workers=1)
     summary = train(cfg, mode="ray", show_progress=False)
     counts = [r["workers"]["rollout"] for r in losses(cfg)]
     assert counts[0] == 1 and max(counts) == 2
-    assert summary["steps"] == 30
+    assert summary["steps"] == 300
 
 
 @pytest.mark.parametrize("first,second", [("local", "ray"), ("ray", "local")])

@@ -89,3 +89,28 @@ def test_scale_requests_the_cluster_can_never_hold_are_refused(ray_local, toy_ra
         assert loop.commands.empty()  # nothing was queued
     finally:
         loop.shutdown()
+
+
+def test_a_job_the_cluster_can_never_place_is_refused_naming_the_field(toy_raw, tmp_path):
+    from danceopd.config import ConfigError
+    from services.runtime.placement import check_capacity
+
+    cpu_nodes = [{"CPU": 4.0}, {"CPU": 4.0}]
+    check_capacity(cfg_for(toy_raw, tmp_path, "ok"), cpu_nodes)
+    with pytest.raises(ConfigError, match=r"^rollout: one member needs 1 CPU and 1 GPU; no node"):
+        check_capacity(cfg_for(toy_raw, tmp_path, "gpu", rollout__num_gpus=1.0), cpu_nodes)
+    with pytest.raises(ConfigError, match=r"^learner: one member needs 6 CPU"):
+        check_capacity(cfg_for(toy_raw, tmp_path, "big", learner__num_cpus=6.0), cpu_nodes)
+    with pytest.raises(ConfigError, match=r"^num_cpus: the job needs 13.4 CPU \(rollout 3x4.*the cluster has 8"):
+        check_capacity(cfg_for(toy_raw, tmp_path, "many", rollout__workers=3, rollout__num_cpus=4.0), cpu_nodes)
+
+
+@pytest.mark.ray
+def test_train_on_a_cluster_without_the_gpus_fails_before_any_actor(ray_local, toy_raw, tmp_path):
+    from danceopd.config import ConfigError
+
+    cfg = cfg_for(toy_raw, tmp_path, "gpu", rollout__num_gpus=1.0, control__metrics_port=0)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^rollout: one member needs"):
+        TrainLoop(cfg, "ray", show_progress=False)
+    assert time.perf_counter() - t0 < 30

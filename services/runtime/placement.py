@@ -50,3 +50,31 @@ def cpus_needed(cfg) -> int:
     """CPUs a local cluster needs for the job (at least this machine's cores)."""
     need = sum(s.num_cpus * s.members for s in role_specs(cfg).values())
     return max(math.ceil(need + 0.5), os.cpu_count() or 1)
+
+
+def _field(cfg, role: str) -> str:
+    if role.startswith("teacher:"):
+        name = role.split(":", 1)[1]
+        return f"teachers.{[t.name for t in cfg.teachers].index(name)}"
+    return {"rollout": "rollout", "learner": "learner"}.get(role, role)
+
+
+def check_capacity(cfg, nodes: list[dict]) -> None:
+    """Refuse, before any actor starts, a job the cluster can never place: a member larger than
+    every node, or more of a resource than all nodes hold together. `nodes`: each alive node's
+    total resources (e.g. {"CPU": 8, "GPU": 1}). Raises ConfigError naming the config field."""
+    from danceopd.config import ConfigError
+
+    specs = role_specs(cfg)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    for role, spec in specs.items():
+        need = spec.bundle
+        if need and not any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
+            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+            raise ConfigError(f"{_field(cfg, role)}: one member needs {need.get('CPU', 0):g} CPU and {need.get('GPU', 0):g} GPU; "
+                              f"no node of the cluster has that (nodes: {have})")
+    for k in ("CPU", "GPU"):
+        want = sum(s.bundle.get(k, 0.0) * s.members for s in specs.values())
+        if want > total[k] + 1e-9:
+            parts = ", ".join(f"{_field(cfg, r)} {s.members}x{s.bundle[k]:g}" for r, s in specs.items() if s.bundle.get(k))
+            raise ConfigError(f"num_{k.lower()}s: the job needs {want:g} {k} ({parts}); the cluster has {total[k]:g}")

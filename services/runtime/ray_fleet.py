@@ -34,7 +34,7 @@ from services.runtime.actors import (
 )
 from services.runtime.events import Joined, Lost, RolledOut, Routed
 from services.runtime.groups import ActorGroup, Member, RoleFailure, first_line, on
-from services.runtime.placement import role_specs
+from services.runtime.placement import check_capacity, role_specs
 from services.weights.store import WeightStore
 
 
@@ -79,6 +79,7 @@ class RayFleet:
         dataset = Dataset.load(cfg.resolve(cfg.data.path))
         dataset.check_routes(cfg.routing.routes)
         self.specs = specs = role_specs(cfg)
+        check_capacity(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # before any actor starts
         env = {"env_vars": actor_env(cfg)}
 
         self.store = ActorGroup("weight_store", specs["weight_store"],
