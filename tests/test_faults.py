@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -110,6 +111,9 @@ def run_with_fault(cfg, pick, role, sig=signal.SIGKILL, at_step=4):
     fault.start()
     try:
         summary = loop.run()
+        fault.status = loop.status()
+        with urllib.request.urlopen(f"http://127.0.0.1:{loop.telemetry.metrics.port}/metrics", timeout=10) as r:
+            fault.metrics = r.read().decode()
     finally:
         loop.shutdown()
         fault.join(timeout=5)
@@ -126,6 +130,11 @@ def assert_recovered(summary, cfg, role, fault, name):
     restarts = summary["restarts"]
     assert restarts[role] == 1, restarts  # one death, one restart
     assert all(n == 0 for r, n in restarts.items() if r != role), restarts  # nobody else is blamed
+    # ... and so say /status and the controller's metrics (the alerts read those).
+    assert fault.status["restarts"][role] == 1 and fault.status["failures"][role] == 1, fault.status
+    assert f'danceopd_failures_total{{role="{role}"}} 1.0' in fault.metrics
+    assert f'danceopd_restarts_total{{role="{role}"}} 1.0' in fault.metrics
+    assert 'danceopd_failures_total{role="learner"} 0.0' in fault.metrics
     assert fault.recovered_s is not None
     report(name, role=role, fault="SIGSTOP" if fault.sig == signal.SIGSTOP else "SIGKILL",
            recovered_s=round(fault.recovered_s, 2), lost_samples=acct["lost"], outcome="finished")
