@@ -34,6 +34,15 @@ def toy_raw(tmp_path) -> dict:
 
 
 @pytest.fixture
+def sim_raw(tmp_path) -> dict:
+    """The sim config as a dict, its dataset copied into tmp_path, the metrics port free."""
+    raw = yaml.safe_load((ROOT / "configs" / "sim.yaml").read_text())
+    shutil.copytree(ROOT / "configs" / "data" / "toy", tmp_path / "data" / "toy")
+    raw["control"] = {"metrics_port": 0}
+    return raw
+
+
+@pytest.fixture
 def write_config(tmp_path):
     def _write(raw: dict, name: str = "config.yaml") -> Path:
         p = tmp_path / name

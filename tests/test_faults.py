@@ -18,27 +18,16 @@ import time
 import urllib.request
 
 import pytest
-import yaml
 
 from danceopd.checkpoint import latest_checkpoint
 from services.loop import TrainLoop
 from services.runtime.groups import RoleFailure
-from tests.conftest import ROOT, cfg_for
+from tests.conftest import cfg_for
 from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = pytest.mark.ray
 
 ROLES = ("rollout", "teacher", "router", "replay", "weight_store")
-
-
-@pytest.fixture
-def sim_raw(tmp_path) -> dict:
-    import shutil
-
-    raw = yaml.safe_load((ROOT / "configs" / "sim.yaml").read_text())
-    shutil.copytree(ROOT / "configs" / "data" / "toy", tmp_path / "data" / "toy")
-    raw["control"] = {"metrics_port": 0}
-    return raw
 
 
 def small(sim_raw, tmp_path, name, **over):

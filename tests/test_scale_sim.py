@@ -5,22 +5,11 @@ margins are several-fold."""
 import json
 
 import pytest
-import yaml
 
 from services.loop import train
-from tests.conftest import ROOT, cfg_for
+from tests.conftest import cfg_for
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture
-def sim_raw(tmp_path) -> dict:
-    raw = yaml.safe_load((ROOT / "configs" / "sim.yaml").read_text())
-    import shutil
-
-    shutil.copytree(ROOT / "configs" / "data" / "toy", tmp_path / "data" / "toy")
-    raw["control"] = {"metrics_port": 0}
-    return raw
 
 
 def step_interval(cfg) -> float:
