@@ -8,7 +8,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench bench-scale bench-reference clean
+.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-scale: setup
 
 bench-reference: setup
 	$(BIN)/python bench/reference.py
+
+bench-faults: setup
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf runs .pytest_cache
