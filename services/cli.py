@@ -78,7 +78,7 @@ def train(
     if resume and ckpt is None:
         err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
     from services.loop import train as run_job
-    from services.runtime.groups import RoleFailure
+    from services.runtime.failures import RoleFailure
 
     try:
         summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)

@@ -21,6 +21,7 @@ import time
 from services import checkpoints
 from services.pipeline import RolloutPipeline
 from services.runtime.events import Joined, Lost, RolledOut, Routed
+from services.runtime.failures import RoleFailure
 from services.telemetry.status import Telemetry
 
 
@@ -123,6 +124,9 @@ class TrainLoop:
             meta = take[1]
             self.pipe.took(meta["tickets"], meta["dropped"])
             if not meta["tickets"]:
+                if not meta["dropped"]:  # the queue and the pipeline disagree: fail, never spin
+                    raise RoleFailure(f"replay queue: handed out nothing although {len(self.pipe.queued)} batches "
+                                      f"were put and not taken (it lost batches)")
                 return None  # stale batches were dropped (on_stale: drop)
             self.lag_last = self.version - min(meta["versions"])
             self.lag_max = max(self.lag_max, self.lag_last)

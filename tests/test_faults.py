@@ -21,7 +21,7 @@ import pytest
 
 from danceopd.checkpoint import latest_checkpoint
 from services.loop import TrainLoop
-from services.runtime.groups import RoleFailure
+from services.runtime.failures import RoleFailure
 from tests.conftest import cfg_for
 from tests.test_ray_runtime import assert_accounting_closes
 
@@ -144,7 +144,8 @@ def test_killed_teacher_replica_is_blamed_and_replaced(ray_local, sim_raw, tmp_p
 
 
 def test_killed_router_is_rebuilt_without_losing_a_batch(ray_local, sim_raw, tmp_path):
-    cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1)
+    # A short routing deadline: a batch the new router never got would fail this test in 20 s.
+    cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1, deadlines__route_s=20.0)
     summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.router.only, "router")
     acct = assert_recovered(summary, cfg, "router", fault, "router")
     assert acct["lost"] == 0  # batches being routed were routed again by the new router

@@ -14,18 +14,8 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from services.runtime.failures import RoleFailure
 from services.runtime.placement import RoleSpec
-
-
-class RoleFailure(RuntimeError):
-    """The job cannot go on: one line naming the role, the member and the cause."""
-
-
-def first_line(e: BaseException) -> str:
-    """`Type: last line` of an exception, unwrapping Ray's task errors to their cause."""
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
 @dataclass

@@ -33,7 +33,8 @@ from services.runtime.actors import (
     learner_rank_actor,
 )
 from services.runtime.events import Joined, Lost, RolledOut, Routed
-from services.runtime.groups import ActorGroup, Member, RoleFailure, first_line, on
+from services.runtime.failures import RoleFailure, first_line
+from services.runtime.groups import ActorGroup, Member, on
 from services.runtime.placement import check_capacity, role_specs
 from services.weights.store import WeightStore
 

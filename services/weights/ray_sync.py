@@ -19,7 +19,7 @@ import time
 
 import ray
 
-from services.runtime.groups import first_line
+from services.runtime.failures import first_line
 
 
 class ObjectStoreSync:
