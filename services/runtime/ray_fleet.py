@@ -117,8 +117,8 @@ class RayFleet:
         self._deferred: list = []  # events from failures found outside poll (weight-sync acks)
         self.gave_up: collections.Counter = collections.Counter()  # role -> pending members removed unplaced
         # Asked last, so every actor starts at once.
-        self._router_state = self._call(self.router.only.state_dict.remote(), "router", self.dl.route_s)
-        self._versions = {n: self._call(m.actor.get_version.remote(), f"rollout {n} (starting)", self.cfg.sync.timeout_s + 600)
+        self._router_state = call(self.router.only.state_dict.remote(), "router", self.dl.route_s)
+        self._versions = {n: call(m.actor.get_version.remote(), f"rollout {n} (starting)", self.cfg.sync.timeout_s + 600)
                           for n, m in self.rollout.members.items()}
 
     def _teacher_maker(self, teacher: str, env: dict):
@@ -135,9 +135,21 @@ class RayFleet:
         g = self.teachers[teacher]
         return RayTeacherPool(teacher, {n: m.actor for n, m in g.members.items()}, self.dl.teacher_s)
 
-    @staticmethod
-    def _call(ref, who: str, timeout: float):
-        return call(ref, who, timeout)
+    def _until_answered(self, who: str, deadline: str, timeout: float, attempt, rebuild):
+        """`attempt(timeout)`: one remote call of a singleton, waited on. A dead singleton is
+        rebuilt (`rebuild(cause)`) and the call tried again until its restart budget ends; a
+        timeout or any other error is one line naming `who`."""
+        while True:
+            try:
+                return attempt(timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise RoleFailure(f"{who}: no answer within {deadline}={timeout:g}") from None
+            except RoleFailure:
+                raise
+            except Exception as e:  # noqa: BLE001 — sorted: a death is rebuilt, anything else is one line
+                if not _died(e):
+                    raise RoleFailure(f"{who}: {first_line(e)}") from None
+                rebuild(f"died ({type(e).__name__})")
 
     # ---- data path -------------------------------------------------------------------------
     def workers(self) -> list[str]:
@@ -151,17 +163,12 @@ class RayFleet:
         return {n: self.rollout.members[n].actor for n in self.workers()}
 
     def next_orders(self, n: int, owed: list[str] = ()) -> list:
-        while True:  # a dead router is rebuilt until its restart budget ends
-            ref = self.router.only.next_orders_with_state.remote(n, self.cfg.rollout.batch_size, list(owed))
-            try:
-                orders, before, after = ray.get(ref, timeout=self.dl.route_s)
-                break
-            except ray.exceptions.GetTimeoutError:
-                raise RoleFailure(f"router: no work orders within deadlines.route_s={self.dl.route_s:g}") from None
-            except Exception as e:  # noqa: BLE001 — a dead router is rebuilt, anything else is one line
-                if not _died(e):
-                    raise RoleFailure(f"router: handing out orders failed: {first_line(e)}") from None
-                self._router_failed(f"died ({type(e).__name__})")
+        def attempt(timeout):
+            return ray.get(self.router.only.next_orders_with_state.remote(n, self.cfg.rollout.batch_size, list(owed)),
+                           timeout=timeout)
+
+        orders, before, after = self._until_answered("router", "deadlines.route_s", self.dl.route_s, attempt,
+                                                     self._router_failed)
         self._before.update({o.ticket: b for o, b in zip(orders, before)})
         self._router_state = after
         return orders
@@ -259,7 +266,7 @@ class RayFleet:
         print(f"rollout {worker}: {cause}; restarting", flush=True)
         m = self.rollout.restart(worker, cause)
         # Up, with the latest weights pulled from the store.
-        version = self._call(m.actor.get_version.remote(), f"rollout {worker} (restarted)", self.cfg.sync.timeout_s)
+        version = call(m.actor.get_version.remote(), f"rollout {worker} (restarted)", self.cfg.sync.timeout_s)
         self._versions[worker] = version
         return events + [Joined(worker, version)]
 
@@ -271,7 +278,7 @@ class RayFleet:
         print(f"teacher {replica}: {cause or 'failed'}; restarting", flush=True)
         m = self.teachers[teacher].restart(replica, cause)
         # Up before it is asked anything: its start-up must not count against deadlines.teacher_s.
-        self._call(m.actor.get_stats.remote(), f"teacher {replica} (restarted)", self.cfg.sync.timeout_s)
+        call(m.actor.get_stats.remote(), f"teacher {replica} (restarted)", self.cfg.sync.timeout_s)
         self._router_set_pool(teacher, self._pool(teacher))
 
     def _router_set_pool(self, teacher: str, pool) -> None:
@@ -286,7 +293,7 @@ class RayFleet:
         """Rebuild the router from the state after the last hand-out; re-route what it held."""
         print(f"router: {cause}; restarting", flush=True)
         m = self.router.restart("router-0", cause)
-        self._call(m.actor.load_state_dict.remote(self._router_state), "router (restarted)", self.dl.route_s)
+        call(m.actor.load_state_dict.remote(self._router_state), "router (restarted)", self.dl.route_s)
         now = time.perf_counter()
         for f in self.flights.values():
             if f.stage == "route":
@@ -334,22 +341,14 @@ class RayFleet:
 
     def _replay(self, method: str, *args, num_returns: int = 1):
         """Call the replay queue; a dead one is rebuilt from the queued refs and the call retried."""
-        for _ in range(self.specs["replay"].max_restarts + 1):
-            try:
-                self._check_puts()
-                refs = getattr(self.replay.only, method).options(num_returns=num_returns).remote(*args)
-                first = refs[0] if num_returns > 1 else refs
-                out = ray.get(first, timeout=self.dl.replay_s)
-                return (out, refs[1:]) if num_returns > 1 else out
-            except ray.exceptions.GetTimeoutError:
-                raise RoleFailure(f"replay queue: no answer within deadlines.replay_s={self.dl.replay_s:g}") from None
-            except RoleFailure:
-                raise
-            except Exception as e:  # noqa: BLE001
-                if not _died(e):
-                    raise RoleFailure(f"replay queue: {method} failed: {first_line(e)}") from None
-                self._replay_failed(f"died ({type(e).__name__})")
-        raise AssertionError("unreachable: the restart budget raises first")
+        def attempt(timeout):
+            self._check_puts()
+            refs = getattr(self.replay.only, method).options(num_returns=num_returns).remote(*args)
+            out = ray.get(refs[0] if num_returns > 1 else refs, timeout=timeout)
+            return (out, refs[1:]) if num_returns > 1 else out
+
+        return self._until_answered(f"replay queue ({method})", "deadlines.replay_s", self.dl.replay_s, attempt,
+                                    self._replay_failed)
 
     def _check_puts(self) -> None:
         puts, self._puts = self._puts, []
@@ -387,26 +386,22 @@ class RayFleet:
 
     # ---- weight store -------------------------------------------------------------------------
     def store_put(self, version: int, payload, nbytes: int = 0) -> None:
-        self._store_latest = (version, payload, nbytes)
         self._store("put", version, payload, nbytes)
+        self._store_latest = (version, payload, nbytes)  # after the put: a rebuilt store gets the last one stored
 
     def store_version(self) -> int:
         return self._store("get_version")
 
     def _store(self, method: str, *args):
-        for _ in range(self.specs["weight_store"].max_restarts + 1):
-            try:
-                return ray.get(getattr(self.store.only, method).remote(*args), timeout=self.cfg.sync.timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise RoleFailure(f"weight store: no answer within sync.timeout_s={self.cfg.sync.timeout_s:g}") from None
-            except Exception as e:  # noqa: BLE001
-                if not _died(e):
-                    raise RoleFailure(f"weight store: {method} failed: {first_line(e)}") from None
-                print(f"weight store: died ({type(e).__name__}); restarting", flush=True)
-                m = self.store.restart("weight_store-0", f"died ({type(e).__name__})")
-                if self._store_latest is not None and not (method == "put" and args[0] == self._store_latest[0]):
-                    ray.get(m.actor.put.remote(*self._store_latest), timeout=self.cfg.sync.timeout_s)
-        raise AssertionError("unreachable: the restart budget raises first")
+        return self._until_answered(f"weight store ({method})", "sync.timeout_s", self.cfg.sync.timeout_s,
+                                    lambda t: ray.get(getattr(self.store.only, method).remote(*args), timeout=t),
+                                    self._store_failed)
+
+    def _store_failed(self, cause: str) -> None:
+        print(f"weight store: {cause}; restarting", flush=True)
+        m = self.store.restart("weight_store-0", cause)
+        if self._store_latest is not None:
+            call(m.actor.put.remote(*self._store_latest), "weight store (restarted)", self.cfg.sync.timeout_s)
 
     # ---- router state (checkpoints) -------------------------------------------------------
     def router_state_before(self, ticket: int) -> dict:
@@ -417,7 +412,7 @@ class RayFleet:
             del self._before[t]
 
     def router_load(self, state: dict) -> None:
-        self._call(self.router.only.load_state_dict.remote(state), "router", self.dl.route_s)
+        call(self.router.only.load_state_dict.remote(state), "router", self.dl.route_s)
         self._router_state, self._before = state, {}
 
     # ---- the fleet ----------------------------------------------------------------------------
