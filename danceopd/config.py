@@ -18,6 +18,7 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key and the reason."""
 
 
+LATENT_BACKENDS = ("sd3", "zimage")  # diffusers pipelines in latent space, with a condition cache
 SEED_MAX = 2**32 - 1  # numpy's seeding limit
 MAX_WORKERS = 1024  # bound of every actor count (workers, replicas, ranks)
 MAX_RESOURCE = 1024.0  # bound of CPUs / GPUs of one actor
@@ -37,7 +38,13 @@ class JobConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: Literal["toy", "shapes", "sim"] = Field("toy", description="Model family: `toy` (analytic vectors), `shapes` (tiny SD3 transformer on ShapesBench images) or `sim` (toy compute plus a configured latency per role: sizing a fleet before you rent it).")
+    name: Literal["toy", "shapes", "sim", "sd3", "zimage"] = Field("toy", description="Model family: `toy` (analytic vectors), `shapes` (tiny SD3 transformer on ShapesBench images), `sim` (toy compute plus a configured latency per role: sizing a fleet before you rent it), `sd3` (diffusers SD3 / SD3.5 pipeline folder) or `zimage` (diffusers Z-Image: text-to-image, and editing through the Omni path).")
+    pretrained: str | None = Field(None, min_length=1, description="sd3/zimage: local diffusers pipeline folder (model_index.json) holding the base transformer, VAE, text encoders, tokenizers and scheduler; loaded with from_pretrained, safetensors only.")
+    resolution: int = Field(1024, ge=16, le=4096, description="sd3/zimage: training bucket side in pixels (square); source images are resized to it preserving aspect ratio, then centre-cropped.")
+    max_sequence_length: int | None = Field(None, ge=8, le=4096, description="sd3/zimage: text tokens of the long text encoder (T5 / Qwen); None = the family default (sd3: 256, zimage: 512).")
+    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="sd3/zimage: compute dtype of the transformer on a GPU (autocast; rollout states, velocities and log-probs stay fp32). On CPU everything runs in float32.")
+    gradient_checkpointing: bool = Field(False, description="sd3/zimage: recompute transformer activations in the learner's backward pass (less memory, about a third more compute).")
+    cache_dir: str | None = Field(None, min_length=1, description="sd3/zimage: folder of the condition cache (text embeddings, source and target latents per row, Arrow IPC); None = `.danceopd-cache/` next to the data file. On a cluster put it on shared storage.")
     dim: int = Field(4, ge=1, le=4096, description="toy: dimension of the data vectors.")
     hidden: int = Field(128, ge=8, le=8192, description="toy: width of the student MLP.")
     num_classes: int = Field(4, ge=1, le=1024, description="toy: prompt classes (`class 0` .. `class N-1`).")
@@ -67,14 +74,17 @@ class LoraConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    init: str = Field("random", min_length=1, description="`random` (seeded) or a `save_pretrained` folder to start from.")
+    init: str = Field("random", min_length=1, description="`random` (seeded), `base` (sd3/zimage: the transformer of backend.pretrained) or a `save_pretrained` transformer folder (a full checkpoint) to start from.")
+    init_lora: str | None = Field(None, min_length=1, description="sd3/zimage: a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) merged into the initial weights.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TeacherConfig(_Strict):
     name: str = Field(..., min_length=1, description="Teacher name referenced by routes.")
     kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
-    path: str | None = Field(None, min_length=1, description="Model folder for `pretrained` teachers (loaded with from_pretrained).")
+    path: str | None = Field(None, min_length=1, description="Model folder for `pretrained` teachers (loaded with from_pretrained); sd3/zimage: a transformer folder (a full checkpoint) or a pipeline folder, None = the transformer of backend.pretrained.")
+    lora: str | None = Field(None, min_length=1, description="sd3/zimage: a PEFT LoRA folder merged into this teacher's weights (LoRA on the base, or on `path`).")
+    adapters: dict[str, str] | None = Field(None, min_length=1, description="sd3/zimage: named PEFT LoRA folders kept as switchable adapters on ONE frozen backbone (memory of one model); each route picks one with `routing.routes[].adapter`.")
     std: float = Field(0.05, ge=1e-4, le=100, description="gaussian/oracle: std of the teacher's target distribution.")
     tasks: list[str] | None = Field(None, min_length=1, description="oracle: ShapesBench tasks this teacher is a specialist of (None = all); on a condition of any other task it ignores the text and answers as for the null condition (the source image of an edit, mid-grey for t2i).")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="gaussian: seed of the per-prompt target means.")
@@ -90,6 +100,7 @@ class RouteConfig(_Strict):
     weight: float = Field(1.0, ge=0, le=1e6, description="Relative probability of this route.")
     requires_source_image: bool = Field(False, description="Edit route: every sample must have a source image.")
     cfg_scale: float | None = Field(None, ge=0, le=MAX_SCALE, description="Teacher CFG scale for this route (default: method.teacher_cfg_scale).")
+    adapter: str | None = Field(None, min_length=1, description="Adapter of the teacher's `adapters` this route's field uses (teachers with shared-backbone LoRA adapters).")
 
 
 class RoutingConfig(_Strict):
@@ -232,6 +243,12 @@ class Config(_Strict):
         for i, r in enumerate(self.routing.routes):
             if r.teacher not in names:
                 raise ValueError(f"routing.routes.{i}.teacher: unknown teacher {r.teacher!r} (known: {', '.join(names)})")
+            adapters = self.teacher(r.teacher).adapters
+            if adapters and r.adapter not in adapters:
+                raise ValueError(f"routing.routes.{i}.adapter: {r.adapter!r} is not an adapter of teacher {r.teacher!r} "
+                                 f"(known: {', '.join(adapters)})")
+            if r.adapter and not adapters:
+                raise ValueError(f"routing.routes.{i}.adapter: teacher {r.teacher!r} has no adapters")
         if sum(r.weight for r in self.routing.routes) <= 0:
             raise ValueError("routing.routes: all route weights are 0; at least one must be positive")
         b = self.backend
@@ -240,9 +257,22 @@ class Config(_Strict):
                              "the widest transformer the shapes backend builds")
         if self.method.k > self.method.rollout_steps:
             raise ValueError(f"method.k: {self.method.k} query states exceed rollout_steps={self.method.rollout_steps}")
+        latent = b.name in LATENT_BACKENDS
+        if latent and not b.pretrained:
+            raise ValueError(f"backend.pretrained: the {b.name} backend needs a local diffusers pipeline folder")
+        if not latent:
+            for key, value in (("backend.pretrained", b.pretrained), ("student.init_lora", self.student.init_lora)):
+                if value:
+                    raise ValueError(f"{key}: only the sd3 and zimage backends take it")
+            if self.student.init == "base":
+                raise ValueError("student.init: `base` needs backend.name=sd3 or zimage (backend.pretrained)")
         for i, t in enumerate(self.teachers):
-            if t.kind == "pretrained" and not t.path:
+            if t.kind == "pretrained" and not t.path and not latent:
                 raise ValueError(f"teachers.{i}.path: a pretrained teacher needs a model folder")
+            if (t.lora or t.adapters) and not latent:
+                raise ValueError(f"teachers.{i}.{'lora' if t.lora else 'adapters'}: LoRA teachers need backend.name=sd3 or zimage")
+            if latent and t.kind != "pretrained":
+                raise ValueError(f"teachers.{i}.kind: the {b.name} backend takes `pretrained` teachers only")
             if t.kind == "gaussian" and self.backend.name not in ("toy", "sim"):
                 raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy or sim")
             if t.kind in ("oracle", "pretrained") and self.backend.name in ("toy", "sim"):
@@ -278,6 +308,11 @@ class Config(_Strict):
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    def student_source(self) -> str:
+        """`student.init` as backends take it: `random`, `base`, or the resolved folder."""
+        init = self.student.init
+        return init if init in ("random", "base") else str(self.resolve(init))
 
     @property
     def output_path(self) -> Path:

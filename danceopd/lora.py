@@ -90,3 +90,90 @@ def merged_copy(model: nn.Module) -> nn.Module:
     for p in out.parameters():
         p.requires_grad_(True)
     return out
+
+
+# ---- PEFT LoRA folders (adapter_config.json + adapter_model.safetensors) -------------------------
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def check_lora_folder(folder) -> None:
+    """A PEFT LoRA folder, checked without reading a weight (one-line ValueError)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"LoRA folder {folder} does not exist")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder}: no {name} (expected a PEFT LoRA folder; pickle weights are refused)")
+
+
+def load_lora_folder(model: nn.Module, folder, adapter_name: str = "default", merge: bool = False) -> nn.Module:
+    """Inject the adapter saved in a PEFT LoRA folder under `adapter_name` and load its weights
+    (safetensors only). `merge`: fold it into the base weights and drop the wrappers (a plain
+    model: a LoRA teacher or a LoRA-initialised student at no inference cost)."""
+    from pathlib import Path
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    check_lora_folder(folder)
+    peft_cfg = PeftLoraConfig.from_pretrained(str(folder))
+    names = [n for n, _ in model.named_modules()]
+    targets = peft_cfg.target_modules if isinstance(peft_cfg.target_modules, (list, set, tuple)) else [peft_cfg.target_modules]
+    if not any(_matches(n, t) for t in targets for n in names):
+        raise ValueError(f"{folder}: its target_modules {sorted(targets)} match no module of {type(model).__name__}")
+    import warnings
+
+    with warnings.catch_warnings():  # a second named adapter on one backbone is what we want here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model = inject_adapter_in_model(peft_cfg, model, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)), adapter_name=adapter_name)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{adapter_name}." in k]
+    if missing:
+        raise ValueError(f"{folder}: adapter weights miss {missing[0]!r} ({len(missing)} missing): made for another model?")
+    if merge:
+        model = merged_copy(model)
+    return model
+
+
+def save_lora_folder(model: nn.Module, folder, lora_cfg, adapter_name: str = "default") -> None:
+    """Write a LoRA student's adapter as a PEFT LoRA folder that `load_lora_folder` reads back."""
+    from pathlib import Path
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    PeftLoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
+                   lora_dropout=0.0, bias="none").save_pretrained(str(folder))
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(folder / ADAPTER_WEIGHTS))
+
+
+def set_active_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Switch every LoRA layer of `model` to one of its named adapters (shared-backbone teachers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or adapter_name not in layers[0].lora_A:
+        raise ValueError(f"no adapter {adapter_name!r} on this model")
+    for m in layers:
+        m.set_adapter(adapter_name)
+
+
+def write_random_lora(model: nn.Module, folder, lora_cfg, seed: int, std: float = 0.3) -> None:
+    """A PEFT LoRA folder with random (non-zero) A and B for `model`'s class: a stand-in for a
+    trained adapter in smoke tests (peft initialises B to zero, which would be a no-op field)."""
+    model = apply_lora(copy.deepcopy(model), lora_cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    save_lora_folder(model, folder, lora_cfg)

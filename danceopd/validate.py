@@ -121,7 +121,8 @@ def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
     built = {}
     for i, t in enumerate(cfg.teachers):
         if t.kind == "pretrained":
-            _named(f"teachers.{i}.path", backend.check_model_folder, cfg.resolve(t.path))
+            if t.path or not hasattr(backend, "root"):
+                _named(f"teachers.{i}.path", backend.check_model_folder, cfg.resolve(t.path))
             continue
         built[t.name] = _named(f"teachers.{i}.tasks" if t.tasks else f"teachers.{i}",
                                backend.build_teacher, t, Path(cfg.base_dir))
@@ -138,14 +139,49 @@ def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
     return {task: tuple(fields.values()) for task, fields in out.items()}
 
 
+def model_paths(cfg: Config) -> list[tuple[str, Path]]:
+    """Every local model path the config names, with its key."""
+    out = []
+    if cfg.backend.pretrained:
+        out.append(("backend.pretrained", cfg.resolve(cfg.backend.pretrained)))
+    if cfg.student.init not in ("random", "base"):
+        out.append(("student.init", cfg.resolve(cfg.student.init)))
+    if cfg.student.init_lora:
+        out.append(("student.init_lora", cfg.resolve(cfg.student.init_lora)))
+    for i, t in enumerate(cfg.teachers):
+        if t.kind == "pretrained" and t.path:
+            out.append((f"teachers.{i}.path", cfg.resolve(t.path)))
+        if t.lora:
+            out.append((f"teachers.{i}.lora", cfg.resolve(t.lora)))
+        for name, folder in (t.adapters or {}).items():
+            out.append((f"teachers.{i}.adapters.{name}", cfg.resolve(folder)))
+    return out
+
+
+def _latent_models(cfg: Config) -> None:
+    """sd3/zimage: every missing model path named at once (a cluster config with placeholders
+    shows all it still needs), then each folder checked for what its loader reads."""
+    missing = [f"{key} ({path})" for key, path in model_paths(cfg) if not path.exists()]
+    if missing:
+        raise ConfigError(f"{missing[0].split(' ')[0]}: model path does not exist; missing: {', '.join(missing)}")
+    from danceopd.lora import check_lora_folder
+
+    for key, path in model_paths(cfg):
+        if ".lora" in key or ".adapters." in key or key == "student.init_lora":
+            _named(key, check_lora_folder, path)
+
+
 def validate(cfg: Config, local_paths: bool = True) -> Dataset:
     """Raises ConfigError / DatasetError (ValueErrors) with a one-line message naming the key.
     `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir), for a
     job that runs on another machine."""
-    if cfg.student.init != "random":
+    latent = cfg.backend.name in ("sd3", "zimage")
+    if latent:
+        _latent_models(cfg)
+    elif cfg.student.init != "random":
         _model_folder(cfg.resolve(cfg.student.init), "student.init")
     for i, t in enumerate(cfg.teachers):
-        if t.kind == "pretrained":
+        if t.kind == "pretrained" and not latent:
             _model_folder(cfg.resolve(t.path), f"teachers.{i}.path")
     if cfg.sync.max_policy_lag < cfg.sync.sync_every - 1:
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
@@ -161,8 +197,12 @@ def validate(cfg: Config, local_paths: bool = True) -> Dataset:
     from danceopd.methods import make_method
 
     backend = _named("backend", make_backend, cfg)
-    init = cfg.student.init if cfg.student.init == "random" else str(cfg.resolve(cfg.student.init))
+    init = cfg.student_source()
     _named("student.init" if init != "random" else "student.lora", backend.check_student, init)
+    for i, r in enumerate(cfg.routing.routes):
+        if r.requires_source_image and not backend.supports_source_image:
+            raise ConfigError(f"routing.routes.{i}.requires_source_image: the {backend.name} backend has no "
+                              "image-conditioned path (use zimage or shapes for edits)")
     method = make_method(cfg.method)
     teachers = _teachers_by_task(cfg, backend, method)
     needs_target = method.rollout == "data"  # sft / offpolicy train on the dataset targets

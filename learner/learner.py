@@ -18,8 +18,7 @@ from learner.step import batch_loss, merge_route_losses
 
 
 def build_student(cfg, backend):
-    init = "random" if cfg.student.init == "random" else str(cfg.resolve(cfg.student.init))
-    return backend.build_student(init, cfg.job.seed)
+    return backend.build_student(cfg.student_source(), cfg.job.seed)
 
 
 class Learner:

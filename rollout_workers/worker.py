@@ -25,7 +25,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.backend = make_backend(cfg)
-        self.model = self.backend.build_student(str(cfg.resolve(cfg.student.init)) if cfg.student.init != "random" else "random", cfg.job.seed)
+        self.model = self.backend.build_student(cfg.student_source(), cfg.job.seed)
         self.model.eval()  # trainable flags stay: they define which weights a push carries
         self.version = 0
         self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim)

@@ -21,6 +21,8 @@ class Teacher:
         self.teacher_id = f"{teacher_name}/{replica}"
         self.backend = make_backend(cfg)
         self.field = self.backend.build_teacher(cfg.teacher(teacher_name), cfg.resolve("."))
+        # Shared-backbone LoRA teachers: each route's field is one adapter of this backbone.
+        self.adapter_of = {r.name: r.adapter for r in cfg.routing.routes if r.teacher == teacher_name and r.adapter}
         self.stats = {"queries": 0, "rows": 0, "busy_s": 0.0}
 
     @torch.no_grad()
@@ -29,6 +31,8 @@ class Teacher:
         routes the backend's null condition keeps the source image and drops only the text."""
         t0 = time.perf_counter()
         z, s, c = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (state, sigma, cond))
+        if self.adapter_of:
+            self.field.use(self.adapter_of[route])
         if cfg_scale == 1.0:
             v = self.field.velocity(z, s, c)
         else:

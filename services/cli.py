@@ -117,6 +117,45 @@ def make_data(
     typer.echo(f"wrote {path}")
 
 
+@app.command("make-tiny")
+def make_tiny(
+    family: str = typer.Argument(..., help="`sd3` or `zimage`."),
+    out: Path = typer.Option(..., help="Pipeline folder to write (model_index.json, transformer/, vae/, text encoders, tokenizers, scheduler/)."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    loras: str = typer.Option("realism,style", help="Comma-separated names of random LoRA folders written to OUT/loras/NAME ('' for none)."),
+):
+    """Write a tiny random diffusers pipeline of the real classes, to smoke-test a cluster before downloading weights."""
+    if family == "sd3":
+        from danceopd.backends.sd3 import write_tiny_sd3 as write
+        from diffusers import SD3Transformer2DModel as transformer_cls
+    elif family == "zimage":
+        from danceopd.backends.zimage import write_tiny_zimage as write
+        from diffusers import ZImageTransformer2DModel as transformer_cls
+    else:
+        fail(f"make-tiny: unknown family {family!r} (sd3, zimage)")
+    if (out / "model_index.json").exists():
+        fail(f"--out: {out} already holds a pipeline; remove it or pick another folder")
+    from danceopd.backends.latent import write_tiny_loras
+
+    path = write(out, seed=seed)
+    names = [n.strip() for n in loras.split(",") if n.strip()]
+    write_tiny_loras(path, transformer_cls, names, seed=seed)
+    typer.echo(f"wrote {path}" + (f" (+ LoRA folders {', '.join(names)} in {path / 'loras'})" if names else ""))
+
+
+@app.command("cache")
+def cache(config: Path, set_: list[str] | None = SetOpt,
+          force: bool = typer.Option(False, "--force", help="Rebuild even if a cache with the current fingerprint exists.")):
+    """Encode every dataset row once (text embeddings, source and target latents) into the condition cache (sd3, zimage)."""
+    from services.conditions import build_condition_cache
+
+    cfg = load_valid(config, set_)
+    path, built = build_condition_cache(cfg, progress=True, force=force)
+    if path is None:
+        fail(f"backend.name: {cfg.backend.name} has no condition cache (sd3, zimage)")
+    typer.echo(f"{'built' if built else 'up to date'}: {path}")
+
+
 @app.command("config-doc")
 def config_doc():
     """Print the configuration reference (Markdown) generated from the config models."""

@@ -260,6 +260,9 @@ class StopOnSignal:
 def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True,
           run_id: str | None = None) -> dict:
     """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
+    from services.conditions import build_condition_cache
+
+    build_condition_cache(cfg, progress=show_progress)  # a no-op when it is current
     started = False
     if mode == "ray":
         from services.runtime.cluster import connect

@@ -21,4 +21,12 @@ def make_backend(cfg) -> Backend:
         from danceopd.backends.sim import SimBackend
 
         return SimBackend(cfg)
-    raise ValueError(f"backend.name: unknown backend {name!r} (known: toy, shapes, sim)")
+    if name == "sd3":
+        from danceopd.backends.sd3 import SD3Backend
+
+        return SD3Backend(cfg)
+    if name == "zimage":
+        from danceopd.backends.zimage import ZImageBackend
+
+        return ZImageBackend(cfg)
+    raise ValueError(f"backend.name: unknown backend {name!r} (known: toy, shapes, sim, sd3, zimage)")

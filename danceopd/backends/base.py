@@ -39,7 +39,8 @@ class TeacherField(ABC):
 
 class Backend(ABC):
     name: str
-    sigma_grid: str = "sd3"  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS)
+    sigma_grid: str = "sd3"
+    supports_source_image: bool = True  # rows may carry a source image (edit routes)  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS)
 
     @property
     @abstractmethod
