@@ -33,10 +33,15 @@ SCALAR_COLUMNS = {
 }
 
 
-def batch_schema(state_shape: tuple[int, ...], cond_dim: int) -> pa.Schema:
+SDE_COLUMNS = ("next_state", "rollout_velocity")  # only SDE rollouts (flowopd) fill them
+
+
+def batch_schema(state_shape: tuple[int, ...], cond_dim: int, sde: bool = True) -> pa.Schema:
+    """`sde=False` leaves out next_state and rollout_velocity: for ODE and data methods they would
+    be zeros, two state-sized tensors per row (2 MiB at SD3's 1024 px latents) for nothing."""
     st = pa.fixed_shape_tensor(pa.float32(), list(state_shape))
     fields = [pa.field(n, t, nullable=False) for n, t in SCALAR_COLUMNS.items()]
-    fields += [pa.field(n, st, nullable=False) for n in TENSOR_COLUMNS if n != "cond"]
+    fields += [pa.field(n, st, nullable=False) for n in TENSOR_COLUMNS if n != "cond" and (sde or n not in SDE_COLUMNS)]
     fields.append(pa.field("cond", pa.fixed_shape_tensor(pa.float32(), [cond_dim]), nullable=False))
     return pa.schema(fields)
 
@@ -80,7 +85,7 @@ def scalars(rb: pa.RecordBatch, name: str) -> list:
 
 def to_tensors(rb: pa.RecordBatch) -> dict[str, torch.Tensor]:
     """The learner's view: tensors only (strings stay in the record batch)."""
-    out = {n: tensor(rb, n) for n in TENSOR_COLUMNS}
+    out = {n: tensor(rb, n) for n in TENSOR_COLUMNS if n in rb.schema.names}
     for n in ("sigma", "sigma_next", "weight", "advantage"):
         out[n] = torch.from_numpy(rb.column(n).to_numpy().astype(np.float32))
     for n in ("sample_index", "group", "query_index"):

@@ -87,6 +87,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, child, module.get_base_layer())
+    if hasattr(out, "peft_config"):  # no adapters left: a later injection starts clean
+        del out.peft_config
     for p in out.parameters():
         p.requires_grad_(True)
     return out
@@ -141,19 +143,26 @@ def load_lora_folder(model: nn.Module, folder, adapter_name: str = "default", me
 
 
 def save_lora_folder(model: nn.Module, folder, lora_cfg, adapter_name: str = "default") -> None:
-    """Write a LoRA student's adapter as a PEFT LoRA folder that `load_lora_folder` reads back."""
+    """Write a LoRA model's adapter as a PEFT LoRA folder that `load_lora_folder` reads back."""
+    from peft import get_peft_model_state_dict
+
+    write_lora_folder(get_peft_model_state_dict(model, adapter_name=adapter_name), folder, lora_cfg)
+
+
+def write_lora_folder(state: dict[str, torch.Tensor], folder, lora_cfg, adapter_name: str = "default") -> None:
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) from adapter tensors,
+    named as `trainable_state_dict` names them (`...lora_A.default.weight`) or as peft saves them."""
     from pathlib import Path
 
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     PeftLoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(lora_cfg.target_modules),
                    lora_dropout=0.0, bias="none").save_pretrained(str(folder))
-    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(folder / ADAPTER_WEIGHTS))
+    tag = f".{adapter_name}."
+    save_file({k.replace(tag, "."): v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS))
 
 
 def set_active_adapter(model: nn.Module, adapter_name: str) -> None:

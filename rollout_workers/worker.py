@@ -28,9 +28,9 @@ class RolloutWorker:
         self.model = self.backend.build_student(cfg.student_source(), cfg.job.seed)
         self.model.eval()  # trainable flags stay: they define which weights a push carries
         self.version = 0
-        self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim)
-        self.sigmas = job_sigmas(cfg, self.backend)
         self.method = make_method(cfg.method)
+        self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim, sde=self.method.rollout == "sde")
+        self.sigmas = job_sigmas(cfg, self.backend)
         # nfe_full: what the same samples would cost without stopping each at its last needed state
         self.stats = {"batches": 0, "samples": 0, "nfe": 0, "nfe_full": 0, "busy_s": 0.0}
 

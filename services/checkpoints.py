@@ -4,6 +4,8 @@
                                         carried over a resume), resumed_from, step
     output_dir/checkpoints/step-00000050/
         model.safetensors   the trainable weights (LoRA adapters only for a LoRA student)
+        lora/               a LoRA student's adapter as a PEFT LoRA folder (adapter_config.json +
+                            adapter_model.safetensors): `student.init_lora` / a teacher's `lora` take it
         learner/            the learner's own state, no pickle anywhere: `torch-adamw` (local mode)
                             optimizer.pt + rng.json; `deepspeed` (Ray mode) per-rank optimizer
                             state (optimizer-rankNNN.pt) + weights.safetensors + engine.json
@@ -119,7 +121,12 @@ def save(loop, run_id: str | None = None) -> str:
     router_state = loop.fleet.router_state_before(first)
     with atomic_checkpoint(cfg.output_path, loop.step) as tmp:
         loop.learner.save(tmp / "learner")
-        save_tensors(tmp / "model.safetensors", loop.learner.export())
+        weights = loop.learner.export()
+        save_tensors(tmp / "model.safetensors", weights)
+        if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
+            from danceopd.lora import write_lora_folder
+
+            write_lora_folder(weights, tmp / "lora", cfg.student.lora)
         save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": loop.step, "version": loop.version,
                                        "router": router_state, "mode": loop.mode, "learner": loop.learner.kind,
                                        "accounting": loop.pipe.accounting()})

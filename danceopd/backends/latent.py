@@ -279,7 +279,7 @@ class LatentBackend(Backend):
 
     def load_transformer(self, folder: Path) -> nn.Module:
         self._check_transformer_folder(folder, "model folder")
-        return self.transformer_cls.from_pretrained(transformer_folder(folder), use_safetensors=True, torch_dtype=torch.float32)
+        return self.transformer_cls.from_pretrained(transformer_folder(folder), use_safetensors=True, dtype=torch.float32)
 
     def _student_source(self, init: str) -> Path | None:
         if init == "random":

@@ -46,7 +46,7 @@ class SD3Backend(LatentBackend):
 
         # The pipeline's own encode_prompt, without loading the transformer.
         self._pipe = StableDiffusion3Pipeline.from_pretrained(self.root, transformer=None, use_safetensors=True,
-                                                              torch_dtype=torch.float32).to(self.device)
+                                                              dtype=torch.float32).to(self.device)
         if not isinstance(self._pipe.vae, AutoencoderKL):
             raise ValueError(f"backend.pretrained: {self.root}/vae is not an AutoencoderKL")
 
@@ -90,7 +90,7 @@ class SD3Backend(LatentBackend):
     def load_vae(self):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(self.root / "vae", use_safetensors=True, torch_dtype=torch.float32)
+        return AutoencoderKL.from_pretrained(self.root / "vae", use_safetensors=True, dtype=torch.float32)
 
     def vae_decode(self, vae, z):
         return vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1)

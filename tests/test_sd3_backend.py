@@ -1,0 +1,227 @@
+"""The `sd3` backend on a tiny random pipeline of the real diffusers classes: loading through
+`from_pretrained`, the condition cache, LoRA students and teachers, shared-backbone adapters, the
+start-up compatibility check and `validate`'s model paths."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from danceopd import cond_cache as cc
+from danceopd.config import ConfigError, config_from_dict
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3 pipeline with two random LoRA folders, made by the CLI's own functions."""
+    from diffusers import SD3Transformer2DModel
+
+    from danceopd.backends.latent import write_tiny_loras
+    from danceopd.backends.sd3 import write_tiny_sd3
+
+    root = tmp_path_factory.mktemp("sd3") / "pipe"
+    write_tiny_sd3(root, seed=0)
+    write_tiny_loras(root, SD3Transformer2DModel, ["realism", "style"], seed=0)
+    return root
+
+
+@pytest.fixture
+def sd3_raw(tmp_path, tiny_sd3):
+    raw = yaml.safe_load((ROOT / "configs" / "sd3_tiny.yaml").read_text())
+    shutil.copytree(ROOT / "configs" / "data" / "shapes", tmp_path / "data" / "shapes",
+                    ignore=shutil.ignore_patterns(".danceopd-cache"))
+    raw["backend"]["pretrained"] = str(tiny_sd3)
+    for t in raw["teachers"]:
+        if t.get("adapters"):
+            t["adapters"] = {k: str(tiny_sd3 / "loras" / k) for k in t["adapters"]}
+    raw["job"]["output_dir"] = str(tmp_path / "run")
+    return raw
+
+
+def make(raw, tmp_path):
+    from danceopd.backends import make_backend
+
+    cfg = config_from_dict(raw, base_dir=tmp_path)
+    return cfg, make_backend(cfg)
+
+
+def test_tiny_pipeline_loads_through_the_real_pipeline_class(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, use_safetensors=True)
+    assert pipe.text_encoder_3 is not None and pipe.transformer.config.in_channels == 4
+    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32)
+
+
+def test_cache_holds_the_pipelines_own_embeddings_and_batches_carry_handles(sd3_raw, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    cfg, backend = make(sd3_raw, tmp_path)
+    path, built = backend.build_cache()
+    assert built and path.is_file()
+    rows = backend._dataset_rows()[:3]
+    cond = backend.encode(rows)
+    assert cond.shape == (3, cc.HANDLE_DIM)  # 3 floats per row on the wire, not the embeddings
+    pipe = StableDiffusion3Pipeline.from_pretrained(cfg.resolve(cfg.backend.pretrained), transformer=None)
+    want, _, pooled, _ = pipe.encode_prompt([r.prompt for r in rows], None, None, do_classifier_free_guidance=False,
+                                            max_sequence_length=cfg.backend.max_sequence_length)
+    got = backend.gather(cond, "cpu")
+    torch.testing.assert_close(got["prompt_embeds"], want)
+    torch.testing.assert_close(got["pooled"], pooled)
+    # CFG's null branch: the empty prompt's embeddings, as the pipeline's negative prompt ""
+    neg, _, neg_pooled, _ = pipe.encode_prompt([""], None, None, do_classifier_free_guidance=False,
+                                               max_sequence_length=cfg.backend.max_sequence_length)
+    null = backend.gather(backend.null_cond(cond), "cpu")
+    torch.testing.assert_close(null["prompt_embeds"], neg.expand(3, -1, -1))
+    torch.testing.assert_close(null["pooled"], neg_pooled.expand(3, -1))
+    assert backend.cache.row_bytes() > 100 * cond[0].numel() * 4
+
+
+def test_cache_is_reused_when_current_and_rebuilt_never_read_when_stale(sd3_raw, tmp_path):
+    cfg, backend = make(sd3_raw, tmp_path)
+    path, built = backend.build_cache()
+    assert built
+    assert backend.build_cache() == (path, False)
+    # A prompt changes: a new fingerprint, so a new file; the old one is never opened for it.
+    data = tmp_path / "data" / "shapes" / "data.csv"
+    data.write_text(data.read_text().replace("a magenta circle", "a yellow circle", 1))
+    _, backend2 = make(sd3_raw, tmp_path)
+    path2, built2 = backend2.build_cache()
+    assert built2 and path2 != path
+    with pytest.raises(cc.StaleCacheError):
+        cc.ConditionCache(path, backend2.cache_fingerprint(backend2._dataset_rows()))
+    # A file under the current name but made for other rows is rebuilt, not used
+    shutil.copy(path, path2)
+    assert backend2.build_cache()[1] is True
+
+
+def test_shared_backbone_adapters_give_each_route_its_own_field(sd3_raw, tmp_path, tiny_sd3):
+    from danceopd.config import TeacherConfig
+    from router.teacher import Teacher
+
+    cfg, backend = make(sd3_raw, tmp_path)
+    backend.build_cache()
+    shared = Teacher(cfg, "lora_fields")
+    assert shared.adapter_of == {"realism": "realism", "style": "style"}
+    n_base = sum(p.numel() for n, p in shared.field.model.named_parameters() if "lora_" not in n)
+    n_one = sum(p.numel() for p in backend.load_transformer(tiny_sd3).parameters())
+    assert n_base == n_one  # ONE backbone for both fields
+    rows = backend._dataset_rows()[:2]
+    z, s, c = backend.noise([1, 2]), torch.tensor([0.6, 0.3]), backend.encode(rows)
+    out = {a: shared.query(z.numpy(), s.numpy(), c.numpy(), 1.0, route=a) for a in ("realism", "style")}
+    assert not torch.allclose(torch.from_numpy(out["realism"]), torch.from_numpy(out["style"]), atol=1e-4)
+    for name in ("realism", "style"):  # each adapter equals that LoRA merged into its own teacher
+        merged = backend.build_teacher(TeacherConfig(name="m", kind="pretrained", lora=str(tiny_sd3 / "loras" / name)), tmp_path)
+        torch.testing.assert_close(torch.from_numpy(out[name]), merged.velocity(z, s, c), atol=1e-4, rtol=1e-4)
+    again = shared.query(z.numpy(), s.numpy(), c.numpy(), 1.0, route="realism")  # switching back
+    torch.testing.assert_close(torch.from_numpy(again), torch.from_numpy(out["realism"]))
+
+
+def test_student_inits_base_checkpoint_and_lora_merged(sd3_raw, tmp_path, tiny_sd3):
+    from danceopd.lora import trainable_state_dict
+
+    raw = json.loads(json.dumps(sd3_raw))
+    cfg, backend = make(raw, tmp_path)
+    backend.build_cache()
+    z, s, c = backend.noise([3]), torch.tensor([0.5]), backend.encode(backend._dataset_rows()[:1])
+    student = backend.build_student("base", 0)
+    assert set(trainable_state_dict(student)) and all("lora_" in k for k in trainable_state_dict(student))
+    base_v = backend.predict(student, z, s, c)  # fresh LoRA: B = 0, so the base's field
+    teacher_v = backend.build_teacher(cfg.teachers[0], tmp_path).velocity(z, s, c)
+    torch.testing.assert_close(base_v, teacher_v)
+    # a full checkpoint folder (save_student) loads back as the student's init
+    backend.save_student(student, tmp_path / "ckpt")
+    again = backend.build_student(str(tmp_path / "ckpt"), 0)
+    torch.testing.assert_close(backend.predict(again, z, s, c), base_v)
+    # init_lora: the LoRA merged into the initial weights
+    raw["student"]["init_lora"] = str(tiny_sd3 / "loras" / "style")
+    cfg2, backend2 = make(raw, tmp_path)
+    lora_student = backend2.build_student("base", 0)
+    shared = backend2.build_teacher(cfg2.teachers[1], tmp_path)
+    shared.use("style")
+    torch.testing.assert_close(backend2.predict(lora_student, z, s, c), shared.velocity(z, s, c), atol=1e-4, rtol=1e-4)
+
+
+def test_validate_names_every_missing_model_path(sd3_raw, tmp_path):
+    from danceopd.validate import validate
+
+    raw = json.loads(json.dumps(sd3_raw))
+    raw["teachers"][1]["adapters"]["style"] = str(tmp_path / "nope-style")
+    raw["student"]["init_lora"] = str(tmp_path / "nope-init")
+    cfg = config_from_dict(raw, base_dir=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "student.init_lora" in msg and "teachers.1.adapters.style" in msg and "nope-style" in msg
+
+
+def _variant(tiny_sd3, tmp_path, name, edit):
+    """A copy of the tiny pipeline with one config entry changed."""
+    dst = tmp_path / name
+    shutil.copytree(tiny_sd3, dst)
+    path, key, value = edit
+    c = json.loads((dst / path).read_text())
+    c[key] = value
+    (dst / path).write_text(json.dumps(c))
+    return dst
+
+
+@pytest.mark.parametrize("edit,what", [
+    (("scheduler/scheduler_config.json", "shift", 1.0), "scheduler"),
+    (("transformer/config.json", "patch_size", 1), "patch size"),
+    (("text_encoder_3/config.json", "d_ff", 64), "text encoders"),
+])
+def test_incompatible_teacher_is_one_line_before_anything_starts(sd3_raw, tmp_path, tiny_sd3, edit, what):
+    from danceopd.validate import validate
+
+    raw = json.loads(json.dumps(sd3_raw))
+    raw["teachers"][0]["path"] = str(_variant(tiny_sd3, tmp_path, "other", edit))
+    with pytest.raises(ConfigError) as e:
+        validate(config_from_dict(raw, base_dir=tmp_path))
+    assert e.value.args[0].startswith("teachers.0.path:") and what in str(e.value) and "\n" not in str(e.value)
+
+
+def test_edit_routes_are_refused_on_sd3(sd3_raw, tmp_path):
+    from danceopd.validate import validate
+
+    raw = json.loads(json.dumps(sd3_raw))
+    raw["routing"]["routes"][1].update(task="local_edit", requires_source_image=True)
+    with pytest.raises(ConfigError, match="no image-conditioned path"):
+        validate(config_from_dict(raw, base_dir=tmp_path))
+
+
+@pytest.mark.ray
+def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_local, sd3_raw, tmp_path, tiny_sd3):
+    from danceopd.checkpoint import latest_checkpoint, load_json, load_tensors
+    from danceopd.lora import load_lora_folder, load_trainable_state_dict
+    from services.loop import train
+    from tests.conftest import cfg_for
+
+    assert sd3_raw["routing"]["routes"][0]["cfg_scale"] == 3.0  # CFG absorbed on the teacher side
+    over = dict(checkpoint__every=2, checkpoint__keep=3, sync__max_policy_lag=0)
+    full = cfg_for(sd3_raw, tmp_path, "full", learner__steps=4, **over)
+    summary = train(full, mode="ray", show_progress=False)
+    assert summary["steps"] == 4
+    part = cfg_for(sd3_raw, tmp_path, "part", learner__steps=2, **over)
+    train(part, mode="ray", show_progress=False)
+    resumed = cfg_for(sd3_raw, tmp_path, "part", learner__steps=4, **over)
+    train(resumed, mode="ray", resume_from=latest_checkpoint(part.output_path), show_progress=False)
+    ckpt = latest_checkpoint(resumed.output_path)
+    assert load_json(ckpt / "state.json")["step"] == 4
+    wa = load_tensors(latest_checkpoint(full.output_path) / "model.safetensors")
+    wb = load_tensors(ckpt / "model.safetensors")
+    assert wa and all("lora_" in k for k in wa)  # a LoRA checkpoint: adapters only
+    assert any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)  # it learned something
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    # the checkpoint's PEFT folder is the same student: merged onto the base it predicts the same
+    _, backend = make(sd3_raw, tmp_path)
+    student = backend.build_student("base", 0)
+    load_trainable_state_dict(student, wb)
+    merged = load_lora_folder(backend.load_transformer(tiny_sd3), ckpt / "lora", merge=True)
+    z, s, c = backend.noise([5]), torch.tensor([0.4]), backend.encode(backend._dataset_rows()[:1])
+    torch.testing.assert_close(backend.predict(merged, z, s, c), backend.predict(student, z, s, c), atol=1e-5, rtol=1e-5)
