@@ -162,6 +162,8 @@ def _latent_models(cfg: Config) -> None:
     """sd3/zimage: every missing model path named at once (a cluster config with placeholders
     shows all it still needs), then each folder checked for what its loader reads."""
     missing = [f"{key} ({path})" for key, path in model_paths(cfg) if not path.exists()]
+    if missing and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
+        missing.append(f"data.path ({cfg.resolve(cfg.data.path)})")
     if missing:
         raise ConfigError(f"{missing[0].split(' ')[0]}: model path does not exist; missing: {', '.join(missing)}")
     from danceopd.lora import check_lora_folder

@@ -206,6 +206,11 @@ def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_loc
     full = cfg_for(sd3_raw, tmp_path, "full", learner__steps=4, **over)
     summary = train(full, mode="ray", show_progress=False)
     assert summary["steps"] == 4
+    _, backend = make(sd3_raw, tmp_path)
+    student = backend.build_student("base", 0)
+    adapter_bytes = sum(p.numel() * 4 for p in student.parameters() if p.requires_grad)
+    assert summary["sync_bytes"] == adapter_bytes  # LoRA-only weight sync: adapter-sized pushes
+    assert adapter_bytes * 10 < sum(p.numel() * 4 for p in student.parameters())
     part = cfg_for(sd3_raw, tmp_path, "part", learner__steps=2, **over)
     train(part, mode="ray", show_progress=False)
     resumed = cfg_for(sd3_raw, tmp_path, "part", learner__steps=4, **over)
@@ -219,9 +224,41 @@ def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_loc
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
     # the checkpoint's PEFT folder is the same student: merged onto the base it predicts the same
-    _, backend = make(sd3_raw, tmp_path)
-    student = backend.build_student("base", 0)
     load_trainable_state_dict(student, wb)
     merged = load_lora_folder(backend.load_transformer(tiny_sd3), ckpt / "lora", merge=True)
     z, s, c = backend.noise([5]), torch.tensor([0.4]), backend.encode(backend._dataset_rows()[:1])
     torch.testing.assert_close(backend.predict(merged, z, s, c), backend.predict(student, z, s, c), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_velocities_and_teacher_weights_halve(sd3_raw, tmp_path):
+    """The GPU path (bf16 autocast, bf16 frozen teacher weights) exercised with CPU autocast."""
+    cfg, backend = make(sd3_raw, tmp_path)
+    backend.build_cache()
+    z, s, c = backend.noise([7, 8]), torch.tensor([0.7, 0.2]), backend.encode(backend._dataset_rows()[:2])
+    fp32 = backend.build_teacher(cfg.teachers[0], tmp_path).velocity(z, s, c)
+    backend.compute_dtype = torch.bfloat16
+    teacher = backend.build_teacher(cfg.teachers[0], tmp_path)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    v = teacher.velocity(z, s, c)
+    assert v.dtype == torch.float32 and z.dtype == torch.float32
+    assert not torch.equal(v, fp32)  # it did compute in bf16...
+    torch.testing.assert_close(v, fp32, atol=0.1, rtol=0.05)  # ...to bf16 precision
+    student = backend.build_student("base", 0)  # trainable student: fp32 master weights
+    assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
+    assert backend.predict(student, z, s, c).dtype == torch.float32
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(sd3_raw, tmp_path):
+    grads = {}
+    for on in (False, True):
+        raw = json.loads(json.dumps(sd3_raw))
+        raw["backend"]["gradient_checkpointing"] = on
+        raw["student"]["lora"]["enabled"] = False
+        _, backend = make(raw, tmp_path)
+        backend.build_cache()
+        model = backend.build_student("base", 0).train()
+        assert model.is_gradient_checkpointing is on
+        z, s, c = backend.noise([1, 2]), torch.tensor([0.5, 0.5]), backend.encode(backend._dataset_rows()[:2])
+        backend.predict(model, z, s, c).square().mean().backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(grads[True], grads[False])

@@ -233,9 +233,11 @@ class LatentBackend(Backend):
             check_image(row.target_image, "target", row.uid)
 
     def data_target(self, rows: list[Row]) -> torch.Tensor:
+        """Cached target latents (families cache `target_latents` and a `has_target` flag)."""
         idx = self.cache.indices([r.uid for r in rows])
-        if "target_latents" not in self.cache.fields:
-            raise ValueError(f"row {rows[0].uid}: no target latents in the condition cache (the data has no target images)")
+        missing = [r.uid for r, h in zip(rows, self.cache.get(idx, "has_target")[:, 0].tolist()) if h < 0.5]
+        if missing:
+            raise ValueError(f"row {missing[0]}: no target image (needed by this method)")
         return self.cache.get(idx, "target_latents")
 
     def gather(self, cond: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -256,7 +258,9 @@ class LatentBackend(Backend):
         dev = next(model.parameters()).device
         fields = self.gather(cond, dev)
         timestep = (1000.0 * sigma.reshape(-1).float()).to(dev).expand(z.shape[0])
-        amp = torch.autocast("cuda", dtype=self.compute_dtype) if (dev.type == "cuda" and self.compute_dtype != torch.float32) else nullcontext()
+        # bf16 autocast where configured (GPU); whatever the transformer computes in, the velocity
+        # the integrator, the router and the losses see is fp32.
+        amp = torch.autocast(dev.type, dtype=self.compute_dtype) if self.compute_dtype != torch.float32 else nullcontext()
         with amp:
             v = self.forward(model, z.to(dev, torch.float32), timestep, fields)
         return v.float().to(z.device)
@@ -328,7 +332,7 @@ class LatentBackend(Backend):
             names = tuple(teacher_cfg.adapters)
             set_active_adapter(model, names[0])
         model = model.to(self.device)
-        if self.device.type == "cuda" and self.compute_dtype == torch.bfloat16:
+        if self.compute_dtype == torch.bfloat16:
             model = model.to(torch.bfloat16)  # frozen: half the memory, same autocast compute
         return LatentTeacher(self, model, names)
 

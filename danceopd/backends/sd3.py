@@ -74,13 +74,6 @@ class SD3Backend(LatentBackend):
         mean = vae.encode(images.to(self.device, torch.float32)).latent_dist.mean
         return (mean - vae.config.shift_factor) * vae.config.scaling_factor
 
-    def data_target(self, rows):
-        idx = self.cache.indices([r.uid for r in rows])
-        missing = [r.uid for r, h in zip(rows, self.cache.get(idx, "has_target")[:, 0].tolist()) if h < 0.5]
-        if missing:
-            raise ValueError(f"row {missing[0]}: no target image (needed by this method)")
-        return self.cache.get(idx, "target_latents")
-
     # ---- the transformer --------------------------------------------------------------------------
     def forward(self, model, z, timestep, fields):
         # SD3's transformer predicts noise - x0 at timestep 1000*sigma: our convention as is.
@@ -136,11 +129,17 @@ def _t5_tokenizer(folder: Path):
     return tok
 
 
-def write_tiny_sd3(out: Path, seed: int = 0, t5: bool = True) -> Path:
+def write_tiny_sd3(out: Path, seed: int = 0, t5: bool = True, layers: int = 2, heads: int = 2, head_dim: int = 8) -> Path:
     """A tiny random StableDiffusion3Pipeline folder (real classes, random weights): transformer,
     VAE, CLIP-L/G-shaped text encoders with projection, T5 encoder, their tokenizers, scheduler.
-    Loads back with `StableDiffusion3Pipeline.from_pretrained(out)`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    Loads back with `StableDiffusion3Pipeline.from_pretrained(out)`. `layers`, `heads`, `head_dim`
+    size the transformer (a GPU smoke test wants a few hundred M parameters, tests want 30 k)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     out = Path(out)
@@ -161,9 +160,9 @@ def write_tiny_sd3(out: Path, seed: int = 0, t5: bool = True) -> Path:
         te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=width, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
                                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=width, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16)
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=width, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=32, pos_embed_max_size=64)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
