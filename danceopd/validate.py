@@ -139,36 +139,38 @@ def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
     return {task: tuple(fields.values()) for task, fields in out.items()}
 
 
-def model_paths(cfg: Config) -> list[tuple[str, Path]]:
-    """Every local model path the config names, with its key."""
+def model_paths(cfg: Config) -> list[tuple[str, str]]:
+    """Every model path the config names (as written), with its key: pipeline, student init,
+    LoRA folders, teacher checkpoints and adapters. `validate` checks them, `submit` ships them."""
     out = []
     if cfg.backend.pretrained:
-        out.append(("backend.pretrained", cfg.resolve(cfg.backend.pretrained)))
+        out.append(("backend.pretrained", cfg.backend.pretrained))
     if cfg.student.init not in ("random", "base"):
-        out.append(("student.init", cfg.resolve(cfg.student.init)))
+        out.append(("student.init", cfg.student.init))
     if cfg.student.init_lora:
-        out.append(("student.init_lora", cfg.resolve(cfg.student.init_lora)))
+        out.append(("student.init_lora", cfg.student.init_lora))
     for i, t in enumerate(cfg.teachers):
         if t.kind == "pretrained" and t.path:
-            out.append((f"teachers.{i}.path", cfg.resolve(t.path)))
+            out.append((f"teachers.{i}.path", t.path))
         if t.lora:
-            out.append((f"teachers.{i}.lora", cfg.resolve(t.lora)))
+            out.append((f"teachers.{i}.lora", t.lora))
         for name, folder in (t.adapters or {}).items():
-            out.append((f"teachers.{i}.adapters.{name}", cfg.resolve(folder)))
+            out.append((f"teachers.{i}.adapters.{name}", folder))
     return out
 
 
 def _latent_models(cfg: Config) -> None:
     """sd3/zimage: every missing model path named at once (a cluster config with placeholders
     shows all it still needs), then each folder checked for what its loader reads."""
-    missing = [f"{key} ({path})" for key, path in model_paths(cfg) if not path.exists()]
+    paths = [(key, cfg.resolve(raw)) for key, raw in model_paths(cfg)]
+    missing = [f"{key} ({path})" for key, path in paths if not path.exists()]
     if missing and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
         missing.append(f"data.path ({cfg.resolve(cfg.data.path)})")
     if missing:
         raise ConfigError(f"{missing[0].split(' ')[0]}: model path does not exist; missing: {', '.join(missing)}")
     from danceopd.lora import check_lora_folder
 
-    for key, path in model_paths(cfg):
+    for key, path in paths:
         if ".lora" in key or ".adapters." in key or key == "student.init_lora":
             _named(key, check_lora_folder, path)
 

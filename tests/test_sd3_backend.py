@@ -262,3 +262,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_raw, tmp_path):
         backend.predict(model, z, s, c).square().mean().backward()
         grads[on] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     torch.testing.assert_close(grads[True], grads[False])
+
+
+def test_cluster_config_lists_every_placeholder_path_in_one_line():
+    from danceopd.config import load_config
+    from danceopd.validate import validate
+
+    cfg = load_config(ROOT / "configs" / "sd35_medium.yaml")
+    assert cfg.backend.dtype == "bfloat16" and cfg.learner.num_gpus >= 1 and cfg.student.lora.enabled
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for key in ("backend.pretrained", "teachers.1.adapters.realism", "teachers.1.adapters.style", "data.path"):
+        assert key in msg, key
+    assert "\n" not in msg
+
+
+def test_submit_ships_the_pipeline_and_lora_folders(sd3_raw, tmp_path, tiny_sd3):
+    from services.control.jobs import config_inputs
+
+    shutil.copytree(tiny_sd3, tmp_path / "models" / "pipe")
+    raw = json.loads(json.dumps(sd3_raw))
+    raw["backend"]["pretrained"] = "models/pipe"
+    raw["teachers"][1]["adapters"] = {"realism": "models/pipe/loras/realism", "style": "/abs/style"}
+    raw["data"]["path"] = "data/shapes/data.csv"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from danceopd.config import load_config
+
+    local, absolute = config_inputs(path, load_config(path))
+    assert tmp_path / "models" / "pipe" in local and tmp_path / "models" / "pipe" / "loras" / "realism" in local
+    assert "/abs/style" in absolute
+
+
+def test_cache_command_builds_then_reports_up_to_date(sd3_raw, tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(sd3_raw))
+    first = CliRunner().invoke(app, ["cache", str(path)])
+    assert first.exit_code == 0 and first.output.strip().startswith("built: "), first.output
+    again = CliRunner().invoke(app, ["cache", str(path)])
+    assert again.exit_code == 0 and again.output.strip().startswith("up to date: ")

@@ -32,6 +32,17 @@ from danceopd.backends.base import Backend, Row, TeacherField
 from danceopd.lora import apply_lora, has_lora, load_lora_folder, merged_copy, set_active_adapter
 
 
+def quiet_libraries() -> None:
+    """diffusers' and transformers' own progress bars and info lines ("Loading pipeline
+    components...", "Loading weights") would interleave with ours in every actor: off."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -83,6 +94,7 @@ class LatentBackend(Backend):
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache
 
     def __init__(self, cfg):
+        quiet_libraries()
         self.cfg = cfg
         b = cfg.backend
         self.root = cfg.resolve(b.pretrained)

@@ -120,11 +120,10 @@ def config_inputs(config: Path, cfg) -> tuple[list[Path], list[str]]:
                     local.append(Path(os.path.normpath(img)))
                 else:
                     absolute.append(str(img))
-    if cfg.student.init != "random":
-        ref(cfg.student.init)
-    for t in cfg.teachers:
-        if t.kind == "pretrained" and t.path:
-            ref(t.path)
+    from danceopd.validate import model_paths
+
+    for _key, raw in model_paths(cfg):  # pipelines, checkpoints, LoRA folders
+        ref(raw)
     return local, absolute
 
 
