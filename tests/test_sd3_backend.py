@@ -264,16 +264,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_raw, tmp_path):
     torch.testing.assert_close(grads[True], grads[False])
 
 
-def test_cluster_config_lists_every_placeholder_path_in_one_line():
+@pytest.mark.parametrize("name,keys", [
+    ("sd35_medium", ("backend.pretrained", "teachers.1.adapters.realism", "teachers.1.adapters.style", "data.path")),
+    ("zimage", ("backend.pretrained", "teachers.1.path", "teachers.2.lora", "data.path")),
+])
+def test_cluster_config_lists_every_placeholder_path_in_one_line(name, keys):
     from danceopd.config import load_config
     from danceopd.validate import validate
 
-    cfg = load_config(ROOT / "configs" / "sd35_medium.yaml")
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.backend.dtype == "bfloat16" and cfg.learner.num_gpus >= 1 and cfg.student.lora.enabled
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     msg = str(e.value)
-    for key in ("backend.pretrained", "teachers.1.adapters.realism", "teachers.1.adapters.style", "data.path"):
+    for key in keys:
         assert key in msg, key
     assert "\n" not in msg
 
