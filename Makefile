@@ -8,7 +8,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults clean
+.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults bench-bytes clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench-reference: setup
 
 bench-faults: setup
 	$(BIN)/python bench/faults.py
+
+bench-bytes: setup
+	$(BIN)/python bench/backend_bytes.py
 
 clean:
 	rm -rf runs .pytest_cache
