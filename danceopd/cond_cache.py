@@ -67,17 +67,29 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def file_identity(path: Path) -> list:
-    """Name, size and mtime of a file: enough to notice a replaced weight file or image without
-    reading gigabytes."""
-    st = Path(path).stat()
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+_SAMPLE = 64 * 1024
+
+
+def file_identity(path: Path, root: Path) -> list:
+    """A file's path relative to `root`, size and a digest of its first and last 64 KiB: enough to
+    notice a replaced weight file or image without reading gigabytes, and the same on every node
+    of a cluster (absolute paths and mtimes differ where Ray unpacks a job's working directory)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            f.seek(-_SAMPLE, os.SEEK_END)
+            h.update(f.read(_SAMPLE))
+    rel = os.path.relpath(path.resolve(), Path(root).resolve())
+    return [rel, size, h.hexdigest()[:16]]
 
 
 def folder_identity(folder: Path, patterns: tuple[str, ...] = ("*.json", "*.safetensors", "*.txt", "*.model")) -> list:
     folder = Path(folder)
     files = sorted({p for pat in patterns for p in folder.rglob(pat) if p.is_file()})
-    return [file_identity(p) for p in files]
+    return [file_identity(p, folder) for p in files]
 
 
 class ConditionCache:

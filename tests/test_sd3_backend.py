@@ -310,3 +310,28 @@ def test_cache_command_builds_then_reports_up_to_date(sd3_raw, tmp_path):
     assert first.exit_code == 0 and first.output.strip().startswith("built: "), first.output
     again = CliRunner().invoke(app, ["cache", str(path)])
     assert again.exit_code == 0 and again.output.strip().startswith("up to date: ")
+
+
+def test_cache_fingerprint_is_the_same_where_ray_unpacks_a_copy(sd3_raw, tmp_path, tiny_sd3):
+    """Another node sees the job's files under another absolute path (with other mtimes): same rows and
+    encoders must give the same fingerprint there, and a changed image must not."""
+    import os
+
+    _, backend = make(sd3_raw, tmp_path)
+    rows = backend._dataset_rows()
+    fp = backend.cache_fingerprint(rows)
+    copy = tmp_path / "node2"
+    shutil.copytree(tmp_path / "data", copy / "data")
+    shutil.copytree(tiny_sd3, copy / "pipe")
+    for p in copy.rglob("*"):
+        os.utime(p, (1, 1))
+    raw = json.loads(json.dumps(sd3_raw))
+    raw["backend"]["pretrained"] = str(copy / "pipe")
+    raw["teachers"][1]["adapters"] = {k: str(copy / "pipe" / "loras" / k) for k in ("realism", "style")}
+    _, there = make(raw, copy)
+    assert there.cache_fingerprint(there._dataset_rows()) == fp
+    img = next(r.target_image for r in there._dataset_rows() if r.target_image is not None)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(img)
+    assert there.cache_fingerprint(there._dataset_rows()) != fp

@@ -176,8 +176,10 @@ class LatentBackend(Backend):
         return parts
 
     def cache_fingerprint(self, rows: list[Row]) -> str:
+        root = self.cfg.resolve(self.cfg.data.path).parent  # images are named relative to the data file
+
         def ident(p):
-            return cc.file_identity(p) if p is not None and Path(p).is_file() else None
+            return cc.file_identity(p, root) if p is not None and Path(p).is_file() else None
 
         row_parts = [[r.uid, r.task, r.prompt, ident(r.source_image), ident(r.target_image)] for r in rows]
         return cc.fingerprint({"encoders": self.encoder_fingerprint(), "rows": row_parts})
