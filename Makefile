@@ -8,7 +8,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults bench-bytes clean
+.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "setup: danceopd and its dependencies"
 	@$(BIN)/pip install -q -e ".[dev]"
 	@echo "setup: deepspeed (no build isolation: it builds against the installed torch)"
-	@$(BIN)/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
+	@$(BIN)/python -c "import deepspeed" >/dev/null 2>&1 || DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
 	@bash deploy/install-prometheus.sh
 	@touch $(STAMP)
 
@@ -46,6 +46,12 @@ bench-faults: setup
 
 bench-bytes: setup
 	$(BIN)/python bench/backend_bytes.py
+
+bench-table: setup
+	$(BIN)/python bench/shapesbench.py
+
+bench-table-quick: setup
+	$(BIN)/python bench/shapesbench.py --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,11 +32,12 @@ REFERENCE = ["rollout.batch_size=1", "rollout.early_stop=false", "rollout.worker
 
 def run(config: Path, mode: str, sets: list[str], steps: int, out: Path) -> dict:
     from services.loop import train
+    from services.telemetry.progress import read_metrics
 
     cfg = load_config(config, sets + [f"learner.steps={steps}", f"job.output_dir={out}", "checkpoint.every=0",
                                       "control.metrics_port=0"])
     summary = train(cfg, mode=mode, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")[0]  # learner steps
     per_step = cfg.learner.world_size * cfg.learner.grad_accum * cfg.rollout.batch_size
     learned = (len(rows) - 1) * per_step
     consumed = summary["accounting"]["consumed"]

@@ -64,6 +64,7 @@ def ideal(cfg, n: int, lag: int, replicas: dict[str, int]) -> float:
 
 def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int = A) -> dict:
     from services.loop import train
+    from services.telemetry.progress import read_metrics
 
     base = load_config(ROOT / "configs" / "sim.yaml")
     reps = teacher_replicas(base, n)
@@ -78,7 +79,7 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
     cpu0 = time.process_time()
     summary = train(cfg, mode="ray", show_progress=False)
     cpu = time.process_time() - cpu0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")[0]  # learner steps
     window = rows[-1]["time"] - rows[0]["time"]
     batches = (len(rows) - 1) * W * accum
     return {"workers": n, "lag": lag, "teacher_replicas": reps, "steps": steps,

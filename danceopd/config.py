@@ -210,6 +210,23 @@ class AutoscaleConfig(_Strict):
     cooldown_steps: int = Field(10, ge=0, le=10**6, description="Learner steps to wait after a scaling action.")
 
 
+class EvalConfig(_Strict):
+    """Evaluation during training: the student's full ODE on fixed, seeded prompts per route."""
+
+    enabled: bool = Field(True, description="Evaluate the student at the start, every `every` steps and at the end (Ray mode: in an evaluator actor of its own, off the learner's path; local mode: in process).")
+    every: int = Field(0, ge=0, le=10**9, description="Evaluate every this many learner steps, besides the start and the end (0 = start and end only).")
+    prompts: int = Field(4, ge=1, le=64, description="Prompts per route (with their source images on edit routes), drawn once from the route's bucket with `seed`; one grid row each.")
+    seed: int = Field(1234, ge=0, le=SEED_MAX, description="Seed of the evaluation prompts and of their noise (the same every evaluation).")
+    teacher: bool = Field(True, description="Also sample each route's teacher from the same noise (a grid column and the teacher_rmse metric); computed once per job in the evaluator, which builds its own teacher fields.")
+    num_cpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="CPUs of the evaluator actor (Ray mode).")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs of the evaluator actor (Ray mode).")
+    timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="The end of the job waits this long for the final evaluation, then finishes without it.")
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to job.output_dir/tensorboard: losses, eval metrics, throughput, lag, idle ratios, and the sample grids as images.")
+
+
 class Config(_Strict):
     job: JobConfig = Field(default_factory=JobConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
@@ -226,6 +243,8 @@ class Config(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     # Where the YAML came from, so relative data/model paths resolve against it.
     base_dir: str = Field(".", description="Folder relative paths resolve against (the config file's folder).")
@@ -292,7 +311,7 @@ class Config(_Strict):
                              f"(learner.world_size x grad_accum = {per_step})")
         if self.learner.dist_backend == "nccl" and self.learner.num_gpus < 1:
             raise ValueError("learner.dist_backend: nccl needs a whole GPU per rank (learner.num_gpus >= 1)")
-        resources = [("rollout", self.rollout), ("learner", self.learner)]
+        resources = [("rollout", self.rollout), ("learner", self.learner), ("eval", self.eval)]
         resources += [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
         for key, section in resources:
             for res in ("num_cpus", "num_gpus"):

@@ -11,6 +11,7 @@
                             state (optimizer-rankNNN.pt) + weights.safetensors + engine.json
         state.json          schema, run_id, step, weight version, router state at the first
                             unconsumed ticket, sample accounting, mode and learner kind
+        config.yaml         the job's resolved config (`danceopd sample` and `danceopd eval` read it)
         COMPLETE
 
 Resuming with the other mode carries the weights, routes, data cursor and step over; the
@@ -41,9 +42,11 @@ from danceopd.checkpoint import (
     verify_no_pickle,
     write_run,
 )
+from danceopd.config import dump_config
 
 SCHEMA = 3
-MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE)  # what --overwrite moves aside
+MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE, "samples", "plots", "tensorboard",
+         "error.log")  # what --overwrite moves aside
 
 
 def prepare_output(cfg, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:
@@ -130,6 +133,7 @@ def save(loop, run_id: str | None = None) -> str:
         save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": loop.step, "version": loop.version,
                                        "router": router_state, "mode": loop.mode, "learner": loop.learner.kind,
                                        "accounting": loop.pipe.accounting()})
+        (tmp / "config.yaml").write_text(dump_config(cfg))  # `danceopd sample` / `eval` rebuild the student from it
     written = checkpoint_dir(cfg.output_path, loop.step)
     prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
     loop.fleet.router_forget_before(first)

@@ -84,12 +84,33 @@ def train(
         summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)
     except ConfigError as e:  # found once connected: what the cluster can never provide
         fail(str(e))
-    except RoleFailure as e:  # one line naming the role; the actors' logs hold the rest
-        where = " (actor logs: /tmp/ray/session_latest/logs)" if mode == "ray" else ""
-        fail(f"{e}{where}", 1)
     except KeyboardInterrupt as e:
         fail(f"interrupted: {e}" if str(e) else "interrupted", 130)
+    except Exception as e:  # noqa: BLE001 — one line here (a RoleFailure names the role), the rest in the logs
+        from rich.markup import escape
+
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = str(e) if isinstance(e, RoleFailure) else f"{type(e).__name__}{': ' + text if text else ''}"
+        fail(escape(f"{what} (full log: {error_log(cfg, e)}{ray_logs(mode)})"), 1)
     print_summary(summary)
+
+
+def error_log(cfg, e: BaseException) -> Path:
+    """The traceback of a failed job, in its output folder (moved aside by --overwrite)."""
+    import traceback
+
+    path = cfg.output_path / "error.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(traceback.format_exception(e)))
+    return path
+
+
+def ray_logs(mode: str) -> str:
+    if mode != "ray":
+        return ""
+    from services.runtime import cluster
+
+    return f"; actor logs: {cluster.LOG_DIR}"
 
 
 @app.command("make-data")
@@ -101,6 +122,8 @@ def make_data(
     tasks: str = typer.Option("t2i,local_edit,global_edit", help="Comma-separated tasks."),
     num_classes: int = typer.Option(4, help="toy: prompt classes."),
     image_size: int = typer.Option(16, help="shapes: image side."),
+    partial_t2i: float = typer.Option(0.0, help="shapes: fraction of t2i prompts leaving position and/or background free."),
+    heldout: int = typer.Option(0, help="shapes: held-out examples per task, written to heldout.csv (unseen in data.csv)."),
 ):
     """Write a procedural dataset (toy vectors or ShapesBench images)."""
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -111,7 +134,11 @@ def make_data(
     elif kind == "shapes":
         from danceopd.shapes_world import write_shapes_dataset
 
-        path = write_shapes_dataset(out, n_per_task, seed, image_size=image_size, tasks=tuple(task_list))
+        try:
+            path = write_shapes_dataset(out, n_per_task, seed, image_size=image_size, tasks=tuple(task_list),
+                                        partial_t2i=partial_t2i, heldout=heldout)
+        except ValueError as e:
+            fail(f"make-data: {e}")
     else:
         fail(f"make-data: unknown kind {kind!r} (toy, shapes)")
     typer.echo(f"wrote {path}")
@@ -123,6 +150,9 @@ def make_tiny(
     out: Path = typer.Option(..., help="Pipeline folder to write (model_index.json, transformer/, vae/, text encoders, tokenizers, scheduler/)."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     loras: str = typer.Option("realism,style", help="Comma-separated names of random LoRA folders written to OUT/loras/NAME ('' for none)."),
+    layers: int = typer.Option(2, min=1, max=64, help="sd3: transformer blocks (a GPU smoke test: 12)."),
+    heads: int = typer.Option(2, min=1, max=64, help="sd3: attention heads (a GPU smoke test: 16)."),
+    head_dim: int = typer.Option(8, min=4, max=256, help="sd3: attention head width (a GPU smoke test: 64)."),
 ):
     """Write a tiny random diffusers pipeline of the real classes, to smoke-test a cluster before downloading weights."""
     if family == "sd3":
@@ -137,7 +167,7 @@ def make_tiny(
         fail(f"--out: {out} already holds a pipeline; remove it or pick another folder")
     from danceopd.backends.latent import write_tiny_loras
 
-    path = write(out, seed=seed)
+    path = write(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim) if family == "sd3" else write(out, seed=seed)
     names = [n.strip() for n in loras.split(",") if n.strip()]
     write_tiny_loras(path, transformer_cls, names, seed=seed)
     typer.echo(f"wrote {path}" + (f" (+ LoRA folders {', '.join(names)} in {path / 'loras'})" if names else ""))
@@ -172,6 +202,109 @@ def show_config(config: Path, set_: list[str] | None = SetOpt):
     except ConfigError as e:
         fail(str(e))
     sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
+
+
+# ---- a checkpoint's student: sample / eval (danceopd/evaluate.py) ---------------------------------------
+
+CkptConfigOpt = typer.Option(None, "--config", help="The job's config (default: the checkpoint's own config.yaml).")
+
+
+def checkpoint_config(checkpoint: Path, config: Path | None, overrides: list[str] | None) -> Config:
+    """The config a checkpoint was trained with (its config.yaml), or `--config`; one line on error."""
+    if not (checkpoint / "model.safetensors").is_file():
+        fail(f"{checkpoint}: not a checkpoint folder (no model.safetensors)")
+    source = config or checkpoint / "config.yaml"
+    if not source.is_file():
+        fail(f"{checkpoint}: holds no config.yaml (an older checkpoint): pass the job's config with --config")
+    try:
+        return load_config(source, overrides)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def one_line(what: str, e: Exception):
+    from rich.markup import escape
+
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e).strip()
+    text = text.splitlines()[0] if text else ""
+    fail(escape(f"{what}: {text}" if isinstance(e, ValueError) else f"{what}: {type(e).__name__}{': ' + text if text else ''}"))
+
+
+@app.command("sample")
+def sample_images(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (job.output_dir/checkpoints/step-NNNNNNNN), of either mode, full or LoRA."),
+    route: str = typer.Option(..., "--route", help="Route whose task the prompt belongs to."),
+    prompt: str = typer.Option(..., "--prompt", help="The prompt."),
+    source: Path | None = typer.Option(None, "--source", help="Source image of an edit route."),
+    n: int = typer.Option(8, "--n", help="Images to sample (seeds SEED .. SEED+n-1)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs and samples.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image's noise."),
+    config: Path | None = CkptConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Sample images from a checkpoint's student with its full ODE (the rollouts' grid and guidance)."""
+    from danceopd.backends.base import Row
+    from danceopd.evaluate import load_student, sample
+    from danceopd.flow import job_sigmas
+    from danceopd.pictures import save_png, to_rgb
+
+    cfg = checkpoint_config(checkpoint, config, set_)
+    try:
+        r = cfg.route(route)
+    except ConfigError as e:
+        fail(f"--route: {e}")
+    if not 1 <= n <= 4096:
+        fail(f"--n: {n} is not in 1..4096")
+    if not 0 <= seed <= 2**62:
+        fail(f"--seed: {seed} is not in 0..2**62")
+    if source is not None and not source.is_file():
+        fail(f"--source: {source} does not exist")
+    if source is None and r.requires_source_image:
+        fail(f"--source: route {route!r} edits an image; give the source image")
+    row = Row(uid="cli-sample", task=r.task, prompt=prompt, source_image=source and source.resolve())
+    seeds = [seed + i for i in range(n)]
+    try:
+        backend, model = load_student(cfg, checkpoint / "model.safetensors")
+        images = sample(backend, model, [row] * n, seeds, job_sigmas(cfg, backend), cfg.method.rollout_cfg_scale)
+        files = [save_png(to_rgb(x), out / f"{route}-{i:03d}.png").name for i, x in enumerate(images)]
+    except Exception as e:  # noqa: BLE001 — bad prompt, source image, model folder ... one line
+        one_line("sample", e)
+    (out / "samples.json").write_text(json.dumps({"checkpoint": str(checkpoint), "route": route, "prompt": prompt,
+                                                  "source": source and str(source), "seeds": seeds, "files": files}, indent=1))
+    typer.echo(f"wrote {n} images to {out} (route {route}, seeds {seeds[0]}..{seeds[-1]})")
+
+
+@app.command("eval")
+def evaluate_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, of either mode, full or LoRA."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the PNG grid of each route here."),
+    config: Path | None = CkptConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Evaluate a checkpoint's student the way training does (eval.* of its config): the per-route metrics table."""
+    from danceopd.checkpoint import load_json, load_tensors
+    from danceopd.evaluate import Evaluator
+    from danceopd.pictures import save_png
+
+    cfg = checkpoint_config(checkpoint, config, set_)
+    try:
+        step = int(load_json(checkpoint / "state.json").get("step", -1)) if (checkpoint / "state.json").is_file() else -1
+        result = Evaluator(cfg).evaluate(load_tensors(checkpoint / "model.safetensors"), step)
+    except Exception as e:  # noqa: BLE001 — data, model folder, weights of another config ... one line
+        one_line("eval", e)
+    for route, grid in result["grids"].items() if out else ():
+        save_png(grid, out / f"{route}.png")
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": step, "seconds": result["seconds"],
+                               "routes": result["routes"]}))
+        return
+    names = list(dict.fromkeys(k for m in result["routes"].values() for k in m))
+    width = max(len(r) for r in result["routes"]) + 2
+    typer.echo(f"{checkpoint} (step {step}): {cfg.eval.prompts} prompts per route, {result['seconds']:.2f} s")
+    typer.echo("route".ljust(width) + "".join(k.rjust(14) for k in names))
+    for route, m in result["routes"].items():
+        typer.echo(route.ljust(width) + "".join((f"{m[k]:.4f}" if k in m else "-").rjust(14) for k in names))
 
 
 # ---- cluster jobs: submit / status / scale / stop (services/control/jobs.py) ----------------------------

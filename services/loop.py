@@ -34,10 +34,20 @@ class TrainLoop:
                                     cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker,
                                     by_route=cfg.routing.granularity == "update")
         if mode == "local":
+            from services.runtime.local import LocalEvaluation as Evaluation
             from services.runtime.local import build_local as build
         else:
+            from services.runtime.ray_fleet import RayEvaluation as Evaluation
             from services.runtime.ray_fleet import build_ray as build
-        self.fleet, self.learner, make_sync = build(cfg)
+        # Ray mode: the evaluator actor starts while the fleet does.
+        self.evaluation = Evaluation(cfg) if cfg.eval.enabled else None
+        self.eval_step = None  # the step last submitted for evaluation
+        try:
+            self.fleet, self.learner, make_sync = build(cfg)
+        except BaseException:
+            if self.evaluation is not None:
+                self.evaluation.shutdown()
+            raise
         self.pipe.worker_version.update(self.fleet.worker_versions())
         self.sync = make_sync(self.pipe)
         self.step = self.version = self.lag_last = self.lag_max = 0
@@ -50,7 +60,7 @@ class TrainLoop:
         if resume_from:
             checkpoints.resume(self, resume_from)
         self.sync.push(self.version)
-        self.eval_start, self.eval_end = self.evaluate(), None
+        self.evaluate()  # the starting weights
         self.autoscaler = None
         if cfg.autoscale.enabled:
             from services.control.autoscale import AutoscalePolicy
@@ -81,6 +91,7 @@ class TrainLoop:
             with timer("learn"):
                 metrics = self.learn()
             self.sync.poll()
+            self.report_evaluations()
             if metrics is None:
                 continue
             if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
@@ -89,6 +100,9 @@ class TrainLoop:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 with timer("checkpoint"):
                     self.last_ckpt = checkpoints.save(self)
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.learner.steps:
+                with timer("eval"):
+                    self.evaluate()
             self.after_step(metrics)
         return self.finish()
 
@@ -170,17 +184,25 @@ class TrainLoop:
             self.collect(timeout=1.0)
         self.fleet.replay_put(self.pipe.to_replay())
         self.pipe.took([], self.fleet.replay_drain(), reason="unconsumed")
-        self.eval_end = self.evaluate()
+        stopping = self.stop_requested.is_set()  # a signal: the pod may be killed soon
+        if not stopping:
+            self.evaluate()  # the final weights
+        self.report_evaluations(wait_s=self.cfg.checkpoint.stop_grace_s if stopping else self.cfg.eval.timeout_s)
         self.state = "done"
         return self.telemetry.summary(self, time.perf_counter() - self.t_start)
 
-    def evaluate(self) -> dict | None:
-        """Per-route error of the learner's current student (toy backends), for summary.json."""
-        from danceopd.evaluate import weights_route_errors
+    def evaluate(self) -> None:
+        """Evaluate the current weights (danceopd/evaluate.py): in Ray mode the evaluator actor
+        samples and scores them while training goes on; results arrive in `report_evaluations`."""
+        if self.evaluation is not None and self.eval_step != self.step:
+            self.eval_step = self.step
+            self.evaluation.submit(self.step, self.learner)
 
-        if self.cfg.backend.name not in ("toy", "sim"):
-            return None
-        return weights_route_errors(self.cfg, self.learner.export())
+    def report_evaluations(self, wait_s: float = 0.0) -> None:
+        """Finished evaluations to metrics.jsonl, the sample grids, Prometheus, /status, TensorBoard."""
+        if self.evaluation is not None:
+            for result in self.evaluation.poll(wait_s):
+                self.telemetry.evaluated(self, result)
 
     # ---- control (called from the control API's threads) -------------------------------------------
     def status(self) -> dict:
@@ -222,6 +244,8 @@ class TrainLoop:
 
     def shutdown(self) -> None:
         self.telemetry.close()
+        if self.evaluation is not None:
+            self.evaluation.shutdown()
         self.sync.close()
         self.learner.shutdown()
         self.fleet.shutdown()

@@ -3,7 +3,6 @@ run's own older checkpoints, metrics.jsonl per run, and resume that never unpick
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -16,6 +15,7 @@ from danceopd.checkpoint import CheckpointError, list_checkpoints, load_json, pr
 from services.checkpoints import prepare_output
 from services.cli import app
 from services.loop import TrainLoop, train
+from services.telemetry.progress import read_metrics
 from tests.conftest import cfg_for
 
 
@@ -38,7 +38,7 @@ def error_lines(result) -> list[str]:
 
 
 def steps_logged(out: Path) -> list[int]:
-    return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [rec["step"] for rec in read_metrics(out / "metrics.jsonl")[0]]  # learner steps, not evaluations
 
 
 def run_ids(out: Path) -> list[str]:

@@ -9,6 +9,7 @@ from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, 
 from danceopd.evaluate import toy_route_errors
 from learner.learner import Learner
 from services.loop import train
+from services.telemetry.progress import read_metrics
 from tests.conftest import ROOT, cfg_for
 
 
@@ -60,8 +61,9 @@ def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
     assert {"model.safetensors", "learner", "state.json", "COMPLETE"} <= {p.name for p in ck.iterdir()}
     assert (ck / "learner" / "optimizer.pt").is_file()
     assert summary["checkpoint"] == str(ck)
-    lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and set(json.loads(lines[-1])["route_loss"]) <= {"t2i", "local_edit", "global_edit"}
+    steps, evals = read_metrics(cfg.output_path / "metrics.jsonl")
+    assert len(steps) == 9 and set(steps[-1]["route_loss"]) <= {"t2i", "local_edit", "global_edit"}
+    assert [e["step"] for e in evals] == [0, 9]  # eval.every 0: the start and the end
 
 
 def test_all_methods_run(toy_raw, tmp_path):
@@ -120,7 +122,6 @@ def test_local_mode_honours_the_lag_bound(toy_raw, tmp_path):
 def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, tmp_path, method):
     """summary.json carries the per-route evaluation error (evaluate.py's) at the start and the
     end of a run; each on-policy/off-policy method of configs/toy.yaml lowers it on every route."""
-    import json
 
     cfg = cfg_for(toy_raw, tmp_path, method, method__name=method, learner__steps=120, checkpoint__every=0)
     summary = train(cfg, show_progress=False)
@@ -132,8 +133,7 @@ def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, 
 
 
 def _step_routes(cfg) -> list[set[str]]:
-    lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
-    return [set(json.loads(line)["route_loss"]) for line in lines]
+    return [set(rec["route_loss"]) for rec in read_metrics(cfg.output_path / "metrics.jsonl")[0]]
 
 
 @pytest.mark.parametrize("extra", [{}, {"sync__max_policy_lag": 1, "sync__on_stale": "drop"},

@@ -10,6 +10,7 @@ import torch
 
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
 from services.loop import TrainLoop, train
+from services.telemetry.progress import read_metrics
 from tests.conftest import cfg_for
 
 pytestmark = pytest.mark.ray
@@ -24,7 +25,7 @@ def assert_accounting_closes(acct):
 
 
 def losses(cfg):
-    return [json.loads(line) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(cfg.output_path / "metrics.jsonl")[0]
 
 
 def test_ray_equals_local_on_policy(ray_local, toy_raw, tmp_path):

@@ -2,18 +2,18 @@
 deadline is the failure of the actor that owes the answer. Behaviour tests, not benchmarks: the
 margins are several-fold."""
 
-import json
 
 import pytest
 
 from services.loop import train
+from services.telemetry.progress import read_metrics
 from tests.conftest import cfg_for
 
 pytestmark = pytest.mark.ray
 
 
 def step_interval(cfg) -> float:
-    rows = [json.loads(line) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(cfg.output_path / "metrics.jsonl")[0]
     return (rows[-1]["time"] - rows[0]["time"]) / (len(rows) - 1)
 
 
@@ -38,7 +38,7 @@ def test_routes_of_a_batch_and_batches_are_routed_concurrently(ray_local, sim_ra
               backend__learner_latency_s=0.0, rollout__workers=2, rollout__batch_size=16, learner__steps=6,
               learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8, routing__granularity="sample")
     train(cfg, mode="ray", show_progress=False)
-    routes_per_step = [len(json.loads(line)["route_loss"]) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
+    routes_per_step = [len(rec["route_loss"]) for rec in read_metrics(cfg.output_path / "metrics.jsonl")[0]]
     assert min(routes_per_step) == 3
     assert step_interval(cfg) < 0.75, step_interval(cfg)
 

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import ray
 
 from services.runtime.placement import cpus_needed
 
+LOG_DIR = "/tmp/ray/session_latest/logs"  # Ray's log folder of the session this process joined
+
 
 def connect(cfg, address: str | None) -> bool:
     """Join `address` (`auto`: the running cluster) or start a local cluster sized for the job.
-    Returns True when this call connected (and so should disconnect)."""
+    Returns True when this call connected (and so should disconnect).
+
+    The console stays the job's own: Ray's start-up messages are not shown (logging_level), and
+    a local cluster's actor output stays in Ray's log folder (`LOG_DIR`) instead of the console.
+    A joined cluster keeps streaming actor output to the driver: that is the Ray job's log."""
+    global LOG_DIR
     if ray.is_initialized():
         return False
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return True  # disconnects only; a joined cluster keeps running
-    ray.init(address="local", num_cpus=cpus_needed(cfg), include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.ERROR)
+    else:
+        ray.init(address="local", num_cpus=cpus_needed(cfg), include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        LOG_DIR = str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except AttributeError:  # the private handle moved: keep the session_latest link
+        pass
     return True

@@ -196,6 +196,37 @@ class LocalSync:
         pass
 
 
+class LocalEvaluation:
+    """The evaluator in this process: each evaluation runs when it is asked for (on the learner's
+    path; Ray mode moves it to an actor of its own). A failing evaluation stops evaluating, never
+    the job."""
+
+    where = "in process"
+
+    def __init__(self, cfg):
+        from danceopd.evaluate import Evaluator
+
+        self.evaluator = Evaluator(cfg)
+        self.done: list[dict] = []
+        self.skipped, self.failed = 0, None
+
+    def submit(self, step: int, learner: LocalLearner) -> None:
+        if self.failed:
+            return
+        try:
+            self.done.append(self.evaluator.evaluate(learner.export(), step))
+        except Exception as e:  # noqa: BLE001 — evaluation is not worth the job
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"evaluation failed at step {step}, evaluation stops: {self.failed}", flush=True)
+
+    def poll(self, wait_s: float = 0.0) -> list[dict]:
+        done, self.done = self.done, []
+        return done
+
+    def shutdown(self) -> None:
+        pass
+
+
 def build_local(cfg):
     fleet = LocalFleet(cfg)
     learner = LocalLearner(cfg)

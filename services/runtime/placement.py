@@ -43,6 +43,8 @@ def role_specs(cfg) -> dict[str, RoleSpec]:
     for t in cfg.teachers:
         if t.name in used:
             specs[f"teacher:{t.name}"] = RoleSpec(t.num_cpus, t.num_gpus, TEACHER_RESTARTS, members=t.replicas)
+    if cfg.eval.enabled:  # off the data path: a failed evaluator stops evaluation, never the job
+        specs["evaluator"] = RoleSpec(cfg.eval.num_cpus, cfg.eval.num_gpus)
     return specs
 
 
@@ -56,7 +58,7 @@ def _field(cfg, role: str) -> str:
     if role.startswith("teacher:"):
         name = role.split(":", 1)[1]
         return f"teachers.{[t.name for t in cfg.teachers].index(name)}"
-    return {"rollout": "rollout", "learner": "learner"}.get(role, role)
+    return {"rollout": "rollout", "learner": "learner", "evaluator": "eval"}.get(role, role)
 
 
 def check_capacity(cfg, nodes: list[dict]) -> None:

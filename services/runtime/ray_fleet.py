@@ -637,6 +637,60 @@ class RayLearner:
         self.group.shutdown()
 
 
+class RayEvaluation:
+    """The evaluator in an actor of its own, off the learner's path: the learner only exports its
+    weights into the object store (as for a weight push) and the actor samples and scores them.
+    One evaluation runs and at most one waits, the newest (an older waiting one is skipped), so a
+    slow evaluator never holds more than two weight versions. A failed evaluator stops evaluating
+    (one line), never the job."""
+
+    where = "evaluator actor"
+
+    def __init__(self, cfg):
+        from danceopd.evaluate import Evaluator
+
+        spec = role_specs(cfg)["evaluator"]
+        opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": {"env_vars": actor_env(cfg)}}
+        self.actor = ray.remote(Evaluator).options(**opts).remote(cfg)
+        self.running = self.waiting = None  # (step, ref of its result) / (step, ref of its weights)
+        self.skipped, self.failed = 0, None
+
+    def submit(self, step: int, learner: RayLearner) -> None:
+        if self.failed:
+            return
+        weights, _ = learner.export_ref()  # queued on the ranks before their next step
+        if self.running is None:
+            self.running = (step, self.actor.evaluate.remote(weights, step))
+        else:
+            self.skipped += self.waiting is not None
+            self.waiting = (step, weights)
+
+    def poll(self, wait_s: float = 0.0) -> list[dict]:
+        """Finished evaluations; with `wait_s`, wait up to that long for every outstanding one."""
+        out, t0 = [], time.perf_counter()
+        while self.running is not None:
+            step, ref = self.running
+            done, _ = ray.wait([ref], timeout=max(0.0, wait_s - (time.perf_counter() - t0)))
+            if not done:
+                if wait_s:
+                    print(f"evaluation of step {step}: not done within {wait_s:g} s; finishing without it", flush=True)
+                break
+            self.running = None
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 — evaluation is not worth the job
+                self.failed, self.waiting = first_line(e), None
+                print(f"evaluator: step {step} failed, evaluation stops: {self.failed}", flush=True)
+                break
+            if self.waiting is not None:
+                (wstep, weights), self.waiting = self.waiting, None
+                self.running = (wstep, self.actor.evaluate.remote(weights, wstep))
+        return out
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor, no_restart=True)
+
+
 def build_ray(cfg):
     from services.weights.ray_sync import CollectiveSync, ObjectStoreSync
 

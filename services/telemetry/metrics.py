@@ -91,6 +91,9 @@ _DECLARED = (
     Metric("danceopd_restarts", "counter", "controller", ("role",), "Actor restarts by role."),
     Metric("danceopd_failures", "counter", "controller", ("role",), "Member failures by role (deaths and missed deadlines, the fatal last one included)."),
     Metric("danceopd_workers_pending", "gauge", "controller", ("role",), "Members asked for and not yet placed by the cluster (they time out after deadlines.placement_s)."),
+    Metric("danceopd_eval_metric", "gauge", "controller", ("route", "metric"), "Last evaluation of the student, per route and metric (danceopd/evaluate.py: target_error, gt_rmse, teacher_rmse, attr_acc, preservation)."),
+    Metric("danceopd_eval_seconds", "gauge", "controller", (), "Seconds the last evaluation took on the evaluator (Ray mode: its own actor, off the learner's path)."),
+    Metric("danceopd_eval_step", "gauge", "controller", (), "Learner step whose weights the last evaluation scored."),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 

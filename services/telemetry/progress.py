@@ -62,6 +62,28 @@ class JobLog:
             info = f"{self.samples_per_s():.1f} samples/s  lag {lag}  {losses}  {wk}"
             self.progress.update(self.task, completed=step, info=info)
 
+    def evaluation(self, result: dict) -> Path:
+        """One evaluation: a metrics.jsonl record ({step, time, eval: {route: {metric: value}},
+        eval_seconds}), a PNG grid per route under samples/step-NNNNNNNN/, one console line."""
+        from danceopd.evaluate import headline
+        from danceopd.pictures import save_png
+
+        rec = {"step": result["step"], "time": time.time(), "eval": result["routes"], "eval_seconds": result["seconds"]}
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.metrics_file.flush()
+        folder = self.out / "samples" / f"step-{result['step']:08d}"
+        for route, img in result["grids"].items():
+            save_png(img, folder / f"{route}.png")
+        scores = "  ".join(f"{r} {h[0]} {h[1]:.4g}" for r, m in result["routes"].items() if (h := headline(m)))
+        self.console.print(f"eval step {result['step']} ({result['seconds']:.2f} s): {scores}", highlight=False, soft_wrap=True)
+        return folder
+
+    def close(self) -> None:
+        """Stop the progress line and close the metrics file (a failed job never reaches finish)."""
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
+
     def finish(self, checkpoint: str | None, extra: dict | None = None) -> dict:
         if self.progress is not None:
             self.progress.stop()
@@ -83,13 +105,15 @@ class JobLog:
 
 
 def truncate_metrics(path: Path, step: int) -> Path:
-    """Drop the lines of steps after `step` (and a torn last line) from a metrics.jsonl."""
+    """Drop the lines of steps after `step`, evaluations of `step` and later (the resumed run
+    evaluates its first step again) and a torn last line from a metrics.jsonl."""
     if not path.is_file():
         return path
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            rec = json.loads(line)
+            if rec["step"] < step or (rec["step"] == step and "eval" not in rec):
                 keep.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
@@ -97,6 +121,12 @@ def truncate_metrics(path: Path, step: int) -> Path:
     tmp.write_text("".join(keep))
     tmp.replace(path)
     return path
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """A metrics.jsonl as (learner step records, evaluation records)."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in recs if "eval" not in r], [r for r in recs if "eval" in r]
 
 
 def _window(values: list[float], first: bool) -> float:
@@ -111,5 +141,19 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                   f"{summary['samples_per_s']} samples/s")
     for r, v in summary["route_loss"].items():
         console.print(f"  route {r:<14} loss {v['start']:.5f} -> {v['end']:.5f}")
+    ev = summary.get("eval") or {}
+    first, last = (ev.get("first") or {}).get("routes"), ev.get("routes")
+    if last:
+        skipped = f", {ev['skipped']} skipped" if ev["skipped"] else ""
+        console.print(f"  evaluation, step {ev['first']['step']} -> {ev['step']} ({ev['evaluations']} evaluations, "
+                      f"{ev['seconds_mean']} s each, {ev['where']}{skipped}):", highlight=False, soft_wrap=True)
+        for r, metrics in last.items():
+            cells = [f"{k} {first.get(r, {}).get(k, float('nan')):.4g} -> {v:.4g}" for k, v in metrics.items()]
+            console.print(f"    {r:<14} " + "  ".join(cells), highlight=False, soft_wrap=True)
+        console.print(f"  samples: {ev['samples_dir']}/step-{ev['step']:08d}/ (a PNG grid per route)", highlight=False, soft_wrap=True)
+    if summary.get("plots"):
+        console.print(f"  curves: {', '.join(summary['plots'])}", highlight=False, soft_wrap=True)
+    if summary.get("tensorboard"):
+        console.print(f"  tensorboard: tensorboard --logdir {summary['tensorboard']}", highlight=False, soft_wrap=True)
     if summary.get("checkpoint"):
-        console.print(f"  checkpoint: {summary['checkpoint']}")
+        console.print(f"  checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)

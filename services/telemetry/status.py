@@ -25,6 +25,12 @@ class Telemetry:
         self.synced_reported = 0
         self.restarts_reported: collections.Counter = collections.Counter()
         self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
+        self.evals: list[dict] = []  # {step, seconds, routes} of every evaluation reported
+        self.board = None
+        if cfg.logging.tensorboard:
+            from services.telemetry.board import Board
+
+            self.board = Board(cfg.output_path / "tensorboard", purge_step=start_step)
         if serve:
             self._serve(control_fns)
 
@@ -66,6 +72,9 @@ class Telemetry:
         counts = loop.fleet.counts()
         samples = loop.per_step * self.cfg.rollout.batch_size
         self.log.step(loop.step, metrics, samples=samples, lag=loop.lag_last, workers=counts)
+        if self.board is not None:
+            self.board.step(loop.step, metrics, self.log.samples_per_s(), loop.lag_last, idle,
+                            loop.sync.records[self.synced_reported:])
         restarts = loop.fleet.restarts()
         m = self.metrics
         if m is not None:
@@ -102,8 +111,40 @@ class Telemetry:
                         "teacher": loop.fleet.teacher_counts()},
             "last_checkpoint": loop.last_ckpt, "last_step_time": time.time(), "output_dir": str(self.cfg.output_path),
             "restarts": restarts, "failures": loop.fleet.failures(), "pending": loop.fleet.pending_counts(),
+            "eval": self.eval_summary(loop),
         }
         return idle
+
+    # ---- evaluations --------------------------------------------------------------------------
+    def evaluated(self, loop, result: dict) -> None:
+        """One finished evaluation (danceopd/evaluate.py) to every place that shows it."""
+        self.log.evaluation(result)
+        self.evals.append({k: result[k] for k in ("step", "seconds", "routes")})
+        m = self.metrics
+        if m is not None:
+            for route, metrics in result["routes"].items():
+                for name, value in metrics.items():
+                    m.set("danceopd_eval_metric", value, route=route, metric=name)
+            m.set("danceopd_eval_seconds", result["seconds"])
+            m.set("danceopd_eval_step", result["step"])
+        if self.board is not None:
+            self.board.evaluated(result)
+        self._status["eval"] = self.eval_summary(loop)
+
+    def eval_summary(self, loop, first: bool = False) -> dict | None:
+        """The last evaluation and what evaluating cost (`/status`; summary.json adds the first)."""
+        ev = loop.evaluation
+        if ev is None:
+            return None
+        last = self.evals[-1] if self.evals else None
+        secs = [e["seconds"] for e in self.evals]
+        out = {"where": ev.where, "evaluations": len(self.evals), "skipped": ev.skipped, "failed": ev.failed,
+               "seconds_mean": round(sum(secs) / len(secs), 4) if secs else None,
+               "step": last and last["step"], "routes": last and last["routes"],
+               "samples_dir": str(self.cfg.output_path / "samples")}
+        if first:
+            out["first"] = self.evals[0] if self.evals else None
+        return out
 
     def _report_fleet(self, loop) -> None:
         """Restarts and failures by role (counters), members waiting for placement (gauge)."""
@@ -133,6 +174,8 @@ class Telemetry:
 
     # ---- end of job -----------------------------------------------------------------------------
     def summary(self, loop, wall_s: float) -> dict:
+        from services.telemetry.plots import write_curves
+
         busy = loop.fleet.busy_stats()
         idle = {role: round(max(0.0, 1 - sum(x["busy_s"] for x in stats) / (len(stats) * max(wall_s, 1e-9))), 4)
                 for role, stats in busy.items() if stats}
@@ -147,13 +190,29 @@ class Telemetry:
                  "wall_s": round(wall_s, 3), "lag_max": loop.lag_max, "weight_syncs": len(recs),
                  "sync_seconds_mean": mean("seconds"), "sync_transfer_seconds_mean": mean("transfer_s"),
                  "sync_wait_seconds_mean": mean("wait_s"), "sync_bytes": recs[-1]["bytes"] if recs else 0,
-                 "eval_start": loop.eval_start, "eval_end": loop.eval_end,
+                 "eval_start": self._headlines(0), "eval_end": self._headlines(-1),
+                 "eval": self.eval_summary(loop, first=True),
                  "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])),
                  "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode,
                  "stopped_by": loop.stopped_by}
+        extra["plots"] = [str(p) for p in write_curves(self.cfg.output_path)]
+        if self.board is not None:
+            self.board.idle(loop.step, idle)
+            extra["tensorboard"] = str(self.board.folder)
         return self.log.finish(loop.last_ckpt, extra=extra)
 
+    def _headlines(self, i: int) -> dict[str, float] | None:
+        """{route: headline metric} of the first (i=0) or last (i=-1) evaluation."""
+        from danceopd.evaluate import headline
+
+        if not self.evals:
+            return None
+        return {r: h[1] for r, m in self.evals[i]["routes"].items() if (h := headline(m))}
+
     def close(self) -> None:
+        self.log.close()
+        if self.board is not None:
+            self.board.close()
         if self.control is not None:
             from services.control.api import unregister
 
