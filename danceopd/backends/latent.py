@@ -103,6 +103,8 @@ class LatentBackend(Backend):
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.compute_dtype = torch.bfloat16 if (b.dtype == "bfloat16" and self.device.type == "cuda") else torch.float32
         self._cache: cc.ConditionCache | None = None
+        self._extra: list[dict[str, torch.Tensor]] = []  # rows encoded on demand (not dataset rows)
+        self._extra_index: dict[str, int] = {}
         self._vae = None
         self._read_configs()
 
@@ -227,12 +229,31 @@ class LatentBackend(Backend):
             cc.build(path, fp, uids, encode, batch_size=8, progress=progress)
         finally:
             self._free_encoders()
-        self._cache = None
+        self._cache, self._extra, self._extra_index = None, [], {}
         return path, True
 
     # ---- Backend contract -----------------------------------------------------------------------
     def encode(self, rows: list[Row]) -> torch.Tensor:
-        return cc.handles(self.cache.indices([r.uid for r in rows]))
+        """Cache handles of `rows`. A row the cache does not hold (a prompt typed into `danceopd
+        sample`, not a dataset row) is encoded here once, in memory: that loads the encoders."""
+        missing = list({r.uid: r for r in rows if r.uid not in self.cache.index and r.uid not in self._extra_index}.values())
+        if missing:
+            self._load_encoders()
+            try:
+                fields = self.encode_rows(missing)
+            finally:
+                self._free_encoders()
+            for k, r in enumerate(missing):
+                self._extra_index[r.uid] = len(self.cache) + len(self._extra)
+                self._extra.append({f: t[k] for f, t in fields.items()})
+        return cc.handles([self.cache.index.get(r.uid, self._extra_index.get(r.uid)) for r in rows])
+
+    def _fetch(self, indices: list[int], field: str) -> torch.Tensor:
+        """Rows of one cached field; indices past the file are the in-memory extra rows."""
+        n = len(self.cache)
+        if all(i < n for i in indices):
+            return self.cache.get(indices, field)
+        return torch.stack([self.cache.get([i], field)[0] if i < n else self._extra[i - n][field] for i in indices])
 
     def null_cond(self, cond):
         return cc.null_handles(cond)
@@ -249,10 +270,10 @@ class LatentBackend(Backend):
     def data_target(self, rows: list[Row]) -> torch.Tensor:
         """Cached target latents (families cache `target_latents` and a `has_target` flag)."""
         idx = self.cache.indices([r.uid for r in rows])
-        missing = [r.uid for r, h in zip(rows, self.cache.get(idx, "has_target")[:, 0].tolist()) if h < 0.5]
+        missing = [r.uid for r, h in zip(rows, self._fetch(idx, "has_target")[:, 0].tolist()) if h < 0.5]
         if missing:
             raise ValueError(f"row {missing[0]}: no target image (needed by this method)")
-        return self.cache.get(idx, "target_latents")
+        return self._fetch(idx, "target_latents")
 
     def gather(self, cond: torch.Tensor, device) -> dict[str, torch.Tensor]:
         """Cached fields of each handle on `device`: text fields from the row (text on) or from
@@ -263,7 +284,7 @@ class LatentBackend(Backend):
         text_rows = torch.where(text_on, idx, torch.zeros_like(idx)).tolist()
         out = {}
         for f in self.cache.fields:
-            out[f] = self.cache.get(text_rows if f in self.text_fields else rows, f).to(device)
+            out[f] = self._fetch(text_rows if f in self.text_fields else rows, f).to(device)
         return out
 
     text_fields: tuple[str, ...] = ()
