@@ -8,7 +8,9 @@ parsed back into its scene exactly. That is what lets an oracle teacher (and the
 recompute any target from the condition alone: `ground_truth(prompt, source_image)`.
 
 Tasks and prompts (a fixed, small vocabulary):
-  t2i          "a red circle at top left on a blue background"
+  t2i          "a red circle at top left on a blue background" (fully specified), or partly
+               specified: "a red circle", "a red circle at top left", "a red circle on a blue
+               background" -- the free attributes make a distribution of correct images
   local_edit   "make the circle green" | "turn the circle into a square" | "move the circle to bottom right"
   global_edit  "invert the colors" | "make the background red" | "swap the colors" | "rotate the color channels"
 Images are float32 [3, H, W] in [-1, 1].
@@ -64,7 +66,8 @@ class Instruction:
 
     task: str
     op: str
-    scene: Scene | None = None  # t2i: the described scene
+    scene: Scene | None = None  # t2i: the described scene (None when the prompt leaves attributes free)
+    background: str | None = None  # t2i: the determined background (None = free)
     kind: str | None = None  # edits: the shape the prompt names
     new_kind: str | None = None
     color: str | None = None
@@ -207,15 +210,55 @@ def _name(word: str, names: list[str], prompt: str) -> str:
     return names[_index(word, names, prompt)]
 
 
+T2I_ATTRIBUTES = ("kind", "color", "position", "background")
+T2I_FORMS = ("full", "kind_color", "no_background", "no_position")  # which attributes a t2i prompt fixes
+
+
+def describe_partial(scene: Scene, form: str = "full") -> str:
+    """A t2i prompt of `scene` that fixes kind and colour, plus position and/or background by `form`."""
+    head = f"a {scene.color} {scene.kind}"
+    at, on = f" at {_pos(scene.row, scene.col)}", f" on a {scene.background} background"
+    parts = {"full": at + on, "kind_color": "", "no_background": at, "no_position": on}
+    if form not in parts:
+        raise ValueError(f"unknown t2i prompt form {form!r} (known: {', '.join(T2I_FORMS)})")
+    return head + parts[form]
+
+
+def determined(ins: Instruction) -> tuple[str, ...]:
+    """The attributes a t2i instruction fixes (kind and colour always)."""
+    out = ["kind", "color"]
+    if ins.row is not None:
+        out.append("position")
+    if ins.background is not None:
+        out.append("background")
+    return tuple(out)
+
+
+def _parse_t2i(w: list[str], p: str) -> Instruction | None:
+    """`a COLOR KIND [at ROW COL] [on a BG background]`; None for a prompt not starting with `a`."""
+    if len(w) < 3 or w[0] != "a":
+        return None
+    color, kind = _name(w[1], COLOR_NAMES, p), _name(w[2], KINDS, p)
+    rest, row = w[3:], None
+    col = bg = None
+    if rest[:1] == ["at"] and len(rest) >= 3:
+        row, col, rest = _index(rest[1], ROWS, p), _index(rest[2], COLS, p), rest[3:]
+    if len(rest) == 4 and rest[:2] == ["on", "a"] and rest[3] == "background":
+        bg, rest = _name(rest[2], COLOR_NAMES, p), []
+    if rest:
+        raise ValueError(f"prompt {p!r}: not a ShapesBench prompt")
+    if bg == color:
+        raise ValueError(f"prompt {p!r}: the shape and the background have the same colour")
+    scene = Scene(bg, color, kind, row, col) if bg is not None and row is not None else None
+    return Instruction("t2i", "t2i", scene=scene, background=bg, kind=kind, color=color, row=row, col=col)
+
+
 def parse_prompt(prompt: str) -> Instruction:
     w, p = prompt.split(), prompt
     n = len(w)
-    if n == 10 and w[0] == "a" and w[3] == "at" and w[6:8] == ["on", "a"] and w[9] == "background":
-        scene = Scene(_name(w[8], COLOR_NAMES, p), _name(w[1], COLOR_NAMES, p), _name(w[2], KINDS, p),
-                      _index(w[4], ROWS, p), _index(w[5], COLS, p))
-        if scene.color == scene.background:
-            raise ValueError(f"prompt {p!r}: the shape and the background have the same colour")
-        return Instruction("t2i", "t2i", scene=scene)
+    t2i = _parse_t2i(w, p)
+    if t2i is not None:
+        return t2i
     if w == ["invert", "the", "colors"]:
         return Instruction("global_edit", "invert")
     if w == ["swap", "the", "colors"]:
@@ -246,6 +289,9 @@ def _invert(color: str) -> str:
 def apply_instruction(ins: Instruction, source: Scene | None) -> Scene:
     """The target scene of an instruction (edits need the source scene)."""
     if ins.task == "t2i":
+        if ins.scene is None:
+            free = [a for a in T2I_ATTRIBUTES if a not in determined(ins)]
+            raise ValueError(f"t2i prompt leaves {' and '.join(free)} free: it has no single ground truth")
         return ins.scene
     if source is None:
         raise ValueError(f"{ins.task} ({ins.op}) needs a source image")
@@ -272,11 +318,16 @@ def apply_instruction(ins: Instruction, source: Scene | None) -> Scene:
     raise ValueError(f"unknown edit operation {ins.op!r}")
 
 
-def make_example(task: str, rng: np.random.Generator, size: int = 16) -> tuple[str, Scene | None, Scene]:
-    """(prompt, source scene or None, target scene) of one random example of a task."""
+def make_example(task: str, rng: np.random.Generator, size: int = 16,
+                 partial_t2i: float = 0.0) -> tuple[str, Scene | None, Scene]:
+    """(prompt, source scene or None, target scene) of one random example of a task. With
+    `partial_t2i` > 0 that fraction of t2i prompts leaves position and/or background free (the
+    target is then one draw from the prompt's distribution of correct images)."""
     check_size(size)
     src = sample_scene(rng)
     if task == "t2i":
+        if partial_t2i > 0 and rng.random() < partial_t2i:
+            return describe_partial(src, T2I_FORMS[1 + int(rng.integers(len(T2I_FORMS) - 1))]), None, src
         return describe(src), None, src
     if task == "local_edit":
         op = LOCAL_OPS[rng.integers(len(LOCAL_OPS))]
@@ -377,16 +428,43 @@ def load_png(path: str | Path, size: int | None = None) -> np.ndarray:
 
 
 def write_shapes_dataset(out_dir: str | Path, n_per_task: int, seed: int, image_size: int = 16,
-                         tasks=TASKS) -> Path:
-    """Write n_per_task examples of each task: PNGs under out_dir/images/ and out_dir/data.csv."""
+                         tasks=TASKS, partial_t2i: float = 0.0, heldout: int = 0) -> Path:
+    """Write n_per_task examples of each task: PNGs under out_dir/images/ and out_dir/data.csv.
+    `partial_t2i`: fraction of t2i prompts that leave position and/or background free.
+    `heldout` > 0 also writes out_dir/heldout.csv: that many examples per task from a separate
+    random stream, none of whose (prompt, source) pairs is in data.csv (partly specified t2i
+    prompts excepted: there are few of them, their drawn target is what is new). Every row's caption_dict
+    holds the exact source and target scenes and the attributes its prompt determines."""
+    if not 0.0 <= partial_t2i <= 1.0:
+        raise ValueError(f"partial_t2i: {partial_t2i} is not a fraction in [0, 1]")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    seen: set[tuple[str, str]] = set()
+    path = _write_split(out, "data.csv", "", np.random.default_rng(seed), n_per_task, image_size, tasks, partial_t2i, seen)
+    if heldout > 0:
+        _write_split(out, "heldout.csv", "heldout-", np.random.default_rng([seed, 1]), heldout, image_size, tasks,
+                     partial_t2i, seen, exclude=True)
+    return path
+
+
+def _write_split(out: Path, name: str, prefix: str, rng: np.random.Generator, n_per_task: int, image_size: int,
+                 tasks, partial_t2i: float, seen: set, exclude: bool = False) -> Path:
     rows = []
     for task in tasks:
-        for i in range(n_per_task):
-            prompt, src, tgt = make_example(task, rng, image_size)
-            uid = f"{task}-{i:05d}"
+        i = tries = 0
+        while i < n_per_task:
+            prompt, src, tgt = make_example(task, rng, image_size, partial_t2i)
+            # Partly specified t2i prompts are few (32 kind-colour pairs, ...): held out in their draw only.
+            key = (prompt, "" if src is None else describe(src))
+            free = task == "t2i" and parse_prompt(prompt).scene is None
+            tries += 1
+            if exclude and key in seen and not free:
+                if tries > 1000 * n_per_task:
+                    raise ValueError(f"cannot draw {n_per_task} held-out {task} examples unseen in training")
+                continue
+            seen.add(key)
+            uid = f"{prefix}{task}-{i:05d}"
+            i += 1
             src_rel = ""
             if src is not None:
                 src_rel = f"images/{uid}_src.png"
@@ -394,10 +472,13 @@ def write_shapes_dataset(out_dir: str | Path, n_per_task: int, seed: int, image_
             tgt_rel = f"images/{uid}_tgt.png"
             save_png(render(tgt, image_size), out / tgt_rel)
             caption = {"source": src.to_dict() if src else None, "target": tgt.to_dict()}
+            ins = parse_prompt(prompt)
+            if ins.task == "t2i":
+                caption["determined"] = list(determined(ins))
             rows.append({"uid": uid, "task": task, "prompt": prompt, "source_image": src_rel,
                          "target_image": tgt_rel, "raw_task": parse_prompt(prompt).op,
                          "caption_dict": json.dumps(caption, sort_keys=True)})
-    path = out / "data.csv"
+    path = out / name
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["uid", "task", "prompt", "source_image", "target_image", "raw_task", "caption_dict"])
         w.writeheader()
@@ -421,14 +502,17 @@ def attribute_accuracy(images, prompts) -> dict[str, float]:
     if len(imgs) != len(prompts):
         raise ValueError(f"{len(imgs)} images but {len(prompts)} prompts")
     for img, p in zip(imgs, prompts, strict=True):
-        want = p if isinstance(p, Scene) else parse_prompt(p).scene
-        if want is None:
+        ins = None if isinstance(p, Scene) else parse_prompt(p)
+        if ins is not None and ins.task != "t2i":
             raise ValueError(f"prompt {p!r}: attribute accuracy needs a t2i prompt or a target Scene")
+        want = p if ins is None else ins  # both carry kind, color, row, col, background
+        fixed = T2I_ATTRIBUTES if ins is None else determined(ins)  # free attributes are always right
         got = decode_scene(img)
         if got is None:
             continue
         ok = {"kind": got.kind == want.kind, "color": got.color == want.color,
-              "position": (got.row, got.col) == (want.row, want.col), "background": got.background == want.background}
+              "position": "position" not in fixed or (got.row, got.col) == (want.row, want.col),
+              "background": "background" not in fixed or got.background == want.background}
         ok["all"] = all(ok.values())
         for k in keys:
             hits[k] += int(ok[k])

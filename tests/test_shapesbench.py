@@ -1,0 +1,257 @@
+"""ShapesBench comparison: partly specified prompts and splits, the metrics module (perfect scores
+perfectly, wrong does not), the real-metric adapters, and the --quick driver end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from danceopd import shapes_metrics as sm
+from danceopd import shapes_world as sw
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def test_partial_prompts_parse_and_have_no_single_ground_truth():
+    ins = sw.parse_prompt("a red circle")
+    assert ins.task == "t2i" and ins.scene is None and sw.determined(ins) == ("kind", "color")
+    assert sw.determined(sw.parse_prompt("a red circle at top left")) == ("kind", "color", "position")
+    assert sw.determined(sw.parse_prompt("a red circle on a blue background")) == ("kind", "color", "background")
+    full = sw.parse_prompt("a red circle at top left on a blue background")
+    assert full.scene == sw.Scene("blue", "red", "circle", 0, 0)
+    with pytest.raises(ValueError, match="leaves position and background free"):
+        sw.ground_truth("a red circle")
+    for bad in ("a red blob", "a red circle on a red background", "a red circle at top"):
+        with pytest.raises(ValueError, match="prompt"):
+            sw.parse_prompt(bad)
+    # every partial prompt the generator writes tokenizes and parses
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        p, _, tgt = sw.make_example("t2i", rng, 16, partial_t2i=1.0)
+        assert sw.parse_prompt(p).scene is None
+        assert sw.attribute_accuracy([sw.render(tgt, 16)], [p])["all"] == 1.0
+
+
+def test_attribute_accuracy_counts_only_determined_attributes():
+    img = sw.render(sw.Scene("blue", "red", "circle", 2, 2), 16)
+    assert sw.attribute_accuracy([img], ["a red circle"])["all"] == 1.0
+    assert sw.attribute_accuracy([img], ["a red circle at top left"])["all"] == 0.0
+    assert sw.attribute_accuracy([img], ["a red circle on a green background"])["all"] == 0.0
+    assert sw.attribute_accuracy([img], ["a green circle"])["all"] == 0.0
+
+
+def test_make_data_splits_are_deterministic_with_exact_ground_truth(tmp_path):
+    a = sw.write_shapes_dataset(tmp_path / "a", 40, seed=3, partial_t2i=0.5, heldout=12)
+    b = sw.write_shapes_dataset(tmp_path / "b", 40, seed=3, partial_t2i=0.5, heldout=12)
+    assert a.read_text() == b.read_text()
+    assert (tmp_path / "a" / "heldout.csv").read_text() == (tmp_path / "b" / "heldout.csv").read_text()
+    c = sw.write_shapes_dataset(tmp_path / "c", 40, seed=4, partial_t2i=0.5, heldout=12)
+    assert c.read_text() != a.read_text()
+    train, held = _rows(a), _rows(tmp_path / "a" / "heldout.csv")
+    assert len(train) == 120 and len(held) == 36
+    t2i = [r for r in train if r["task"] == "t2i"]
+    assert any(sw.parse_prompt(r["prompt"]).scene is None for r in t2i)
+    assert any(sw.parse_prompt(r["prompt"]).scene is not None for r in t2i)
+    seen = {(r["prompt"], json.dumps(json.loads(r["caption_dict"])["source"])) for r in train}
+    for r in held:
+        cap = json.loads(r["caption_dict"])
+        free = r["task"] == "t2i" and sw.parse_prompt(r["prompt"]).scene is None
+        if not free:
+            assert (r["prompt"], json.dumps(cap["source"])) not in seen
+        tgt = sw.load_png(tmp_path / "a" / r["target_image"], 16)
+        scene = sw.scene_from_image(tgt)
+        assert scene.to_dict() == cap["target"]  # exact ground truth of every attribute
+        if r["task"] == "t2i":
+            assert sw.attribute_accuracy([tgt], [r["prompt"]])["all"] == 1.0
+            assert set(cap["determined"]) >= {"kind", "color"}
+        else:
+            src = sw.load_png(tmp_path / "a" / r["source_image"], 16)
+            np.testing.assert_array_equal(sw.ground_truth(r["prompt"], src, 16), tgt)
+
+
+def test_make_data_cli_writes_the_heldout_split_and_refuses_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["make-data", "shapes", "--out", str(tmp_path / "d"), "--n-per-task", "6",
+                              "--partial-t2i", "0.5", "--heldout", "3"])
+    assert res.exit_code == 0, res.output
+    assert len(_rows(tmp_path / "d" / "heldout.csv")) == 9
+    res = runner.invoke(app, ["make-data", "shapes", "--out", str(tmp_path / "e"), "--partial-t2i", "2"])
+    assert res.exit_code == 2 and "partial_t2i" in res.output and "Traceback" not in res.output
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+def _t2i_set(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    ex = [sw.make_example("t2i", rng, 16, partial_t2i=0.5) for _ in range(n)]
+    return [p for p, _, _ in ex], np.stack([sw.render(t, 16) for _, _, t in ex])
+
+
+def test_t2i_metrics_perfect_and_wrong():
+    prompts, ref = _t2i_set()
+    perfect = sm.score_t2i(ref, prompts, ref)
+    assert perfect["acc"] == 1.0 and abs(perfect["fd"]) < 1e-3
+    grey = np.zeros_like(ref) + np.random.default_rng(1).normal(0, 0.05, ref.shape).astype(np.float32)
+    wrong = sm.score_t2i(grey, prompts, ref)
+    assert wrong["acc"] < 0.2 and wrong["fd"] > 100 * max(perfect["fd"], 1e-3)
+    # one image repeated (no diversity) has every kind-colour right for its prompt only
+    mode = np.repeat(ref[:1], len(ref), 0)
+    assert sm.score_t2i(mode, prompts, ref)["fd"] > 10
+
+
+def test_edit_metrics_perfect_and_wrong():
+    rng = np.random.default_rng(2)
+    for task, score in (("local_edit", sm.score_local), ("global_edit", sm.score_global)):
+        ex = [sw.make_example(task, rng, 16) for _ in range(24)]
+        prompts = [p for p, _, _ in ex]
+        src = [sw.render(s, 16) for _, s, _ in ex]
+        tgt = np.stack([sw.render(t, 16) for _, _, t in ex])
+        perfect, unchanged = score(tgt, src, prompts), score(np.stack(src), src, prompts)
+        assert perfect["success"] == 1.0 and unchanged["success"] == 0.0
+        if task == "local_edit":
+            assert perfect["preservation"] == 1.0
+            noisy = np.where(np.random.default_rng(0).random(tgt.shape[-2:]) < 0.5, -tgt, tgt)
+            assert score(noisy, src, prompts)["preservation"] < 0.7
+        else:
+            assert perfect["distance"] < 1e-6 and unchanged["distance"] > 0.05
+
+
+def test_feature_space_is_fixed_and_saved():
+    path = ROOT / "bench" / "results" / "shapes_features" / "features-16.safetensors"
+    assert path.is_file(), "the fixed feature network is committed with the results"
+    a = sm.feature_net(16)
+    x = torch.from_numpy(np.stack([sw.render(sw.sample_scene(np.random.default_rng(i)), 16) for i in range(8)]))
+    f1, f2 = sm.features(x, a), sm.features(x, a)
+    torch.testing.assert_close(f1, f2)
+    assert f1.shape == (8, sm.FEATURE_DIM)
+
+
+# ---- real-metric adapters ----------------------------------------------------------------------
+
+class _RandomBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def taps(self, x):
+        h = torch.relu(self.a(x))
+        return [h, torch.relu(self.b(h))]
+
+    def forward(self, x):
+        return self.taps(x)[-1].mean((2, 3))
+
+
+def test_real_metric_adapters_with_random_backbones():
+    _, x = _t2i_set(32, 0)
+    _, y = _t2i_set(32, 5)
+    net = _RandomBackbone().eval()
+    assert abs(sm.inception_fid(x, x, backbone=net, resize=0)) < 1e-6
+    assert sm.inception_fid(x, y, backbone=net, resize=0) > 0
+    d_same, d_diff = sm.lpips_distance(x, x, backbone=net), sm.lpips_distance(x, y, backbone=net)
+    assert float(d_same.abs().max()) < 1e-6 and float(d_diff.min()) >= 0 and float(d_diff.mean()) > 0
+
+
+def test_real_metric_adapters_fail_clearly_without_weights(tmp_path, monkeypatch):
+    for env in ("DANCEOPD_INCEPTION_WEIGHTS", "DANCEOPD_CLIP_MODEL", "DANCEOPD_LPIPS_WEIGHTS"):
+        monkeypatch.delenv(env, raising=False)
+    _, x = _t2i_set(4)
+    missing = tmp_path / "nope"
+    for call, what in ((lambda: sm.inception_fid(x, x, weights=missing), "FID"),
+                       (lambda: sm.inception_fid(x, x), "FID"),
+                       (lambda: sm.clip_score(x, ["a red circle"] * 4, missing), "CLIP"),
+                       (lambda: sm.lpips_distance(x, x, weights=missing), "LPIPS")):
+        with pytest.raises(sm.RealMetricError, match=what) as e:
+            call()
+        assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sm.RealMetricError, match="vgg.pth"):
+        sm.lpips_distance(x, x, weights=tmp_path / "empty")
+
+
+def _tiny_clip(folder: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = sorted(set("".join(sw.VOCAB[2:])))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                         tokenizer=tok)
+    proc.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "max_position_embeddings": 77},
+                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 16, "patch_size": 4},
+                     projection_dim=8)
+    CLIPModel(cfg).save_pretrained(folder)
+
+
+def test_clip_score_adapter_loads_a_local_folder(tmp_path):
+    try:
+        _tiny_clip(tmp_path / "clip")
+    except Exception as e:  # noqa: BLE001 — a transformers version without these classes
+        pytest.skip(f"cannot build a tiny CLIP here: {e}")
+    prompts, x = _t2i_set(4)
+    a = sm.clip_score(x, prompts, tmp_path / "clip")
+    b = sm.clip_score(x, prompts, tmp_path / "clip")
+    assert a == b and 0.0 <= a <= 100.0
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+def test_quick_bench_end_to_end(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapesbench
+
+    out = tmp_path / "results"
+    shapesbench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out),
+                      "--set", "n_train=24", "--set", "n_heldout=4", "--set", "teacher_steps=3", "--set", "updates=2",
+                      "--set", "ablations=softmix", "--set", "grid_rows=2"])
+    md = (out / "shapesbench-quick.md").read_text()
+    res = json.loads((out / "shapesbench-quick.json").read_text())
+    for text in ("single-task teachers", "naive multi-task", "off-policy", "DiffusionOPD", "FlowOPD", "DanceOPD",
+                 "equal updates", "equal wall clock", "claims held", "soft mixture"):
+        assert text in md, text
+    assert {r["method"] for r in res["runs"]} == {"sft", "offpolicy", "diffusionopd", "flowopd", "danceopd"}
+    assert {r["setting"] for r in res["runs"]} == {"t2i_edit", "local_global"}
+    assert all(set(r["scores"]) == {"equal_updates", "equal_wall_clock"} for r in res["runs"])
+    assert set(res["teachers"]) == set(sw.TASKS)
+    assert all((tmp_path / "work" / "teachers" / t / "config.json").is_file() for t in sw.TASKS)
+    figs = list((out / "shapesbench-quick").glob("*.png"))
+    names = {p.name for p in figs}
+    assert {"curves-t2i_edit.png", "bars-t2i_edit.png", "samples-t2i_edit-t2i.png", "samples-local_global-global_edit.png"} <= names
+
+
+def test_bench_refuses_a_bad_override():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapesbench
+
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        shapesbench.main(["--quick", "--set", "nonsense=1"])
+    with pytest.raises(SystemExit, match="not a int"):
+        shapesbench.main(["--quick", "--set", "updates=many"])
