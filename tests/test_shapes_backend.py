@@ -243,3 +243,18 @@ def test_too_small_images_and_toy_stay_free_of_diffusers(tmp_path):
             "make_backend(config_from_dict({'teachers': [{'name': 't'}], 'routing': {'routes': [{'name': 'r', 'teacher': 't', 'task': 'x'}]}, "
             "'data': {'path': 'd.csv'}})); assert 'diffusers' not in sys.modules and 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_student_sees_word_order(world):
+    """Swapping the two colours of a prompt is another scene; without token positions SD3's
+    permutation-equivariant text attention saw the same input (velocities 3.6e-7 apart)."""
+    _, _, backend, _ = world
+    model = backend.build_student("random", seed=2)
+    a = Row(uid="a", task="t2i", prompt="a red circle at top left on a blue background")
+    b = Row(uid="b", task="t2i", prompt="a blue circle at top left on a red background")
+    c = Row(uid="c", task="t2i", prompt="a green circle at top left on a blue background")  # one word changed
+    z, s = backend.noise([1, 1, 1]), torch.tensor([0.5, 0.5, 0.5])
+    with torch.no_grad():
+        v = backend.predict(model, z, s, backend.encode([a, b, c]))
+    swapped, one_word = (v[0] - v[1]).abs().max(), (v[0] - v[2]).abs().max()
+    assert swapped > 0.05 * one_word, (swapped, one_word)  # without positions: 1e-7

@@ -5,8 +5,8 @@ Condition (one flat fp32 vector, so it fits one Arrow tensor column):
     one-hot tokens [max_tokens x |VOCAB|]  ++  source image [3*S*S] (zeros for t2i)  ++  has_source [1]
 Pad positions are one-hot <pad>, so an all-zero token block means "no text" (CFG's null branch,
 which keeps the source image). The transformer sees the noisy state concatenated with the
-source image on channels (6 in), the token one-hots as its text sequence and their mean over
-non-pad tokens as the pooled embedding.
+source image on channels (6 in), the token one-hots, each with a one-hot position, as its text
+sequence, and the mean of the one-hots over non-pad tokens as the pooled embedding.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class ShapesBackend(Backend):
         return SD3Transformer2DModel(
             sample_size=self.size, patch_size=self.patch_size, in_channels=6, out_channels=3,
             num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
-            joint_attention_dim=v, caption_projection_dim=self.num_heads * self.head_dim,
+            joint_attention_dim=v + self.packer.max_tokens, caption_projection_dim=self.num_heads * self.head_dim,
             pooled_projection_dim=v, pos_embed_max_size=self.size // self.patch_size,
         )
 
@@ -204,7 +204,7 @@ class ShapesBackend(Backend):
     def _model_shapes(self) -> dict:
         """The config.json entries a model folder must have to fit this backend."""
         return {"sample_size": self.size, "patch_size": self.patch_size, "in_channels": 6, "out_channels": 3,
-                "joint_attention_dim": len(sw.VOCAB), "pooled_projection_dim": len(sw.VOCAB)}
+                "joint_attention_dim": len(sw.VOCAB) + self.packer.max_tokens, "pooled_projection_dim": len(sw.VOCAB)}
 
     def check_model_folder(self, folder: str | Path) -> dict:
         """A save_pretrained folder's config.json, checked against this backend's shapes the way
@@ -249,7 +249,12 @@ class ShapesBackend(Backend):
         tokens = self.packer.tokens(cond)
         hidden = torch.cat([z, self.packer.source(cond)], dim=1)
         timestep = (1000.0 * sigma.reshape(-1)).to(device=z.device, dtype=z.dtype).expand(z.shape[0])
-        return model(hidden_states=hidden, encoder_hidden_states=tokens, pooled_projections=_pooled(tokens),
+        # SD3's joint attention is permutation-equivariant over text tokens and the one-hots carry
+        # no position: a one-hot position per token keeps "a red circle on a blue background"
+        # apart from "a blue circle on a red background" (real text encoders bring their own).
+        pos = torch.eye(self.packer.max_tokens, device=z.device, dtype=z.dtype).expand(z.shape[0], -1, -1)
+        text = torch.cat([tokens, pos], dim=-1)
+        return model(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=_pooled(tokens),
                      timestep=timestep, return_dict=True).sample
 
     # ---- teachers and data -----------------------------------------------------------------
