@@ -156,11 +156,13 @@ def make_tiny(
 ):
     """Write a tiny random diffusers pipeline of the real classes, to smoke-test a cluster before downloading weights."""
     if family == "sd3":
-        from danceopd.backends.sd3 import write_tiny_sd3 as write
         from diffusers import SD3Transformer2DModel as transformer_cls
+
+        from danceopd.backends.sd3 import write_tiny_sd3 as write
     elif family == "zimage":
-        from danceopd.backends.zimage import write_tiny_zimage as write
         from diffusers import ZImageTransformer2DModel as transformer_cls
+
+        from danceopd.backends.zimage import write_tiny_zimage as write
     else:
         fail(f"make-tiny: unknown family {family!r} (sd3, zimage)")
     if (out / "model_index.json").exists():
