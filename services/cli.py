@@ -156,12 +156,8 @@ def make_tiny(
 ):
     """Write a tiny random diffusers pipeline of the real classes, to smoke-test a cluster before downloading weights."""
     if family == "sd3":
-        from diffusers import SD3Transformer2DModel as transformer_cls
-
         from danceopd.backends.sd3 import write_tiny_sd3 as write
     elif family == "zimage":
-        from diffusers import ZImageTransformer2DModel as transformer_cls
-
         from danceopd.backends.zimage import write_tiny_zimage as write
     else:
         fail(f"make-tiny: unknown family {family!r} (sd3, zimage)")
@@ -171,7 +167,7 @@ def make_tiny(
 
     path = write(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim) if family == "sd3" else write(out, seed=seed)
     names = [n.strip() for n in loras.split(",") if n.strip()]
-    write_tiny_loras(path, transformer_cls, names, seed=seed)
+    write_tiny_loras(path, names, seed=seed)
     typer.echo(f"wrote {path}" + (f" (+ LoRA folders {', '.join(names)} in {path / 'loras'})" if names else ""))
 
 

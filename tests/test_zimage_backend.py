@@ -297,15 +297,14 @@ def test_vae_encode_is_deterministic_and_uses_the_pipeline_factors(built):
 def test_lora_student_and_shared_backbone_adapter_teacher(built, tmp_path):
     """LoRA on Z-Image's attention (to_q/k/v/out.0): a LoRA student trains adapters only, and
     random LoRA folders (what `make-tiny` writes) load as switchable adapters of one teacher."""
-    from diffusers import ZImageTransformer2DModel
-
     from danceopd.backends.latent import write_tiny_loras
     from danceopd.config import TeacherConfig
     from danceopd.lora import trainable_state_dict
 
     cfg, backend, rows = built
     shutil.copytree(backend.root / "transformer", tmp_path / "transformer")  # write_tiny_loras reads it
-    realism, style = write_tiny_loras(tmp_path, ZImageTransformer2DModel, ["realism", "style"], seed=0)
+    shutil.copy(backend.root / "model_index.json", tmp_path)
+    realism, style = write_tiny_loras(tmp_path, ["realism", "style"], seed=0)
     teacher = backend.build_teacher(TeacherConfig(name="t", kind="pretrained", adapters={"realism": str(realism),
                                                                                          "style": str(style)}), tmp_path)
     cond = backend.encode([rows["t1"], rows["e1"]])
@@ -332,7 +331,6 @@ def test_ray_run_with_cfg_absorption_and_edit_adapters_saves_a_lora_checkpoint_a
     import shutil
 
     import yaml
-    from diffusers import ZImageTransformer2DModel
 
     from danceopd.backends.latent import write_tiny_loras
     from danceopd.checkpoint import latest_checkpoint, load_json, load_tensors
@@ -342,7 +340,7 @@ def test_ray_run_with_cfg_absorption_and_edit_adapters_saves_a_lora_checkpoint_a
 
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny, pipe)
-    loras = write_tiny_loras(pipe, ZImageTransformer2DModel, ["local", "global"], seed=3)
+    loras = write_tiny_loras(pipe, ["local", "global"], seed=3)
     shutil.copytree(ROOT / "configs" / "data" / "shapes", tmp_path / "data" / "shapes",
                     ignore=shutil.ignore_patterns(".danceopd-cache"))
     raw = yaml.safe_load((ROOT / "configs" / "zimage_tiny.yaml").read_text())

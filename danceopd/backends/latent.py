@@ -86,10 +86,11 @@ class LatentTeacher(TeacherField):
 
 
 class LatentBackend(Backend):
-    """Subclasses give the family: `transformer_cls`, `default_seq_len`, `encode_rows`,
-    `encode_null`, `forward`, `encoder_components`, `load_vae`."""
+    """Subclasses give the family: `transformer_class`, `default_seq_len`, `encoder_components`,
+    `text_fields`, `_load_encoders`/`_free_encoders`, `encode_rows`, `forward`, `load_vae`,
+    `vae_decode`."""
 
-    transformer_cls: type
+    transformer_class: str  # the diffusers class of the family's transformer
     default_seq_len: int = 256
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache
 
@@ -122,6 +123,12 @@ class LatentBackend(Backend):
             raise ValueError(f"backend.resolution: {self.resolution} is not a multiple of the VAE factor x patch size "
                              f"({self.vae_scale} x {self.patch_size})")
         self.latent_size = self.resolution // self.vae_scale
+
+    @property
+    def transformer_cls(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
 
     @property
     def patch_size(self) -> int:
@@ -191,7 +198,10 @@ class LatentBackend(Backend):
         return self.cfg.resolve(b.cache_dir) if b.cache_dir else self.cfg.resolve(self.cfg.data.path).parent / ".danceopd-cache"
 
     def cache_path(self, rows: list[Row]) -> Path:
-        return self.cache_folder() / f"{self.name}-{self.cache_fingerprint(rows)[:20]}.arrow"
+        return self._cache_file(self.cache_fingerprint(rows))
+
+    def _cache_file(self, fp: str) -> Path:
+        return self.cache_folder() / f"{self.name}-{fp[:20]}.arrow"
 
     def _dataset_rows(self) -> list[Row]:
         from danceopd.dataset import Dataset
@@ -203,16 +213,16 @@ class LatentBackend(Backend):
     def cache(self) -> cc.ConditionCache:
         if self._cache is None:
             rows = self._dataset_rows()
-            path = self.cache_path(rows)
-            self._cache = cc.ConditionCache(path, self.cache_fingerprint(rows))
+            fp = self.cache_fingerprint(rows)  # reads every row's image heads: once per process
+            self._cache = cc.ConditionCache(self._cache_file(fp), fp)
         return self._cache
 
     def build_cache(self, rows: list[Row] | None = None, progress=None, force: bool = False) -> tuple[Path, bool]:
         """Encode every row (plus the empty prompt as row 0) once; returns (path, built). A cache
         whose fingerprint matches is reused; any other is never read."""
         rows = self._dataset_rows() if rows is None else rows
-        path = self.cache_path(rows)
         fp = self.cache_fingerprint(rows)
+        path = self._cache_file(fp)
         if path.is_file() and not force:
             try:
                 cc.ConditionCache(path, fp)
@@ -400,14 +410,17 @@ class LatentBackend(Backend):
         raise NotImplementedError
 
 
-def write_tiny_loras(pipeline: Path, transformer_cls, names: list[str], seed: int = 0) -> list[Path]:
+def write_tiny_loras(pipeline: Path, names: list[str], seed: int = 0) -> list[Path]:
     """Random PEFT LoRA folders for a tiny pipeline's transformer, at `pipeline/loras/NAME`:
     stand-ins for trained LoRA teachers (realism, style...) that share one backbone."""
     from types import SimpleNamespace
 
+    import diffusers
+
     from danceopd.lora import write_random_lora
 
-    model = transformer_cls.from_pretrained(Path(pipeline) / "transformer", use_safetensors=True)
+    _, cls_name = read_json(Path(pipeline) / "model_index.json", "pipeline index")["transformer"]
+    model = getattr(diffusers, cls_name).from_pretrained(Path(pipeline) / "transformer", use_safetensors=True)
     spec = SimpleNamespace(enabled=True, rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     out = []
     for i, name in enumerate(names):

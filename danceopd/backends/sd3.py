@@ -26,16 +26,11 @@ COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "tex
 class SD3Backend(LatentBackend):
     name = "sd3"
     sigma_grid = "sd3"
+    transformer_class = "SD3Transformer2DModel"
     default_seq_len = 256
     encoder_components = COMPONENTS
     text_fields = ("prompt_embeds", "pooled")
     supports_source_image = False
-
-    @property
-    def transformer_cls(self):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
 
     def _text_signature(self, c: dict) -> dict:
         return {"text dim": c.get("joint_attention_dim"), "pooled dim": c.get("pooled_projection_dim")}

@@ -56,6 +56,7 @@ def _round8(n: int) -> int:
 class ZImageBackend(LatentBackend):
     name = "zimage"
     sigma_grid = "zimage"
+    transformer_class = "ZImageTransformer2DModel"
     default_seq_len = 512
     encoder_components = ("text_encoder", "tokenizer", "siglip", "siglip_processor")
     text_fields = ("cap", "cap_len")
@@ -66,12 +67,6 @@ class ZImageBackend(LatentBackend):
         self.supports_source_image = self.omni  # edits need the Omni (SigLIP) transformer
         self.text_dim = int(self.transformer_config["cap_feat_dim"])
         self._pipe = None
-
-    @property
-    def transformer_cls(self):
-        from diffusers import ZImageTransformer2DModel
-
-        return ZImageTransformer2DModel
 
     def _text_signature(self, c: dict) -> dict:
         return {"text dim": c.get("cap_feat_dim"), "siglip dim": c.get("siglip_feat_dim")}
