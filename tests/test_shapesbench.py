@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -229,9 +231,10 @@ def test_quick_bench_end_to_end(tmp_path):
     import shapesbench
 
     out = tmp_path / "results"
-    shapesbench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out),
-                      "--set", "n_train=24", "--set", "n_heldout=4", "--set", "teacher_steps=3", "--set", "updates=2",
-                      "--set", "ablations=softmix", "--set", "grid_rows=2"])
+    args = ["--quick", "--work", str(tmp_path / "work"), "--out", str(out),
+            "--set", "n_train=24", "--set", "n_heldout=4", "--set", "teacher_steps=3", "--set", "updates=2",
+            "--set", "ablations=softmix", "--set", "grid_rows=2"]
+    shapesbench.main(args)
     md = (out / "shapesbench-quick.md").read_text()
     res = json.loads((out / "shapesbench-quick.json").read_text())
     for text in ("single-task teachers", "naive multi-task", "off-policy", "DiffusionOPD", "FlowOPD", "DanceOPD",
@@ -245,6 +248,31 @@ def test_quick_bench_end_to_end(tmp_path):
     figs = list((out / "shapesbench-quick").glob("*.png"))
     names = {p.name for p in figs}
     assert {"curves-t2i_edit.png", "bars-t2i_edit.png", "samples-t2i_edit-t2i.png", "samples-local_global-global_edit.png"} <= names
+    assert res["machine"]["jobs"] == min(2, os.cpu_count() or 1)
+    assert not any(t["reused"] for t in res["teachers"].values())
+    # a second run (in process this time) reuses the trained teachers: same plan, same code
+    weights = tmp_path / "work" / "teachers" / "t2i" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    shapesbench.main(args + ["--jobs", "1", "--set", "settings=local_global"])
+    res2 = json.loads((out / "shapesbench-quick.json").read_text())
+    assert all(t["reused"] for t in res2["teachers"].values())
+    assert weights.stat().st_mtime_ns == before
+    assert {t: v["scores"] for t, v in res2["teachers"].items()} == {t: v["scores"] for t, v in res["teachers"].items()}
+    assert {r["setting"] for r in res2["runs"]} == {"local_global"}
+
+
+def test_teacher_cache_key_follows_the_plan_and_the_code():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapesbench
+
+    plan = shapesbench.PRESETS["quick"]
+    key = shapesbench.teacher_key(plan, "t2i")
+    assert key == shapesbench.teacher_key(plan, "t2i")
+    assert key != shapesbench.teacher_key(plan, "local_edit")
+    for change in ({"teacher_steps": 7}, {"teacher_dropout": 0.3}, {"shift": 3.0}, {"n_train": 9}, {"head_dim": 8}):
+        assert key != shapesbench.teacher_key(replace(plan, **change), "t2i"), change
+    assert key == shapesbench.teacher_key(replace(plan, updates=7, seeds=(5,)), "t2i")  # student-only fields
+    assert "danceopd/backends/shapes.py" in shapesbench.TEACHER_CODE
 
 
 def test_bench_refuses_a_bad_override():
