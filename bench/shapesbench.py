@@ -398,7 +398,10 @@ class Jobs:
         from concurrent.futures import Future
 
         f = Future()
-        f.set_result(fn(*args))
+        try:  # inline jobs fail where pooled ones do: at f.result()
+            f.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001
+            f.set_exception(e)
         return f
 
     def close(self) -> None:
