@@ -272,12 +272,14 @@ def test_teacher_cache_key_follows_the_plan_and_the_code():
     for change in ({"teacher_steps": 7}, {"teacher_dropout": 0.3}, {"shift": 3.0}, {"n_train": 9}, {"head_dim": 8}):
         assert key != shapesbench.teacher_key(replace(plan, **change), "t2i"), change
     assert key == shapesbench.teacher_key(replace(plan, updates=7, seeds=(5,)), "t2i")  # student-only fields
-    # the T2I teacher's own budget moves its key only; the edit teachers stay cached
-    longer = replace(plan, t2i_teacher_steps=plan.teacher_steps * 2)
-    assert shapesbench.teacher_cfg(longer, Path("/w"), "t2i")["learner"]["steps"] == plan.teacher_steps * 2
-    assert shapesbench.teacher_cfg(longer, Path("/w"), "local_edit")["learner"]["steps"] == plan.teacher_steps
-    assert key != shapesbench.teacher_key(longer, "t2i")
-    assert shapesbench.teacher_key(plan, "local_edit") == shapesbench.teacher_key(longer, "local_edit")
+    # a task's own budget moves its key only; the other teachers stay cached
+    for task, field in (("t2i", "t2i_teacher_steps"), ("local_edit", "local_teacher_steps")):
+        longer = replace(plan, **{field: plan.teacher_steps * 2})
+        for t in shapesbench.sw.TASKS:
+            steps = shapesbench.teacher_cfg(longer, Path("/w"), t)["learner"]["steps"]
+            assert steps == (plan.teacher_steps * 2 if t == task else plan.teacher_steps), (field, t)
+            moved = shapesbench.teacher_key(plan, t) != shapesbench.teacher_key(longer, t)
+            assert moved == (t == task), (field, t)
     assert "danceopd/backends/shapes.py" in shapesbench.TEACHER_CODE
 
 
