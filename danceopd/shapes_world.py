@@ -318,16 +318,29 @@ def apply_instruction(ins: Instruction, source: Scene | None) -> Scene:
     raise ValueError(f"unknown edit operation {ins.op!r}")
 
 
-def make_example(task: str, rng: np.random.Generator, size: int = 16,
-                 partial_t2i: float = 0.0) -> tuple[str, Scene | None, Scene]:
+FREE_ATTRIBUTES = ("position", "background")  # what a partly specified t2i prompt may leave free
+_FORM_FREES = {"kind_color": {"position", "background"}, "no_background": {"background"}, "no_position": {"position"}}
+
+
+def partial_forms(free=FREE_ATTRIBUTES) -> tuple[str, ...]:
+    """The partly specified t2i prompt forms that leave free only attributes in `free`."""
+    bad = sorted(set(free) - set(FREE_ATTRIBUTES))
+    if bad or not free:
+        raise ValueError(f"t2i free attributes: {list(free)} must be a non-empty subset of {list(FREE_ATTRIBUTES)}")
+    return tuple(f for f in T2I_FORMS[1:] if _FORM_FREES[f] <= set(free))
+
+
+def make_example(task: str, rng: np.random.Generator, size: int = 16, partial_t2i: float = 0.0,
+                 t2i_free=FREE_ATTRIBUTES) -> tuple[str, Scene | None, Scene]:
     """(prompt, source scene or None, target scene) of one random example of a task. With
-    `partial_t2i` > 0 that fraction of t2i prompts leaves position and/or background free (the
-    target is then one draw from the prompt's distribution of correct images)."""
+    `partial_t2i` > 0 that fraction of t2i prompts leaves some of `t2i_free` (position,
+    background) free (the target is then one draw from the prompt's distribution of correct images)."""
     check_size(size)
     src = sample_scene(rng)
     if task == "t2i":
         if partial_t2i > 0 and rng.random() < partial_t2i:
-            return describe_partial(src, T2I_FORMS[1 + int(rng.integers(len(T2I_FORMS) - 1))]), None, src
+            forms = partial_forms(t2i_free)
+            return describe_partial(src, forms[int(rng.integers(len(forms)))]), None, src
         return describe(src), None, src
     if task == "local_edit":
         op = LOCAL_OPS[rng.integers(len(LOCAL_OPS))]
@@ -428,32 +441,34 @@ def load_png(path: str | Path, size: int | None = None) -> np.ndarray:
 
 
 def write_shapes_dataset(out_dir: str | Path, n_per_task: int, seed: int, image_size: int = 16,
-                         tasks=TASKS, partial_t2i: float = 0.0, heldout: int = 0) -> Path:
+                         tasks=TASKS, partial_t2i: float = 0.0, heldout: int = 0, t2i_free=FREE_ATTRIBUTES) -> Path:
     """Write n_per_task examples of each task: PNGs under out_dir/images/ and out_dir/data.csv.
-    `partial_t2i`: fraction of t2i prompts that leave position and/or background free.
+    `partial_t2i`: fraction of t2i prompts that leave some of `t2i_free` (position, background) free.
     `heldout` > 0 also writes out_dir/heldout.csv: that many examples per task from a separate
     random stream, none of whose (prompt, source) pairs is in data.csv (partly specified t2i
     prompts excepted: there are few of them, their drawn target is what is new). Every row's caption_dict
     holds the exact source and target scenes and the attributes its prompt determines."""
     if not 0.0 <= partial_t2i <= 1.0:
         raise ValueError(f"partial_t2i: {partial_t2i} is not a fraction in [0, 1]")
+    partial_forms(t2i_free)  # an unknown attribute fails before anything is written
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     seen: set[tuple[str, str]] = set()
-    path = _write_split(out, "data.csv", "", np.random.default_rng(seed), n_per_task, image_size, tasks, partial_t2i, seen)
+    path = _write_split(out, "data.csv", "", np.random.default_rng(seed), n_per_task, image_size, tasks, partial_t2i, seen,
+                        t2i_free=t2i_free)
     if heldout > 0:
         _write_split(out, "heldout.csv", "heldout-", np.random.default_rng([seed, 1]), heldout, image_size, tasks,
-                     partial_t2i, seen, exclude=True)
+                     partial_t2i, seen, exclude=True, t2i_free=t2i_free)
     return path
 
 
 def _write_split(out: Path, name: str, prefix: str, rng: np.random.Generator, n_per_task: int, image_size: int,
-                 tasks, partial_t2i: float, seen: set, exclude: bool = False) -> Path:
+                 tasks, partial_t2i: float, seen: set, exclude: bool = False, t2i_free=FREE_ATTRIBUTES) -> Path:
     rows = []
     for task in tasks:
         i = tries = 0
         while i < n_per_task:
-            prompt, src, tgt = make_example(task, rng, image_size, partial_t2i)
+            prompt, src, tgt = make_example(task, rng, image_size, partial_t2i, t2i_free)
             # Partly specified t2i prompts are few (32 kind-colour pairs, ...): held out in their draw only.
             key = (prompt, "" if src is None else describe(src))
             free = task == "t2i" and parse_prompt(prompt).scene is None

@@ -124,6 +124,7 @@ def make_data(
     image_size: int = typer.Option(16, help="shapes: image side."),
     partial_t2i: float = typer.Option(0.0, help="shapes: fraction of t2i prompts leaving position and/or background free."),
     heldout: int = typer.Option(0, help="shapes: held-out examples per task, written to heldout.csv (unseen in data.csv)."),
+    t2i_free: str = typer.Option("position,background", help="shapes: what a partly specified t2i prompt may leave free."),
 ):
     """Write a procedural dataset (toy vectors or ShapesBench images)."""
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -136,7 +137,8 @@ def make_data(
 
         try:
             path = write_shapes_dataset(out, n_per_task, seed, image_size=image_size, tasks=tuple(task_list),
-                                        partial_t2i=partial_t2i, heldout=heldout)
+                                        partial_t2i=partial_t2i, heldout=heldout,
+                                        t2i_free=tuple(a.strip() for a in t2i_free.split(",") if a.strip()))
         except ValueError as e:
             fail(f"make-data: {e}")
     else:

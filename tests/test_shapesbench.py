@@ -97,6 +97,29 @@ def test_make_data_cli_writes_the_heldout_split_and_refuses_bad_input(tmp_path):
     assert len(_rows(tmp_path / "d" / "heldout.csv")) == 9
     res = runner.invoke(app, ["make-data", "shapes", "--out", str(tmp_path / "e"), "--partial-t2i", "2"])
     assert res.exit_code == 2 and "partial_t2i" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["make-data", "shapes", "--out", str(tmp_path / "f"), "--t2i-free", "colour"])
+    assert res.exit_code == 2 and "t2i free attributes" in res.output and not (tmp_path / "f").exists()
+
+
+def test_t2i_free_attributes_choose_what_partial_prompts_leave_free():
+    def frees(t2i_free):
+        rng = np.random.default_rng(0)
+        out = set()
+        for _ in range(200):
+            p, _, _ = sw.make_example("t2i", rng, 16, partial_t2i=1.0, t2i_free=t2i_free)
+            out.add(frozenset({"position", "background"} - set(sw.determined(sw.parse_prompt(p)))))
+        return out
+
+    assert frees(("background",)) == {frozenset({"background"})}
+    assert frees(("position",)) == {frozenset({"position"})}
+    assert frees(("position", "background")) == {frozenset({"background"}), frozenset({"position"}),
+                                                 frozenset({"position", "background"})}
+    # the default draws exactly what it drew before the option existed (committed data stays valid)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [sw.make_example("t2i", rng_a, 16, 0.5)[0] for _ in range(50)] == \
+        [sw.make_example("t2i", rng_b, 16, 0.5, ("background", "position"))[0] for _ in range(50)]
+    with pytest.raises(ValueError, match="t2i free attributes"):
+        sw.partial_forms(("size",))
 
 
 # ---- metrics -----------------------------------------------------------------------------------
