@@ -390,6 +390,13 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
 
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        # A worker dies with the benchmark: a SIGTERM or SIGKILL to the parent would otherwise leave
+        # it training on. Nothing is lost: a teacher's record is written last, so a killed one retrains.
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
 
 
 class Jobs:

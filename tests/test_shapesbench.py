@@ -314,3 +314,44 @@ def test_bench_refuses_a_bad_override():
         shapesbench.main(["--quick", "--set", "nonsense=1"])
     with pytest.raises(SystemExit, match="not a int"):
         shapesbench.main(["--quick", "--set", "updates=many"])
+
+
+def test_bench_workers_die_with_the_benchmark(tmp_path):
+    """A SIGTERM to the benchmark stops its pool's workers too (they would otherwise train on)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+        "import shapesbench\n"
+        "if __name__ == '__main__':\n"
+        "    jobs = shapesbench.Jobs(2, 1)\n"
+        "    pids = [jobs.submit(os.getpid).result() for _ in range(4)]\n"
+        "    jobs.submit(time.sleep, 600)\n"
+        "    print(' '.join(map(str, sorted(set(pids)))), flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    workers: list[int] = []
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert workers and proc.pid not in workers
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
+                     open(f"/proc/{p}/stat").read().split(")")[-1].split()[0] != "Z"]
+        assert not alive, f"workers {alive} outlived the benchmark"
+    finally:
+        proc.kill()
+        for pid in workers:  # exactly what this test started, should the check have failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
