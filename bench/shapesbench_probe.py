@@ -1,7 +1,7 @@
 """Where a ShapesBench T2I teacher fails: per prompt form (what the prompt leaves free), how many
 held-out samples are right and how many are an empty canvas, under several samplers.
 
-    .venv/bin/python bench/shapesbench_probe.py [--work runs/shapesbench-full] [--set FIELD=VALUE ...]
+    .venv/bin/python bench/shapesbench_probe.py [--quick] [--work DIR] [--set FIELD=VALUE ...]
 
 It reads the teacher and held-out set that `bench/shapesbench.py` left in the work folder (pass the
 same `--set` overrides that run used). This is how the table's `t2i_free` was calibrated: with
@@ -68,13 +68,14 @@ def probe(plan: sb.Plan, root: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("runs/shapesbench-full"))
+    ap.add_argument("--work", type=Path, default=None, help="the benchmark's work folder (default: that of the preset)")
+    ap.add_argument("--quick", action="store_true", help="the run was --quick")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the plan overrides of the run")
     ap.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    plan = sb.plan_from(argparse.Namespace(quick=False, set=args.set))
-    res = probe(plan, args.work)
+    plan = sb.plan_from(argparse.Namespace(quick=args.quick, set=args.set))
+    res = probe(plan, args.work or Path("runs") / f"shapesbench-{plan.name}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

@@ -282,6 +282,19 @@ def test_quick_bench_end_to_end(tmp_path):
     assert weights.stat().st_mtime_ns == before
     assert {t: v["scores"] for t, v in res2["teachers"].items()} == {t: v["scores"] for t, v in res["teachers"].items()}
     assert {r["setting"] for r in res2["runs"]} == {"local_global"}
+    # the calibration probe reads that work folder's T2I teacher; its two counts of right agree
+    import shapesbench_probe
+
+    (tmp_path / "probe.json").unlink(missing_ok=True)
+    shapesbench_probe.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "probe.json")]
+                           + [a for a in args[args.index("--set"):] if a != "--quick"])
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert len(probe) == len(shapesbench_probe.SAMPLERS)
+    for label, r in probe.items():
+        groups = r["groups"].values()
+        assert sum(g["n"] for g in groups) == 4, label
+        assert all(0 <= g["empty"] <= g["n"] and 0 <= g["right"] <= g["n"] - g["empty"] for g in groups), label
+        assert r["acc"] == round(sum(g["right"] for g in groups) / 4, 3), label
 
 
 def test_teacher_cache_key_follows_the_plan_and_the_code():
