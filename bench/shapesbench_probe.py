@@ -46,13 +46,20 @@ def probe(plan: sb.Plan, root: Path) -> dict:
     rows, seeds = scorer.rows["t2i"], scorer.seeds["t2i"]
     prompts = [r.prompt for r in rows]
     cond = backend.encode(rows)
+    z0 = backend.noise(seeds)  # the same starting noise for every sampler
+
+    def field(z, sigma, active):
+        return backend.predict(model, z, sigma, cond[active])
+
     out = {}
     for label, steps, shift, eta in SAMPLERS:
-        gen = torch.Generator().manual_seed(1)
-        z0 = backend.noise(seeds)
+        gen = torch.Generator().manual_seed(1)  # the SDE's noise, the same for every SDE sampler
+
+        def noise(_step, active, gen=gen):
+            return torch.randn((len(active), *z0.shape[1:]), generator=gen)
+
         with torch.no_grad():
-            traj = integrate(lambda z, s, a: backend.predict(model, z, s, cond[a]), z0, sigma_grid("sd3", steps, shift),
-                             eta=eta, noise=lambda i, a: torch.randn((len(a), *z0.shape[1:]), generator=gen))
+            traj = integrate(field, z0, sigma_grid("sd3", steps, shift), eta=eta, noise=noise)
         x = backend.decode(traj.states[-1])
         groups: dict = {}
         for img, p in zip(x.numpy(), prompts):
@@ -60,7 +67,7 @@ def probe(plan: sb.Plan, root: Path) -> dict:
             g["n"] += 1
             g["empty"] += sw.decode_scene(img) is None
             g["right"] += sw.attribute_accuracy([img], [p])["all"] == 1.0
-        out[label] = {"acc": round(scorer.score("t2i", x)["acc"], 3), "groups": groups}
+        out[label] = {"acc": round(sw.attribute_accuracy(x.numpy(), prompts)["all"], 3), "groups": groups}
         sb.log(f"{label}: acc {out[label]['acc']:.3f} " + ", ".join(
             f"{k} {v['right']}/{v['n']} right, {v['empty']} empty" for k, v in sorted(groups.items())))
     return out

@@ -113,6 +113,11 @@ def ray_logs(mode: str) -> str:
     return f"; actor logs: {cluster.LOG_DIR}"
 
 
+def comma_list(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @app.command("make-data")
 def make_data(
     kind: str = typer.Argument(..., help="`toy` or `shapes`."),
@@ -127,7 +132,7 @@ def make_data(
     t2i_free: str = typer.Option("position,background", help="shapes: what a partly specified t2i prompt may leave free."),
 ):
     """Write a procedural dataset (toy vectors or ShapesBench images)."""
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    task_list = comma_list(tasks)
     if kind == "toy":
         from danceopd.dataset import write_toy_dataset
 
@@ -138,7 +143,7 @@ def make_data(
         try:
             path = write_shapes_dataset(out, n_per_task, seed, image_size=image_size, tasks=tuple(task_list),
                                         partial_t2i=partial_t2i, heldout=heldout,
-                                        t2i_free=tuple(a.strip() for a in t2i_free.split(",") if a.strip()))
+                                        t2i_free=tuple(comma_list(t2i_free)))
         except ValueError as e:
             fail(f"make-data: {e}")
     else:
@@ -168,7 +173,7 @@ def make_tiny(
     from danceopd.backends.latent import write_tiny_loras
 
     path = write(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim) if family == "sd3" else write(out, seed=seed)
-    names = [n.strip() for n in loras.split(",") if n.strip()]
+    names = comma_list(loras)
     write_tiny_loras(path, names, seed=seed)
     typer.echo(f"wrote {path}" + (f" (+ LoRA folders {', '.join(names)} in {path / 'loras'})" if names else ""))
 

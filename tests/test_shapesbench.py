@@ -285,7 +285,6 @@ def test_quick_bench_end_to_end(tmp_path):
     # the calibration probe reads that work folder's T2I teacher; its two counts of right agree
     import shapesbench_probe
 
-    (tmp_path / "probe.json").unlink(missing_ok=True)
     shapesbench_probe.main(["--quick", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "probe.json")]
                            + [a for a in args[args.index("--set"):] if a != "--quick"])
     probe = json.loads((tmp_path / "probe.json").read_text())
@@ -331,10 +330,10 @@ def test_bench_refuses_a_bad_override():
 
 def test_bench_workers_die_with_the_benchmark(tmp_path):
     """A SIGTERM to the benchmark stops its pool's workers too (they would otherwise train on)."""
-    import os
     import signal
     import subprocess
-    import time
+
+    import psutil
 
     script = tmp_path / "parent.py"
     script.write_text(
@@ -352,15 +351,11 @@ def test_bench_workers_die_with_the_benchmark(tmp_path):
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]
         assert workers and proc.pid not in workers
+        procs = [psutil.Process(p) for p in workers]  # before the signal: a gone pid cannot be looked up
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        alive = workers
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.2)
-            alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
-                     open(f"/proc/{p}/stat").read().split(")")[-1].split()[0] != "Z"]
-        assert not alive, f"workers {alive} outlived the benchmark"
+        _, alive = psutil.wait_procs(procs, timeout=20)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived the benchmark"
     finally:
         proc.kill()
         for pid in workers:  # exactly what this test started, should the check have failed
