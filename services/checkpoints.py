@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from danceopd.checkpoint import (
@@ -106,57 +107,59 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def _run_id(loop) -> str:
-    """The loop's run id: set by resume() or the caller, else output_dir/run.json (written by
-    prepare_output), else a new one."""
-    rid = getattr(loop, "run_id", None) or (read_run(loop.cfg.output_path) or {}).get("run_id")
+def run_id_of(cfg) -> str:
+    """The run writing job.output_dir: output_dir/run.json (written by prepare_output), else a new one."""
+    rid = (read_run(cfg.output_path) or {}).get("run_id")
     if not rid:
         rid = new_run_id()
-        write_run(loop.cfg.output_path, rid)
-    loop.run_id = rid
+        write_run(cfg.output_path, rid)
     return rid
 
 
-def save(loop, run_id: str | None = None) -> str:
-    cfg = loop.cfg
-    run_id = run_id or _run_id(loop)
-    first = loop.pipe.first_unconsumed()
-    router_state = loop.fleet.router_state_before(first)
-    with atomic_checkpoint(cfg.output_path, loop.step) as tmp:
-        loop.learner.save(tmp / "learner")
-        weights = loop.learner.export()
+def save(cfg, state, learner, router_state: dict) -> str:
+    """Write the checkpoint of `state` (a LoopState): the learner's weights and own state, the
+    router's state at the first unconsumed ticket, the accounting. Returns its folder."""
+    run_id = state.run_id or run_id_of(cfg)
+    with atomic_checkpoint(cfg.output_path, state.step) as tmp:
+        learner.save(tmp / "learner")
+        weights = learner.export()
         save_tensors(tmp / "model.safetensors", weights)
         if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
             from danceopd.lora import write_lora_folder
 
             write_lora_folder(weights, tmp / "lora", cfg.student.lora)
-        save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": loop.step, "version": loop.version,
-                                       "router": router_state, "mode": loop.mode, "learner": loop.learner.kind,
-                                       "accounting": loop.pipe.accounting()})
+        save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": state.step, "version": state.step,
+                                       "router": router_state, "mode": state.mode, "learner": learner.kind,
+                                       "accounting": state.accounting})
         (tmp / "config.yaml").write_text(dump_config(cfg))  # `danceopd sample` / `eval` rebuild the student from it
-    written = checkpoint_dir(cfg.output_path, loop.step)
+    written = checkpoint_dir(cfg.output_path, state.step)
     prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
-    loop.fleet.router_forget_before(first)
     return str(written)
 
 
-def resume(loop, path) -> None:
+@dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint restored into the learner, and what the loop continues from."""
+
+    step: int
+    run_id: str
+    router: dict  # the router's state at the first unconsumed ticket
+    next_ticket: int
+    accounting: dict
+
+
+def resume(cfg, path, learner, mode: str) -> Resumed:
+    """Load a checkpoint into `learner` (its own state too, when it is of the same kind) and
+    return the state it read."""
     path = Path(path)
     state = load_state(path)
     weights = load_tensors(path / "model.safetensors")
-    if state["learner"] == loop.learner.kind:
-        loop.learner.load(path / "learner", weights)
+    if state["learner"] == learner.kind:
+        learner.load(path / "learner", weights)
     else:
-        loop.learner.load_weights(weights)
-        print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {loop.mode} mode: weights, "
+        learner.load_weights(weights)
+        print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {mode} mode: weights, "
               "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
-    loop.step = loop.version = int(state["step"])
-    loop.run_id = state["run_id"]
-    write_run(loop.cfg.output_path, loop.run_id, resumed_from=str(path), step=loop.step)
-    loop.learner.set_version(loop.version)
-    # The run re-issues whole updates from the first unconsumed ticket. Its router state can sit
-    # inside an update (routing.granularity update, after a lost or dropped batch let a later
-    # ticket of that route be consumed first): close that update, else the job's last one would
-    # stay short and never be learned. Without losses or drops it is closed already.
-    loop.fleet.router_load({**state["router"], "group_left": 0})
-    loop.pipe.resume(loop.step, int(state["router"]["next_ticket"]))
+    step = int(state["step"])
+    write_run(cfg.output_path, state["run_id"], resumed_from=str(path), step=step)
+    return Resumed(step, state["run_id"], state["router"], int(state["router"]["next_ticket"]), state.get("accounting", {}))

@@ -1,12 +1,12 @@
 """The training loop — one loop for `--mode local` and `--mode ray`.
 
-    issue work orders while the staleness gate allows    (pipeline.plan -> fleet.submit)
-    collect routed batches; into the replay queue in ticket order
+    issue work orders while the staleness gate allows    (pipeline.plan -> router -> fleet.submit)
+    collect routed batches; into the replay queue in ticket order      (fleet.poll -> pipeline)
     learner step once a full step is queued (it runs while rollouts go on)
     push weights every `sync_every` steps; checkpoint every `checkpoint.every` steps
 
-The mode only picks the parts (services/runtime/): in-process objects whose calls are done when
-made, or Ray actors whose calls return refs. Sync versus async is only the gate
+The mode only picks the parts (services/runtime/, contracts.py): in-process objects whose calls
+are done when made, or Ray actors whose calls return refs. Sync versus async is only the gate
 (`sync.max_policy_lag`).
 """
 
@@ -18,39 +18,46 @@ import sys
 import threading
 import time
 
+from danceopd.dataset import Dataset
+from router.router import Router
 from services import checkpoints
 from services.pipeline import RolloutPipeline
+from services.runtime.contracts import Elastic, Fleet, LearnerGroup, WeightSync
 from services.runtime.events import Joined, Lost, RolledOut, Routed
-from services.runtime.failures import RoleFailure
+from services.state import FleetView, LoopState
 from services.telemetry.status import Telemetry
 
 
 class TrainLoop:
     def __init__(self, cfg, mode: str = "local", resume_from=None, show_progress: bool = True, run_id: str | None = None):
         self.cfg, self.mode = cfg, mode
-        self.run_id = run_id  # from checkpoints.prepare_output; resume() carries the checkpoint's over
+        self.run_id = run_id  # from checkpoints.prepare_output; a resume carries the checkpoint's over
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
+        # The pipeline's state has one owner, here: the ledger and the router (route draws, data
+        # cursor, tickets). The runtime's parts compute and keep none of it.
         self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
                                     cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker,
                                     by_route=cfg.routing.granularity == "update")
+        self.router = make_router(cfg, self.per_step)
         if mode == "local":
             from services.runtime.local import LocalEvaluation as Evaluation
             from services.runtime.local import build_local as build
         else:
-            from services.runtime.ray_fleet import RayEvaluation as Evaluation
             from services.runtime.ray_fleet import build_ray as build
+            from services.runtime.ray_learner import RayEvaluation as Evaluation
         # Ray mode: the evaluator actor starts while the fleet does.
-        self.evaluation = Evaluation(cfg) if cfg.eval.enabled else None
+        self.evaluation: Evaluation | None = Evaluation(cfg) if cfg.eval.enabled else None
         self.eval_step = None  # the step last submitted for evaluation
         try:
-            self.fleet, self.learner, make_sync = build(cfg)
+            parts: tuple[Fleet, LearnerGroup, WeightSync] = build(cfg, self.pipe)
+            self.fleet, self.learner, self.sync = parts
         except BaseException:
             if self.evaluation is not None:
                 self.evaluation.shutdown()
             raise
         self.pipe.worker_version.update(self.fleet.worker_versions())
-        self.sync = make_sync(self.pipe)
-        self.step = self.version = self.lag_last = self.lag_max = 0
+        self.lag_last = self.lag_max = 0
+        self.last_lags: tuple[int, ...] = ()
         self.learner_busy_s, self._learn_t0 = 0.0, None
         self.last_ckpt = None
         self.state = "starting"
@@ -58,8 +65,8 @@ class TrainLoop:
         self.stop_requested = threading.Event()
         self.stopped_by: str | None = None  # what asked for a graceful stop (/stop, SIGTERM, ...)
         if resume_from:
-            checkpoints.resume(self, resume_from)
-        self.sync.push(self.version)
+            self._resume(resume_from)
+        self.sync.push(self.step)
         self.evaluate()  # the starting weights
         self.autoscaler = None
         if cfg.autoscale.enabled:
@@ -70,13 +77,32 @@ class TrainLoop:
                                    control_fns=(self.status, self.request_scale, self.request_stop))
         self.t_start = time.perf_counter()  # idle ratios count from here, not from actor start-up
 
+    @property
+    def step(self) -> int:
+        """Learner steps done, which is also the weight version: the pipeline's one counter."""
+        return self.pipe.step
+
+    def snapshot(self) -> LoopState:
+        f = self.fleet
+        ev = self.evaluation
+        return LoopState(
+            step=self.step, state=self.state, mode=self.mode, run_id=self.run_id, learner_kind=self.learner.kind,
+            per_step=self.per_step, lag_last=self.lag_last, lag_max=self.lag_max, learner_busy_s=self.learner_busy_s,
+            last_checkpoint=self.last_ckpt, stopped_by=self.stopped_by, accounting=self.pipe.accounting(),
+            replay=self.pipe.replay_stats(), last_lags=self.last_lags,
+            batches={"issued": self.pipe.next_ticket, "in_flight": len(self.pipe.in_flight),
+                     "queued": len(self.pipe.queued)},
+            fleet=FleetView(f.counts(), f.teacher_counts(), f.restarts(), f.failures(), f.pending_counts()),
+            syncs=tuple(self.sync.records), learner_failed=getattr(self.learner, "failed", None),
+            evaluation=None if ev is None else {"where": ev.where, "skipped": ev.skipped, "failed": ev.failed})
+
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         try:
             return self._run()
         except Exception as e:
             self.state = "failed"
-            self.telemetry.failed(self, e)
+            self.telemetry.failed(self.snapshot(), e)
             raise
 
     def _run(self) -> dict:
@@ -96,10 +122,10 @@ class TrainLoop:
                 continue
             if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
                 with timer("sync"):
-                    self.sync.push(self.version)
+                    self.sync.push(self.step)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 with timer("checkpoint"):
-                    self.last_ckpt = checkpoints.save(self)
+                    self.checkpoint()
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.learner.steps:
                 with timer("eval"):
                     self.evaluate()
@@ -110,59 +136,68 @@ class TrainLoop:
     def issue(self) -> None:
         plan = self.pipe.plan(self.fleet.workers())
         if plan:
-            for worker, order in zip(plan, self.fleet.next_orders(len(plan), self.pipe.take_owed(len(plan)))):
+            owed = self.pipe.take_owed(len(plan))
+            for worker, order in zip(plan, self.router.next_orders(len(plan), self.cfg.rollout.batch_size, owed)):
                 self.pipe.issue(order.ticket, worker, len(order.items), order.items[0].route)
                 self.fleet.submit(worker, order)
 
     def collect(self, timeout: float) -> None:
-        for ev in self.fleet.poll(timeout, self.learner):
+        for ev in self.fleet.poll(timeout, self.learner.pending()):
             if isinstance(ev, RolledOut):
                 self.pipe.rolled_out(ev.ticket)
             elif isinstance(ev, Routed):
-                self.pipe.completed(ev.ticket, ev.handle)
+                self.pipe.completed(ev.ticket, ev.handle, ev.version)
             elif isinstance(ev, Lost):
                 self.pipe.lose(ev.ticket)
             elif isinstance(ev, Joined):
                 self.pipe.worker_version[ev.worker] = ev.version
                 self.sync.fleet_changed()
-        self.fleet.replay_put(self.pipe.to_replay())
         if self.cfg.sync.on_stale == "drop" and not self.pipe.in_flight and self.pipe.queued and not self.pipe.can_learn():
-            self.pipe.took([], self.fleet.replay_purge(self.version)["dropped"])  # stale leftovers block issuing
+            self.pipe.purge()  # stale leftovers block issuing
 
     def learn(self) -> dict | None:
         """Start a learner step once a full step is queued; return its metrics when it is done."""
         if not self.learner.busy:
-            if not self.pipe.can_learn():
-                return None
-            take = self.fleet.replay_take(self.per_step, self.version)
-            meta = take[1]
-            self.pipe.took(meta["tickets"], meta["dropped"])
-            if not meta["tickets"]:
-                if not meta["dropped"]:  # the queue and the pipeline disagree: fail, never spin
-                    raise RoleFailure(f"replay queue: handed out nothing although {len(self.pipe.queued)} batches "
-                                      f"were put and not taken (it lost batches)")
-                return None  # stale batches were dropped (on_stale: drop)
-            self.lag_last = self.version - min(meta["versions"])
+            take = self.pipe.take()
+            if take is None or not take.handles:
+                return None  # too few batches yet, or stale ones were dropped (on_stale: drop)
+            self.last_lags = tuple(self.step - v for v in take.versions)
+            self.lag_last = max(self.last_lags)
             self.lag_max = max(self.lag_max, self.lag_last)
             self._learn_t0 = time.perf_counter()
-            self.learner.start_step(take)
+            self.learner.start_step(take.handles)
         result = self.learner.poll_step(self.cfg.deadlines.learner_step_s)
         if result is None:
             return None
         self.learner_busy_s += time.perf_counter() - self._learn_t0
-        self.version += 1
-        self.step += 1
         self.pipe.stepped()
         return result
 
     def after_step(self, metrics: dict) -> None:
-        idle = self.telemetry.after_step(self, metrics)
+        idle = self.telemetry.after_step(self.snapshot(), metrics)
         if self.autoscaler is not None:
             active = len(self.fleet.workers())
             delta = self.autoscaler.observe(self.step, idle, len(self.pipe.queued), self.cfg.replay.capacity,
                                             active, self.fleet.can_grow())
             if delta:
                 self.commands.put({"rollout_workers": active + delta})
+
+    def checkpoint(self) -> None:
+        first = self.pipe.first_unconsumed()
+        self.run_id = self.run_id or checkpoints.run_id_of(self.cfg)
+        self.last_ckpt = checkpoints.save(self.cfg, self.snapshot(), self.learner, self.router.state_before(first))
+        self.router.forget_before(first)
+
+    def _resume(self, path) -> None:
+        r = checkpoints.resume(self.cfg, path, self.learner, self.mode)
+        self.run_id = r.run_id
+        # The run re-issues whole updates from the first unconsumed ticket. Its router state can sit
+        # inside an update (routing.granularity update, after a lost or dropped batch let a later
+        # ticket of that route be consumed first): close that update, else the job's last one would
+        # stay short and never be learned. Without losses or drops it is closed already.
+        self.router.load_state_dict({**r.router, "group_left": 0})
+        self.pipe.resume(r.step, r.next_ticket)
+        self.learner.set_version(r.step)
 
     def finish(self) -> dict:
         self.state = "stopping"
@@ -173,7 +208,7 @@ class TrainLoop:
             else:
                 time.sleep(0.01)
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
-            self.last_ckpt = checkpoints.save(self)  # the final (or graceful-stop) checkpoint
+            self.checkpoint()  # the final (or graceful-stop) checkpoint
         self.sync.poll(block=True)
         # Let in-flight work land so the accounting closes exactly; after a stop request (a
         # signal: the pod may be killed soon) only for `checkpoint.stop_grace_s`.
@@ -182,14 +217,13 @@ class TrainLoop:
             if self.stop_requested.is_set() and time.perf_counter() - t0 > self.cfg.checkpoint.stop_grace_s:
                 break
             self.collect(timeout=1.0)
-        self.fleet.replay_put(self.pipe.to_replay())
-        self.pipe.took([], self.fleet.replay_drain(), reason="unconsumed")
+        self.pipe.drain("unconsumed")
         stopping = self.stop_requested.is_set()  # a signal: the pod may be killed soon
         if not stopping:
             self.evaluate()  # the final weights
         self.report_evaluations(wait_s=self.cfg.checkpoint.stop_grace_s if stopping else self.cfg.eval.timeout_s)
         self.state = "done"
-        return self.telemetry.summary(self, time.perf_counter() - self.t_start)
+        return self.telemetry.summary(self.snapshot(), time.perf_counter() - self.t_start, self.fleet.busy_stats())
 
     def evaluate(self) -> None:
         """Evaluate the current weights (danceopd/evaluate.py): in Ray mode the evaluator actor
@@ -202,7 +236,7 @@ class TrainLoop:
         """Finished evaluations to metrics.jsonl, the sample grids, Prometheus, /status, TensorBoard."""
         if self.evaluation is not None:
             for result in self.evaluation.poll(wait_s):
-                self.telemetry.evaluated(self, result)
+                self.telemetry.evaluated(self.snapshot(), result)
 
     # ---- control (called from the control API's threads) -------------------------------------------
     def status(self) -> dict:
@@ -210,7 +244,7 @@ class TrainLoop:
 
     def request_scale(self, rollout_workers: int | None = None, teachers: dict | None = None) -> dict:
         """Validated here (the caller gets the error), applied by the loop between steps."""
-        if self.fleet.mode != "ray":
+        if not isinstance(self.fleet, Elastic):
             raise ValueError("scaling needs --mode ray: local mode runs one worker in this process")
         if rollout_workers is not None and (not isinstance(rollout_workers, int) or rollout_workers < 1):
             raise ValueError(f"rollout_workers: {rollout_workers!r} is not a positive integer")
@@ -234,6 +268,8 @@ class TrainLoop:
         self.stop_requested.set()
 
     def apply_commands(self) -> None:
+        if not isinstance(self.fleet, Elastic):
+            return
         while not self.commands.empty():
             req = self.commands.get()
             for ev in self.fleet.scale(req.get("rollout_workers"), req.get("teachers", {})):
@@ -249,6 +285,15 @@ class TrainLoop:
         self.sync.close()
         self.learner.shutdown()
         self.fleet.shutdown()
+
+
+def make_router(cfg, per_step: int) -> Router:
+    """The job's router, in the driver: its dataset checked against the routes first."""
+    from danceopd.methods import make_method
+
+    dataset = Dataset.load(cfg.resolve(cfg.data.path))
+    dataset.check_routes(cfg.routing.routes)
+    return Router(cfg.routing, dataset, cfg.job.seed, per_step, make_method(cfg.method).group_size())
 
 
 class StopOnSignal:

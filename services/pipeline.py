@@ -1,21 +1,23 @@
-"""The rollout pipeline's bookkeeping: tickets, the staleness gate, ticket order, lost tickets.
+"""The rollout pipeline: the one ledger of a job's batches, in the driver.
 
-Pure Python — no Ray, no clock — so the logic both modes run is unit-tested on its own.
+Pure Python — no Ray, no clock — so the logic both modes run is unit-tested on its own. It holds
+tickets, routes, versions, the replay contents (each routed batch's handle: an object ref in Ray
+mode, the batch itself in one process) and the latest weights; nothing else keeps a copy.
 
 - Every rollout batch is a *ticket*, numbered by the router in hand-out order.
 - **Gate** (`on_stale: wait`): the batch at consumption position p is trained on at step
   p // per_step, so it may be issued to a worker holding version v only if
   v >= p // per_step - max_policy_lag. Positions count tickets that are not lost, so losing a
   ticket only moves later ones earlier (never past their bound). `on_stale: drop` never waits;
-  the replay queue drops what is too stale when it is taken.
+  `take` drops what is too stale.
 - **Backpressure**: batches in flight + waiting for their turn + queued never exceed the replay
   capacity, and no more are issued than the remaining steps need.
-- **Ticket order**: routed batches enter the replay queue in ticket order (a lost ticket is
+- **Ticket order**: routed batches join the replay queue in ticket order (a lost ticket is
   skipped), so what the learner consumes does not depend on which worker was faster.
 - **One route per update** (`by_route`, routing.granularity update): a lost or dropped batch
   leaves its update short, so its route is *owed*: the next order handed out is of that route.
   Losing or dropping frees the capacity slot the replacement takes, so this never deadlocks;
-  the learner starts a step once the oldest queued batch's route has a full step queued.
+  a step takes the oldest queued batch's route once it has a full step queued.
 - **Resume point**: the first ticket not yet consumed; the router's state from just before it
   is what a checkpoint stores.
 
@@ -37,6 +39,27 @@ class Ticket:
     rolled_out: bool = False  # the worker is done with it (it is being routed)
 
 
+@dataclass
+class Queued:
+    """A routed batch in the replay queue (or waiting for its turn to enter it)."""
+
+    ticket: int
+    samples: int
+    version: int  # the oldest policy version of its rows
+    route: str
+    handle: object
+
+
+@dataclass
+class Take:
+    """What one learner step consumes: handles in ticket order, and what was dropped on the way."""
+
+    handles: list
+    tickets: list[int]
+    versions: list[int]
+    dropped: dict[int, int]  # ticket -> samples, too stale (on_stale: drop)
+
+
 class RolloutPipeline:
     def __init__(self, per_step: int, total_steps: int, capacity: int, max_lag: int, on_stale: str = "wait",
                  depth: int = 1, by_route: bool = False):
@@ -48,17 +71,19 @@ class RolloutPipeline:
         self.by_route = by_route
         self.routes: dict[int, str] = {}  # ticket -> route, for tickets not yet consumed
         self.owed: list[str] = []  # routes of lost / dropped batches, handed out next
-        self.step = 0  # learner steps done
+        self.step = 0  # learner steps done: the job's one step counter (the weight version too)
         self.position = 0  # tickets issued and not lost (consumed ones included)
         self.next_ticket = 0  # the ticket the next order must carry
         self.next_put = 0  # the next ticket to enter the replay queue
         self.in_flight: dict[int, Ticket] = {}
-        self.ready: dict[int, tuple[Ticket, object]] = {}  # routed, waiting for its turn
-        self.queued: dict[int, int] = {}  # ticket -> samples, in the replay queue (insertion = ticket order)
+        self.ready: dict[int, Queued] = {}  # routed, waiting for its turn
+        self.queued: dict[int, Queued] = {}  # the replay queue (insertion = ticket order)
         self.lost: set[int] = set()
         self.worker_version: dict[str, int] = {}
+        self.weights: tuple[int, object] | None = None  # (version, payload) of the latest push
         self.counts = collections.Counter(issued=0, produced=0, lost=0, consumed=0)
         self.dropped: collections.Counter = collections.Counter()  # reason -> samples
+        self.lag_counts: collections.Counter = collections.Counter()  # lag -> samples consumed
 
     # ---- issuing ------------------------------------------------------------------------
     def held(self) -> int:
@@ -113,10 +138,12 @@ class RolloutPipeline:
         self.in_flight[ticket].rolled_out = True
 
     # ---- arrivals and losses -------------------------------------------------------------
-    def completed(self, ticket: int, handle) -> None:
+    def completed(self, ticket: int, handle, version: int) -> None:
+        """Ticket's routed batch (`handle`) is done; its rows were made with weights `version`."""
         t = self.in_flight.pop(ticket)
-        self.ready[ticket] = (t, handle)
+        self.ready[ticket] = Queued(ticket, t.samples, version, self.routes.get(ticket, ""), handle)
         self.counts["produced"] += t.samples
+        self._advance()
 
     def lose(self, ticket: int) -> Ticket:
         """A ticket whose batch will never arrive (its worker died or timed out)."""
@@ -126,46 +153,69 @@ class RolloutPipeline:
         self.routes.pop(ticket, None)
         self.position -= 1
         self.counts["lost"] += t.samples
+        self._advance()
         return t
 
-    def to_replay(self) -> list[object]:
-        """Routed batches that may enter the replay queue now, in ticket order."""
-        out = []
+    def _advance(self) -> None:
+        """Routed batches join the replay queue in ticket order; a lost ticket is skipped."""
         while self.next_put in self.ready or self.next_put in self.lost:
             if self.next_put in self.ready:
-                t, handle = self.ready.pop(self.next_put)
-                self.queued[t.ticket] = t.samples
-                out.append(handle)
+                self.queued[self.next_put] = self.ready.pop(self.next_put)
             else:
                 self.lost.discard(self.next_put)
             self.next_put += 1
-        return out
-
-    # ---- consumption -----------------------------------------------------------------------
-    def took(self, taken: list[int], dropped: dict[int, int] | None = None, reason: str = "stale") -> None:
-        """The replay queue handed `taken` tickets to the learner and dropped `dropped`."""
-        for t in taken:
-            self.counts["consumed"] += self.queued.pop(t)
-            self.routes.pop(t, None)
-        for t, samples in (dropped or {}).items():
-            self.queued.pop(t)
-            self.dropped[reason] += samples
-            if reason == "stale":
-                self._owe(t)
-            self.routes.pop(t, None)
 
     def _owe(self, ticket: int) -> None:
         if self.by_route and self.routes.get(ticket):
             self.owed.append(self.routes[ticket])
 
-    def stepped(self) -> None:
-        self.step += 1
+    # ---- consumption -----------------------------------------------------------------------
+    def _drop(self, tickets, reason: str) -> dict[int, int]:
+        out = {}
+        for t in tickets:
+            q = self.queued.pop(t)
+            self.dropped[reason] += q.samples
+            if reason == "stale":
+                self._owe(t)
+            self.routes.pop(t, None)
+            out[t] = q.samples
+        return out
+
+    def purge(self) -> dict[int, int]:
+        """Drop queued batches too stale for the current step ({ticket: samples})."""
+        return self._drop([t for t, q in self.queued.items() if self.step - q.version > self.max_lag], "stale")
+
+    def _pick(self) -> list[Queued]:
+        items = list(self.queued.values())
+        if self.by_route and items:  # the oldest batch's route; its per_step oldest batches
+            items = [q for q in items if q.route == items[0].route]
+        return items[:self.per_step] if len(items) >= self.per_step else []
 
     def can_learn(self) -> bool:
-        if not self.by_route or len(self.queued) < self.per_step:
-            return len(self.queued) >= self.per_step
-        head = self.routes.get(next(iter(self.queued)))
-        return sum(1 for t in self.queued if self.routes.get(t) == head) >= self.per_step
+        return bool(self._pick())
+
+    def take(self) -> Take | None:
+        """One learner step's batches (too-stale ones dropped first), or None while there are
+        too few. The learner trains on them at version `step`."""
+        dropped = self.purge()
+        picked = self._pick()
+        if not picked:
+            return Take([], [], [], dropped) if dropped else None
+        for q in picked:
+            del self.queued[q.ticket]
+            self.routes.pop(q.ticket, None)
+            self.counts["consumed"] += q.samples
+            self.lag_counts[self.step - q.version] += q.samples
+        return Take([q.handle for q in picked], [q.ticket for q in picked], [q.version for q in picked], dropped)
+
+    def drain(self, reason: str = "unconsumed") -> dict[int, int]:
+        """Everything still queued or waiting its turn is dropped (the end of a job)."""
+        for t in sorted(self.ready):
+            self.queued[t] = self.ready.pop(t)
+        return self._drop(list(self.queued), reason)
+
+    def stepped(self) -> None:
+        self.step += 1
 
     def first_unconsumed(self) -> int:
         """Tickets before this one are consumed, dropped or lost; the router state from just
@@ -179,6 +229,11 @@ class RolloutPipeline:
         self.next_ticket = self.next_put = next_ticket
 
     def accounting(self) -> dict:
-        queued = sum(self.queued.values()) + sum(t.samples for t, _ in self.ready.values())
+        queued = sum(q.samples for q in self.queued.values()) + sum(q.samples for q in self.ready.values())
         return {**self.counts, "dropped": dict(self.dropped), "queued": queued,
                 "in_flight": sum(t.samples for t in self.in_flight.values())}
+
+    def replay_stats(self) -> dict:
+        return {"depth": len(self.queued), "capacity": self.capacity, "dropped": dict(self.dropped),
+                "lag_counts": {str(k): v for k, v in sorted(self.lag_counts.items())},
+                "max_lag_seen": max(self.lag_counts, default=0)}

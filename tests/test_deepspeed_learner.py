@@ -12,9 +12,8 @@ from learner.deepspeed_learner import DeepSpeedLearner
 from learner.learner import Learner
 from learner.step import batch_loss
 from rollout_workers.worker import RolloutWorker
-from router.router import InProcessPool
-from router.teacher import Teacher
-from services.runtime.local import build_router, used_teachers
+from services.loop import make_router
+from services.runtime.local import local_scorer
 
 pytestmark = pytest.mark.ray
 
@@ -28,9 +27,9 @@ def make_cfg(raw, tmp_path, **learner):
 
 def routed_batches(cfg, n):
     """n RoutedBatches made the real way: router work orders -> student rollout -> teachers."""
-    router = build_router(cfg, {name: InProcessPool(Teacher(cfg, name)) for name in used_teachers(cfg)})
+    router, scorer = make_router(cfg, 1), local_scorer(cfg)
     worker = RolloutWorker(cfg)
-    return [router.route(worker.rollout(router.next_order(cfg.rollout.batch_size))) for _ in range(n)]
+    return [scorer.route(worker.rollout(router.next_order(cfg.rollout.batch_size))) for _ in range(n)]
 
 
 def spawn(ray, cfg, world_size):

@@ -27,7 +27,7 @@ from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = pytest.mark.ray
 
-ROLES = ("rollout", "teacher", "router", "replay", "weight_store")
+ROLES = ("rollout", "teacher", "router")
 
 
 def small(sim_raw, tmp_path, name, **over):
@@ -143,25 +143,63 @@ def test_killed_teacher_replica_is_blamed_and_replaced(ray_local, sim_raw, tmp_p
     assert_recovered(summary, cfg, "teacher", fault, "teacher replica")
 
 
-def test_killed_router_is_rebuilt_without_losing_a_batch(ray_local, sim_raw, tmp_path):
-    # A short routing deadline: a batch the new router never got would fail this test in 20 s.
+def test_killed_router_scorer_is_replaced_without_losing_a_batch(ray_local, sim_raw, tmp_path):
+    # A short routing deadline: a batch the new scorer never got would fail this test in 20 s.
     cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1, deadlines__route_s=20.0)
-    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.router.only, "router")
-    acct = assert_recovered(summary, cfg, "router", fault, "router")
-    assert acct["lost"] == 0  # batches being routed were routed again by the new router
+    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.scorer.only, "router")
+    acct = assert_recovered(summary, cfg, "router", fault, "router (scorer)")
+    assert acct["lost"] == 0  # batches being scored were scored again by the new scorer
 
 
-def test_killed_replay_queue_is_rebuilt_from_the_queued_refs(ray_local, sim_raw, tmp_path):
-    cfg = small(sim_raw, tmp_path, "kill-replay", backend__learner_latency_s=0.1)
-    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.replay.only, "replay")
-    acct = assert_recovered(summary, cfg, "replay", fault, "replay queue")
-    assert acct["lost"] == 0
+def test_killed_driver_resumes_from_its_checkpoint_with_exact_accounting(ray_local, sim_raw, tmp_path, write_config):
+    """The driver holds the pipeline's whole state (tickets, routes, replay contents, weights):
+    SIGKILL it mid-run (its actors die with it) and `--resume auto` finishes the job from the
+    last checkpoint, the route sequence continuing at the checkpoint's ticket."""
+    import subprocess
+    import sys
 
+    import psutil
 
-def test_killed_weight_store_is_rebuilt_with_the_latest_weights(ray_local, sim_raw, tmp_path):
-    cfg = small(sim_raw, tmp_path, "kill-store")
-    summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.store.only, "weight_store")
-    assert_recovered(summary, cfg, "weight_store", fault, "weight store")
+    from danceopd.checkpoint import load_json
+
+    cfg = small(sim_raw, tmp_path, "driver", learner__steps=20, checkpoint__every=4, checkpoint__keep=10)
+    path = write_config({k: v for k, v in cfg.model_dump(mode="json").items() if k != "base_dir"})
+    cmd = [sys.executable, "-m", "services.cli", "train", str(path), "--mode", "ray", "--address",
+           ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            ckpt = latest_checkpoint(cfg.output_path)
+            if ckpt is not None and int(ckpt.name.split("-")[1]) >= 8:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()  # SIGKILL: no final checkpoint, no clean shutdown
+        proc.wait(timeout=30)
+    finally:
+        for child in [proc, *locals().get("children", [])]:
+            try:
+                child.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+    ckpt = latest_checkpoint(cfg.output_path)
+    step = int(ckpt.name.split("-")[1])
+    assert 8 <= step < cfg.learner.steps
+    state = load_json(ckpt / "state.json")
+    resumed = TrainLoop(cfg, "ray", resume_from=ckpt, show_progress=False)
+    try:
+        assert resumed.step == step and resumed.router.next_ticket == state["router"]["next_ticket"]
+        assert resumed.run_id == state["run_id"]
+        summary = resumed.run()
+    finally:
+        resumed.shutdown()
+    assert summary["steps"] == cfg.learner.steps
+    acct = summary["accounting"]
+    assert_accounting_closes(acct)
+    per_step = cfg.learner.world_size * cfg.learner.grad_accum * cfg.rollout.batch_size
+    assert acct["consumed"] == (cfg.learner.steps - step) * per_step  # the resumed run learned exactly the rest
 
 
 def test_hung_teacher_is_restarted_and_the_job_finishes(ray_local, sim_raw, tmp_path):

@@ -80,16 +80,15 @@ def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
 
     from danceopd.batch import replace_columns
     from rollout_workers.worker import RolloutWorker
-    from router.router import InProcessPool
-    from router.teacher import Teacher
-    from services.runtime.local import build_router, used_teachers
+    from services.loop import make_router
+    from services.runtime.local import local_scorer
 
     cfg = cfg_for(toy_raw, tmp_path, "unknown")
-    router = build_router(cfg, {n: InProcessPool(Teacher(cfg, n)) for n in used_teachers(cfg)})
+    router = make_router(cfg, 1)
     rb = RolloutWorker(cfg).rollout(router.next_order(4))
     bad = replace_columns(rb, route=["inpaint"] * rb.num_rows)
     with pytest.raises(KeyError, match="unknown route 'inpaint'"):
-        router.route(bad)
+        local_scorer(cfg).route(bad)
     with pytest.raises(ValueError, match="task 'inpaint' has no samples"):
         router.dataset.sample("inpaint", router.data_rng)
 

@@ -179,14 +179,12 @@ def test_sft_condition_dropout_drops_text_per_sample_and_keeps_the_rest(toy_raw,
     task / source part kept), so the trained model has an unconditional branch."""
     from danceopd.batch import tensor
     from rollout_workers.worker import RolloutWorker
-    from router.router import InProcessPool
-    from router.teacher import Teacher
-    from services.runtime.local import build_router, used_teachers
+    from services.loop import make_router
     from tests.conftest import cfg_for
 
     def conds(p, name):
         cfg = cfg_for(toy_raw, tmp_path, name, method__name="sft", method__cond_dropout=p, method__k=1)
-        router = build_router(cfg, {n: InProcessPool(Teacher(cfg, n)) for n in used_teachers(cfg)})
+        router = make_router(cfg, 1)
         worker = RolloutWorker(cfg)
         rb = worker.rollout(router.next_order(256))
         return worker.backend, tensor(rb, "cond")

@@ -26,10 +26,9 @@ def test_gate_on_policy_issues_exactly_one_step_with_current_weights():
     assert [w for _, w in issue(p, "ab")] == ["a", "b"]  # positions 0, 1 -> step 0, version 0 ok
     assert issue(p, "ab") == []  # depth 1 at lag 0: both busy
     for t in (0, 1):
-        p.completed(t, f"rb{t}")
-    p.to_replay()
+        p.completed(t, f"rb{t}", 0)
     assert issue(p, "ab") == []  # position 2 belongs to step 1: version 0 is too old at lag 0
-    p.took([0, 1])
+    assert p.take().handles == ["rb0", "rb1"]
     p.stepped()
     p.worker_version.update(a=1, b=1)
     assert [t for t, _ in issue(p, "ab")] == [2, 3]
@@ -63,22 +62,22 @@ def test_capacity_and_remaining_steps_bound_what_is_issued():
 def test_replay_order_is_ticket_order_whatever_finishes_first():
     p = pipe(per_step=2, lag=1, capacity=16, depth=2)
     issue(p, "ab")
-    p.completed(2, "rb2")
-    p.completed(1, "rb1")
-    assert p.to_replay() == []  # ticket 0 has not arrived: nothing may overtake it
-    p.completed(0, "rb0")
-    assert p.to_replay() == ["rb0", "rb1", "rb2"]
-    p.completed(3, "rb3")
-    assert p.to_replay() == ["rb3"]
+    p.completed(2, "rb2", 0)
+    p.completed(1, "rb1", 0)
+    assert list(p.queued) == [] and not p.can_learn()  # ticket 0 has not arrived: nothing may overtake it
+    p.completed(0, "rb0", 0)
+    assert [q.handle for q in p.queued.values()] == ["rb0", "rb1", "rb2"]
+    p.completed(3, "rb3", 0)
+    assert p.take().handles == ["rb0", "rb1"] and p.take().handles == ["rb2", "rb3"]
 
 
 def test_a_lost_ticket_is_skipped_and_moves_later_positions_earlier():
     p = pipe(per_step=2, lag=0, capacity=16)
     issue(p, "ab")
-    p.completed(1, "rb1")
+    p.completed(1, "rb1", 0)
     lost = p.lose(0)
     assert lost.worker == "a" and p.position == 1
-    assert p.to_replay() == ["rb1"]  # 0 will never come: 1 goes in
+    assert [q.handle for q in p.queued.values()] == ["rb1"]  # 0 will never come: 1 goes in
     # position 1 is free again: a replacement for the lost batch is still step 0 (version 0 ok)
     assert [t for t, _ in issue(p, "ab")] == [2]
     acct = p.accounting()
@@ -90,14 +89,15 @@ def test_first_unconsumed_ticket_skips_consumed_lost_and_dropped():
     issue(p, "ab")  # tickets 0..3
     assert p.first_unconsumed() == 0
     p.lose(0)
-    for t in (1, 2, 3):
-        p.completed(t, f"rb{t}")
-    p.to_replay()
+    for t, version in ((1, 2), (2, 0), (3, 2)):
+        p.completed(t, f"rb{t}", version)
     assert p.first_unconsumed() == 1
-    p.took([1], dropped={2: 4})
-    assert p.first_unconsumed() == 3
-    p.took([3])
+    p.stepped()
+    p.stepped()  # at step 2, ticket 2 (version 0) is beyond lag 1
+    take = p.take()
+    assert take.tickets == [1, 3] and take.handles == ["rb1", "rb3"] and take.dropped == {2: 4}
     assert p.first_unconsumed() == p.next_ticket == 4
+    assert p.replay_stats()["lag_counts"] == {"0": 8}
     acct = p.accounting()
     assert acct["consumed"] == 8 and acct["dropped"] == {"stale": 4} and acct["lost"] == 4
     assert acct["issued"] == acct["produced"] + acct["lost"]
@@ -108,8 +108,7 @@ def test_drop_mode_never_waits_for_weights():
     p = pipe(per_step=1, lag=0, on_stale="drop", capacity=16)
     assert len(issue(p, "ab")) == 2
     for t in (0, 1):
-        p.completed(t, t)
-    p.to_replay()
+        p.completed(t, t, 0)
     assert len(issue(p, "ab")) == 2  # version 0 everywhere, yet step 2 and 3 batches are issued
 
 
@@ -138,15 +137,15 @@ def test_by_route_a_lost_or_dropped_batch_is_owed_and_learning_waits_for_its_rou
     p.lose(1)
     assert p.owed == ["A"] and p.take_owed(3) == ["A"]
     for t in (0, 2, 3):
-        p.completed(t, f"h{t}")
-    p.to_replay()
+        p.completed(t, f"h{t}", 0 if t == 2 else 1)
     assert not p.can_learn()  # A (the oldest) has one of two; B's full step waits behind it
     p.issue(4, "a", 4, route="A")
     assert p.owed == []
-    p.completed(4, "h4")
-    p.to_replay()
+    p.completed(4, "h4", 1)
     assert p.can_learn()
-    p.took([0, 4], {2: 4})  # B's ticket 2 dropped as stale: B is owed now
+    p.stepped()
+    take = p.take()  # B's ticket 2 (version 0) is dropped as stale at step 1: B is owed now
+    assert take.tickets == [0, 4] and take.dropped == {2: 4}
     assert p.owed == ["B"]
     flat = RolloutPipeline(per_step=2, total_steps=10, capacity=8, max_lag=0)
     flat.worker_version.update(a=0)
@@ -156,24 +155,29 @@ def test_by_route_a_lost_or_dropped_batch_is_owed_and_learning_waits_for_its_rou
 
 
 def test_replay_by_route_takes_the_oldest_routes_batches():
-    import pyarrow as pa
+    def filled(by_route, routes, start=0, p=None):
+        p = p or RolloutPipeline(per_step=2, total_steps=10, capacity=8, max_lag=0, by_route=by_route)
+        p.worker_version.update(a=0)
+        for t, r in enumerate(routes, start):
+            p.issue(t, "a", 1, route=r)
+            p.completed(t, f"rb{t}", 0)
+        return p
 
-    from services.replay import ReplayQueue
+    p = filled(True, "ABAB")
+    assert p.take().tickets == [0, 2]
+    assert p.take().tickets == [1, 3]
+    filled(True, "ABB", 4, p)
+    assert p.take() is None and len(p.queued) == 3  # the oldest is A and A has one batch: wait
+    assert filled(False, "ABAB").take().tickets == [0, 1]
 
-    def rb(ticket, route):
-        return pa.RecordBatch.from_pydict({"policy_version": [0], "sample_index": [ticket], "ticket": [ticket], "route": [route]})
 
-    q = ReplayQueue(capacity=8, max_policy_lag=0, by_route=True)
-    for t, r in enumerate("ABAB"):
-        q.put(rb(t, r))
-    out, meta = q.take(2, 0)
-    assert meta["tickets"] == [0, 2]
-    assert q.take(2, 0)[1]["tickets"] == [1, 3]
-    q.put(rb(4, "A"))
-    q.put(rb(5, "B"))
-    q.put(rb(6, "B"))
-    assert q.take(2, 0)[1]["tickets"] == []  # the oldest is A and A has one batch: wait
-    fifo = ReplayQueue(capacity=8, max_policy_lag=0)
-    for t, r in enumerate("ABAB"):
-        fifo.put(rb(t, r))
-    assert fifo.take(2, 0)[1]["tickets"] == [0, 1]
+def test_drain_drops_queued_and_waiting_batches_and_the_accounting_closes():
+    p = pipe(per_step=2, lag=1, capacity=16, depth=2)
+    issue(p, "ab")  # tickets 0..3
+    for t in (0, 2):
+        p.completed(t, t, 0)  # 2 waits for ticket 1
+    assert set(p.queued) == {0} and set(p.ready) == {2}
+    assert p.drain() == {0: 4, 2: 4}
+    acct = p.accounting()
+    assert acct["dropped"] == {"unconsumed": 8} and acct["queued"] == 0 and acct["in_flight"] == 8
+    assert p.owed == []  # unconsumed batches are not re-issued

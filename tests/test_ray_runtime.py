@@ -180,7 +180,7 @@ def test_resume_across_modes_carries_weights_routes_and_step(ray_local, toy_raw,
         saved, now = load_tensors(ck / "model.safetensors"), loop.learner.export()
         for k in saved:
             torch.testing.assert_close(now[k], saved[k], rtol=0, atol=0)
-        assert loop.step == loop.version == 4 and loop.pipe.next_ticket == load_json(ck / "state.json")["router"]["next_ticket"]
+        assert loop.step == 4 and loop.pipe.next_ticket == load_json(ck / "state.json")["router"]["next_ticket"]
         summary = loop.run()
     finally:
         loop.shutdown()

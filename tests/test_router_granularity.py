@@ -4,15 +4,13 @@ versus sample (a route per sample), owed replacements, and its checkpointed stat
 import threading
 
 from danceopd.checkpoint import latest_checkpoint, load_json, save_json
-from router.router import InProcessPool
-from router.teacher import Teacher
+from services import loop as loops
 from services.loop import TrainLoop
-from services.runtime.local import build_router, used_teachers
 from tests.conftest import cfg_for
 
 
 def make_router(cfg):
-    return build_router(cfg, {n: InProcessPool(Teacher(cfg, n)) for n in used_teachers(cfg)})
+    return loops.make_router(cfg, cfg.learner.world_size * cfg.learner.grad_accum)
 
 
 def order_routes(orders) -> list[set[str]]:

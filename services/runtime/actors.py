@@ -16,11 +16,10 @@ import numpy as np
 import ray
 
 from rollout_workers.worker import RolloutWorker
-from router.router import Router, TeacherFailure
+from router.scoring import Scorer, TeacherFailure
 from router.teacher import Teacher
-from services.replay import ReplayQueue
 from services.telemetry.metrics import ActorMetrics
-from services.weights.store import state_nbytes
+from services.weights.state import state_nbytes
 
 
 def actor_env(cfg) -> dict:
@@ -53,16 +52,16 @@ class WeightGroupMember:
 
 
 class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
-    """A rollout worker that pulls the latest weights from the store when it starts, so a new
-    or restarted worker never rolls out with initial weights; records its metrics."""
+    """A rollout worker created (or restarted) with the driver's latest weights, so it never
+    rolls out with initial weights; records its metrics. `latest`: (version, [ref]) of the last
+    push, or None (before the first, and under `collective`, which broadcasts to joiners)."""
 
-    def __init__(self, cfg, worker_id: str, store):
+    def __init__(self, cfg, worker_id: str, latest=None):
         super().__init__(cfg, worker_id)
         self.metrics = ActorMetrics("rollout", worker_id)
         self.t_start = time.perf_counter()
-        latest = ray.get(store.latest.remote())
-        if latest is not None and latest[1] is not None:  # `collective` stores no payload: it broadcasts
-            version, (ref,) = latest
+        if latest is not None:
+            version, (ref,) = latest  # the ref inside a list: fetched here, where it is timed out by the caller
             self.set_weights(ray.get(ref), version)
 
     def rollout_meta(self, order):
@@ -158,31 +157,27 @@ class RayTeacherPool:
                 self._outstanding[name] -= 1
 
 
-class RouterActor(Router):
-    """A threaded actor: several batches are routed at once (`routing.max_concurrent_batches`)."""
+class ScorerActor(Scorer):
+    """The router's scoring side as a threaded actor: several batches are scored at once
+    (`routing.max_concurrent_batches`). Stateless: a dead one is replaced and re-scores."""
 
-    def __init__(self, cfg, dataset, pools):
-        super().__init__(cfg, dataset, pools)
-        self.metrics = ActorMetrics("router", "router-0")
+    def __init__(self, routes, method, pools, name: str = "router-0"):
+        super().__init__(routes, method, pools)
+        self.metrics = ActorMetrics("router", name)
         self._backlog: collections.Counter = collections.Counter()
 
     def route_meta(self, rb):
-        """(meta, RoutedBatch), like the rollout worker's pair."""
+        """(meta, RoutedBatch), like the rollout worker's pair: the driver learns the ticket, the
+        policy version and the size without fetching the batch."""
         routes = collections.Counter(rb.column("route").to_pylist())
         self._report(routes, +1)
         try:
             out = self.route(rb)
         finally:
             self._report(routes, -1)
-        return {"ticket": rb.column("ticket")[0].as_py(), "rows": out.num_rows}, out
-
-    def next_orders_with_state(self, n: int, batch_size: int, owed: list[str]):
-        """(orders, router state before each, state after the last): the controller keeps the
-        states, so a restarted router resumes the hand-out and checkpoints need no router call."""
-        orders = self.next_orders(n, batch_size, owed)
-        with self._lock:
-            before = [self._before.pop(o.ticket) for o in orders]
-            return orders, before, self.state_dict()
+        versions = rb.column("policy_version").to_numpy()
+        return {"ticket": rb.column("ticket")[0].as_py(), "rows": out.num_rows,
+                "version": int(versions.min()) if len(versions) else 0}, out
 
     def _report(self, routes: collections.Counter, sign: int) -> None:
         with self._lock:  # batches of each route being scored right now
@@ -191,51 +186,13 @@ class RouterActor(Router):
                 self.metrics.set("danceopd_router_backlog", self._backlog[r], route=r)
 
 
-class ReplayQueueActor(ReplayQueue):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.metrics = ActorMetrics("replay", "replay-0")
-        self._reported_drops: dict[str, int] = {}
-        self._report()
-
-    def _report(self) -> None:
-        # Gauges are re-set on every change: Ray's exporter can drop a gauge set only once.
-        self.metrics.set("danceopd_replay_capacity", self.capacity)
-        self.metrics.set("danceopd_replay_depth", self.depth())
-        for reason, n in self.dropped.items():
-            new = n - self._reported_drops.get(reason, 0)
-            if new:
-                self.metrics.inc("danceopd_dropped_samples", new, reason=reason)
-                self._reported_drops[reason] = n
-
-    def put(self, rb):
-        ok = super().put(rb)
-        self._report()
-        return ok
-
-    def take_sharded(self, n: int, learner_version: int, shards: int):
-        """[meta, shard 0, ..., shard W-1] (num_returns = W + 1): each learner rank gets its own
-        micro-batches by reference, and the loop fetches only the meta."""
-        out, meta = self.take(n, learner_version)
-        self._report()
-        for v in meta["versions"]:
-            self.metrics.observe("danceopd_policy_lag", learner_version - v)
-        per = len(out) // shards if out else 0
-        return [meta] + [out[i * per:(i + 1) * per] for i in range(shards)]
-
-    def purge(self, learner_version):
-        out = super().purge(learner_version)
-        self._report()
-        return out
-
-    def drain(self, reason):
-        out = super().drain(reason)
-        self._report()
-        return out
-
-
 def learner_rank_actor(base):
     class LearnerRankActor(WeightGroupMember, base):
+        def train_refs(self, *micro_batches) -> dict:
+            """One step on this rank's batches, passed as top-level refs: Ray fetches them here
+            from the object store, where each was stored once by the scorer."""
+            return self.train_step(list(micro_batches))
+
         def broadcast_weights(self, version: int) -> int:
             """Every rank exports (ZeRO-3 gathers); rank 0 broadcasts to the weight group."""
             from danceopd.collective import BucketBroadcaster

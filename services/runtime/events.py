@@ -14,10 +14,12 @@ class RolledOut:
 
 @dataclass(frozen=True)
 class Routed:
-    """Ticket `ticket`'s routed batch is done; `handle` is the batch (local) or its ref (Ray)."""
+    """Ticket `ticket`'s routed batch is done; `handle` is the batch (local) or its ref (Ray);
+    `version` is the oldest policy version of its rows."""
 
     ticket: int
     handle: object
+    version: int
 
 
 @dataclass(frozen=True)

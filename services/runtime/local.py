@@ -11,38 +11,35 @@ import time
 import torch
 
 from danceopd.checkpoint import load_json, load_torch, save_json, save_torch
-from danceopd.dataset import Dataset
 from learner.learner import Learner
 from rollout_workers.worker import RolloutWorker
-from router.router import InProcessPool, Router
+from router.scoring import InProcessPool, Scorer
 from router.teacher import Teacher
-from services.replay import ReplayQueue
 from services.runtime.events import Routed
-from services.weights.store import state_nbytes
+from services.weights.state import state_nbytes
 
 
 def used_teachers(cfg) -> list[str]:
     return sorted({r.teacher for r in cfg.routing.routes})
 
 
-def build_router(cfg, pools: dict) -> Router:
-    dataset = Dataset.load(cfg.resolve(cfg.data.path))
-    dataset.check_routes(cfg.routing.routes)
-    return Router(cfg, dataset, pools)
+def local_scorer(cfg, teachers: dict | None = None) -> Scorer:
+    """The scorer over in-process teachers (built here unless given)."""
+    teachers = teachers or {name: Teacher(cfg, name) for name in used_teachers(cfg)}
+    return Scorer(cfg.routing.routes, cfg.method, {n: InProcessPool(t) for n, t in teachers.items()})
 
 
 class LocalFleet:
-    """One rollout worker, the router with in-process teachers, and the replay queue."""
+    """One rollout worker and the scorer with in-process teachers: each order is rolled out and
+    scored when it is submitted."""
 
     mode = "local"
 
     def __init__(self, cfg):
-        self.cfg = cfg
         self.teachers = {name: Teacher(cfg, name) for name in used_teachers(cfg)}
-        self.router = build_router(cfg, {n: InProcessPool(t) for n, t in self.teachers.items()})
+        self.routes = [r.name for r in cfg.routing.routes]
+        self.scorer = local_scorer(cfg, self.teachers)
         self.worker = RolloutWorker(cfg, "rollout-0")
-        spill = cfg.replay.spill_dir and cfg.resolve(cfg.replay.spill_dir)
-        self.replay = ReplayQueue(cfg.replay.capacity, cfg.sync.max_policy_lag, spill, cfg.routing.granularity == "update")
         self._events: list = []
 
     # ---- data path -----------------------------------------------------------------------
@@ -52,52 +49,23 @@ class LocalFleet:
     def worker_versions(self) -> dict[str, int]:
         return {self.worker.worker_id: self.worker.version}
 
-    def next_orders(self, n: int, owed: list[str] = ()) -> list:
-        return self.router.next_orders(n, self.cfg.rollout.batch_size, owed)
-
     def submit(self, worker: str, order) -> None:
-        self._events.append(Routed(order.ticket, self.router.route(self.worker.rollout(order))))
+        rb = self.scorer.route(self.worker.rollout(order))
+        self._events.append(Routed(order.ticket, rb, min(rb.column("policy_version").to_pylist())))
 
-    def poll(self, timeout: float, learner=None) -> list:
+    def poll(self, timeout: float, wake: list = ()) -> list:
         events, self._events = self._events, []
         return events
-
-    def replay_put(self, handles: list) -> None:
-        for rb in handles:
-            if not self.replay.put(rb):
-                raise RuntimeError("replay queue: full although the pipeline respects its capacity")
-
-    def replay_take(self, n: int, version: int):
-        return self.replay.take(n, version)
-
-    def replay_purge(self, version: int) -> dict:
-        return self.replay.purge(version)
-
-    def replay_drain(self) -> dict[int, int]:
-        return self.replay.drain("unconsumed")
-
-    def replay_stats(self) -> dict:
-        return self.replay.stats()
-
-    # ---- router state (checkpoints) ------------------------------------------------------
-    def router_state_before(self, ticket: int) -> dict:
-        return self.router.state_before(ticket)
-
-    def router_forget_before(self, ticket: int) -> None:
-        self.router.forget_before(ticket)
-
-    def router_load(self, state: dict) -> None:
-        self.router.load_state_dict(state)
 
     # ---- fleet -----------------------------------------------------------------------------
     def counts(self) -> dict:
         return {"rollout": 1, "learner": 1, "teacher": len(self.teachers)}
 
     def teacher_counts(self) -> dict[str, int]:
-        return {r.name: 1 for r in self.cfg.routing.routes}
+        return dict.fromkeys(self.routes, 1)
 
     def restarts(self) -> dict:
-        return {"rollout": 0, "teacher": 0}
+        return {}  # nothing is restarted in one process: a failure ends the job
 
     def failures(self) -> dict:
         return {}
@@ -107,19 +75,10 @@ class LocalFleet:
 
     def busy_stats(self) -> dict:
         return {"rollout": [self.worker.get_stats()], "teacher": [t.get_stats() for t in self.teachers.values()],
-                "router": [self.router.get_stats()]}
-
-    def scale(self, rollout_workers=None, teachers=None) -> list:
-        raise ValueError("scaling needs --mode ray: local mode runs one worker in this process")
-
-    def can_grow(self) -> bool:
-        return False
-
-    def retire_drained(self, busy: set[str]) -> None:
-        pass
+                "router": [self.scorer.get_stats()]}
 
     def shutdown(self) -> None:
-        pass
+        self._events = []
 
 
 class LocalLearner:
@@ -138,9 +97,8 @@ class LocalLearner:
     def pending(self) -> list:
         return []
 
-    def start_step(self, take) -> None:
-        batches, _ = take
-        self._result = self.learner.train_step(batches)
+    def start_step(self, handles: list) -> None:
+        self._result = self.learner.train_step(handles)
 
     def poll_step(self, deadline_s: float | None = None) -> dict | None:
         result, self._result = self._result, None
@@ -181,6 +139,7 @@ class LocalSync:
         t0 = time.perf_counter()
         state = self.learner.export()
         self.fleet.worker.set_weights(state, version)
+        self.pipeline.weights = (version, state)
         self.pipeline.worker_version[self.fleet.worker.worker_id] = version
         self.nbytes = state_nbytes(state)
         dt = time.perf_counter() - t0
@@ -227,7 +186,7 @@ class LocalEvaluation:
         pass
 
 
-def build_local(cfg):
+def build_local(cfg, pipe):
     fleet = LocalFleet(cfg)
     learner = LocalLearner(cfg)
-    return fleet, learner, lambda pipeline: LocalSync(learner, fleet, pipeline)
+    return fleet, learner, LocalSync(learner, fleet, pipe)

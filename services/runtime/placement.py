@@ -1,17 +1,18 @@
 """Placement as data: what each role of the job asks of the cluster, read from the config.
 
-Every actor group (rollout workers, each teacher's replicas, learner ranks, router, replay
-queue, weight store) is built from one `RoleSpec`; nothing else in the runtime hard-codes a
+Every actor group (rollout workers, each teacher's replicas, learner ranks, the router's
+scorer, the evaluator) is built from one `RoleSpec`; nothing else in the runtime hard-codes a
 resource number.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from dataclasses import dataclass
 
-SINGLETON_RESTARTS = 3
+SCORER_RESTARTS = 3
 TEACHER_RESTARTS = 3
 
 
@@ -33,11 +34,9 @@ def role_specs(cfg) -> dict[str, RoleSpec]:
     specs = {
         "rollout": RoleSpec(r.num_cpus, r.num_gpus, r.max_restarts, members=r.workers),
         "learner": RoleSpec(lc.num_cpus, lc.num_gpus, 0, members=lc.world_size),
-        # The singletons are rebuilt in place from what the controller holds (router state,
-        # queued batch refs, the latest weights): a few restarts, like a teacher replica.
-        "router": RoleSpec(0.1, 0.0, SINGLETON_RESTARTS, max_concurrency=cfg.routing.max_concurrent_batches),
-        "replay": RoleSpec(max_restarts=SINGLETON_RESTARTS),
-        "weight_store": RoleSpec(max_restarts=SINGLETON_RESTARTS),
+        # The router's scoring side: stateless (the driver owns the router's state), so it is
+        # replaced like a teacher replica and re-scores what it held.
+        "router": RoleSpec(0.1, 0.0, SCORER_RESTARTS, max_concurrency=cfg.routing.max_concurrent_batches),
     }
     used = {route.teacher for route in cfg.routing.routes}
     for t in cfg.teachers:
@@ -80,3 +79,23 @@ def check_capacity(cfg, nodes: list[dict]) -> None:
         if want > total[k] + 1e-9:
             parts = ", ".join(f"{_field(cfg, r)} {s.members}x{s.bundle[k]:g}" for r, s in specs.items() if s.bundle.get(k))
             raise ConfigError(f"num_{k.lower()}s: the job needs {want:g} {k} ({parts}); the cluster has {total[k]:g}")
+
+
+def reserved_by_others(specs: dict) -> dict[str, float]:
+    out: collections.Counter = collections.Counter()
+    for role, spec in specs.items():
+        if role != "rollout":
+            for k, v in spec.bundle.items():
+                out[k] += v * spec.members
+    return dict(out)
+
+
+def placeable(spec, nodes: list[dict], reserved: dict[str, float]) -> int:
+    """Members of `spec` that `nodes` (each node's total resources) can hold once `reserved`
+    is taken out of the whole cluster."""
+    need = spec.bundle
+    if not need:
+        return 10**6
+    per_node = sum(min(int(node.get(k, 0.0) // v) for k, v in need.items()) for node in nodes)
+    left = min(int(max(0.0, sum(n.get(k, 0.0) for n in nodes) - reserved.get(k, 0.0)) // v) for k, v in need.items())
+    return min(per_node, left)

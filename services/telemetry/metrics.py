@@ -34,7 +34,7 @@ from typing import Literal
 MetricType = Literal["counter", "gauge", "histogram"]
 Scope = Literal["actor", "controller"]
 
-ROLES = ("rollout", "router", "teacher", "replay", "learner", "weight_store")
+ROLES = ("rollout", "router", "teacher", "learner")
 DEFAULT_CONTROLLER_PORT = 9095  # Ray's own export port is 8080 in the KubeRay manifests
 CONTROLLER_PORT_ENV = "DANCEOPD_METRICS_PORT"
 
@@ -65,12 +65,12 @@ _DECLARED = (
     Metric("danceopd_teacher_queries", "counter", "actor", (*_A, "teacher", "route"), "States a teacher replica answered."),
     Metric("danceopd_teacher_latency_seconds", "histogram", "actor", (*_A, "teacher"), "Seconds per teacher call (one routed batch).", _LATENCY),
     Metric("danceopd_router_backlog", "gauge", "actor", (*_A, "route"), "Batches the router is scoring right now (waiting for teacher answers), per route."),
-    Metric("danceopd_replay_depth", "gauge", "actor", _A, "Routed batches in the replay queue."),
-    Metric("danceopd_replay_capacity", "gauge", "actor", _A, "Routed batches the replay queue holds before backpressure."),
-    Metric("danceopd_dropped_samples", "counter", "actor", (*_A, "reason"), "Samples dropped, by reason (stale, unconsumed, ...)."),
-    Metric("danceopd_policy_lag", "histogram", "actor", _A, "Learner version minus sample version of each consumed batch.", _LAG),
     # ---- controller (prometheus_client in the driver) --------------------------------------
     Metric("danceopd_learner_step", "gauge", "controller", (), "Optimizer steps done."),
+    Metric("danceopd_replay_depth", "gauge", "controller", (), "Routed batches in the replay queue (the driver's pipeline)."),
+    Metric("danceopd_replay_capacity", "gauge", "controller", (), "Routed batches the pipeline holds (in flight + queued) before backpressure."),
+    Metric("danceopd_dropped_samples", "counter", "controller", ("reason",), "Samples dropped, by reason (stale, unconsumed)."),
+    Metric("danceopd_policy_lag", "histogram", "controller", (), "Learner version minus sample version of each consumed batch.", _LAG),
     Metric("danceopd_last_step_timestamp_seconds", "gauge", "controller", (), "Unix time of the last learner step (0 before the first)."),
     Metric("danceopd_start_timestamp_seconds", "gauge", "controller", (), "Unix time the controller started: the stall alert counts from it until the first step."),
     Metric("danceopd_stall_after_seconds", "gauge", "controller", (), "control.stall_after_s of the job: the bound /health and the stall alert use."),

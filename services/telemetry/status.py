@@ -1,7 +1,7 @@
 """Job-level telemetry: the progress log, Prometheus job metrics, `/status`, and idle ratios.
 
-The training loop calls `after_step(loop, metrics)` once per learner step and `summary(loop)` at
-the end; everything it reports is read off the loop, the pipeline and the fleet. In Ray mode it
+The training loop calls `after_step(state, metrics)` once per learner step and `summary(state,
+...)` at the end; everything it reports is read off `state`, a `LoopState` snapshot. In Ray mode it
 also serves the controller's metrics and the control API (`serve=True`); local mode only logs.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import time
 
+from services.telemetry.metrics import ROLES
 from services.telemetry.progress import JobLog
 
 
@@ -24,6 +25,7 @@ class Telemetry:
         self.step_times: collections.deque = collections.deque(maxlen=11)
         self.synced_reported = 0
         self.restarts_reported: collections.Counter = collections.Counter()
+        self.dropped_reported: collections.Counter = collections.Counter()
         self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
         self.evals: list[dict] = []  # {step, seconds, routes} of every evaluation reported
         self.board = None
@@ -49,7 +51,8 @@ class Telemetry:
         self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
         self.metrics.set("danceopd_start_timestamp_seconds", self.started_at)
         self.metrics.set("danceopd_stall_after_seconds", cfg.control.stall_after_s)
-        for role in ("rollout", "teacher", "learner", "router", "replay", "weight_store"):
+        self.metrics.set("danceopd_replay_capacity", cfg.replay.capacity)
+        for role in ROLES:
             for name in ("danceopd_restarts", "danceopd_failures"):
                 self.metrics.inc(name, 0, role=role)  # the series exist from the start
         token = resolve_token(cfg.control.token_env)
@@ -67,18 +70,17 @@ class Telemetry:
         (t_old, busy_old), (t_new, busy_new) = self.step_times[0], self.step_times[-1]
         return max(0.0, 1 - (busy_new - busy_old) / (t_new - t_old)) if t_new > t_old else 0.0
 
-    def after_step(self, loop, metrics: dict) -> float:
-        idle = self.learner_idle(loop.learner_busy_s)
-        counts = loop.fleet.counts()
-        samples = loop.per_step * self.cfg.rollout.batch_size
-        self.log.step(loop.step, metrics, samples=samples, lag=loop.lag_last, workers=counts)
+    def after_step(self, st, metrics: dict) -> float:
+        idle = self.learner_idle(st.learner_busy_s)
+        counts = st.fleet.counts
+        samples = st.per_step * self.cfg.rollout.batch_size
+        new_syncs = st.syncs[self.synced_reported:]
+        self.log.step(st.step, metrics, samples=samples, lag=st.lag_last, workers=counts)
         if self.board is not None:
-            self.board.step(loop.step, metrics, self.log.samples_per_s(), loop.lag_last, idle,
-                            loop.sync.records[self.synced_reported:])
-        restarts = loop.fleet.restarts()
+            self.board.step(st.step, metrics, self.log.samples_per_s(), st.lag_last, idle, new_syncs)
         m = self.metrics
         if m is not None:
-            m.set("danceopd_learner_step", loop.step)
+            m.set("danceopd_learner_step", st.step)
             m.set("danceopd_last_step_timestamp_seconds", time.time())
             for route, loss in metrics["route_loss"].items():
                 m.set("danceopd_loss", loss, route=route)
@@ -87,36 +89,36 @@ class Telemetry:
             m.inc("danceopd_samples_consumed", samples)
             m.set("danceopd_samples_per_second", self.log.samples_per_s())
             m.set("danceopd_learner_idle_ratio", idle)
-            m.set("danceopd_weight_version", loop.version)
-            m.set("danceopd_policy_lag_last", loop.lag_last)
+            m.set("danceopd_weight_version", st.step)
+            m.set("danceopd_policy_lag_last", st.lag_last)
+            for lag in st.last_lags:
+                m.observe("danceopd_policy_lag", lag)
             for role, n in counts.items():
                 m.set("danceopd_workers", n, role=role)
-            for s in loop.sync.records[self.synced_reported:]:
+            for s in new_syncs:
                 m.observe("danceopd_weight_sync_seconds", s["seconds"])
                 m.observe("danceopd_weight_sync_transfer_seconds", s["transfer_s"])
                 m.observe("danceopd_weight_sync_wait_seconds", s["wait_s"])
                 m.set("danceopd_weight_sync_bytes", s["bytes"])
-            self._report_fleet(loop)
-        self.synced_reported = len(loop.sync.records)
-        acct = loop.pipe.accounting()
+            self._report_fleet(st)
+        self.synced_reported = len(st.syncs)
+        acct = st.accounting
         self._status = {
-            "job": self.cfg.job.name, "state": loop.state, "step": loop.step, "steps": self.cfg.learner.steps,
+            "job": self.cfg.job.name, "state": st.state, "step": st.step, "steps": self.cfg.learner.steps,
             "samples_per_s": round(self.log.samples_per_s(), 3),
-            "lag_last": loop.lag_last, "lag_max": loop.lag_max, "lag_bound": self.cfg.sync.max_policy_lag,
-            "replay_depth": len(loop.pipe.queued), "learner_idle_ratio": round(idle, 4),
-            "batches": {"issued": loop.pipe.next_ticket, "in_flight": len(loop.pipe.in_flight),
-                        "queued": len(loop.pipe.queued)},
+            "lag_last": st.lag_last, "lag_max": st.lag_max, "lag_bound": self.cfg.sync.max_policy_lag,
+            "replay_depth": st.replay["depth"], "learner_idle_ratio": round(idle, 4),
+            "batches": dict(st.batches),
             "samples": {k: acct[k] for k in ("issued", "produced", "consumed", "lost")},
-            "workers": {"rollout": counts["rollout"], "learner": counts["learner"],
-                        "teacher": loop.fleet.teacher_counts()},
-            "last_checkpoint": loop.last_ckpt, "last_step_time": time.time(), "output_dir": str(self.cfg.output_path),
-            "restarts": restarts, "failures": loop.fleet.failures(), "pending": loop.fleet.pending_counts(),
-            "eval": self.eval_summary(loop),
+            "workers": {"rollout": counts["rollout"], "learner": counts["learner"], "teacher": st.fleet.teacher_counts},
+            "last_checkpoint": st.last_checkpoint, "last_step_time": time.time(),
+            "output_dir": str(self.cfg.output_path), "restarts": st.fleet.restarts, "failures": st.fleet.failures,
+            "pending": st.fleet.pending, "eval": self.eval_summary(st),
         }
         return idle
 
     # ---- evaluations --------------------------------------------------------------------------
-    def evaluated(self, loop, result: dict) -> None:
+    def evaluated(self, st, result: dict) -> None:
         """One finished evaluation (danceopd/evaluate.py) to every place that shows it."""
         self.log.evaluation(result)
         self.evals.append({k: result[k] for k in ("step", "seconds", "routes")})
@@ -129,16 +131,16 @@ class Telemetry:
             m.set("danceopd_eval_step", result["step"])
         if self.board is not None:
             self.board.evaluated(result)
-        self._status["eval"] = self.eval_summary(loop)
+        self._status["eval"] = self.eval_summary(st)
 
-    def eval_summary(self, loop, first: bool = False) -> dict | None:
+    def eval_summary(self, st, first: bool = False) -> dict | None:
         """The last evaluation and what evaluating cost (`/status`; summary.json adds the first)."""
-        ev = loop.evaluation
+        ev = st.evaluation
         if ev is None:
             return None
         last = self.evals[-1] if self.evals else None
         secs = [e["seconds"] for e in self.evals]
-        out = {"where": ev.where, "evaluations": len(self.evals), "skipped": ev.skipped, "failed": ev.failed,
+        out = {"where": ev["where"], "evaluations": len(self.evals), "skipped": ev["skipped"], "failed": ev["failed"],
                "seconds_mean": round(sum(secs) / len(secs), 4) if secs else None,
                "step": last and last["step"], "routes": last and last["routes"],
                "samples_dir": str(self.cfg.output_path / "samples")}
@@ -146,24 +148,30 @@ class Telemetry:
             out["first"] = self.evals[0] if self.evals else None
         return out
 
-    def _report_fleet(self, loop) -> None:
-        """Restarts and failures by role (counters), members waiting for placement (gauge)."""
+    def _report_fleet(self, st) -> None:
+        """Restarts and failures by role (counters), members waiting for placement and the replay
+        queue (gauges), dropped samples by reason (counter)."""
         m = self.metrics
-        for name, counts in (("danceopd_restarts", loop.fleet.restarts()), ("danceopd_failures", loop.fleet.failures())):
+        for name, counts in (("danceopd_restarts", st.fleet.restarts), ("danceopd_failures", st.fleet.failures)):
             for role, n in counts.items():
                 if n > self.restarts_reported[name, role]:
                     m.inc(name, n - self.restarts_reported[name, role], role=role)
                     self.restarts_reported[name, role] = n
-        for role, n in loop.fleet.pending_counts().items():
+        for role, n in st.fleet.pending.items():
             m.set("danceopd_workers_pending", n, role=role)
+        m.set("danceopd_replay_depth", st.replay["depth"])
+        for reason, n in st.accounting["dropped"].items():
+            if n > self.dropped_reported[reason]:
+                m.inc("danceopd_dropped_samples", n - self.dropped_reported[reason], reason=reason)
+                self.dropped_reported[reason] = n
 
-    def failed(self, loop, error: BaseException) -> None:
+    def failed(self, st, error: BaseException) -> None:
         """The job is failing: count it where a scrape or /status can still see it."""
         self._status = {**self._status, "state": "failed", "error": str(error).splitlines()[0] if str(error) else type(error).__name__}
         if self.metrics is not None:
-            if getattr(loop.learner, "failed", None):
+            if st.learner_failed:
                 self.metrics.inc("danceopd_failures", 1, role="learner")
-            self._report_fleet(loop)
+            self._report_fleet(st)
 
     def status(self, state: str) -> dict:
         st = dict(self._status)
@@ -173,33 +181,35 @@ class Telemetry:
         return st
 
     # ---- end of job -----------------------------------------------------------------------------
-    def summary(self, loop, wall_s: float) -> dict:
+    def summary(self, st, wall_s: float, busy: dict) -> dict:
+        """summary.json: `st` at the end, `busy` the fleet's per-member statistics."""
         from services.telemetry.plots import write_curves
 
-        busy = loop.fleet.busy_stats()
+        if self.metrics is not None:
+            self._report_fleet(st)  # the end-of-job drain's drops too
         idle = {role: round(max(0.0, 1 - sum(x["busy_s"] for x in stats) / (len(stats) * max(wall_s, 1e-9))), 4)
                 for role, stats in busy.items() if stats}
-        idle["learner"] = round(max(0.0, 1 - loop.learner_busy_s / max(wall_s, 1e-9)), 4)
-        recs = loop.sync.records
+        idle["learner"] = round(max(0.0, 1 - st.learner_busy_s / max(wall_s, 1e-9)), 4)
+        recs = st.syncs
 
         def mean(key):
             return round(sum(s[key] for s in recs) / max(len(recs), 1), 5)
 
-        extra = {"replay": loop.fleet.replay_stats(), "accounting": loop.pipe.accounting(),
-                 "restarts": loop.fleet.restarts(), "learner_idle_ratio": idle["learner"], "idle_ratio": idle,
-                 "wall_s": round(wall_s, 3), "lag_max": loop.lag_max, "weight_syncs": len(recs),
+        extra = {"replay": st.replay, "accounting": st.accounting,
+                 "restarts": st.fleet.restarts, "learner_idle_ratio": idle["learner"], "idle_ratio": idle,
+                 "wall_s": round(wall_s, 3), "lag_max": st.lag_max, "weight_syncs": len(recs),
                  "sync_seconds_mean": mean("seconds"), "sync_transfer_seconds_mean": mean("transfer_s"),
                  "sync_wait_seconds_mean": mean("wait_s"), "sync_bytes": recs[-1]["bytes"] if recs else 0,
                  "eval_start": self._headlines(0), "eval_end": self._headlines(-1),
-                 "eval": self.eval_summary(loop, first=True),
+                 "eval": self.eval_summary(st, first=True),
                  "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])),
-                 "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": loop.fleet.mode,
-                 "stopped_by": loop.stopped_by}
+                 "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": st.mode,
+                 "stopped_by": st.stopped_by}
         extra["plots"] = [str(p) for p in write_curves(self.cfg.output_path)]
         if self.board is not None:
-            self.board.idle(loop.step, idle)
+            self.board.idle(st.step, idle)
             extra["tensorboard"] = str(self.board.folder)
-        return self.log.finish(loop.last_ckpt, extra=extra)
+        return self.log.finish(st.last_checkpoint, extra=extra)
 
     def _headlines(self, i: int) -> dict[str, float] | None:
         """{route: headline metric} of the first (i=0) or last (i=-1) evaluation."""

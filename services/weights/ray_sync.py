@@ -1,11 +1,11 @@
-"""Weight sync in Ray mode: one interface (`push`, `poll`, `fleet_changed`, `records`), two
-transports.
+"""Weight sync in Ray mode: one contract (`services.runtime.contracts.WeightSync`), two
+transports. The latest weights are the driver's: `pipeline.weights`.
 
 - `ObjectStoreSync` (default): rank 0's exported state goes into the object store once; the
-  weight store keeps the ref (new and restarted workers pull it on start) and every live worker
-  gets `apply_weights([ref], v)`, queued behind its current batch. The gate counts the worker
-  as holding v at once: every later order runs after the switch. Acknowledgements are checked
-  without blocking the loop.
+  pipeline keeps `(version, [ref])` (new and restarted workers are created with it) and every
+  live worker gets `apply_weights([ref], v)`, queued behind its current batch. The gate counts
+  the worker as holding v at once: every later order runs after the switch. Acknowledgements
+  are checked without blocking the loop.
 - `CollectiveSync`: learner rank 0 broadcasts in buckets over a gloo/NCCL group of itself and
   the workers (rebuilt when the fleet changes); synchronous.
 
@@ -23,21 +23,20 @@ from services.runtime.failures import first_line
 
 
 class ObjectStoreSync:
-    def __init__(self, cfg, learner, fleet, pipeline):
-        self.cfg, self.learner, self.fleet, self.pipeline = cfg, learner, fleet, pipeline
-        self.timeout_s = cfg.sync.timeout_s
+    def __init__(self, sync, rollout, deadlines, learner, fleet, pipeline):
+        self.learner, self.fleet, self.pipeline = learner, fleet, pipeline
+        self.timeout_s = sync.timeout_s
         # A push is applied after the batches queued on the worker: allow for them.
-        self.ack_deadline_s = cfg.sync.timeout_s + cfg.rollout.orders_per_worker * cfg.deadlines.rollout_s
+        self.ack_deadline_s = sync.timeout_s + rollout.orders_per_worker * deadlines.rollout_s
         self.records: list[dict] = []
         self.pending: list[dict] = []
 
     def push(self, version: int) -> None:
         t0 = time.perf_counter()
-        ref, others = self.learner.export_ref()
-        self.learner.wait([ref, *others], "exporting weights", self.timeout_s, fetch=False)
-        self.fleet.store_put(version, [ref], 0)
-        acks = {name: (actor.apply_weights.remote([ref], version), self.fleet.rollout.members[name].incarnation)
-                for name, actor in self.fleet.worker_actors().items()}
+        ref = self.learner.publish(self.timeout_s)
+        self.pipeline.weights = (version, [ref])
+        acks = {name: (actor.apply_weights.remote([ref], version), incarnation)
+                for name, (actor, incarnation) in self.fleet.worker_handles().items()}
         for name in acks:
             self.pipeline.worker_version[name] = version
         self.pending.append({"version": version, "t0": t0, "acks": acks})
@@ -45,8 +44,8 @@ class ObjectStoreSync:
     def poll(self, block: bool = False) -> None:
         """Check acknowledgements without blocking the loop. An acknowledgement that raised, or
         one later than the worker's queued batches plus `sync.timeout_s` could explain, is that
-        worker's failure: it is restarted and pulls the latest weights from the store (the gate
-        must not believe it holds a version it never applied)."""
+        worker's failure: it is restarted with the latest weights (the gate must not believe it
+        holds a version it never applied)."""
         for sync in list(self.pending):
             refs = [r for r, _ in sync["acks"].values()]
             _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.ack_deadline_s if block else 0)
@@ -63,7 +62,7 @@ class ObjectStoreSync:
                     answers.append(ray.get(ref))
                 except ray.exceptions.RayError as e:
                     died = isinstance(e, ray.exceptions.RayActorError)
-                    # A dead worker's replacement pulls the latest weights on start.
+                    # A dead worker's replacement is created with the latest weights.
                     self.fleet.worker_failed(name, "died" if died else f"applying weights failed: {first_line(e)}",
                                              incarnation)
                 del sync["acks"][name]
@@ -74,16 +73,17 @@ class ObjectStoreSync:
             self.records.append(_record(sync["version"], time.perf_counter() - sync["t0"], sync["answers"]))
 
     def fleet_changed(self) -> None:
-        pass  # new workers pull from the weight store on start
+        pass  # new workers are created with the latest weights
 
     def close(self) -> None:
         pass
 
 
 class CollectiveSync:
-    def __init__(self, cfg, learner, fleet, pipeline):
-        self.cfg, self.learner, self.fleet, self.pipeline = cfg, learner, fleet, pipeline
-        self.timeout_s = cfg.sync.timeout_s
+    def __init__(self, sync, rollout, deadlines, learner, fleet, pipeline):
+        self.learner, self.fleet, self.pipeline = learner, fleet, pipeline
+        self.timeout_s = sync.timeout_s
+        self.backend = "nccl" if learner.num_gpus > 0 and rollout.num_gpus > 0 else "gloo"
         self.records: list[dict] = []
         self.members: set[str] = set()
         self.epoch = 0
@@ -92,13 +92,10 @@ class CollectiveSync:
     def _rebuild(self, workers: dict) -> None:
         """(Re)build the broadcast group: learner rank 0 + the current rollout workers."""
         self.epoch += 1
-        rank0 = self.learner.ranks[0]
-        addr, port = ray.get(rank0.free_port.remote(), timeout=self.timeout_s)
-        backend = "nccl" if self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0 else "gloo"
         world = len(workers) + 1
-        refs = [rank0.join_weight_group.remote(backend, addr, port, 0, world, self.epoch, self.timeout_s)]
-        refs += [a.join_weight_group.remote(backend, addr, port, i + 1, world, self.epoch, self.timeout_s)
-                 for i, a in enumerate(workers.values())]
+        addr, port, rank0 = self.learner.join_weight_group(self.backend, world, self.epoch, self.timeout_s)
+        refs = [rank0] + [a.join_weight_group.remote(self.backend, addr, port, i + 1, world, self.epoch, self.timeout_s)
+                          for i, (a, _) in enumerate(workers.values())]
         ray.get(refs, timeout=self.timeout_s)
         self.members = set(workers)
 
@@ -106,7 +103,8 @@ class CollectiveSync:
         from danceopd.collective import WeightSyncError
 
         self.version = version
-        workers = self.fleet.worker_actors()
+        self.pipeline.weights = (version, None)  # no payload: joiners get a broadcast
+        workers = self.fleet.worker_handles()
         if not workers:
             return  # nobody to send to yet; workers joining later trigger a broadcast
         t0 = time.perf_counter()
@@ -114,8 +112,8 @@ class CollectiveSync:
             try:
                 if self.members != set(workers):
                     self._rebuild(workers)
-                sends = [r.broadcast_weights.remote(version) for r in self.learner.ranks]
-                recvs = [a.receive_weights.remote() for a in workers.values()]
+                sends = self.learner.broadcast(version)
+                recvs = [a.receive_weights.remote() for a, _ in workers.values()]
                 ray.get(sends, timeout=self.timeout_s)
                 answers = ray.get(recvs, timeout=self.timeout_s)
                 break
@@ -123,9 +121,7 @@ class CollectiveSync:
                 if attempt:
                     raise
                 self.members = set()  # a member died or timed out: rebuild and resend
-                workers = self.fleet.worker_actors()
-        if self.fleet.store_version() < version:
-            self.fleet.store_put(version, None, answers[0]["bytes"])
+                workers = self.fleet.worker_handles()
         for n in workers:
             self.pipeline.worker_version[n] = version
         self.records.append(_record(version, time.perf_counter() - t0, answers))
@@ -134,7 +130,7 @@ class CollectiveSync:
         pass  # pushes are synchronous
 
     def fleet_changed(self) -> None:
-        if self.version is not None and self.members != set(self.fleet.worker_actors()):
+        if self.version is not None and self.members != set(self.fleet.worker_handles()):
             self.push(self.version)  # joiners get the current weights now, not at the next step
 
     def close(self) -> None:

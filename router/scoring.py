@@ -1,0 +1,122 @@
+"""Scoring: each RolloutBatch against the teacher pool of each row's route -> RoutedBatch.
+
+Stateless (the router's state — route draws, data cursor, tickets — lives in the driver's
+`Router`), so a scorer that dies is restarted like a teacher replica and the batches it was
+scoring are scored again. A pool has two calls, `submit(state, sigma, cond, cfg_scale, route) ->
+handle` and `result(handle) -> ndarray`, so all the routes of one batch are asked before any
+answer is awaited (their pools work concurrently): `InProcessPool` in local mode, a
+load-balanced group of teacher actors in Ray mode. `route` is thread-safe: the Ray scorer
+scores several batches at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from danceopd.batch import replace_columns, scalars, to_tensors
+from danceopd.methods import make_method
+
+
+class TeacherFailure(RuntimeError):
+    """A teacher replica failed to answer (died, timed out): the replica is to blame, not the
+    rollout worker whose batch it was scoring."""
+
+    def __init__(self, teacher: str, replica: str, cause: str, incarnation: str = ""):
+        super().__init__(f"teacher {replica}: {cause}")
+        # `incarnation` names the actor that failed, so a failure reported after the replica
+        # was already replaced does not restart the replacement.
+        self.teacher, self.replica, self.cause, self.incarnation = teacher, replica, cause, incarnation
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return TeacherFailure, (self.teacher, self.replica, self.cause, self.incarnation)
+
+
+class InProcessPool:
+    """A teacher in this process: it answers at submit time."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def submit(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        return self.teacher.query(state, sigma, cond, cfg_scale, route)
+
+    def result(self, handle):
+        return handle
+
+
+class Scorer:
+    """`routes`: the job's RouteConfigs; `method`: its MethodConfig; `pools`: teacher -> pool."""
+
+    def __init__(self, routes, method, pools: dict):
+        self.routes = {r.name: r for r in routes}
+        missing = {r.teacher for r in self.routes.values()} - set(pools)
+        if missing:
+            raise ValueError(f"router: no teacher pool for {sorted(missing)}")
+        self.pools = pools
+        self.teacher_cfg_scale = method.teacher_cfg_scale
+        self.method = make_method(method)
+        self.stats = {"routed_rows": {n: 0 for n in self.routes}, "batches": 0, "busy_s": 0.0}
+        self._lock = threading.Lock()  # stats; routing itself runs unlocked
+
+    def set_pool(self, teacher: str, pool) -> None:
+        """Swap a teacher's pool (e.g. after scaling its replicas)."""
+        self.pools[teacher] = pool
+
+    def _cfg_scale(self, route: str) -> float:
+        r = self.routes[route]
+        return self.teacher_cfg_scale if r.cfg_scale is None else r.cfg_scale
+
+    def route(self, rb: pa.RecordBatch) -> pa.RecordBatch:
+        """RolloutBatch -> RoutedBatch: fill `target` from the routed teacher (hard routing) or the
+        weight-average of every route's teacher (`mix`), tag `teacher_id`, and add the columns the
+        method computes once targets exist (flowopd's advantages)."""
+        t0 = time.perf_counter()
+        routes = scalars(rb, "route")
+        for r in set(routes):
+            if r not in self.routes:
+                raise KeyError(f"router: unknown route {r!r} in batch from {scalars(rb, 'worker_id')[0]} (known: {', '.join(self.routes)})")
+        if self.method.routing == "none":  # plain flow matching: the data velocity is already the target
+            return rb
+        state = rb.column("state").to_numpy_ndarray()
+        sigma = rb.column("sigma").to_numpy()
+        cond = rb.column("cond").to_numpy_ndarray()
+        target = np.zeros_like(state)
+        teacher_ids = [""] * len(routes)
+        asks = []  # (rows or None for all, weight, pool, handle): every pool asked before any answer
+        if self.method.routing == "mix":
+            total = sum(r.weight for r in self.routes.values())
+            for name, r in self.routes.items():
+                if r.weight > 0:
+                    pool = self.pools[r.teacher]
+                    asks.append((None, r.weight / total, pool, pool.submit(state, sigma, cond, self._cfg_scale(name), name)))
+            teacher_ids = ["softmix"] * len(routes)
+        else:
+            routes_arr = np.asarray(routes)
+            for name in sorted(set(routes)):
+                sel = np.nonzero(routes_arr == name)[0]
+                teacher = self.routes[name].teacher
+                pool = self.pools[teacher]
+                asks.append((sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
+                for i in sel:
+                    teacher_ids[i] = teacher
+        for sel, weight, pool, handle in asks:
+            if sel is None:
+                target += weight * pool.result(handle)
+            else:
+                target[sel] = pool.result(handle)
+        extra = self.method.annotate({**to_tensors(rb), "target": torch.from_numpy(target)})
+        with self._lock:
+            for name in routes:
+                self.stats["routed_rows"][name] += 1
+            self.stats["batches"] += 1
+            self.stats["busy_s"] += time.perf_counter() - t0
+        return replace_columns(rb, target=target, teacher_id=teacher_ids, **extra)
+
+    def get_stats(self) -> dict:
+        with self._lock:
+            return {"routed_rows": dict(self.stats["routed_rows"]), "busy_s": self.stats["busy_s"]}
