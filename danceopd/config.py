@@ -172,7 +172,7 @@ class SyncConfig(_Strict):
 
 class ReplayConfig(_Strict):
     capacity: int = Field(8, ge=1, le=10**6, description="Routed batches the replay queue holds before backpressure.")
-    spill_dir: str | None = Field(None, min_length=1, description="Arrow IPC spill folder for batches beyond capacity (None = block instead).")
+    spill_dir: str | None = Field(None, min_length=1, description="Ray mode: the folder Ray spills object-store contents to (queued batches are object refs held by the driver) when danceopd starts the cluster; a joined cluster keeps its own `object_spilling_config`. None = Ray's default (its temp folder).")
 
 
 class DeadlinesConfig(_Strict):
@@ -181,7 +181,6 @@ class DeadlinesConfig(_Strict):
     rollout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="One rollout batch on a worker; past it the worker is restarted and its batches re-issued.")
     route_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router.")
     teacher_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
-    replay_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S, description="One replay-queue call (put, take, stats).")
     learner_step_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
     placement_s: float = Field(120.0, gt=0, le=86_400, description="A new rollout worker the cluster has not placed within this long is given up (its placement group removed); the job goes on without it.")
 
@@ -393,8 +392,21 @@ def _first_error(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+# Keys a config may still hold from an older DanceOPD: each gets one line saying what to do.
+RETIRED = {
+    ("deadlines", "replay_s"): "the replay queue is the driver's own now (no remote call to time out); remove it",
+}
+
+
+def _check_retired(raw: dict) -> None:
+    for (section, key), what in RETIRED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{section}.{key}: no longer a setting: {what}")
+
+
 def config_from_dict(raw: dict, base_dir: str | Path = ".") -> Config:
     raw = dict(raw)
+    _check_retired(raw)
     raw.setdefault("base_dir", str(Path(base_dir).resolve()))
     try:
         return Config.model_validate(raw)

@@ -23,7 +23,7 @@ from router.router import Router
 from services import checkpoints
 from services.pipeline import RolloutPipeline
 from services.runtime.contracts import Elastic, Fleet, LearnerGroup, WeightSync
-from services.runtime.events import Joined, Lost, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.state import FleetView, LoopState
 from services.telemetry.status import Telemetry
 
@@ -149,6 +149,8 @@ class TrainLoop:
                 self.pipe.completed(ev.ticket, ev.handle, ev.version)
             elif isinstance(ev, Lost):
                 self.pipe.lose(ev.ticket)
+            elif isinstance(ev, Applied):
+                self.sync.applied(ev)
             elif isinstance(ev, Joined):
                 self.pipe.worker_version[ev.worker] = ev.version
                 self.sync.fleet_changed()

@@ -82,3 +82,18 @@ def test_unparseable_yaml(write_config, tmp_path):
 def test_bad_set_value_names_key(toy_raw, write_config):
     code, out = run_validate(write_config(toy_raw), "--set", "learner.steps=-5")
     assert code == 2 and out.startswith("error: learner.steps")
+
+
+def test_a_retired_key_says_what_to_do_in_one_line(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / "toy.yaml").read_text())
+    raw["deadlines"] = {"replay_s": 30}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith("deadlines.replay_s: no longer a setting") and "remove it" in msg and "\n" not in msg

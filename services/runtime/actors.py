@@ -64,8 +64,14 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
             version, (ref,) = latest  # the ref inside a list: fetched here, where it is timed out by the caller
             self.set_weights(ray.get(ref), version)
 
-    def rollout_meta(self, order):
-        """(meta, RolloutBatch): the loop waits on the small meta, the router gets the batch."""
+    def rollout_meta(self, order, latest=None):
+        """(meta, RolloutBatch): the loop waits on the small meta, the scorer gets the batch.
+        `latest` — (version, [ref]) of the driver's newest weights (`object_store`) — rides on
+        every order: newer weights are applied first, between batches as always, with no call of
+        their own. The meta says which version the batch was made with and what applying cost."""
+        applied = None
+        if latest is not None and latest[0] > self.version:
+            applied = self.apply_weights(latest[1], latest[0])
         t0, nfe0 = time.perf_counter(), self.stats["nfe"]
         rb = self.rollout(order)
         per_route = collections.Counter(it.route for it in order.items)
@@ -76,12 +82,11 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
         self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
         wall = max(time.perf_counter() - self.t_start, 1e-9)
         self.metrics.set("danceopd_rollout_idle_ratio", max(0.0, 1 - self.stats["busy_s"] / wall))
-        return {"ticket": order.ticket, "worker": self.worker_id}, rb
+        return {"ticket": order.ticket, "worker": self.worker_id, "version": self.version, "applied": applied}, rb
 
     def apply_weights(self, refs: list, version: int) -> dict:
-        """`object_store`: fetch the weights by reference and apply them (between batches:
-        actor calls never interleave). The ref travels inside a list so Ray does not fetch it
-        before the call starts, and the transfer is timed here."""
+        """Fetch the weights by reference and apply them. The ref travels inside a list so Ray
+        does not fetch it before the call starts, and the transfer is timed here."""
         t0 = time.perf_counter()
         state = ray.get(refs[0])
         self.set_weights(state, version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -26,8 +27,12 @@ def connect(cfg, address: str | None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.ERROR)
     else:
+        system = {}
+        if cfg.replay.spill_dir:  # queued batches are object refs: Ray spills them, here
+            system["object_spilling_config"] = json.dumps(
+                {"type": "filesystem", "params": {"directory_path": str(cfg.resolve(cfg.replay.spill_dir))}})
         ray.init(address="local", num_cpus=cpus_needed(cfg), include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=False, logging_level=logging.ERROR)
+                 log_to_driver=False, logging_level=logging.ERROR, _system_config=system or None)
     try:
         LOG_DIR = str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
     except AttributeError:  # the private handle moved: keep the session_latest link

@@ -111,7 +111,10 @@ class WeightSync(Protocol):
         """Publish `version`: the pipeline's latest weights, and every live worker told."""
 
     def poll(self, block: bool = False) -> None:
-        """Check acknowledgements (a worker that failed to apply is that worker's failure)."""
+        """Check on pushes in progress; `block`: the job ends, settle them."""
+
+    def applied(self, ev) -> None:
+        """A worker reported it applied a version (events.Applied, from `Fleet.poll`)."""
 
     def fleet_changed(self) -> None:
         """Workers joined or left: bring joiners to the latest version."""

@@ -37,3 +37,14 @@ class Joined:
 
     worker: str
     version: int
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Rollout worker `worker` applied weights `version` before a batch (`object_store`: the
+    weights ride on its orders); `transfer_s` fetching and loading them, `nbytes` their size."""
+
+    worker: str
+    version: int
+    transfer_s: float
+    nbytes: int

@@ -146,10 +146,13 @@ class LocalSync:
         self.records.append({"version": version, "seconds": dt, "transfer_s": dt, "wait_s": 0.0, "bytes": self.nbytes})
 
     def poll(self, block: bool = False) -> None:
-        pass
+        pass  # applied when pushed
+
+    def applied(self, ev) -> None:
+        pass  # the one worker never reports: it applies each push when it is made
 
     def fleet_changed(self) -> None:
-        pass
+        pass  # one worker, always the same
 
     def close(self) -> None:
         pass

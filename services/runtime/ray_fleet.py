@@ -26,7 +26,7 @@ import ray
 
 from router.scoring import TeacherFailure
 from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerActor, TeacherActor, actor_env
-from services.runtime.events import Joined, Lost, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, Member
 from services.runtime.placement import check_capacity, placeable, reserved_by_others, role_specs
@@ -93,7 +93,6 @@ class RayFleet:
         self.flights: dict[int, Flight] = {}
         self.draining: set[str] = set()
         self._joining: dict[str, object] = {}  # placed new worker -> its get_version ref
-        self._deferred: list = []  # events from failures found outside poll (weight-sync acks)
         self.gave_up: collections.Counter = collections.Counter()  # role -> pending members removed unplaced
         # Asked last, so every actor starts at once.
         self._versions = {n: call(m.actor.get_version.remote(), f"rollout {n} (starting)", cfg.sync.timeout_s + 600)
@@ -117,13 +116,13 @@ class RayFleet:
 
     def submit(self, worker: str, order) -> None:
         m = self.rollout.members[worker]
-        meta, batch = m.actor.rollout_meta.options(num_returns=2).remote(order)
+        meta, batch = m.actor.rollout_meta.options(num_returns=2).remote(order, self.latest())
         self.flights[order.ticket] = Flight(order.ticket, worker, "rollout", meta, batch, time.perf_counter(), m.incarnation)
 
     def poll(self, timeout: float, wake: list = ()) -> list:
         """Advance every flight whose stage finished: rollout -> scoring -> Routed; failures and
         expired deadlines become Lost/Joined events (or one clear error)."""
-        events, self._deferred = self._deferred + self._poll_joining(), []
+        events = self._poll_joining()
         by_ref = {f.meta: f for f in self.flights.values()}
         if not by_ref and not wake:
             time.sleep(min(timeout, 0.01))
@@ -144,6 +143,9 @@ class RayFleet:
                 continue
             if f.stage == "rollout":
                 self._started_next(f.worker, f.ticket, now)
+                if meta["applied"] is not None:
+                    a = meta["applied"]
+                    events.append(Applied(f.worker, a["version"], a["transfer_s"], a["bytes"]))
                 f.stage, f.t0, f.rolled = "route", now, f.batch
                 f.meta, f.batch = self.scorer.only.route_meta.options(num_returns=2).remote(f.rolled)
                 events.append(RolledOut(f.ticket))
@@ -208,10 +210,6 @@ class RayFleet:
         version = call(m.actor.get_version.remote(), f"rollout {worker} (restarted)", self.cfg.sync.timeout_s)
         self._versions[worker] = version
         return events + [Joined(worker, version)]
-
-    def worker_failed(self, worker: str, cause: str, incarnation: str) -> None:
-        """A failure found outside `poll` (a weight-sync acknowledgement): reported by the next poll."""
-        self._deferred += self._worker_failed(worker, cause, incarnation)
 
     def _restart_teacher(self, teacher: str, replica: str, cause: str = "") -> None:
         print(f"teacher {replica}: {cause or 'failed'}; restarting", flush=True)

@@ -2,10 +2,10 @@
 transports. The latest weights are the driver's: `pipeline.weights`.
 
 - `ObjectStoreSync` (default): rank 0's exported state goes into the object store once; the
-  pipeline keeps `(version, [ref])` (new and restarted workers are created with it) and every
-  live worker gets `apply_weights([ref], v)`, queued behind its current batch. The gate counts
-  the worker as holding v at once: every later order runs after the switch. Acknowledgements
-  are checked without blocking the loop.
+  pipeline keeps `(version, [ref])`: new and restarted workers are created with it, and every
+  order handed out from then on carries it, so a worker applies it before its next batch with no
+  call of its own. The gate counts every live worker as holding v at once: every later order
+  runs after the switch.
 - `CollectiveSync`: learner rank 0 broadcasts in buckets over a gloo/NCCL group of itself and
   the workers (rebuilt when the fleet changes); synchronous.
 
@@ -19,58 +19,52 @@ import time
 
 import ray
 
-from services.runtime.failures import first_line
-
 
 class ObjectStoreSync:
+    """A push costs no call per worker: the weights ride on every later order (`Fleet.submit`
+    passes the pipeline's latest), and each worker applies them before its next batch. A push is
+    recorded once every worker that was live at the push reported it applied (`applied`)."""
+
     def __init__(self, sync, rollout, deadlines, learner, fleet, pipeline):
         self.learner, self.fleet, self.pipeline = learner, fleet, pipeline
         self.timeout_s = sync.timeout_s
-        # A push is applied after the batches queued on the worker: allow for them.
-        self.ack_deadline_s = sync.timeout_s + rollout.orders_per_worker * deadlines.rollout_s
         self.records: list[dict] = []
-        self.pending: list[dict] = []
+        self.pending: dict[int, dict] = {}  # version -> {t0, waiting: {worker: incarnation}, answers}
 
     def push(self, version: int) -> None:
         t0 = time.perf_counter()
         ref = self.learner.publish(self.timeout_s)
         self.pipeline.weights = (version, [ref])
-        acks = {name: (actor.apply_weights.remote([ref], version), incarnation)
-                for name, (actor, incarnation) in self.fleet.worker_handles().items()}
-        for name in acks:
+        live = {name: inc for name, (_, inc) in self.fleet.worker_handles().items()}
+        for name in live:  # every order from now on carries v: the gate counts them as holding it
             self.pipeline.worker_version[name] = version
-        self.pending.append({"version": version, "t0": t0, "acks": acks})
+        self.pending[version] = {"t0": t0, "waiting": live, "answers": []}
+
+    def applied(self, ev) -> None:
+        """Worker `ev.worker` applied `ev.version` (and so every older pending version too)."""
+        for version, p in self.pending.items():
+            if version <= ev.version and p["waiting"].pop(ev.worker, None) is not None:
+                p["answers"].append({"transfer_s": ev.transfer_s if version == ev.version else 0.0, "bytes": ev.nbytes})
+        self._complete()
 
     def poll(self, block: bool = False) -> None:
-        """Check acknowledgements without blocking the loop. An acknowledgement that raised, or
-        one later than the worker's queued batches plus `sync.timeout_s` could explain, is that
-        worker's failure: it is restarted with the latest weights (the gate must not believe it
-        holds a version it never applied)."""
-        for sync in list(self.pending):
-            refs = [r for r, _ in sync["acks"].values()]
-            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.ack_deadline_s if block else 0)
-            age = time.perf_counter() - sync["t0"]
-            answers = []
-            for name, (ref, incarnation) in list(sync["acks"].items()):
-                if ref in waiting:
-                    if age > self.ack_deadline_s:
-                        del sync["acks"][name]
-                        self.fleet.worker_failed(name, f"weight version {sync['version']} not applied within "
-                                                 f"{self.ack_deadline_s:g} s", incarnation)
-                    continue
-                try:
-                    answers.append(ray.get(ref))
-                except ray.exceptions.RayError as e:
-                    died = isinstance(e, ray.exceptions.RayActorError)
-                    # A dead worker's replacement is created with the latest weights.
-                    self.fleet.worker_failed(name, "died" if died else f"applying weights failed: {first_line(e)}",
-                                             incarnation)
-                del sync["acks"][name]
-            sync.setdefault("answers", []).extend(answers)
-            if sync["acks"]:
+        """Workers replaced or retired since a push will never apply it (a restarted one starts
+        with the latest weights): stop waiting for them. `block`: the job ends, and a push that
+        some workers never needed (no order came after it) is recorded with those that did."""
+        live = {name: inc for name, (_, inc) in self.fleet.worker_handles().items()}
+        for p in self.pending.values():
+            for name, inc in list(p["waiting"].items()):
+                if live.get(name) != inc:
+                    del p["waiting"][name]
+        self._complete(final=block)
+
+    def _complete(self, final: bool = False) -> None:
+        for version, p in sorted(self.pending.items()):
+            if p["waiting"] and not final:
                 continue
-            self.pending.remove(sync)
-            self.records.append(_record(sync["version"], time.perf_counter() - sync["t0"], sync["answers"]))
+            del self.pending[version]
+            if p["answers"]:
+                self.records.append(_record(version, time.perf_counter() - p["t0"], p["answers"]))
 
     def fleet_changed(self) -> None:
         pass  # new workers are created with the latest weights
@@ -128,6 +122,9 @@ class CollectiveSync:
 
     def poll(self, block: bool = False) -> None:
         pass  # pushes are synchronous
+
+    def applied(self, ev) -> None:
+        pass  # a broadcast is applied when it returns
 
     def fleet_changed(self) -> None:
         if self.version is not None and self.members != set(self.fleet.worker_handles()):
