@@ -466,14 +466,14 @@ def job_ctl(
     teachers: list[str] | None = typer.Option(None, "--teachers"),
 ):
     """Helper job entrypoint (runs on the head): call a registered controller's control API."""
-    from services.control import jobs
+    from services.control import ctl, jobs
 
     try:
         tdict = jobs.parse_teachers(teachers)
     except jobs.JobsError as e:
-        jobs.ctl_print({"ok": False, "error": str(e)})
+        ctl.ctl_print({"ok": False, "error": str(e)})
         return
-    jobs.ctl_print(jobs.ctl_main(job_name, action, rollout_workers, tdict))
+    ctl.ctl_print(ctl.ctl_main(job_name, action, rollout_workers, tdict))
 
 
 def main():  # pragma: no cover

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.control import api
 from services.control.api import ControlServer, control_url, parse_scale_request, resolve_token
-from services.control.jobs import ctl_request
+from services.control.ctl import ctl_request
 from tests.conftest import cfg_for, free_port
 
 TOKEN = "s3cret-token"
@@ -116,7 +116,7 @@ def test_status_without_a_valid_token_is_the_public_view(ctl):
 
 
 def test_the_status_cli_path_sends_the_token_and_gets_the_full_view(ctl):
-    """`danceopd status` -> helper job -> jobs.ctl_request with the registry's token."""
+    """`danceopd status` -> helper job -> ctl.ctl_request with the registry's token."""
     fake, server, _, _ = ctl
     assert ctl_request(server.url, TOKEN, "status") == fake.status()
 

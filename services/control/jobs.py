@@ -19,29 +19,33 @@ Every failure is a `JobsError`: one line, exit status 2.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.control.ctl import (  # noqa: F401 — CTL_* and format_status are used through this module too
+    ACTIONS,
+    CTL_BEGIN,
+    CTL_END,
+    _first_line,
+    ctl_entrypoint,
+    format_status,
+    parse_ctl_output,
+)
+
 META_JOB = "danceopd_job"  # metadata key of training jobs: the danceopd job name
 META_CTL = "danceopd_ctl"  # metadata key of helper jobs
-CTL_BEGIN = "<<<DANCEOPD-CTL-JSON "
-CTL_END = " DANCEOPD-CTL-JSON>>>"
 EXCLUDES = [".venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"]
 PACKAGES = ("danceopd", "services", "learner", "router", "rollout_workers")  # the job's code (py_modules)
 # Names that mark credentials: a folder holding one is never uploaded.
 SECRETS = {".ssh", ".aws", ".gnupg", ".git-credentials", ".netrc", ".kube", ".docker", ".pypirc", ".env", ".ray",
            ".config", "id_rsa", "id_ecdsa", "id_ed25519"}
 MODEL_SKIP = (".*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")  # hidden, or pickle weights (never loaded)
-ACTIONS = ("status", "scale", "stop")
 
 
 class JobsError(Exception):
@@ -160,30 +164,6 @@ def train_entrypoint(rel_config: str, overrides: list[str] | None, resume: str |
     return shlex.join(parts)
 
 
-def ctl_entrypoint(job_name: str, action: str, rollout_workers: int | None = None,
-                   teachers: dict[str, int] | None = None) -> str:
-    parts = ["danceopd", "ctl", job_name, action]
-    if rollout_workers is not None:
-        parts += ["--rollout-workers", str(rollout_workers)]
-    for route, n in (teachers or {}).items():
-        parts += ["--teachers", f"{route}={n}"]
-    return shlex.join(parts)
-
-
-def parse_ctl_output(logs: str) -> dict | None:
-    """The last JSON answer the helper printed between the markers, or None."""
-    end = logs.rfind(CTL_END)
-    if end < 0:
-        return None
-    begin = logs.rfind(CTL_BEGIN, 0, end)
-    if begin < 0:
-        return None
-    try:
-        return json.loads(logs[begin + len(CTL_BEGIN):end])
-    except json.JSONDecodeError:
-        return None
-
-
 # ---- the Jobs API ------------------------------------------------------------------------------
 
 def connect(address: str | None):
@@ -211,9 +191,6 @@ def _auth_hint(address: str) -> str:
             f"and provide the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _api(client, fn, *args, **kw):
@@ -370,107 +347,3 @@ def _delete_quietly(client, sid: str) -> None:
         except Exception:
             pass
         time.sleep(0.25)
-
-
-# ---- the helper job (runs on the head) ---------------------------------------------------------
-
-class CtlError(Exception):
-    pass
-
-
-def ctl_request(url: str, token: str, action: str, body: dict | None = None, timeout_s: float = 30.0) -> dict:
-    """Call the control API: GET /status, POST /scale or POST /stop."""
-    method, path = ("GET", "/status") if action == "status" else ("POST", f"/{action}")
-    data = json.dumps(body or {}).encode() if method == "POST" else None
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return json.loads(r.read().decode() or "{}")
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read().decode()).get("error", "")
-        except Exception:
-            msg = ""
-        raise CtlError(f"controller refused {method} {path} ({e.code}): {msg or e.reason}") from None
-    except urllib.error.URLError as e:
-        raise CtlError(f"cannot reach the controller at {url}: {e.reason}") from None
-    except (TimeoutError, OSError) as e:
-        raise CtlError(f"cannot reach the controller at {url}: {e}") from None
-
-
-def ctl_main(job_name: str, action: str, rollout_workers: int | None = None,
-             teachers: dict[str, int] | None = None) -> dict:
-    """What the helper job does; returns {"ok": ..., "result"|"error": ...} (never raises)."""
-    try:
-        if action not in ACTIONS:
-            raise CtlError(f"unknown action {action!r} ({', '.join(ACTIONS)})")
-        import ray
-
-        from services.control.api import lookup
-
-        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-        try:
-            info = lookup(job_name)
-        finally:
-            ray.shutdown()
-        if info is None:
-            raise CtlError(f"no controller registered for job {job_name!r} on this cluster "
-                           f"(not started yet, finished, or another job name)")
-        body = None
-        if action == "scale":
-            body = {k: v for k, v in (("rollout_workers", rollout_workers), ("teachers", teachers)) if v is not None}
-        result = ctl_request(_loopback(info["url"]), info["token"], action, body)
-        return {"ok": True, "result": result}
-    except CtlError as e:
-        return {"ok": False, "error": str(e)}
-    except Exception as e:  # the helper must always answer in one line
-        return {"ok": False, "error": f"control helper: {type(e).__name__}: {_first_line(e)}"}
-
-
-def _loopback(url: str) -> str:
-    """A controller bound to a wildcard address (0.0.0.0 on a cluster head) is called over loopback."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    from services.control.api import control_url
-
-    parts = urlsplit(url)
-    if parts.hostname in ("0.0.0.0", "::", "") and parts.port:
-        return control_url("0.0.0.0", parts.port) + parts.path
-    return urlunsplit(parts)
-
-
-def ctl_print(answer: dict) -> None:
-    print(CTL_BEGIN + json.dumps(answer, default=str) + CTL_END, flush=True)
-
-
-# ---- presentation -------------------------------------------------------------------------------
-
-def format_status(ref: JobRef, st: dict | None) -> str:
-    lines = []
-    head = f"job {ref.name}"
-    if ref.submission_id:
-        head += f" ({ref.submission_id})"
-    head += f": Ray job {ref.ray_status or 'unknown (not submitted with danceopd submit)'}"
-    if st is not None:
-        head += f", controller {st.get('state', '?')}"
-    elif ref.terminal:
-        head += ", controller not running"
-    lines.append(head)
-    if st is None:
-        return "\n".join(lines)
-    sps, age = st.get("samples_per_s"), st.get("last_step_age_s")
-    line = f"step {st.get('step', '?')}/{st.get('steps', '?')}"
-    line += f"  samples/s {sps:.1f}" if isinstance(sps, (int, float)) else f"  samples/s {sps or '-'}"
-    line += f"  lag {st.get('lag_last', '-')} (max {st.get('lag_max', '-')}, bound {st.get('lag_bound', '-')})"
-    if isinstance(age, (int, float)):
-        line += f"  last step {age:.1f} s ago"
-    lines.append(line)
-    w = st.get("workers") or {}
-    teachers = w.get("teacher") or {}
-    tpart = " ".join(f"{k}={v}" for k, v in teachers.items()) if isinstance(teachers, dict) else str(teachers)
-    lines.append(f"workers: rollout {w.get('rollout', '?')}, learner {w.get('learner', '?')}, teacher {tpart or '-'}")
-    lines.append(f"last checkpoint: {st.get('last_checkpoint') or '-'}")
-    if st.get("output_dir"):
-        lines.append(f"output: {st['output_dir']}")
-    return "\n".join(lines)
