@@ -93,7 +93,7 @@ class TrainLoop:
             batches={"issued": self.pipe.next_ticket, "in_flight": len(self.pipe.in_flight),
                      "queued": len(self.pipe.queued)},
             fleet=FleetView(f.counts(), f.teacher_counts(), f.restarts(), f.failures(), f.pending_counts()),
-            syncs=tuple(self.sync.records), learner_failed=getattr(self.learner, "failed", None),
+            syncs=self.sync.records, learner_failed=getattr(self.learner, "failed", None),
             evaluation=None if ev is None else {"where": ev.where, "skipped": ev.skipped, "failed": ev.failed})
 
     # ---- the loop ---------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class RolloutPipeline:
 
     def plan(self, workers: list[str]) -> list[str]:
         """Which workers get an order now, in hand-out order (round robin, one per round)."""
+        if self.held() >= self.capacity or self.enough_issued():
+            return []  # the common case on a busy loop: nothing to hand out
         load = collections.Counter(t.worker for t in self.in_flight.values() if not t.rolled_out)
         out: list[str] = []
         while True:

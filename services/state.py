@@ -33,6 +33,6 @@ class LoopState:
     batches: dict  # issued, in_flight, queued
     last_lags: tuple[int, ...]  # lag of each batch of the last step
     fleet: FleetView
-    syncs: tuple[dict, ...]  # every weight push recorded so far
+    syncs: list[dict]  # every weight push recorded so far (the sync's own list: read, never change)
     learner_failed: str | None = None
     evaluation: dict | None = field(default=None)  # where, skipped, failed (None: evaluation off)

@@ -127,20 +127,28 @@ class RayFleet:
         if not by_ref and not wake:
             time.sleep(min(timeout, 0.01))
             return events
-        ray.wait(list(by_ref) + list(wake), num_returns=1, timeout=timeout)
-        if not by_ref:
-            return events
-        done, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        refs = list(by_ref)
+        done = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        if not done:  # nothing finished yet: sleep until a stage (or a `wake` ref) does
+            ray.wait(refs + list(wake), num_returns=1, timeout=timeout)
+            done = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
         now = time.perf_counter()
+        try:
+            metas = dict(zip(done, ray.get(done)))  # one call for every finished stage
+        except Exception:  # noqa: BLE001 — one of them failed: sorted ref by ref below
+            metas = {}
         for ref in done:
             f = by_ref[ref]
             if self.flights.get(f.ticket) is not f or f.meta != ref:
                 continue  # lost with its worker, or re-scored after a scorer restart, earlier in this poll
-            try:
-                meta = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 — sorted by stage and type below
-                events += self._stage_failed(f, e)
-                continue
+            if ref in metas:
+                meta = metas[ref]
+            else:
+                try:
+                    meta = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 — sorted by stage and type below
+                    events += self._stage_failed(f, e)
+                    continue
             if f.stage == "rollout":
                 self._started_next(f.worker, f.ticket, now)
                 if meta["applied"] is not None:
