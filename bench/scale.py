@@ -4,7 +4,7 @@ next to the ideal of the slowest role; plus the control-plane ceiling.
     python bench/scale.py [--workers 1,2,4,8,16,32] [--quick]     (make bench-scale)
 
 Writes bench/results/scale.{json,md} and scale.png. Each point is one real job of the training
-loop on a local Ray cluster (real actors, router, teacher pools, replay queue, DeepSpeed learner,
+loop on a local Ray cluster (real actors, the router's scorer, teacher pools, the driver's pipeline, DeepSpeed learner,
 weight pushes); only the GPU time of each role is a sleep (configs/sim.yaml).
 
 Ideal, in batches/s (B samples each), with r, t, l the rollout / teacher-call / learner
@@ -123,8 +123,8 @@ def _kind(p, me) -> str:
     if p.pid == me.pid:
         return "driver (training loop)"
     cmd = " ".join(p.cmdline())
-    for tag in ("RolloutWorkerActor", "RouterActor", "TeacherActor", "ReplayQueueActor", "LearnerRankActor",
-                "WeightStore", "raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+    for tag in ("RolloutWorkerActor", "ScorerActor", "TeacherActor", "LearnerRankActor",
+                "raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
         if tag in cmd:
             return tag
     return "ray::idle worker" if "default_worker" in cmd else p.name()
