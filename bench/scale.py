@@ -18,6 +18,15 @@ and step, P = W*A batches per step, L = max_policy_lag:
                wave's teacher calls arrive together, R_t at a time)
 Measured samples/s counts steps after the first (start-up and the first step excluded), from the
 step times in metrics.jsonl.
+
+Batches per step (the README's sizing rule, `accum_for`): at lag L at most (L + 1) P batches
+are between hand-out and consumption, and each spends r + t + A l of wall time there (rollout,
+scoring, the step that consumes it), so N workers stay busy only if
+    (L + 1) P >= 1.25 N (r + t + A l) / r
+(25 % headroom for the driver and the weight push). The bench keeps A = 32 where that holds
+and raises A where it does not (lag >= 1, many workers); at lag 0 every step waits for the one
+before, so P stays 32 (a multiple of every fleet size measured).
+With `routing.granularity: update` (the default) every batch has one route, so q_t = w_t.
 """
 
 from __future__ import annotations
@@ -41,32 +50,46 @@ R_S, T_S, L_S = 1.0, 0.05, 0.02  # rollout batch, teacher call, learner micro-ba
 W, A, B = 1, 32, 8
 
 
+def accum_for(n: int, lag: int) -> int:
+    """Micro-batches per rank and step that keep n workers busy at this lag (module doc)."""
+    a = A
+    if lag == 0:
+        return a
+    while (lag + 1) * W * a < 1.25 * n * (R_S + T_S + a * L_S) / R_S:
+        a += 1
+    return a
+
+
+def route_share(cfg) -> dict[str, float]:
+    """q_t: the chance that a batch holds a row of teacher t's route (one teacher call each)."""
+    total = sum(r.weight for r in cfg.routing.routes)
+    if cfg.routing.granularity == "update":
+        return {r.teacher: r.weight / total for r in cfg.routing.routes}
+    return {r.teacher: 1 - (1 - r.weight / total) ** B for r in cfg.routing.routes}
+
+
 def teacher_replicas(cfg, n_workers: int) -> dict[str, int]:
     """Replicas per teacher so that no teacher runs above 60 % busy at the rollout bound."""
-    out = {}
-    for route in cfg.routing.routes:
-        q = 1 - (1 - route.weight / sum(r.weight for r in cfg.routing.routes)) ** B
-        out[route.teacher] = max(1, math.ceil(n_workers / R_S * q * T_S / 0.6))
-    return out
+    return {t: max(1, math.ceil(n_workers / R_S * q * T_S / 0.6)) for t, q in route_share(cfg).items()}
 
 
-def ideal(cfg, n: int, lag: int, replicas: dict[str, int]) -> float:
+def ideal(cfg, n: int, lag: int, replicas: dict[str, int], accum: int = A) -> float:
     """Samples/s bound of the slowest role (see the module doc)."""
-    p = W * A
-    total = sum(r.weight for r in cfg.routing.routes)
-    q = {r.teacher: 1 - (1 - r.weight / total) ** B for r in cfg.routing.routes}
+    p = W * accum
+    q = route_share(cfg)
     if lag == 0:
         burst = max(math.ceil(min(n, p) * q[t] / replicas[t]) for t in q) * T_S
-        return B * p / (math.ceil(p / n) * R_S + burst + A * L_S)
+        return B * p / (math.ceil(p / n) * R_S + burst + accum * L_S)
     teacher = min(replicas[t] / (q[t] * T_S) for t in q)
-    return B * min(n / R_S, teacher, W / L_S, (lag + 1) * p / (R_S + T_S + A * L_S))
+    return B * min(n / R_S, teacher, W / L_S, (lag + 1) * p / (R_S + T_S + accum * L_S))
 
 
-def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int = A) -> dict:
+def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int | None = None) -> dict:
     from services.loop import train
     from services.telemetry.progress import read_metrics
 
     base = load_config(ROOT / "configs" / "sim.yaml")
+    accum = accum or accum_for(n, lag)
     reps = teacher_replicas(base, n)
     sets = [f"rollout.workers={n}", f"rollout.batch_size={B}", f"sync.max_policy_lag={lag}",
             f"learner.world_size={W}", f"learner.grad_accum={accum}", f"learner.steps={steps}",
@@ -82,9 +105,9 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
     rows = read_metrics(out / "metrics.jsonl")[0]  # learner steps
     window = rows[-1]["time"] - rows[0]["time"]
     batches = (len(rows) - 1) * W * accum
-    return {"workers": n, "lag": lag, "teacher_replicas": reps, "steps": steps,
+    return {"workers": n, "lag": lag, "accum": accum, "teacher_replicas": reps, "steps": steps,
             "batches_per_s": batches / window, "samples_per_s": B * batches / window,
-            "ideal_samples_per_s": ideal(cfg, n, lag, reps), "controller_cpu_s_per_batch": cpu / (steps * W * accum),
+            "ideal_samples_per_s": ideal(cfg, n, lag, reps, accum), "controller_cpu_s_per_batch": cpu / (steps * W * accum),
             "idle_ratio": summary["idle_ratio"], "lag_max": summary["lag_max"],
             "sync_seconds_mean": summary["sync_seconds_mean"], "sync_wait_seconds_mean": summary["sync_wait_seconds_mean"]}
 
@@ -133,16 +156,17 @@ def _kind(p, me) -> str:
 def render_md(res: dict) -> str:
     lines = ["# Scale benchmark (`sim` backend)", "",
              f"Machine: {res['machine']}. Latencies: rollout batch {R_S} s, teacher call {T_S} s, learner "
-             f"micro-batch {L_S} s; batch {B}, W={W} rank(s) x A={A} micro-batches = {W * A} batches per step; "
-             "3 routes (weights 0.4/0.3/0.3, per-sample routing). Generated by `make bench-scale`.", "",
+             f"micro-batch {L_S} s; batch {B}, W={W} rank(s) x A micro-batches per step (A = {A}, raised by the "
+             "sizing rule `(L+1) P >= 1.25 N (r + t + A l) / r` where it binds: column A); "
+             "3 routes (weights 0.4/0.3/0.3, one route per update). Generated by `make bench-scale`.", "",
              "Ideal (batches/s; samples/s = 8 x that): lag >= 1: `min(N/r, min_t R_t/(q_t t), W/l, (L+1)P/(r+t+A l))`; "
-             "lag 0: `P/(ceil(P/N) r + max_t ceil(min(N,P) q_t/R_t) t + A l)`; q_t = 1-(1-w_t)^B. "
+             "lag 0: `P/(ceil(P/N) r + max_t ceil(min(N,P) q_t/R_t) t + A l)`; q_t = w_t (one route per batch). "
              "Measured: steps after the first.", "",
-             "| lag | workers | teacher replicas | samples/s | ideal | efficiency | controller CPU s/batch | idle: rollout / teacher / learner |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| lag | workers | A | teacher replicas | samples/s | ideal | efficiency | controller CPU s/batch | idle: rollout / teacher / learner |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in res["points"]:
         idle = p["idle_ratio"]
-        lines.append(f"| {p['lag']} | {p['workers']} | {'/'.join(str(v) for v in p['teacher_replicas'].values())} | "
+        lines.append(f"| {p['lag']} | {p['workers']} | {p.get('accum', A)} | {'/'.join(str(v) for v in p['teacher_replicas'].values())} | "
                      f"{p['samples_per_s']:.1f} | {p['ideal_samples_per_s']:.1f} | {p['efficiency']:.3f} | "
                      f"{p['controller_cpu_s_per_batch'] * 1000:.1f} ms | {idle['rollout']:.2f} / {idle['teacher']:.2f} / {idle['learner']:.2f} |")
     c = res.get("ceiling")
@@ -194,7 +218,7 @@ def main() -> None:
         res = json.loads((args.out / "scale.json").read_text())
         base = load_config(ROOT / "configs" / "sim.yaml")
         for p in res["points"]:  # the ideal is a formula of the stored point: recompute it
-            p["ideal_samples_per_s"] = ideal(base, p["workers"], p["lag"], p["teacher_replicas"])
+            p["ideal_samples_per_s"] = ideal(base, p["workers"], p["lag"], p["teacher_replicas"], p.get("accum", A))
             p["efficiency"] = p["samples_per_s"] / p["ideal_samples_per_s"]
         (args.out / "scale.md").write_text(render_md(res))
         plot(res, args.out / "scale.png")
