@@ -90,6 +90,9 @@ class LatentBackend(Backend):
     `text_fields`, `_load_encoders`/`_free_encoders`, `encode_rows`, `forward`, `load_vae`,
     `vae_decode`."""
 
+    teacher_kinds = ("pretrained",)
+    pipeline = True
+    condition_cache = True
     transformer_class: str  # the diffusers class of the family's transformer
     default_seq_len: int = 256
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache

@@ -68,6 +68,7 @@ class GaussianTeacher(TeacherField):
 
 class ToyBackend(Backend):
     name = "toy"
+    teacher_kinds = ("gaussian",)
 
     def __init__(self, cfg):
         self.cfg = cfg
