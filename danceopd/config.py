@@ -69,7 +69,9 @@ class ShapesBackendConfig(_Strict):
     max_tokens: int = Field(12, ge=2, le=1024, description="Prompt length in tokens (padded/truncated).")
 
     @model_validator(mode="after")
-    def _width(self) -> ShapesBackendConfig:
+    def _shapes(self) -> ShapesBackendConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"backend.patch_size: {self.patch_size} does not divide image_size={self.image_size}")
         if self.num_heads * self.head_dim > 4096:
             raise ValueError(f"backend.head_dim: num_heads x head_dim = {self.num_heads * self.head_dim} exceeds 4096, "
                              "the widest transformer the shapes backend builds")

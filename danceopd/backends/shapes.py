@@ -21,6 +21,7 @@ from torch import nn
 
 from danceopd import shapes_world as sw
 from danceopd.backends.base import Backend, Row, TeacherField
+from danceopd.config import ShapesBackendConfig
 from danceopd.fields import gaussian_velocity
 from danceopd.lora import apply_lora, has_lora, merged_copy
 
@@ -152,9 +153,7 @@ class ShapesBackend(Backend):
 
     def __init__(self, cfg):
         self.cfg = cfg
-        b = cfg.backend
-        if b.image_size % b.patch_size:
-            raise ValueError(f"backend.patch_size: {b.patch_size} does not divide image_size={b.image_size}")
+        b: ShapesBackendConfig = cfg.backend
         try:
             sw.check_size(b.image_size)
         except ValueError as e:
