@@ -8,7 +8,7 @@ Every knob is declared here once, with its default, bounds and one line of help 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,8 +103,7 @@ class ZImageBackendConfig(LatentBackendConfig):
 BACKEND_SECTIONS: tuple[type[_Strict], ...] = (ToyBackendConfig, ShapesBackendConfig, SimBackendConfig,
                                                SD3BackendConfig, ZImageBackendConfig)
 BACKENDS: dict[str, type[_Strict]] = {c.model_fields["name"].default: c for c in BACKEND_SECTIONS}
-BackendConfig = Annotated[ToyBackendConfig | ShapesBackendConfig | SimBackendConfig | SD3BackendConfig | ZImageBackendConfig,
-                          Field(discriminator="name")]
+BackendConfig = Annotated[Union[BACKEND_SECTIONS], Field(discriminator="name")]  # one list: the tuple above
 
 
 def _backend_section(raw: Any) -> Any:

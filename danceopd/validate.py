@@ -160,8 +160,9 @@ def model_paths(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _pipeline_models(cfg: Config) -> None:
-    """Backends with a pipeline folder (sd3, zimage): every missing model path named at once (a cluster config with placeholders
-    shows all it still needs), then each folder checked for what its loader reads."""
+    """Backends with a pipeline folder (sd3, zimage): every missing model path named at once (a
+    cluster config with placeholders shows all it still needs), then each folder checked for what
+    its loader reads."""
     paths = [(key, cfg.resolve(raw)) for key, raw in model_paths(cfg)]
     missing = [f"{key} ({path})" for key, path in paths if not path.exists()]
     if missing and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
