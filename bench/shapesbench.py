@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from danceopd import shapes_metrics as sm  # noqa: E402
 from danceopd import shapes_world as sw  # noqa: E402
+from danceopd.methods import METHODS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MAIN = ("sft", "offpolicy", "diffusionopd", "flowopd", "danceopd")
@@ -147,7 +148,7 @@ def variant(setting: str, method: str, ablation: str | None) -> dict:
     # data methods (sft, offpolicy) noise dataset images at uniformly drawn grid states, as plain flow
     # matching does; the rollout methods query the paper's default low_t states
     m = {"name": "softmix" if ablation == "softmix" else method, "k": 1,
-         "query_bias": "uniform" if method in ("sft", "offpolicy") else "low_t"}
+         "query_bias": "uniform" if METHODS[method].rollout == "data" else "low_t"}
     change = {}
     if ablation == "k4":
         m["k"] = 4

@@ -8,7 +8,7 @@ Every knob is declared here once, with its default, bounds and one line of help 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,7 +18,6 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key and the reason."""
 
 
-LATENT_BACKENDS = ("sd3", "zimage")  # diffusers pipelines in latent space, with a condition cache
 SEED_MAX = 2**32 - 1  # numpy's seeding limit
 MAX_WORKERS = 1024  # bound of every actor count (workers, replicas, ranks)
 MAX_RESOURCE = 1024.0  # bound of CPUs / GPUs of one actor
@@ -37,26 +36,94 @@ class JobConfig(_Strict):
     output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd).")
 
 
-class BackendConfig(_Strict):
-    name: Literal["toy", "shapes", "sim", "sd3", "zimage"] = Field("toy", description="Model family: `toy` (analytic vectors), `shapes` (tiny SD3 transformer on ShapesBench images), `sim` (toy compute plus a configured latency per role: sizing a fleet before you rent it), `sd3` (diffusers SD3 / SD3.5 pipeline folder) or `zimage` (diffusers Z-Image: text-to-image, and editing through the Omni path).")
-    pretrained: str | None = Field(None, min_length=1, description="sd3/zimage: local diffusers pipeline folder (model_index.json) holding the base transformer, VAE, text encoders, tokenizers and scheduler; loaded with from_pretrained, safetensors only.")
-    resolution: int = Field(1024, ge=16, le=4096, description="sd3/zimage: training bucket side in pixels (square); source images are resized to it preserving aspect ratio, then centre-cropped.")
-    max_sequence_length: int | None = Field(None, ge=8, le=4096, description="sd3/zimage: text tokens of the long text encoder (T5 / Qwen); None = the family default (sd3: 256, zimage: 512).")
-    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="sd3/zimage: compute dtype of the transformer on a GPU (autocast; rollout states, velocities and log-probs stay fp32). On CPU everything runs in float32.")
-    gradient_checkpointing: bool = Field(False, description="sd3/zimage: recompute transformer activations in the learner's backward pass (less memory, about a third more compute).")
-    cache_dir: str | None = Field(None, min_length=1, description="sd3/zimage: folder of the condition cache (text embeddings, source and target latents per row, Arrow IPC); None = `.danceopd-cache/` next to the data file. On a cluster put it on shared storage.")
-    dim: int = Field(4, ge=1, le=4096, description="toy: dimension of the data vectors.")
-    hidden: int = Field(128, ge=8, le=8192, description="toy: width of the student MLP.")
-    num_classes: int = Field(4, ge=1, le=1024, description="toy: prompt classes (`class 0` .. `class N-1`).")
-    image_size: int = Field(16, ge=8, le=256, description="shapes: image side in pixels.")
-    patch_size: int = Field(2, ge=1, le=256, description="shapes: transformer patch size.")
-    num_layers: int = Field(2, ge=1, le=64, description="shapes: transformer blocks.")
-    num_heads: int = Field(2, ge=1, le=256, description="shapes: attention heads.")
-    head_dim: int = Field(16, ge=4, le=1024, description="shapes: attention head width.")
-    max_tokens: int = Field(12, ge=2, le=1024, description="shapes: prompt length in tokens (padded/truncated).")
-    rollout_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one rollout batch takes (stands in for GPU time).")
-    teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one teacher query call takes.")
-    learner_latency_s: float = Field(0.0, ge=0, le=3600, description="sim: seconds one learner micro-batch takes.")
+# ---- backends: one section per model family (a union on `backend.name`) ---------------------
+# Each section holds only its family's knobs, so `toy` has no `pretrained` and `sd3` no
+# `num_classes`. What a family supports (teacher kinds, condition cache, ...) is declared on its
+# backend class (danceopd.backends), imported from `impl` when a check needs it.
+
+
+class ToyBackendConfig(_Strict):
+    impl: ClassVar[str] = "danceopd.backends.toy:ToyBackend"
+    name: Literal["toy"] = Field("toy", description="`toy`: analytic vectors with exact Gaussian teachers (tests, demos).")
+    dim: int = Field(4, ge=1, le=4096, description="Dimension of the data vectors.")
+    hidden: int = Field(128, ge=8, le=8192, description="Width of the student MLP.")
+    num_classes: int = Field(4, ge=1, le=1024, description="Prompt classes (`class 0` .. `class N-1`).")
+
+
+class SimBackendConfig(ToyBackendConfig):
+    impl: ClassVar[str] = "danceopd.backends.sim:SimBackend"
+    name: Literal["sim"] = Field("sim", description="`sim`: toy compute plus a configured latency per role (sizing a fleet before you rent it).")
+    rollout_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one rollout batch takes (stands in for GPU time).")
+    teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one teacher query call takes.")
+    learner_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one learner micro-batch takes.")
+
+
+class ShapesBackendConfig(_Strict):
+    impl: ClassVar[str] = "danceopd.backends.shapes:ShapesBackend"
+    name: Literal["shapes"] = Field("shapes", description="`shapes`: a tiny SD3 transformer on ShapesBench images.")
+    image_size: int = Field(16, ge=8, le=256, description="Image side in pixels.")
+    patch_size: int = Field(2, ge=1, le=256, description="Transformer patch size.")
+    num_layers: int = Field(2, ge=1, le=64, description="Transformer blocks.")
+    num_heads: int = Field(2, ge=1, le=256, description="Attention heads.")
+    head_dim: int = Field(16, ge=4, le=1024, description="Attention head width.")
+    max_tokens: int = Field(12, ge=2, le=1024, description="Prompt length in tokens (padded/truncated).")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ShapesBackendConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"backend.patch_size: {self.patch_size} does not divide image_size={self.image_size}")
+        if self.num_heads * self.head_dim > 4096:
+            raise ValueError(f"backend.head_dim: num_heads x head_dim = {self.num_heads * self.head_dim} exceeds 4096, "
+                             "the widest transformer the shapes backend builds")
+        return self
+
+
+class LatentBackendConfig(_Strict):
+    """What the diffusers latent-space families (sd3, zimage) share: a pipeline folder."""
+
+    name: str = Field(..., description="The model family.")
+    pretrained: str = Field(..., min_length=1, description="Local diffusers pipeline folder (model_index.json) holding the base transformer, VAE, text encoders, tokenizers and scheduler; loaded with from_pretrained, safetensors only.")
+    resolution: int = Field(1024, ge=16, le=4096, description="Training bucket side in pixels (square); source images are resized to it preserving aspect ratio, then centre-cropped.")
+    max_sequence_length: int | None = Field(None, ge=8, le=4096, description="Text tokens of the long text encoder (T5 / Qwen); None = the family default (sd3: 256, zimage: 512).")
+    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="Compute dtype of the transformer on a GPU (autocast; rollout states, velocities and log-probs stay fp32). On CPU everything runs in float32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in the learner's backward pass (less memory, about a third more compute).")
+    cache_dir: str | None = Field(None, min_length=1, description="Folder of the condition cache (text embeddings, source and target latents per row, Arrow IPC); None = `.danceopd-cache/` next to the data file. On a cluster put it on shared storage.")
+
+
+class SD3BackendConfig(LatentBackendConfig):
+    impl: ClassVar[str] = "danceopd.backends.sd3:SD3Backend"
+    name: Literal["sd3"] = Field("sd3", description="`sd3`: a diffusers SD3 / SD3.5 pipeline folder.")
+
+
+class ZImageBackendConfig(LatentBackendConfig):
+    impl: ClassVar[str] = "danceopd.backends.zimage:ZImageBackend"
+    name: Literal["zimage"] = Field("zimage", description="`zimage`: a diffusers Z-Image pipeline folder (text-to-image, and editing through the Omni path).")
+
+
+BACKEND_SECTIONS: tuple[type[_Strict], ...] = (ToyBackendConfig, ShapesBackendConfig, SimBackendConfig,
+                                               SD3BackendConfig, ZImageBackendConfig)
+BACKENDS: dict[str, type[_Strict]] = {c.model_fields["name"].default: c for c in BACKEND_SECTIONS}
+BackendConfig = Annotated[Union[BACKEND_SECTIONS], Field(discriminator="name")]  # one list: the tuple above
+
+
+def _backend_section(raw: Any) -> Any:
+    """An old-style (flat) backend section, checked before the union sees it: `name` defaults to
+    toy as it always did, and a key of another family fails in one line saying what to remove
+    (the union alone would only say `unknown key`)."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {"name": "toy", **raw}
+    own = BACKENDS.get(raw["name"]) if isinstance(raw["name"], str) else None
+    if own is None:
+        return raw  # the union names the unknown backend
+    foreign = {k: [n for n, c in BACKENDS.items() if k in c.model_fields] for k in raw if k not in own.model_fields}
+    foreign = {k: owners for k, owners in foreign.items() if owners}  # a key of no family: the union says so
+    if foreign:
+        key, owners = next(iter(foreign.items()))
+        more = f" (and {', '.join(list(foreign)[1:])})" if len(foreign) > 1 else ""
+        raise ValueError(f"backend.{key}: unknown key for backend {raw['name']} (a setting of {'/'.join(owners)}); "
+                         f"remove it{more}")
+    return raw
 
 
 class LoraConfig(_Strict):
@@ -228,7 +295,7 @@ class LoggingConfig(_Strict):
 
 class Config(_Strict):
     job: JobConfig = Field(default_factory=JobConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=ToyBackendConfig, description="The model family's section, chosen by `backend.name`.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     teachers: list[TeacherConfig] = Field(..., min_length=1)
     routing: RoutingConfig
@@ -247,6 +314,11 @@ class Config(_Strict):
 
     # Where the YAML came from, so relative data/model paths resolve against it.
     base_dir: str = Field(".", description="Folder relative paths resolve against (the config file's folder).")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_keys(cls, v: Any) -> Any:
+        return _backend_section(v)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -269,32 +341,28 @@ class Config(_Strict):
                 raise ValueError(f"routing.routes.{i}.adapter: teacher {r.teacher!r} has no adapters")
         if sum(r.weight for r in self.routing.routes) <= 0:
             raise ValueError("routing.routes: all route weights are 0; at least one must be positive")
-        b = self.backend
-        if b.name == "shapes" and b.num_heads * b.head_dim > 4096:
-            raise ValueError(f"backend.head_dim: num_heads x head_dim = {b.num_heads * b.head_dim} exceeds 4096, "
-                             "the widest transformer the shapes backend builds")
         if self.method.k > self.method.rollout_steps:
             raise ValueError(f"method.k: {self.method.k} query states exceed rollout_steps={self.method.rollout_steps}")
-        latent = b.name in LATENT_BACKENDS
-        if latent and not b.pretrained:
-            raise ValueError(f"backend.pretrained: the {b.name} backend needs a local diffusers pipeline folder")
-        if not latent:
-            for key, value in (("backend.pretrained", b.pretrained), ("student.init_lora", self.student.init_lora)):
-                if value:
-                    raise ValueError(f"{key}: only the sd3 and zimage backends take it")
+        from danceopd.backends import backend_class, backends_where  # backends import torch: import here
+
+        b = self.backend
+        family = backend_class(b.name)
+        if not family.pipeline:
+            pipelines = " or ".join(backends_where(lambda c: c.pipeline))
+            if self.student.init_lora:
+                raise ValueError(f"student.init_lora: the {b.name} backend has no pipeline to merge it into (backend.name={pipelines})")
             if self.student.init == "base":
-                raise ValueError("student.init: `base` needs backend.name=sd3 or zimage (backend.pretrained)")
+                raise ValueError(f"student.init: `base` needs a pipeline folder (backend.name={pipelines}, backend.pretrained)")
         for i, t in enumerate(self.teachers):
-            if t.kind == "pretrained" and not t.path and not latent:
+            if t.kind not in family.teacher_kinds:
+                owners = " or ".join(backends_where(lambda c, k=t.kind: k in c.teacher_kinds))
+                raise ValueError(f"teachers.{i}.kind: the {b.name} backend takes {' / '.join(family.teacher_kinds)} teachers; "
+                                 f"{t.kind!r} teachers need backend.name={owners}")
+            if t.kind == "pretrained" and not t.path and not family.pipeline:
                 raise ValueError(f"teachers.{i}.path: a pretrained teacher needs a model folder")
-            if (t.lora or t.adapters) and not latent:
-                raise ValueError(f"teachers.{i}.{'lora' if t.lora else 'adapters'}: LoRA teachers need backend.name=sd3 or zimage")
-            if latent and t.kind != "pretrained":
-                raise ValueError(f"teachers.{i}.kind: the {b.name} backend takes `pretrained` teachers only")
-            if t.kind == "gaussian" and self.backend.name not in ("toy", "sim"):
-                raise ValueError(f"teachers.{i}.kind: 'gaussian' teachers need backend.name=toy or sim")
-            if t.kind in ("oracle", "pretrained") and self.backend.name in ("toy", "sim"):
-                raise ValueError(f"teachers.{i}.kind: {t.kind!r} teachers need backend.name=shapes")
+            if (t.lora or t.adapters) and not family.pipeline:
+                pipelines = " or ".join(backends_where(lambda c: c.pipeline))
+                raise ValueError(f"teachers.{i}.{'lora' if t.lora else 'adapters'}: LoRA teachers need backend.name={pipelines}")
             if t.tasks is not None and t.kind != "oracle":
                 raise ValueError(f"teachers.{i}.tasks: only oracle teachers take a task list (this one is {t.kind!r})")
         if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
@@ -385,11 +453,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"])
+    loc = [str(x) for x in e["loc"]]
+    # A backend section's errors carry the union's tag (`backend.sd3.dim`): name the key, not the tag.
+    tag = loc.pop(1) if loc[:1] == ["backend"] and len(loc) > 1 and loc[1] in BACKENDS else None
+    key = ".".join(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{loc}: {msg}" if loc else msg
+        msg = f"unknown key for backend {tag}" if tag else "unknown key"
+    elif e["type"] == "missing" and tag:
+        msg = f"required by the {tag} backend"
+    elif e["type"] == "union_tag_invalid":
+        key, msg = "backend.name", f"unknown backend {e['input'].get('name')!r} (known: {', '.join(BACKENDS)})"
+    if msg.startswith(f"{key}.") or not key:  # the message already names its key
+        return msg
+    return f"{key}: {msg}"
 
 
 # Keys a config may still hold from an older DanceOPD: each gets one line saying what to do.

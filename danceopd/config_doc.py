@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -20,8 +21,8 @@ def _type_name(ann) -> str:
     return getattr(ann, "__name__", str(ann)).replace("NoneType", "null")
 
 
-def _section(name: str, model: type[BaseModel]) -> list[str]:
-    lines = [f"**`{name}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+def _section(name: str, model: type[BaseModel], title: str | None = None) -> list[str]:
+    lines = [title or f"**`{name}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -31,10 +32,20 @@ def _section(name: str, model: type[BaseModel]) -> list[str]:
     return lines + [""]
 
 
+def _models(ann) -> list[type[BaseModel]]:
+    """The config models of a union annotation (a per-backend section), else []."""
+    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else ()
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
 def render() -> str:
     out = []
     for key, field in Config.model_fields.items():
         ann = field.annotation
+        for model in _models(ann):  # one table per family, titled by its `name`
+            tag = model.model_fields["name"].default
+            default = ", the default" if model is field.default_factory else ""
+            out += _section(key, model, f"**`{key}`** (`name: {tag}`{default})")
         inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list else ann
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             label = f"{key}[]" if typing.get_origin(ann) is list else key

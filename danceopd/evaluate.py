@@ -194,8 +194,7 @@ class Evaluator:
                 m["gt_rmse"] = rmse(x[idx], gt)
             if name in teacher:
                 m["teacher_rmse"] = rmse(x, teacher[name])
-            if self.backend.name == "shapes":
-                m.update(shapes_metrics(route.task, x.numpy(), rows))
+            m.update(self.backend.sample_metrics(route.task, x, rows))
             routes[name] = {k: round(float(v), 5) for k, v in m.items()}
             grids[name], columns[name] = self.grid(rows, x, teacher.get(name))
         return {"step": int(step), "seconds": round(time.perf_counter() - t0, 4), "pid": os.getpid(),

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from danceopd.config import Config, ConfigError
+from danceopd.config import Config, ConfigError, LatentBackendConfig
 from danceopd.dataset import Dataset
 
 _KEY = re.compile(r"^([a-z_]+)(\.[\w]+)*:")
@@ -121,7 +121,7 @@ def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
     built = {}
     for i, t in enumerate(cfg.teachers):
         if t.kind == "pretrained":
-            if t.path or not hasattr(backend, "root"):
+            if t.path or not backend.pipeline:  # without a path, a pipeline backend's teacher is its base
                 _named(f"teachers.{i}.path", backend.check_model_folder, cfg.resolve(t.path))
             continue
         built[t.name] = _named(f"teachers.{i}.tasks" if t.tasks else f"teachers.{i}",
@@ -143,7 +143,7 @@ def model_paths(cfg: Config) -> list[tuple[str, str]]:
     """Every model path the config names (as written), with its key: pipeline, student init,
     LoRA folders, teacher checkpoints and adapters. `validate` checks them, `submit` ships them."""
     out = []
-    if cfg.backend.pretrained:
+    if isinstance(cfg.backend, LatentBackendConfig):
         out.append(("backend.pretrained", cfg.backend.pretrained))
     if cfg.student.init not in ("random", "base"):
         out.append(("student.init", cfg.student.init))
@@ -159,9 +159,10 @@ def model_paths(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def _latent_models(cfg: Config) -> None:
-    """sd3/zimage: every missing model path named at once (a cluster config with placeholders
-    shows all it still needs), then each folder checked for what its loader reads."""
+def _pipeline_models(cfg: Config) -> None:
+    """Backends with a pipeline folder (sd3, zimage): every missing model path named at once (a
+    cluster config with placeholders shows all it still needs), then each folder checked for what
+    its loader reads."""
     paths = [(key, cfg.resolve(raw)) for key, raw in model_paths(cfg)]
     missing = [f"{key} ({path})" for key, path in paths if not path.exists()]
     if missing and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
@@ -179,13 +180,15 @@ def validate(cfg: Config, local_paths: bool = True) -> Dataset:
     """Raises ConfigError / DatasetError (ValueErrors) with a one-line message naming the key.
     `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir), for a
     job that runs on another machine."""
-    latent = cfg.backend.name in ("sd3", "zimage")
-    if latent:
-        _latent_models(cfg)
+    from danceopd.backends import backend_class
+
+    pipeline = backend_class(cfg.backend.name).pipeline
+    if pipeline:
+        _pipeline_models(cfg)
     elif cfg.student.init != "random":
         _model_folder(cfg.resolve(cfg.student.init), "student.init")
     for i, t in enumerate(cfg.teachers):
-        if t.kind == "pretrained" and not latent:
+        if t.kind == "pretrained" and not pipeline:
             _model_folder(cfg.resolve(t.path), f"teachers.{i}.path")
     if cfg.sync.max_policy_lag < cfg.sync.sync_every - 1:
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "

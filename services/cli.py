@@ -162,17 +162,17 @@ def make_tiny(
     head_dim: int = typer.Option(8, min=4, max=256, help="sd3: attention head width (a GPU smoke test: 64)."),
 ):
     """Write a tiny random diffusers pipeline of the real classes, to smoke-test a cluster before downloading weights."""
-    if family == "sd3":
-        from danceopd.backends.sd3 import write_tiny_sd3 as write
-    elif family == "zimage":
-        from danceopd.backends.zimage import write_tiny_zimage as write
-    else:
-        fail(f"make-tiny: unknown family {family!r} (sd3, zimage)")
+    from danceopd.backends import backend_class, backends_where
+
+    tiny = backends_where(lambda c: c.write_tiny is not None)
+    if family not in tiny:
+        fail(f"make-tiny: unknown family {family!r} ({', '.join(tiny)})")
+    write = backend_class(family).write_tiny
     if (out / "model_index.json").exists():
         fail(f"--out: {out} already holds a pipeline; remove it or pick another folder")
     from danceopd.backends.latent import write_tiny_loras
 
-    path = write(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim) if family == "sd3" else write(out, seed=seed)
+    path = write(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim)
     names = comma_list(loras)
     write_tiny_loras(path, names, seed=seed)
     typer.echo(f"wrote {path}" + (f" (+ LoRA folders {', '.join(names)} in {path / 'loras'})" if names else ""))
@@ -187,7 +187,9 @@ def cache(config: Path, set_: list[str] | None = SetOpt,
     cfg = load_valid(config, set_)
     path, built = build_condition_cache(cfg, progress=True, force=force)
     if path is None:
-        fail(f"backend.name: {cfg.backend.name} has no condition cache (sd3, zimage)")
+        from danceopd.backends import backends_where
+
+        fail(f"backend.name: {cfg.backend.name} has no condition cache ({', '.join(backends_where(lambda c: c.condition_cache))})")
     typer.echo(f"{'built' if built else 'up to date'}: {path}")
 
 

@@ -8,7 +8,9 @@ from rich.console import Console
 def build_condition_cache(cfg, progress: bool = True, force: bool = False):
     """(path, built) of the job's condition cache, built when missing or stale; (None, False) for
     backends without one. A rich progress bar while encoding."""
-    if cfg.backend.name not in ("sd3", "zimage"):
+    from danceopd.backends import backend_class
+
+    if not backend_class(cfg.backend.name).condition_cache:
         return None, False
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -1,32 +1,34 @@
-"""Backend registry. Imports are lazy so the toy backend never pulls in diffusers."""
+"""Backend registry: `backend.name` -> the family's config section (danceopd.config.BACKENDS) and
+its backend class, imported on first use so the toy backend never pulls in diffusers.
+
+What a family supports is declared on its class (`Backend.teacher_kinds`, `pipeline`,
+`condition_cache`, `sigma_grid`, `write_tiny`, ...); code outside this registry asks the class,
+it never compares backend names.
+"""
 
 from __future__ import annotations
 
-from danceopd.backends.base import Backend, Row, TeacherField
+from collections.abc import Callable
+from importlib import import_module
 
-__all__ = ["Backend", "Row", "TeacherField", "make_backend"]
+from danceopd.backends.base import Backend, Row, TeacherField
+from danceopd.config import BACKENDS
+
+__all__ = ["Backend", "Row", "TeacherField", "backend_class", "backends_where", "make_backend"]
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class of family `name` (its module imported now)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend.name: unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    module, cls = BACKENDS[name].impl.split(":")
+    return getattr(import_module(module), cls)
+
+
+def backends_where(capability: Callable[[type[Backend]], bool]) -> list[str]:
+    """Names of the families whose class has `capability` (for messages that say which to use)."""
+    return [name for name in BACKENDS if capability(backend_class(name))]
 
 
 def make_backend(cfg) -> Backend:
-    name = cfg.backend.name
-    if name == "toy":
-        from danceopd.backends.toy import ToyBackend
-
-        return ToyBackend(cfg)
-    if name == "shapes":
-        from danceopd.backends.shapes import ShapesBackend
-
-        return ShapesBackend(cfg)
-    if name == "sim":
-        from danceopd.backends.sim import SimBackend
-
-        return SimBackend(cfg)
-    if name == "sd3":
-        from danceopd.backends.sd3 import SD3Backend
-
-        return SD3Backend(cfg)
-    if name == "zimage":
-        from danceopd.backends.zimage import ZImageBackend
-
-        return ZImageBackend(cfg)
-    raise ValueError(f"backend.name: unknown backend {name!r} (known: toy, shapes, sim, sd3, zimage)")
+    return backend_class(cfg.backend.name)(cfg)

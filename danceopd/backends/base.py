@@ -9,6 +9,7 @@ the learner only ever talk to this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,17 @@ class TeacherField(ABC):
 
 
 class Backend(ABC):
+    """Class attributes declare what the family supports; config checks, `validate`, the CLI and
+    evaluation read them (never the family's name)."""
+
     name: str
-    sigma_grid: str = "sd3"
-    supports_source_image: bool = True  # rows may carry a source image (edit routes)  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS)
+    teacher_kinds: tuple[str, ...] = ()  # TeacherConfig.kind values build_teacher answers
+    pipeline: bool = False  # reads a diffusers pipeline folder (backend.pretrained): student.init=base,
+    # student.init_lora, LoRA teachers, pretrained teachers without a path (the pipeline's transformer)
+    condition_cache: bool = False  # conditions are encoded once into a cache file (`build_cache`, `danceopd cache`)
+    sigma_grid: str = "sd3"  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS), method.sigma_grid=auto
+    supports_source_image: bool = True  # rows may carry a source image (edit routes)
+    write_tiny: Callable[..., Path] | None = None  # writes a tiny random pipeline folder (`danceopd make-tiny`)
 
     @property
     @abstractmethod
@@ -105,6 +114,10 @@ class Backend(ABC):
         """Stand-in for GPU time of one unit of `role`'s work (`rollout` batch, `teacher` call,
         `learner` micro-batch). Real backends spend it in their models; `sim` sleeps."""
         return None
+
+    def sample_metrics(self, task: str, images: torch.Tensor, rows: list[Row]) -> dict[str, float]:
+        """Family-specific scores of decoded evaluation samples of one route (none by default)."""
+        return {}
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Map a clean state to data space for evaluation (identity in pixel/vector space)."""

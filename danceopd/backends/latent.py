@@ -29,6 +29,7 @@ from torch import nn
 
 from danceopd import cond_cache as cc
 from danceopd.backends.base import Backend, Row, TeacherField
+from danceopd.config import LatentBackendConfig
 from danceopd.lora import apply_lora, has_lora, load_lora_folder, merged_copy, set_active_adapter
 
 
@@ -90,6 +91,9 @@ class LatentBackend(Backend):
     `text_fields`, `_load_encoders`/`_free_encoders`, `encode_rows`, `forward`, `load_vae`,
     `vae_decode`."""
 
+    teacher_kinds = ("pretrained",)
+    pipeline = True
+    condition_cache = True
     transformer_class: str  # the diffusers class of the family's transformer
     default_seq_len: int = 256
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache
@@ -97,7 +101,8 @@ class LatentBackend(Backend):
     def __init__(self, cfg):
         quiet_libraries()
         self.cfg = cfg
-        b = cfg.backend
+        self.section: LatentBackendConfig = cfg.backend
+        b = self.section
         self.root = cfg.resolve(b.pretrained)
         self.seq_len = b.max_sequence_length or self.default_seq_len
         self.resolution = b.resolution
@@ -194,7 +199,7 @@ class LatentBackend(Backend):
         return cc.fingerprint({"encoders": self.encoder_fingerprint(), "rows": row_parts})
 
     def cache_folder(self) -> Path:
-        b = self.cfg.backend
+        b = self.section
         return self.cfg.resolve(b.cache_dir) if b.cache_dir else self.cfg.resolve(self.cfg.data.path).parent / ".danceopd-cache"
 
     def cache_path(self, rows: list[Row]) -> Path:
@@ -356,7 +361,7 @@ class LatentBackend(Backend):
                 model = self.load_transformer(src)
             if self.cfg.student.init_lora:
                 model = load_lora_folder(model, self.cfg.resolve(self.cfg.student.init_lora), "init", merge=True)
-            if self.cfg.backend.gradient_checkpointing:
+            if self.section.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
             model = apply_lora(model, self.cfg.student.lora)
         return model.to(self.device)

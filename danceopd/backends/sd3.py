@@ -32,6 +32,10 @@ class SD3Backend(LatentBackend):
     text_fields = ("prompt_embeds", "pooled")
     supports_source_image = False
 
+    @staticmethod
+    def write_tiny(out: Path, seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 8) -> Path:
+        return write_tiny_sd3(out, seed=seed, layers=layers, heads=heads, head_dim=head_dim)
+
     def _text_signature(self, c: dict) -> dict:
         return {"text dim": c.get("joint_attention_dim"), "pooled dim": c.get("pooled_projection_dim")}
 

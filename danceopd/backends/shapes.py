@@ -13,16 +13,27 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from diffusers import SD3Transformer2DModel
 from torch import nn
 
 from danceopd import shapes_world as sw
 from danceopd.backends.base import Backend, Row, TeacherField
+from danceopd.config import ShapesBackendConfig
 from danceopd.fields import gaussian_velocity
 from danceopd.lora import apply_lora, has_lora, merged_copy
+
+if TYPE_CHECKING:
+    from diffusers import SD3Transformer2DModel
+
+
+def _transformer_cls() -> type[SD3Transformer2DModel]:
+    """diffusers, imported on first use: config checks import this module for its capabilities."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
 
 
 class ShapesCondition:
@@ -138,12 +149,11 @@ class PretrainedTeacher(TeacherField):
 
 class ShapesBackend(Backend):
     name = "shapes"
+    teacher_kinds = ("oracle", "pretrained")
 
     def __init__(self, cfg):
         self.cfg = cfg
-        b = cfg.backend
-        if b.image_size % b.patch_size:
-            raise ValueError(f"backend.patch_size: {b.patch_size} does not divide image_size={b.image_size}")
+        b: ShapesBackendConfig = cfg.backend
         try:
             sw.check_size(b.image_size)
         except ValueError as e:
@@ -182,7 +192,7 @@ class ShapesBackend(Backend):
     # ---- student ---------------------------------------------------------------------------
     def _new_model(self) -> SD3Transformer2DModel:
         v = len(sw.VOCAB)
-        return SD3Transformer2DModel(
+        return _transformer_cls()(
             sample_size=self.size, patch_size=self.patch_size, in_channels=6, out_channels=3,
             num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
             joint_attention_dim=v + self.packer.max_tokens, caption_projection_dim=self.num_heads * self.head_dim,
@@ -194,7 +204,7 @@ class ShapesBackend(Backend):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise ValueError(f"{folder}: not a save_pretrained model folder (no config.json)")
-        model = SD3Transformer2DModel.from_pretrained(folder, use_safetensors=True)
+        model = _transformer_cls().from_pretrained(folder, use_safetensors=True)
         c = model.config
         for k, v in self._model_shapes().items():
             if c[k] != v:
@@ -211,7 +221,7 @@ class ShapesBackend(Backend):
         `load_model` checks the loaded model, but without reading a weight."""
         folder = Path(folder)
         try:
-            c = SD3Transformer2DModel.load_config(folder)
+            c = _transformer_cls().load_config(folder)
         except Exception as e:  # diffusers raises OSError / ValueError on a missing or bad file
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{folder}: not a readable model config ({detail})") from None
@@ -225,7 +235,7 @@ class ShapesBackend(Backend):
         if not self.cfg.student.lora.enabled:
             return
         with torch.device("meta"):  # module names only: no memory, no weights
-            model = self._new_model() if config is None else SD3Transformer2DModel.from_config(config)
+            model = self._new_model() if config is None else _transformer_cls().from_config(config)
         apply_lora(model, self.cfg.student.lora)
 
     def check_row(self, row: Row, needs_target: bool = False, teachers: tuple[TeacherField, ...] = ()) -> None:
@@ -272,3 +282,8 @@ class ShapesBackend(Backend):
 
     def data_target(self, rows: list[Row]) -> torch.Tensor:
         return torch.stack([torch.from_numpy(load_image(r.target_image, self.size, "target", r.uid)) for r in rows])
+
+    def sample_metrics(self, task: str, images: torch.Tensor, rows: list[Row]) -> dict[str, float]:
+        from danceopd.evaluate import shapes_metrics  # evaluation imports the backends
+
+        return shapes_metrics(task, images.numpy(), rows)

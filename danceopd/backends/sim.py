@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from danceopd.backends.toy import ToyBackend
+from danceopd.config import SimBackendConfig
 
 
 class SimBackend(ToyBackend):
@@ -19,7 +20,7 @@ class SimBackend(ToyBackend):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        b = cfg.backend
+        b: SimBackendConfig = cfg.backend
         self.latency = {"rollout": b.rollout_latency_s, "teacher": b.teacher_latency_s, "learner": b.learner_latency_s}
 
     def simulated_compute(self, role: str) -> None:

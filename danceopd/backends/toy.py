@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from danceopd.backends.base import Backend, Row, TeacherField
+from danceopd.config import ToyBackendConfig
 from danceopd.fields import gaussian_velocity
 
 
@@ -68,10 +69,11 @@ class GaussianTeacher(TeacherField):
 
 class ToyBackend(Backend):
     name = "toy"
+    teacher_kinds = ("gaussian",)
 
     def __init__(self, cfg):
         self.cfg = cfg
-        b = cfg.backend
+        b: ToyBackendConfig = cfg.backend  # sim's section is a ToyBackendConfig too
         self.dim, self.hidden, self.num_classes = b.dim, b.hidden, b.num_classes
         self.tasks = sorted({r.task for r in cfg.routing.routes})
         # The data distribution of a task is its (first) route's teacher target: sft and
@@ -137,7 +139,7 @@ class ToyBackend(Backend):
 
     def build_teacher(self, teacher_cfg, base_dir: Path) -> TeacherField:
         if teacher_cfg.kind != "gaussian":
-            raise ValueError(f"teacher {teacher_cfg.name}: the toy backend only has gaussian teachers")
+            raise ValueError(f"teacher {teacher_cfg.name}: the {self.name} backend only has gaussian teachers")
         means = teacher_means(teacher_cfg.name, teacher_cfg.seed, self.num_classes, self.dim)
         return GaussianTeacher(means, teacher_cfg.std, len(self.tasks))
 

@@ -37,6 +37,8 @@ v = noise - x0 (z = (1 - sigma) x0 + sigma noise) is minus the transformer's out
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -60,6 +62,10 @@ class ZImageBackend(LatentBackend):
     default_seq_len = 512
     encoder_components = ("text_encoder", "tokenizer", "siglip", "siglip_processor")
     text_fields = ("cap", "cap_len")
+
+    @staticmethod
+    def write_tiny(out: Path, seed: int = 0, **_sd3_shape) -> Path:
+        return write_tiny_zimage(out, seed=seed)  # one fixed tiny shape: make-tiny's sd3 shape options do not apply
 
     def __init__(self, cfg):
         super().__init__(cfg)
