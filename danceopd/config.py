@@ -106,6 +106,13 @@ BACKENDS: dict[str, type[_Strict]] = {c.model_fields["name"].default: c for c in
 BackendConfig = Annotated[Union[BACKEND_SECTIONS], Field(discriminator="name")]  # one list: the tuple above
 
 
+# The flat backend section's defaults before each family got its own (schema of checkpoints <= v3).
+FLAT_DEFAULTS = {"pretrained": None, "resolution": 1024, "max_sequence_length": None, "dtype": "bfloat16",
+                 "gradient_checkpointing": False, "cache_dir": None, "dim": 4, "hidden": 128, "num_classes": 4,
+                 "image_size": 16, "patch_size": 2, "num_layers": 2, "num_heads": 2, "head_dim": 16, "max_tokens": 12,
+                 "rollout_latency_s": 0.0, "teacher_latency_s": 0.0, "learner_latency_s": 0.0}
+
+
 def _backend_section(raw: Any) -> Any:
     """An old-style (flat) backend section, checked before the union sees it: `name` defaults to
     toy as it always did, and a key of another family fails in one line saying what to remove
@@ -116,6 +123,10 @@ def _backend_section(raw: Any) -> Any:
     own = BACKENDS.get(raw["name"]) if isinstance(raw["name"], str) else None
     if own is None:
         return raw  # the union names the unknown backend
+    # A config dumped by an older DanceOPD (a checkpoint's config.yaml) lists every flat field:
+    # there, another family's field still at the old shared default was never set: it goes quietly.
+    if FLAT_DEFAULTS.keys() <= raw.keys():
+        raw = {k: v for k, v in raw.items() if k in own.model_fields or FLAT_DEFAULTS.get(k, object()) != v}
     foreign = {k: [n for n, c in BACKENDS.items() if k in c.model_fields] for k in raw if k not in own.model_fields}
     foreign = {k: owners for k, owners in foreign.items() if owners}  # a key of no family: the union says so
     if foreign:

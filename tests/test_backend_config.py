@@ -247,3 +247,17 @@ def test_backend_section_of_raw_config_is_not_mutated():
     before = copy.deepcopy(raw)
     config_from_dict(raw)
     assert raw == before
+
+
+def test_a_config_dumped_by_the_flat_schema_loads_and_a_set_foreign_key_still_fails(tmp_path):
+    """A checkpoint's config.yaml from before the per-backend sections lists all 19 flat fields:
+    the other families' fields at their old defaults go quietly; one a user set still fails."""
+    from danceopd.config import FLAT_DEFAULTS
+
+    raw = yaml.safe_load((ROOT / "configs" / "toy.yaml").read_text())
+    raw["backend"] = {**FLAT_DEFAULTS, **raw["backend"]}
+    cfg = config_from_dict(raw, base_dir=ROOT / "configs")
+    assert cfg.backend.name == "toy" and cfg.backend.hidden == 128
+    raw["backend"]["num_layers"] = 6  # a shapes field someone set: not a dump artefact
+    with pytest.raises(ConfigError, match=r"^backend.num_layers: unknown key for backend toy"):
+        config_from_dict(raw, base_dir=ROOT / "configs")
