@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from danceopd.backends import make_backend
 from danceopd.backends.base import Row
 from danceopd.flow import guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 HEADLINES = ("target_error", "gt_rmse", "teacher_rmse")
 HIGHER_IS_BETTER = ("attr_acc", "preservation")
@@ -54,7 +58,7 @@ def ode_sample(field, backend, rows: list[Row], seeds: list[int], sigmas: torch.
     return backend.decode(traj.states[-1])
 
 
-def toy_route_errors(cfg, backend, model, n: int = TOY_SAMPLES, seed: int = TOY_SEED) -> dict[str, float]:
+def toy_route_errors(cfg: Config, backend, model, n: int = TOY_SAMPLES, seed: int = TOY_SEED) -> dict[str, float]:
     """Per route: mean over prompt classes of |E[student sample] - teacher target mean|."""
     sigmas = job_sigmas(cfg, backend)
     out = {}
@@ -120,7 +124,7 @@ class Evaluator:
     """Holds an inference copy of the student, the evaluation rows and seeds per route, and (once
     computed) the teachers' samples; `evaluate(weights, step)` scores one set of student weights."""
 
-    def __init__(self, cfg, dataset=None):
+    def __init__(self, cfg: Config, dataset=None):
         from danceopd.dataset import Dataset
 
         self.cfg = cfg
@@ -216,7 +220,7 @@ class Evaluator:
         return pictures.grid(cells, list(columns), labels), list(columns)
 
 
-def load_student(cfg, weights_path):
+def load_student(cfg: Config, weights_path):
     """(backend, student) of a job's config holding a checkpoint's `model.safetensors` (the
     trainable weights: the LoRA adapters only, for a LoRA student)."""
     from danceopd.checkpoint import load_tensors

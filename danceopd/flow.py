@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -70,7 +74,7 @@ def sigma_grid(name: str, n: int, shift: float) -> torch.Tensor:
     return SIGMA_GRIDS[name](n, shift)
 
 
-def job_sigmas(cfg, backend) -> torch.Tensor:
+def job_sigmas(cfg: Config, backend) -> torch.Tensor:
     """A job's grid: `method.sigma_grid`, or with `auto` the backend's model family (rollouts and
     evaluation share it)."""
     grid = backend.sigma_grid if cfg.method.sigma_grid == "auto" else cfg.method.sigma_grid

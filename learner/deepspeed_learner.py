@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -33,6 +34,9 @@ from danceopd.methods import make_method
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # what DeepSpeed restores
 
 
@@ -49,7 +53,7 @@ def _plain_state(sd: dict) -> dict:
     return sd
 
 
-def _ds_config(cfg) -> dict:
+def _ds_config(cfg: Config) -> dict:
     lc = cfg.learner
     return {
         "train_micro_batch_size_per_gpu": cfg.rollout.batch_size,
@@ -68,7 +72,7 @@ def _ds_config(cfg) -> dict:
 
 
 class DeepSpeedLearner:
-    def __init__(self, cfg, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         lc = cfg.learner
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),

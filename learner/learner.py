@@ -7,6 +7,7 @@ has the same interface and shares `batch_loss`.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -16,13 +17,16 @@ from danceopd.lora import load_trainable_state_dict, trainable_state_dict
 from danceopd.methods import make_method
 from learner.step import batch_loss, merge_route_losses
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
-def build_student(cfg, backend):
+
+def build_student(cfg: Config, backend):
     return backend.build_student(cfg.student_source(), cfg.job.seed)
 
 
 class Learner:
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.backend = make_backend(cfg)
         self.model = build_student(cfg, self.backend)

@@ -7,6 +7,7 @@ Plain class; the Ray runtime deploys it as an actor. Weights change only between
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,9 +20,12 @@ from danceopd.lora import load_trainable_state_dict
 from danceopd.methods import make_method
 from danceopd.work import WorkOrder
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 
 class RolloutWorker:
-    def __init__(self, cfg, worker_id: str = "rollout-0"):
+    def __init__(self, cfg: Config, worker_id: str = "rollout-0"):
         self.cfg = cfg
         self.worker_id = worker_id
         self.backend = make_backend(cfg)

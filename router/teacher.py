@@ -6,6 +6,7 @@ Plain class; the Ray runtime deploys replicas of it as actors (one pool per teac
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,9 +14,12 @@ import torch
 from danceopd.backends import make_backend
 from danceopd.flow import cfg_combine
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 
 class Teacher:
-    def __init__(self, cfg, teacher_name: str, replica: int = 0):
+    def __init__(self, cfg: Config, teacher_name: str, replica: int = 0):
         self.cfg = cfg
         self.name = teacher_name
         self.teacher_id = f"{teacher_name}/{replica}"

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from danceopd.checkpoint import (
     RUN_FILE,
@@ -45,12 +46,15 @@ from danceopd.checkpoint import (
 )
 from danceopd.config import dump_config
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 SCHEMA = 3
 MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE, "samples", "plots", "tensorboard",
          "error.log")  # what --overwrite moves aside
 
 
-def prepare_output(cfg, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:
+def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:
     """Decide, before anything starts, where a `train` run begins: (checkpoint to resume or None,
     run id). A fresh run into a job.output_dir that holds another run's checkpoints or metrics is
     refused unless `overwrite`, which moves them to output_dir/.overwritten-<time>/."""
@@ -107,7 +111,7 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def run_id_of(cfg) -> str:
+def run_id_of(cfg: Config) -> str:
     """The run writing job.output_dir: output_dir/run.json (written by prepare_output), else a new one."""
     rid = (read_run(cfg.output_path) or {}).get("run_id")
     if not rid:
@@ -116,7 +120,7 @@ def run_id_of(cfg) -> str:
     return rid
 
 
-def save(cfg, state, learner, router_state: dict) -> str:
+def save(cfg: Config, state, learner, router_state: dict) -> str:
     """Write the checkpoint of `state` (a LoopState): the learner's weights and own state, the
     router's state at the first unconsumed ticket, the accounting. Returns its folder."""
     run_id = state.run_id or run_id_of(cfg)
@@ -148,7 +152,7 @@ class Resumed:
     accounting: dict
 
 
-def resume(cfg, path, learner, mode: str) -> Resumed:
+def resume(cfg: Config, path, learner, mode: str) -> Resumed:
     """Load a checkpoint into `learner` (its own state too, when it is of the same kind) and
     return the state it read."""
     path = Path(path)

@@ -95,7 +95,7 @@ def train(
     print_summary(summary)
 
 
-def error_log(cfg, e: BaseException) -> Path:
+def error_log(cfg: Config, e: BaseException) -> Path:
     """The traceback of a failed job, in its output folder (moved aside by --overwrite)."""
     import traceback
 

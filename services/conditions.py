@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
-def build_condition_cache(cfg, progress: bool = True, force: bool = False):
+
+def build_condition_cache(cfg: Config, progress: bool = True, force: bool = False):
     """(path, built) of the job's condition cache, built when missing or stale; (None, False) for
     backends without one. A rich progress bar while encoding."""
     from danceopd.backends import backend_class

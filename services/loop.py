@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from danceopd.dataset import Dataset
 from router.router import Router
@@ -27,9 +28,12 @@ from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.state import FleetView, LoopState
 from services.telemetry.status import Telemetry
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 
 class TrainLoop:
-    def __init__(self, cfg, mode: str = "local", resume_from=None, show_progress: bool = True, run_id: str | None = None):
+    def __init__(self, cfg: Config, mode: str = "local", resume_from=None, show_progress: bool = True, run_id: str | None = None):
         self.cfg, self.mode = cfg, mode
         self.run_id = run_id  # from checkpoints.prepare_output; a resume carries the checkpoint's over
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
@@ -289,7 +293,7 @@ class TrainLoop:
         self.fleet.shutdown()
 
 
-def make_router(cfg, per_step: int) -> Router:
+def make_router(cfg: Config, per_step: int) -> Router:
     """The job's router, in the driver: its dataset checked against the routes first."""
     from danceopd.methods import make_method
 
@@ -328,7 +332,7 @@ class StopOnSignal:
             signal.signal(s, old)
 
 
-def train(cfg, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True,
+def train(cfg: Config, mode: str = "local", address: str | None = None, resume_from=None, show_progress: bool = True,
           run_id: str | None = None) -> dict:
     """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
     from services.conditions import build_condition_cache

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from danceopd.backends.base import Backend, Row, TeacherField
 from danceopd.config import BACKENDS
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 __all__ = ["Backend", "Row", "TeacherField", "backend_class", "backends_where", "make_backend"]
 
@@ -30,5 +34,5 @@ def backends_where(capability: Callable[[type[Backend]], bool]) -> list[str]:
     return [name for name in BACKENDS if capability(backend_class(name))]
 
 
-def make_backend(cfg) -> Backend:
+def make_backend(cfg: Config) -> Backend:
     return backend_class(cfg.backend.name)(cfg)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from danceopd import cond_cache as cc
 from danceopd.backends.base import Backend, Row, TeacherField
 from danceopd.config import LatentBackendConfig
 from danceopd.lora import apply_lora, has_lora, load_lora_folder, merged_copy, set_active_adapter
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 def quiet_libraries() -> None:
@@ -98,7 +102,7 @@ class LatentBackend(Backend):
     default_seq_len: int = 256
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         quiet_libraries()
         self.cfg = cfg
         self.section: LatentBackendConfig = cfg.backend

@@ -21,7 +21,7 @@ from torch import nn
 
 from danceopd import shapes_world as sw
 from danceopd.backends.base import Backend, Row, TeacherField
-from danceopd.config import ShapesBackendConfig
+from danceopd.config import Config, ShapesBackendConfig
 from danceopd.fields import gaussian_velocity
 from danceopd.lora import apply_lora, has_lora, merged_copy
 
@@ -151,7 +151,7 @@ class ShapesBackend(Backend):
     name = "shapes"
     teacher_kinds = ("oracle", "pretrained")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         b: ShapesBackendConfig = cfg.backend
         try:

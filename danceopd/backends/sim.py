@@ -10,15 +10,19 @@ simulate a fleet of dozens of GPU workers and show where the pipeline itself sto
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from danceopd.backends.toy import ToyBackend
 from danceopd.config import SimBackendConfig
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 class SimBackend(ToyBackend):
     name = "sim"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
         b: SimBackendConfig = cfg.backend
         self.latency = {"rollout": b.rollout_latency_s, "teacher": b.teacher_latency_s, "learner": b.learner_latency_s}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +20,9 @@ from torch import nn
 from danceopd.backends.base import Backend, Row, TeacherField
 from danceopd.config import ToyBackendConfig
 from danceopd.fields import gaussian_velocity
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 def parse_class(prompt: str, num_classes: int) -> int:
@@ -71,7 +75,7 @@ class ToyBackend(Backend):
     name = "toy"
     teacher_kinds = ("gaussian",)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         b: ToyBackendConfig = cfg.backend  # sim's section is a ToyBackendConfig too
         self.dim, self.hidden, self.num_classes = b.dim, b.hidden, b.num_classes

@@ -38,6 +38,7 @@ v = noise - x0 (z = (1 - sigma) x0 + sigma noise) is minus the transformer's out
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -47,6 +48,9 @@ from danceopd.backends.base import Row
 from danceopd.backends.images import load_bucket
 from danceopd.backends.latent import LatentBackend
 from danceopd.backends.tiny_zimage import write_tiny_zimage
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 __all__ = ["ZImageBackend", "write_tiny_zimage"]
 
@@ -67,7 +71,7 @@ class ZImageBackend(LatentBackend):
     def write_tiny(out: Path, seed: int = 0, **_sd3_shape) -> Path:
         return write_tiny_zimage(out, seed=seed)  # one fixed tiny shape: make-tiny's sd3 shape options do not apply
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.omni = self.transformer_config.get("siglip_feat_dim") is not None
         self.supports_source_image = self.omni  # edits need the Omni (SigLIP) transformer

@@ -3,6 +3,8 @@ weighted velocity regression)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -10,14 +12,17 @@ from danceopd.flow import guided_velocity
 from danceopd.losses import weighted_mse
 from danceopd.queries import select_queries
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config, MethodConfig
+
 
 class Method:
     name = ""
     rollout = "ode"  # "ode" (Euler), "sde" (Flow-GRPO SDE) or "data" (forward-noised dataset targets)
     routing = "hard"  # "hard" (the row's route's teacher), "mix" (weight-average of all) or "none"
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg  # its own section: method.*
 
     # ---- work hand-out and rollout (worker) ---------------------------------------------------
     def group_size(self) -> int:
@@ -61,5 +66,5 @@ class Method:
         return weighted_mse(pred, batch)
 
     # ---- config ---------------------------------------------------------------------------------
-    def check(self, cfg) -> None:
+    def check(self, cfg: Config) -> None:
         """Raise ValueError naming the key when the job's config does not fit this method."""

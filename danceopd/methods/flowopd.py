@@ -24,12 +24,17 @@ which makes KL_t the exact Gaussian KL of the step. Advantages are normalised wi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from danceopd.flow import gaussian_log_prob, sde_step_mean_std
 from danceopd.losses import elem_mean, group_normalise, reward_to_go
 from danceopd.methods.base import Method
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 class FlowOPD(Method):
@@ -95,7 +100,7 @@ class FlowOPD(Method):
         per_row = self.terms(pred, batch)["per_row"]
         return per_row.mean(), per_row.detach()
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: Config) -> None:
         if self.cfg.flowopd_groups > cfg.rollout.batch_size:
             raise ValueError("method.flowopd_groups: larger than rollout.batch_size")
         if cfg.rollout.batch_size % self.cfg.flowopd_groups:

@@ -17,9 +17,14 @@ one step back toward the bounds, subject to the cooldown and, when growing, to f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import AutoscaleConfig
+
 
 class AutoscalePolicy:
-    def __init__(self, cfg):
+    def __init__(self, cfg: AutoscaleConfig):
         """`cfg`: an AutoscaleConfig (enabled, min/max_rollout_workers, learner_idle_above,
         window_steps, cooldown_steps)."""
         self.cfg = cfg

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.control.ctl import (  # noqa: F401 — CTL_* and format_status are used through this module too
     ACTIONS,
@@ -37,6 +38,9 @@ from services.control.ctl import (  # noqa: F401 — CTL_* and format_status are
     format_status,
     parse_ctl_output,
 )
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 META_JOB = "danceopd_job"  # metadata key of training jobs: the danceopd job name
 META_CTL = "danceopd_ctl"  # metadata key of helper jobs
@@ -97,7 +101,7 @@ def check_uploadable(folder: Path, what: str) -> None:
                                 "uploaded); name a folder without it")
 
 
-def config_inputs(config: Path, cfg) -> tuple[list[Path], list[str]]:
+def config_inputs(config: Path, cfg: Config) -> tuple[list[Path], list[str]]:
     """(local files and model folders the config names through relative paths, as absolute
     un-resolved paths; the absolute paths it names, which must exist on the cluster)."""
     from danceopd.dataset import Dataset
@@ -131,7 +135,7 @@ def config_inputs(config: Path, cfg) -> tuple[list[Path], list[str]]:
     return local, absolute
 
 
-def stage_upload(config: Path, cfg, dest: Path, cwd: Path | None = None) -> str:
+def stage_upload(config: Path, cfg: Config, dest: Path, cwd: Path | None = None) -> str:
     """Copy the config and the local inputs it names into `dest`, each at its path relative to one
     anchor (the cwd when it holds them all, else their common folder), so that the config's
     relative paths resolve the same way in the copy; nothing else is copied. Returns the config's
@@ -260,7 +264,7 @@ def resolve_job(client, job: str) -> JobRef:
     return JobRef(job, pick)
 
 
-def submit(client, config: Path, cfg, overrides: list[str] | None, working_dir: Path | None = None,
+def submit(client, config: Path, cfg: Config, overrides: list[str] | None, working_dir: Path | None = None,
            resume: str | None = None, overwrite: bool = False) -> str:
     """Submit the training job; returns the submission id. Uploads the danceopd packages
     (py_modules) and, as working_dir, a staging folder with the config and its local inputs

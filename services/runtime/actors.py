@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -21,8 +22,11 @@ from router.teacher import Teacher
 from services.telemetry.metrics import ActorMetrics
 from services.weights.state import state_nbytes
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
-def actor_env(cfg) -> dict:
+
+def actor_env(cfg: Config) -> dict:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
@@ -56,7 +60,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
     rolls out with initial weights; records its metrics. `latest`: (version, [ref]) of the last
     push, or None (before the first, and under `collective`, which broadcasts to joiners)."""
 
-    def __init__(self, cfg, worker_id: str, latest=None):
+    def __init__(self, cfg: Config, worker_id: str, latest=None):
         super().__init__(cfg, worker_id)
         self.metrics = ActorMetrics("rollout", worker_id)
         self.t_start = time.perf_counter()
@@ -107,7 +111,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
 
 
 class TeacherActor(Teacher):
-    def __init__(self, cfg, teacher_name: str, replica: int = 0):
+    def __init__(self, cfg: Config, teacher_name: str, replica: int = 0):
         super().__init__(cfg, teacher_name, replica)
         self.metrics = ActorMetrics("teacher", self.teacher_id)
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
 from services.runtime.placement import cpus_needed
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 LOG_DIR = "/tmp/ray/session_latest/logs"  # Ray's log folder of the session this process joined
 
 
-def connect(cfg, address: str | None) -> bool:
+def connect(cfg: Config, address: str | None) -> bool:
     """Join `address` (`auto`: the running cluster) or start a local cluster sized for the job.
     Returns True when this call connected (and so should disconnect).
 

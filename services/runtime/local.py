@@ -7,6 +7,7 @@ and weight sync differ. Nothing here imports Ray or DeepSpeed.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,12 +19,15 @@ from router.teacher import Teacher
 from services.runtime.events import Routed
 from services.weights.state import state_nbytes
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
-def used_teachers(cfg) -> list[str]:
+
+def used_teachers(cfg: Config) -> list[str]:
     return sorted({r.teacher for r in cfg.routing.routes})
 
 
-def local_scorer(cfg, teachers: dict | None = None) -> Scorer:
+def local_scorer(cfg: Config, teachers: dict | None = None) -> Scorer:
     """The scorer over in-process teachers (built here unless given)."""
     teachers = teachers or {name: Teacher(cfg, name) for name in used_teachers(cfg)}
     return Scorer(cfg.routing.routes, cfg.method, {n: InProcessPool(t) for n, t in teachers.items()})
@@ -35,7 +39,7 @@ class LocalFleet:
 
     mode = "local"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.teachers = {name: Teacher(cfg, name) for name in used_teachers(cfg)}
         self.routes = [r.name for r in cfg.routing.routes]
         self.scorer = local_scorer(cfg, self.teachers)
@@ -86,7 +90,7 @@ class LocalLearner:
 
     kind = "torch-adamw"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.learner = Learner(cfg)
         self._result = None
 
@@ -165,7 +169,7 @@ class LocalEvaluation:
 
     where = "in process"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         from danceopd.evaluate import Evaluator
 
         self.evaluator = Evaluator(cfg)
@@ -189,7 +193,7 @@ class LocalEvaluation:
         pass
 
 
-def build_local(cfg, pipe):
+def build_local(cfg: Config, pipe):
     fleet = LocalFleet(cfg)
     learner = LocalLearner(cfg)
     return fleet, learner, LocalSync(learner, fleet, pipe)

@@ -11,6 +11,10 @@ import collections
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 SCORER_RESTARTS = 3
 TEACHER_RESTARTS = 3
@@ -29,7 +33,7 @@ class RoleSpec:
         return {k: v for k, v in {"CPU": self.num_cpus, "GPU": self.num_gpus}.items() if v}
 
 
-def role_specs(cfg) -> dict[str, RoleSpec]:
+def role_specs(cfg: Config) -> dict[str, RoleSpec]:
     r, lc = cfg.rollout, cfg.learner
     specs = {
         "rollout": RoleSpec(r.num_cpus, r.num_gpus, r.max_restarts, members=r.workers),
@@ -47,20 +51,20 @@ def role_specs(cfg) -> dict[str, RoleSpec]:
     return specs
 
 
-def cpus_needed(cfg) -> int:
+def cpus_needed(cfg: Config) -> int:
     """CPUs a local cluster needs for the job (at least this machine's cores)."""
     need = sum(s.num_cpus * s.members for s in role_specs(cfg).values())
     return max(math.ceil(need + 0.5), os.cpu_count() or 1)
 
 
-def _field(cfg, role: str) -> str:
+def _field(cfg: Config, role: str) -> str:
     if role.startswith("teacher:"):
         name = role.split(":", 1)[1]
         return f"teachers.{[t.name for t in cfg.teachers].index(name)}"
     return {"rollout": "rollout", "learner": "learner", "evaluator": "eval"}.get(role, role)
 
 
-def check_capacity(cfg, nodes: list[dict]) -> None:
+def check_capacity(cfg: Config, nodes: list[dict]) -> None:
     """Refuse, before any actor starts, a job the cluster can never place: a member larger than
     every node, or more of a resource than all nodes hold together. `nodes`: each alive node's
     total resources (e.g. {"CPU": 8, "GPU": 1}). Raises ConfigError naming the config field."""

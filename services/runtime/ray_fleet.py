@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -30,6 +31,9 @@ from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, Member
 from services.runtime.placement import check_capacity, placeable, reserved_by_others, role_specs
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 @dataclass
@@ -66,7 +70,7 @@ class RayFleet:
 
     mode = "ray"
 
-    def __init__(self, cfg, latest):
+    def __init__(self, cfg: Config, latest):
         self.cfg, self.dl = cfg, cfg.deadlines
         self.latest = latest
         self.specs = specs = role_specs(cfg)
@@ -364,7 +368,7 @@ class RayFleet:
                 print(f"{g.role}: shutdown: {first_line(e)}", flush=True)
 
 
-def build_ray(cfg, pipe):
+def build_ray(cfg: Config, pipe):
     from services.runtime.ray_learner import RayLearner
     from services.weights.ray_sync import CollectiveSync, ObjectStoreSync
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -10,6 +11,9 @@ from services.runtime.actors import actor_env, free_port, learner_rank_actor
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, on
 from services.runtime.placement import role_specs
+
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
 
 
 class RayLearner:
@@ -22,7 +26,7 @@ class RayLearner:
 
     kind = "deepspeed"
 
-    def __init__(self, cfg, spec):
+    def __init__(self, cfg: Config, spec):
         from learner.deepspeed_learner import DeepSpeedLearner
 
         self.cfg = cfg
@@ -153,7 +157,7 @@ class RayEvaluation:
 
     where = "evaluator actor"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         from danceopd.evaluate import Evaluator
 
         spec = role_specs(cfg)["evaluator"]

@@ -7,13 +7,17 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 
 class JobLog:
-    def __init__(self, cfg, start_step: int, show_progress: bool = True, console: Console | None = None):
+    def __init__(self, cfg: Config, start_step: int, show_progress: bool = True, console: Console | None = None):
         self.cfg = cfg
         self.start_step = start_step
         self.out = cfg.output_path

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import TYPE_CHECKING
 
 from services.telemetry.metrics import ROLES
 from services.telemetry.progress import JobLog
 
+if TYPE_CHECKING:  # annotations only: no import cycle, no cost
+    from danceopd.config import Config
+
 
 class Telemetry:
-    def __init__(self, cfg, start_step: int, show_progress: bool, serve: bool, control_fns=None):
+    def __init__(self, cfg: Config, start_step: int, show_progress: bool, serve: bool, control_fns=None):
         self.cfg = cfg
         self.started_at = time.time()  # /health and the stall alert count from here until the first step
         self.log = JobLog(cfg, start_step, show_progress)
