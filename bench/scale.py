@@ -84,7 +84,8 @@ def ideal(cfg, n: int, lag: int, replicas: dict[str, int], accum: int = A) -> fl
     return B * min(n / R_S, teacher, W / L_S, (lag + 1) * p / (R_S + T_S + accum * L_S))
 
 
-def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int | None = None) -> dict:
+def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S), accum: int | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
     from services.loop import train
     from services.telemetry.progress import read_metrics
 
@@ -96,7 +97,7 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
             f"replay.capacity={n + 2 * W * accum}", f"routing.max_concurrent_batches={max(16, 2 * n)}",
             f"backend.rollout_latency_s={latencies[0]}", f"backend.teacher_latency_s={latencies[1]}",
             f"backend.learner_latency_s={latencies[2]}", f"job.output_dir={out}", "control.metrics_port=0",
-            "checkpoint.every=0"]
+            "checkpoint.every=0", "eval.enabled=false", *extra]
     sets += [f"teachers.{i}.replicas={reps[t.name]}" for i, t in enumerate(base.teachers)]
     cfg = load_config(ROOT / "configs" / "sim.yaml", sets)
     cpu0 = time.process_time()
@@ -112,6 +113,9 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
             "sync_seconds_mean": summary["sync_seconds_mean"], "sync_wait_seconds_mean": summary["sync_wait_seconds_mean"]}
 
 
+CEILING_MODEL = ("backend.hidden=8", "method.rollout_steps=4")
+
+
 def ceiling(n: int, steps: int, out: Path) -> dict:
     """Near-zero latencies, many workers: batches/s the loop itself sustains, and which
     processes spent the CPU (psutil, by command line)."""
@@ -119,7 +123,9 @@ def ceiling(n: int, steps: int, out: Path) -> dict:
 
     me = psutil.Process()
     before = {p.pid: p.cpu_times() for p in psutil.process_iter() if _ok(p)}
-    point = run_point(n, 1, steps, out, latencies=(0.0, 0.0, 0.0), accum=8)
+    # The control plane alone: the smallest student (its CPU is the stand-in model's, not the
+    # pipeline's) and 4 rollout steps; evaluation off.
+    point = run_point(n, 1, steps, out, latencies=(0.0, 0.0, 0.0), accum=8, extra=CEILING_MODEL)
     cpu: dict[str, float] = {}
     for p in psutil.process_iter():
         if not _ok(p):
@@ -171,7 +177,8 @@ def render_md(res: dict) -> str:
                      f"{p['controller_cpu_s_per_batch'] * 1000:.1f} ms | {idle['rollout']:.2f} / {idle['teacher']:.2f} / {idle['learner']:.2f} |")
     c = res.get("ceiling")
     if c:
-        lines += ["", f"Control-plane ceiling (all latencies 0, {c['workers']} workers, lag 1, 8 batches per step): "
+        lines += ["", f"Control-plane ceiling (all latencies 0, {c['workers']} workers, lag 1, 8 batches per step, "
+                  f"the smallest stand-in model: {', '.join(CEILING_MODEL)}): "
                   f"**{c['batches_per_s']:.1f} batches/s**, controller CPU {c['controller_cpu_s_per_batch'] * 1000:.1f} ms/batch.",
                   "", "CPU seconds by process during that run:", ""]
         lines += [f"- {k}: {v} s" for k, v in c["cpu_s_by_process"].items()]
