@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

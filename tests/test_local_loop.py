@@ -94,6 +94,7 @@ def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
         router.dataset.sample("inpaint", router.data_rng)
 
 
+@pytest.mark.subprocess
 def test_local_mode_runs_the_shared_loop_without_importing_ray(toy_raw, tmp_path, write_config):
     """`--mode local` is the same loop over in-process parts; Ray is never imported."""
     import subprocess

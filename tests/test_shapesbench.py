@@ -249,6 +249,7 @@ def test_clip_score_adapter_loads_a_local_folder(tmp_path):
 
 # ---- the driver --------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_quick_bench_end_to_end(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import shapesbench
@@ -328,6 +329,7 @@ def test_bench_refuses_a_bad_override():
         shapesbench.main(["--quick", "--set", "updates=many"])
 
 
+@pytest.mark.subprocess
 def test_bench_workers_die_with_the_benchmark(tmp_path):
     """A SIGTERM to the benchmark stops its pool's workers too (they would otherwise train on)."""
     import signal
