@@ -17,6 +17,7 @@ def final_weights(cfg):
     return load_tensors(latest_checkpoint(cfg.output_path) / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
     """A learning test: per-route error of the student's samples falls at least 5x."""
     cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=400, checkpoint__every=0)
@@ -119,6 +120,7 @@ def test_local_mode_honours_the_lag_bound(toy_raw, tmp_path):
     assert summary["lag_max"] == 1 and summary["replay"]["max_lag_seen"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["flowopd", "danceopd", "diffusionopd", "offpolicy"])
 def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, tmp_path, method):
     """summary.json carries the per-route evaluation error (evaluate.py's) at the start and the
@@ -139,6 +141,7 @@ def _step_routes(cfg) -> list[set[str]]:
 
 @pytest.mark.parametrize("extra", [{}, {"sync__max_policy_lag": 1, "sync__on_stale": "drop"},
                                    {"sync__max_policy_lag": 2, "rollout__orders_per_worker": 2}])
+@pytest.mark.slow
 def test_route_granularity_update_gives_every_step_one_route(toy_raw, tmp_path, extra):
     """granularity update (default): all micro-batches of an update (grad_accum 3) share one
     route, drawn by weight; with lag and on_stale drop too. sample: micro-batches mix routes."""

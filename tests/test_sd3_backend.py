@@ -13,6 +13,8 @@ from danceopd import cond_cache as cc
 from danceopd.config import ConfigError, config_from_dict
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the tiny diffusers pipelines: seconds per test
+
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
