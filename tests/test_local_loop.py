@@ -70,7 +70,8 @@ def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
 def test_all_methods_run(toy_raw, tmp_path):
     for method in ["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]:
         extra = {"method__flowopd_groups": 4} if method == "flowopd" else {}
-        cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0, **extra)
+        cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0,
+                      eval__enabled=False, **extra)  # no evaluation: it would be most of the time
         summary = train(cfg, show_progress=False)
         assert summary["steps"] == 3
         assert all(v["end"] == v["end"] for v in summary["route_loss"].values())  # no NaN
