@@ -8,7 +8,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
+.PHONY: setup demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ demo: setup
 	$(BIN)/danceopd train $(DEMO_CONFIG) --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -x --timeout 900
+	$(BIN)/python -m pytest -x --timeout 900 --durations=20
+
+# The pure tests: no Ray, no other process, no long training; before every commit.
+test-fast: setup
+	$(BIN)/python -m pytest -x --timeout 120 --durations=5 -m fast
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,13 +3,21 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One torch thread per process (inherited by subprocesses and Ray's workers): the models are tiny
+# and every process shares two cores; more threads spin against each other (3-10x slower here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file: the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def cfg_for(raw: dict, tmp_path: Path, out: str, **over):

@@ -180,6 +180,7 @@ def test_original_output_dir_is_one_line(name):
     assert_one_line(code, out, name)
 
 
+@pytest.mark.subprocess
 def test_exit_codes_of_the_real_command():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     ok = subprocess.run([sys.executable, "-m", "services.cli", "validate", "configs/demo.yaml"],

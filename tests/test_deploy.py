@@ -353,18 +353,21 @@ def promtool():
     return path
 
 
+@pytest.mark.subprocess
 def test_promtool_check_rules():
     res = subprocess.run([promtool(), "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus",
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.subprocess
 def test_promtool_check_config():
     res = subprocess.run([promtool(), "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus",
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.subprocess
 def test_stall_alert_fires_for_a_job_that_never_steps(tmp_path):
     """promtool's rule unit test: a job that never steps fires DanceOPDLearnerStalled once its
     start is older than its stall bound; a stepping job and a job with a larger bound do not;
@@ -400,6 +403,7 @@ def test_stall_alert_fires_for_a_job_that_never_steps(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.subprocess
 def test_dashboard_promql_parses(tmp_path):
     """promtool parses every dashboard query, as recording rules with Grafana's variables filled in."""
     exe = promtool()

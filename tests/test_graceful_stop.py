@@ -49,6 +49,7 @@ def wait_for_steps(proc, out, n: int, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_in_local_mode_checkpoints_and_exits_0(tmp_path, toy_raw, sig):
     out = tmp_path / "run"
@@ -70,6 +71,7 @@ def test_signal_in_local_mode_checkpoints_and_exits_0(tmp_path, toy_raw, sig):
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 def test_sigterm_in_ray_mode_checkpoints_exits_0_and_resumes(tmp_path, toy_raw):
     out = tmp_path / "run"
     proc, cfg_path = start_job(tmp_path, toy_raw, "ray", steps=100_000)

@@ -330,6 +330,7 @@ def test_format_status():
 # ---- against the real head --------------------------------------------------------------------
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 def test_unknown_job_is_one_line_and_exit_2(head):
     r = cli(head, "status", "no-such-job", "--address", head.address)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -341,6 +342,7 @@ def test_unknown_job_is_one_line_and_exit_2(head):
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 def test_cluster_problems_are_one_line_and_exit_2(head):
     # A client without token auth is refused by the head ("Missing authentication token").
     r = cli(head, "status", "x", "--address", head.address, env=head.client_env(RAY_AUTH_MODE="disabled"))
@@ -396,6 +398,7 @@ STUB_DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 def test_control_path_through_helper_jobs(head):
     """CLI -> Jobs API -> helper job on the head -> registry lookup -> control API over loopback."""
     name = f"stub-{uuid.uuid4().hex[:6]}"
@@ -435,6 +438,7 @@ def test_control_path_through_helper_jobs(head):
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_submit_runs_the_training_job(head, tmp_path):
     name = f"submit-{uuid.uuid4().hex[:6]}"
@@ -494,6 +498,7 @@ def _wait_status(head: RayHead, job: str, pred, what: str, timeout_s: float = 30
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     """The real controller on the real head: submit a long toy job, watch it, resize its rollout
@@ -534,6 +539,7 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_ray_job_stop_is_a_graceful_stop(head, tmp_path):
     """`ray job stop` SIGTERMs the driver: the job finishes its step, writes the final checkpoint

@@ -17,6 +17,7 @@ def final_weights(cfg):
     return load_tensors(latest_checkpoint(cfg.output_path) / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_danceopd_moves_each_route_to_its_teacher(toy_raw, tmp_path):
     """A learning test: per-route error of the student's samples falls at least 5x."""
     cfg = cfg_for(toy_raw, tmp_path, "learn", learner__steps=400, checkpoint__every=0)
@@ -69,7 +70,8 @@ def test_checkpoints_keep_last_and_are_complete(toy_raw, tmp_path):
 def test_all_methods_run(toy_raw, tmp_path):
     for method in ["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]:
         extra = {"method__flowopd_groups": 4} if method == "flowopd" else {}
-        cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0, **extra)
+        cfg = cfg_for(toy_raw, tmp_path, method, learner__steps=3, method__name=method, checkpoint__every=0,
+                      eval__enabled=False, **extra)  # no evaluation: it would be most of the time
         summary = train(cfg, show_progress=False)
         assert summary["steps"] == 3
         assert all(v["end"] == v["end"] for v in summary["route_loss"].values())  # no NaN
@@ -93,6 +95,7 @@ def test_unknown_route_or_task_is_a_clear_error(toy_raw, tmp_path):
         router.dataset.sample("inpaint", router.data_rng)
 
 
+@pytest.mark.subprocess
 def test_local_mode_runs_the_shared_loop_without_importing_ray(toy_raw, tmp_path, write_config):
     """`--mode local` is the same loop over in-process parts; Ray is never imported."""
     import subprocess
@@ -117,6 +120,7 @@ def test_local_mode_honours_the_lag_bound(toy_raw, tmp_path):
     assert summary["lag_max"] == 1 and summary["replay"]["max_lag_seen"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["flowopd", "danceopd", "diffusionopd", "offpolicy"])
 def test_summary_reports_eval_start_and_end_and_every_method_lowers_it(toy_raw, tmp_path, method):
     """summary.json carries the per-route evaluation error (evaluate.py's) at the start and the
@@ -137,6 +141,7 @@ def _step_routes(cfg) -> list[set[str]]:
 
 @pytest.mark.parametrize("extra", [{}, {"sync__max_policy_lag": 1, "sync__on_stale": "drop"},
                                    {"sync__max_policy_lag": 2, "rollout__orders_per_worker": 2}])
+@pytest.mark.slow
 def test_route_granularity_update_gives_every_step_one_route(toy_raw, tmp_path, extra):
     """granularity update (default): all micro-batches of an update (grad_accum 3) share one
     route, drawn by weight; with lag and on_stale drop too. sample: micro-batches mix routes."""

@@ -17,7 +17,7 @@ from danceopd.config import config_from_dict
 from services.loop import TrainLoop
 from tests.conftest import ROOT, free_port
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 PROMETHEUS = shutil.which("prometheus")
 
 

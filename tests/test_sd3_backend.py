@@ -13,6 +13,8 @@ from danceopd import cond_cache as cc
 from danceopd.config import ConfigError, config_from_dict
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the tiny diffusers pipelines: seconds per test
+
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
@@ -201,7 +203,8 @@ def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_loc
     from tests.conftest import cfg_for
 
     assert sd3_raw["routing"]["routes"][0]["cfg_scale"] == 3.0  # CFG absorbed on the teacher side
-    over = dict(checkpoint__every=2, checkpoint__keep=3, sync__max_policy_lag=0)
+    # one rollout worker and no evaluator: two fewer pipeline loads per job, nothing asserted of them
+    over = dict(checkpoint__every=2, checkpoint__keep=3, sync__max_policy_lag=0, rollout__workers=1, eval__enabled=False)
     full = cfg_for(sd3_raw, tmp_path, "full", learner__steps=4, **over)
     summary = train(full, mode="ray", show_progress=False)
     assert summary["steps"] == 4

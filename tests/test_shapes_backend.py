@@ -233,6 +233,7 @@ def test_clear_errors_for_bad_rows(world, tmp_path):
         backend.build_student(str(tmp_path / "nothing"), seed=0)
 
 
+@pytest.mark.subprocess
 def test_too_small_images_and_toy_stay_free_of_diffusers(tmp_path):
     with pytest.raises(ValueError, match="image_size 12 is too small"):
         ShapesBackend(_cfg(tmp_path, image_size=12))

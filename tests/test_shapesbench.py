@@ -249,14 +249,18 @@ def test_clip_score_adapter_loads_a_local_folder(tmp_path):
 
 # ---- the driver --------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import shapesbench
 
     out = tmp_path / "results"
+    # the smallest plan: a one-layer model of two 8-wide heads, 4 sampler steps, batches of 4
     args = ["--quick", "--work", str(tmp_path / "work"), "--out", str(out),
             "--set", "n_train=24", "--set", "n_heldout=4", "--set", "teacher_steps=3", "--set", "updates=2",
-            "--set", "ablations=softmix", "--set", "grid_rows=2"]
+            "--set", "ablations=softmix", "--set", "grid_rows=2", "--set", "num_layers=1", "--set", "num_heads=2",
+            "--set", "head_dim=8", "--set", "rollout_steps=4", "--set", "batch=4"]
     shapesbench.main(args)
     md = (out / "shapesbench-quick.md").read_text()
     res = json.loads((out / "shapesbench-quick.json").read_text())
@@ -328,6 +332,7 @@ def test_bench_refuses_a_bad_override():
         shapesbench.main(["--quick", "--set", "updates=many"])
 
 
+@pytest.mark.subprocess
 def test_bench_workers_die_with_the_benchmark(tmp_path):
     """A SIGTERM to the benchmark stops its pool's workers too (they would otherwise train on)."""
     import signal

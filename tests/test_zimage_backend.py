@@ -14,6 +14,8 @@ from PIL import Image
 from danceopd import cond_cache as cc
 from danceopd.config import config_from_dict
 
+pytestmark = pytest.mark.slow  # the tiny diffusers pipelines: seconds per test
+
 RES, SEQ = 64, 64  # 64 px: the smallest image ZImageOmniPipeline accepts
 
 

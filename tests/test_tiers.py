@@ -1,0 +1,90 @@
+"""The tiers' guard (tests/tiers.py) on a nested pytest run: a test that starts a process or calls
+ray.init without its mark fails, naming the mark; marked, it runs; collection sets `fast`."""
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = "from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401\n"
+INI = ("[pytest]\nmarkers =\n    ray: r\n    subprocess: s\n    slow: l\n    fast: f\n"
+       "addopts = --strict-markers -p no:cacheprovider\n")
+
+
+@pytest.fixture
+def nested(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini(INI)
+    return pytester
+
+
+def test_an_unmarked_process_or_ray_init_fails_naming_the_mark(nested):
+    nested.makepyfile(test_x="""
+        import subprocess
+        import ray
+
+        def test_process():
+            subprocess.run(["true"])
+
+        def test_swallowed():
+            try:
+                subprocess.run(["true"])
+            except BaseException:
+                pass
+
+        def test_ray():
+            ray.init(num_cpus=1)
+    """)
+    res = nested.runpytest_inprocess()
+    res.assert_outcomes(failed=2, passed=1, errors=1)  # the swallowed one fails at teardown
+    for line in ("test_x.py::test_process starts a process ?'true'? but is not marked subprocess*",
+                 "test_x.py::test_swallowed starts a process ?'true'? but is not marked subprocess*",
+                 "test_x.py::test_ray calls ray.init but is not marked ray*"):
+        res.stdout.fnmatch_lines([line])
+
+
+def test_collection_marks_the_fast_lane_and_refuses_a_fast_mark_on_a_tier(nested):
+    nested.makepyfile(test_y="""
+        import pytest
+
+        def test_pure():
+            pass
+
+        @pytest.mark.slow
+        def test_long():
+            pass
+
+        @pytest.fixture
+        def ray_local():
+            yield None
+
+        def test_cluster(ray_local):
+            pass
+    """)
+    res = nested.runpytest_inprocess("-m", "fast", "--collect-only", "-q")
+    res.stdout.fnmatch_lines(["test_y.py::test_pure", "*1/3 tests collected (2 deselected)*"])
+    res = nested.runpytest_inprocess("-m", "ray", "--collect-only", "-q")
+    res.stdout.fnmatch_lines(["test_y.py::test_cluster"])
+    nested.makepyfile(test_z="""
+        import pytest
+
+        @pytest.mark.fast
+        @pytest.mark.ray
+        def test_both():
+            pass
+    """)
+    res = nested.runpytest_inprocess("--collect-only", "-q", "test_z.py")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*test_both: marked fast and ray*"])
+
+
+@pytest.mark.subprocess
+def test_a_marked_process_runs(nested):
+    nested.makepyfile(test_w="""
+        import subprocess
+        import pytest
+
+        @pytest.mark.subprocess
+        def test_process():
+            assert subprocess.run(["true"]).returncode == 0
+    """)
+    nested.runpytest_inprocess().assert_outcomes(passed=1)
