@@ -194,6 +194,7 @@ def test_make_tiny_families_are_the_classes_with_a_writer(tmp_path):
     assert res.exit_code != 0 and "make-tiny: unknown family 'toy' (sd3, zimage)" in res.output
 
 
+@pytest.mark.subprocess
 def test_config_checks_do_not_import_diffusers():
     import subprocess
     import sys

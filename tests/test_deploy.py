@@ -426,7 +426,8 @@ def test_declarations():
         assert bool(m.buckets) == (m.type == "histogram"), m.name
         assert list(m.buckets) == sorted(set(m.buckets)) and all(b > 0 for b in m.buckets), m.name
     assert M.exported_name("danceopd_rollout_samples") == "ray_danceopd_rollout_samples_total"
-    assert M.exported_name("danceopd_replay_depth") == "ray_danceopd_replay_depth"
+    assert M.exported_name("danceopd_router_backlog") == "ray_danceopd_router_backlog"
+    assert M.exported_name("danceopd_replay_depth") == "danceopd_replay_depth"  # the driver holds the queue
     assert M.exported_name("danceopd_restarts") == "danceopd_restarts_total"
     assert M.exported_series("danceopd_weight_sync_seconds") == tuple(
         f"danceopd_weight_sync_seconds_{s}" for s in ("bucket", "sum", "count"))
@@ -443,7 +444,7 @@ def test_actor_metrics_refuse_typos():
     with pytest.raises(ValueError, match="takes labels"):
         am.inc("danceopd_rollout_samples", route="t2i", task="t2i")
     with pytest.raises(ValueError, match="takes labels"):
-        am.set("danceopd_replay_depth", 3, role="replay")  # role comes from the recorder
+        am.set("danceopd_router_backlog", 3, role="router", route="t2i")  # role comes from the recorder
     with pytest.raises(ValueError, match="is a counter"):
         am.set("danceopd_rollout_samples", 1, route="t2i")
     with pytest.raises(ValueError, match="recorded by the controller"):
@@ -489,7 +490,7 @@ def test_controller_metrics_served_over_http(controller_metrics):
     with pytest.raises(ValueError, match="takes labels"):
         cm.set("danceopd_loss", 1.0, route="t2i", worker="0")
     with pytest.raises(ValueError, match="recorded by the actor"):
-        cm.set("danceopd_replay_depth", 1, role="replay", worker="0")
+        cm.set("danceopd_router_backlog", 1, role="router", worker="0", route="t2i")
     with pytest.raises(ValueError, match="not declared"):
         cm.set("danceopd_los", 1.0, route="t2i")
 
