@@ -100,22 +100,24 @@ class RolloutPipeline:
 
     def plan(self, workers: list[str]) -> list[str]:
         """Which workers get an order now, in hand-out order (round robin, one per round)."""
-        if self.held() >= self.capacity or self.enough_issued():
+        held = self.held()
+        room = min(self.capacity - held, self.total_steps * self.per_step - self.step * self.per_step - held)
+        if room <= 0:
             return []  # the common case on a busy loop: nothing to hand out
         load = collections.Counter(t.worker for t in self.in_flight.values() if not t.rolled_out)
         out: list[str] = []
-        while True:
+        while len(out) < room:
             added = False
             for w in workers:
-                n = len(out)
-                if self.held() + n >= self.capacity or self.enough_issued(n):
-                    return out
-                if load[w] < self.depth and self.gate_allows(w, self.position + n):
+                if len(out) >= room:
+                    break
+                if load[w] < self.depth and self.gate_allows(w, self.position + len(out)):
                     load[w] += 1
                     out.append(w)
                     added = True
             if not added:
-                return out
+                break
+        return out
 
     def take_owed(self, n: int) -> list[str]:
         """Routes the next `n` orders must have (replacements first); they stay owed until issued."""

@@ -51,6 +51,8 @@ class ObjectStoreSync:
         """Workers replaced or retired since a push will never apply it (a restarted one starts
         with the latest weights): stop waiting for them. `block`: the job ends, and a push that
         some workers never needed (no order came after it) is recorded with those that did."""
+        if not self.pending:
+            return  # the common case: called every loop iteration
         live = {name: inc for name, (_, inc) in self.fleet.worker_handles().items()}
         for p in self.pending.values():
             for name, inc in list(p["waiting"].items()):
