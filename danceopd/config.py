@@ -30,6 +30,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class _Placed(_Strict):
+    """Where a role's members may run, besides CPUs and GPUs: custom Ray resources (a KubeRay
+    worker group declares e.g. `rollout: 1000` in its rayStartParams) and node labels."""
+
+    resources: dict[str, Annotated[float, Field(ge=1e-4, le=1e9)]] = Field(default_factory=dict, description="Custom Ray resources each member reserves, e.g. {rollout: 1} to land on the node group that declares `rollout` (deploy/kuberay).")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node labels a member's node must carry, e.g. {ray.io/node-group: rollout}.")
+    memory_gb: float = Field(0.0, ge=0, le=1e5, description="Memory (GiB) each member reserves in Ray's scheduler; 0 = none.")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if k in ("CPU", "GPU", "memory", "object_store_memory") or not k:
+                raise ValueError(f"{k!r} is not a custom resource (use num_cpus / num_gpus / memory_gb)")
+        return v
+
+
 class JobConfig(_Strict):
     name: str = Field("danceopd", min_length=1, max_length=128, pattern=r"^\S+$", description="Job name; used for Ray job ids, metrics labels and logs.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of everything: routes, data sampling, noise, model init.")
@@ -157,7 +174,7 @@ class StudentConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(_Placed):
     name: str = Field(..., min_length=1, description="Teacher name referenced by routes.")
     kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
     path: str | None = Field(None, min_length=1, description="Model folder for `pretrained` teachers (loaded with from_pretrained); sd3/zimage: a transformer folder (a full checkpoint) or a pipeline folder, None = the transformer of backend.pretrained.")
@@ -181,10 +198,11 @@ class RouteConfig(_Strict):
     adapter: str | None = Field(None, min_length=1, description="Adapter of the teacher's `adapters` this route's field uses (teachers with shared-backbone LoRA adapters).")
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(_Placed):
     routes: list[RouteConfig] = Field(..., min_length=1, description="Hard routes: route -> (teacher, task, weight).")
     granularity: Literal["update", "sample"] = Field("update", description="`update` (the reference's hard routing): every micro-batch of every learner rank of one optimizer update comes from one route, drawn by weight; `sample`: a route per sample, so micro-batches mix routes.")
     max_concurrent_batches: int = Field(16, ge=1, le=1024, description="Rollout batches the router scores at once (threads of the router actor); a batch's routes query their teacher pools concurrently.")
+    num_cpus: float = Field(0.1, ge=0.0001, le=MAX_RESOURCE, description="CPUs of the router's scoring actor (Ray mode); never 0, so it does not land on a head started with num-cpus 0.")
 
 
 class DataConfig(_Strict):
@@ -216,7 +234,7 @@ class MethodConfig(_Strict):
     flowopd_adv_clamp: float = Field(5.0, gt=0, description="flowopd: advantages are clamped to +-this (reference: 5).")
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(_Placed):
     workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Rollout worker actors.")
     batch_size: int = Field(8, ge=1, le=65536, description="Samples per rollout batch (= per-rank learner micro-batch).")
     early_stop: bool = Field(True, description="Integrate only up to the last queried state.")
@@ -227,7 +245,7 @@ class RolloutConfig(_Strict):
     max_workers: int = Field(64, ge=1, le=100_000, description="Most rollout workers `scale` (manual or autoscale) may ask for; above it a request is refused.")
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(_Placed):
     steps: int = Field(200, ge=1, le=10**9, description="Optimizer steps of the job.")
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -238,6 +256,7 @@ class LearnerConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0, le=MAX_RESOURCE, description="CPUs per learner rank.")
     num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per learner rank.")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description="Ray placement strategy of the learner gang (one placement group of world_size bundles); STRICT_PACK keeps every rank on one node (in-node NCCL).")
 
 
 class SyncConfig(_Strict):
@@ -287,7 +306,7 @@ class AutoscaleConfig(_Strict):
     cooldown_steps: int = Field(10, ge=0, le=10**6, description="Learner steps to wait after a scaling action.")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(_Placed):
     """Evaluation during training: the student's full ODE on fixed, seeded prompts per route."""
 
     enabled: bool = Field(True, description="Evaluate the student at the start, every `every` steps and at the end (Ray mode: in an evaluator actor of its own, off the learner's path; local mode: in process).")

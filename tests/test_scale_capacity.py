@@ -97,12 +97,20 @@ def test_a_job_the_cluster_can_never_place_is_refused_naming_the_field(toy_raw, 
 
     cpu_nodes = [{"CPU": 4.0}, {"CPU": 4.0}]
     check_capacity(cfg_for(toy_raw, tmp_path, "ok"), cpu_nodes)
-    with pytest.raises(ConfigError, match=r"^rollout: one member needs 1 CPU and 1 GPU; no node"):
+    with pytest.raises(ConfigError, match=r"^rollout: one member needs 1 CPU, 1 GPU; no node"):
         check_capacity(cfg_for(toy_raw, tmp_path, "gpu", rollout__num_gpus=1.0), cpu_nodes)
     with pytest.raises(ConfigError, match=r"^learner: one member needs 6 CPU"):
         check_capacity(cfg_for(toy_raw, tmp_path, "big", learner__num_cpus=6.0), cpu_nodes)
     with pytest.raises(ConfigError, match=r"^num_cpus: the job needs 13.4 CPU \(rollout 3x4.*the cluster has 8"):
         check_capacity(cfg_for(toy_raw, tmp_path, "many", rollout__workers=3, rollout__num_cpus=4.0), cpu_nodes)
+    # Custom resources (a KubeRay group's marker) count like CPUs: per member and in total.
+    grouped = [{"CPU": 4.0, "rollout": 2.0}, {"CPU": 4.0}]
+    check_capacity(cfg_for(toy_raw, tmp_path, "grp", rollout__workers=2, rollout__resources={"rollout": 1.0}), grouped)
+    with pytest.raises(ConfigError, match=r"^teachers.0: one member needs 0.1 CPU, 1 teacher; no node"):
+        teacher_grp = {**toy_raw, "teachers": [{**toy_raw["teachers"][0], "resources": {"teacher": 1.0}}, *toy_raw["teachers"][1:]]}
+        check_capacity(cfg_for(teacher_grp, tmp_path, "nogrp"), grouped)
+    with pytest.raises(ConfigError, match=r"^resources.rollout: the job needs 3 rollout \(rollout 3x1 rollout\); the cluster has 2"):
+        check_capacity(cfg_for(toy_raw, tmp_path, "grp3", rollout__workers=3, rollout__resources={"rollout": 1.0}), grouped)
 
 
 @pytest.mark.ray

@@ -63,19 +63,24 @@ class ActorGroup:
         self._gang_pg = None
 
     def _options(self, pg, index: int) -> dict:
-        opts = {"num_cpus": self.spec.num_cpus, "num_gpus": self.spec.num_gpus}
+        opts = self.spec.actor_options(in_group=pg is not None)
         if self.spec.max_concurrency > 1:
             opts["max_concurrency"] = self.spec.max_concurrency
         if pg is not None:
             opts["scheduling_strategy"] = on(pg, index)
         return opts
 
+    def _reserve(self, n: int, bundle: dict | None = None, strategy: str = "PACK"):
+        """A placement group of n bundles on nodes that carry the role's labels."""
+        labels = [self.spec.label_selector] * n if self.spec.labels else None
+        return placement_group([bundle or self.spec.bundle] * n, strategy=strategy, bundle_label_selector=labels)
+
     def add(self, name: str | None = None) -> Member:
         name = name or f"{self.role}-{self._next}"
         self._next += 1
         pg = None
         if self.spec.bundle:
-            pg = placement_group([self.spec.bundle], strategy="PACK")
+            pg = self._reserve(1)
             ray.get(pg.ready(), timeout=self.pg_timeout_s)
         m = Member(name, self.make(name, self._options(pg, 0)), pg)
         self.members[name] = m
@@ -88,7 +93,7 @@ class ActorGroup:
             return self.add()
         name = f"{self.role}-{self._next}"
         self._next += 1
-        pg = placement_group([self.spec.bundle], strategy="PACK")
+        pg = self._reserve(1)
         self.pending[name] = p = Pending(name, pg, pg.ready())
         return p
 
@@ -118,8 +123,7 @@ class ActorGroup:
 
     def reserve_gang(self, n: int) -> tuple[object, int]:
         """One placement group of n bundles; returns it and the bundle rank 0 will use."""
-        bundle = self.spec.bundle or {"CPU": 0.01}
-        self._gang_pg = pg = placement_group([bundle] * n, strategy="PACK")
+        self._gang_pg = pg = self._reserve(n, self.spec.bundle or {"CPU": 0.01}, self.spec.strategy)
         ray.get(pg.ready(), timeout=self.pg_timeout_s)
         nodes = placement_group_table(pg)["bundles_to_node_id"]
         self._gang_order = sorted(range(n), key=lambda b: (nodes[b], b))  # ranks ordered by node

@@ -20,6 +20,9 @@ SCORER_RESTARTS = 3
 TEACHER_RESTARTS = 3
 
 
+GiB = 1024**3
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     num_cpus: float = 0.0
@@ -27,27 +30,55 @@ class RoleSpec:
     max_restarts: int = 0  # restarts the fleet itself makes of one member
     max_concurrency: int = 1  # > 1: a threaded actor (calls from one caller may overlap)
     members: int = 1  # at start
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per member
+    labels: tuple[tuple[str, str], ...] = ()  # node labels a member's node must carry
+    memory: float = 0.0  # bytes per member
+    strategy: str = "PACK"  # placement group strategy (the learner gang's matters)
 
     @property
     def bundle(self) -> dict:
-        return {k: v for k, v in {"CPU": self.num_cpus, "GPU": self.num_gpus}.items() if v}
+        """One member's reservation: what its placement group bundle holds."""
+        base = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory, **dict(self.resources)}
+        return {k: v for k, v in base.items() if v}
+
+    @property
+    def label_selector(self) -> dict:
+        return dict(self.labels)
+
+    def actor_options(self, in_group: bool) -> dict:
+        """Ray actor options for one member: inside its placement group (`in_group`) they claim
+        the bundle, whose label selector already chose the node; outside one they carry it."""
+        opts = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.memory:
+            opts["memory"] = self.memory
+        if self.labels and not in_group:
+            opts["label_selector"] = self.label_selector
+        return opts
+
+
+def _spec(section, **kw) -> RoleSpec:
+    """A RoleSpec from a config section's placement fields (danceopd.config._Placed)."""
+    return RoleSpec(section.num_cpus, getattr(section, "num_gpus", 0.0), resources=tuple(sorted(section.resources.items())),
+                    labels=tuple(sorted(section.label_selector.items())), memory=section.memory_gb * GiB, **kw)
 
 
 def role_specs(cfg: Config) -> dict[str, RoleSpec]:
     r, lc = cfg.rollout, cfg.learner
     specs = {
-        "rollout": RoleSpec(r.num_cpus, r.num_gpus, r.max_restarts, members=r.workers),
-        "learner": RoleSpec(lc.num_cpus, lc.num_gpus, 0, members=lc.world_size),
+        "rollout": _spec(r, max_restarts=r.max_restarts, members=r.workers),
+        "learner": _spec(lc, members=lc.world_size, strategy=lc.placement_strategy),
         # The router's scoring side: stateless (the driver owns the router's state), so it is
         # replaced like a teacher replica and re-scores what it held.
-        "router": RoleSpec(0.1, 0.0, SCORER_RESTARTS, max_concurrency=cfg.routing.max_concurrent_batches),
+        "router": _spec(cfg.routing, max_restarts=SCORER_RESTARTS, max_concurrency=cfg.routing.max_concurrent_batches),
     }
     used = {route.teacher for route in cfg.routing.routes}
     for t in cfg.teachers:
         if t.name in used:
-            specs[f"teacher:{t.name}"] = RoleSpec(t.num_cpus, t.num_gpus, TEACHER_RESTARTS, members=t.replicas)
+            specs[f"teacher:{t.name}"] = _spec(t, max_restarts=TEACHER_RESTARTS, members=t.replicas)
     if cfg.eval.enabled:  # off the data path: a failed evaluator stops evaluation, never the job
-        specs["evaluator"] = RoleSpec(cfg.eval.num_cpus, cfg.eval.num_gpus)
+        specs["evaluator"] = _spec(cfg.eval)
     return specs
 
 
@@ -61,28 +92,34 @@ def _field(cfg: Config, role: str) -> str:
     if role.startswith("teacher:"):
         name = role.split(":", 1)[1]
         return f"teachers.{[t.name for t in cfg.teachers].index(name)}"
-    return {"rollout": "rollout", "learner": "learner", "evaluator": "eval"}.get(role, role)
+    return {"rollout": "rollout", "learner": "learner", "evaluator": "eval", "router": "routing"}.get(role, role)
+
+
+def _describe(res: dict) -> str:
+    return ", ".join(f"{v / GiB:g} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in res.items() if v) or "nothing"
 
 
 def check_capacity(cfg: Config, nodes: list[dict]) -> None:
     """Refuse, before any actor starts, a job the cluster can never place: a member larger than
     every node, or more of a resource than all nodes hold together. `nodes`: each alive node's
-    total resources (e.g. {"CPU": 8, "GPU": 1}). Raises ConfigError naming the config field."""
+    total resources (e.g. {"CPU": 8, "GPU": 1, "rollout": 1000}: custom resources and memory
+    count like CPUs). Raises ConfigError naming the config field."""
     from danceopd.config import ConfigError
 
     specs = role_specs(cfg)
-    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     for role, spec in specs.items():
         need = spec.bundle
         if need and not any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
-            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
-            raise ConfigError(f"{_field(cfg, role)}: one member needs {need.get('CPU', 0):g} CPU and {need.get('GPU', 0):g} GPU; "
-                              f"no node of the cluster has that (nodes: {have})")
-    for k in ("CPU", "GPU"):
+            have = "; ".join(_describe({k: n.get(k, 0.0) for k in need}) for n in nodes)
+            raise ConfigError(f"{_field(cfg, role)}: one member needs {_describe(need)}; no node of the cluster has that "
+                              f"(nodes: {have})")
+    for k in sorted({k for s in specs.values() for k in s.bundle}):
         want = sum(s.bundle.get(k, 0.0) * s.members for s in specs.values())
-        if want > total[k] + 1e-9:
-            parts = ", ".join(f"{_field(cfg, r)} {s.members}x{s.bundle[k]:g}" for r, s in specs.items() if s.bundle.get(k))
-            raise ConfigError(f"num_{k.lower()}s: the job needs {want:g} {k} ({parts}); the cluster has {total[k]:g}")
+        total = sum(n.get(k, 0.0) for n in nodes)
+        if want > total + 1e-9:
+            key = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}.get(k, f"resources.{k}")
+            parts = ", ".join(f"{_field(cfg, r)} {s.members}x{_describe({k: s.bundle[k]})}" for r, s in specs.items() if s.bundle.get(k))
+            raise ConfigError(f"{key}: the job needs {_describe({k: want})} ({parts}); the cluster has {_describe({k: total}) if total else 'none'}")
 
 
 def reserved_by_others(specs: dict) -> dict[str, float]:

@@ -161,7 +161,7 @@ class RayEvaluation:
         from danceopd.evaluate import Evaluator
 
         spec = role_specs(cfg)["evaluator"]
-        opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": {"env_vars": actor_env(cfg)}}
+        opts = {**spec.actor_options(in_group=False), "runtime_env": {"env_vars": actor_env(cfg)}}
         self.actor = ray.remote(Evaluator).options(**opts).remote(cfg)
         self.running = self.waiting = None  # (step, ref of its result) / (step, ref of its weights)
         self.skipped, self.failed = 0, None
