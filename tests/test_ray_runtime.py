@@ -111,24 +111,28 @@ def test_killed_rollout_worker_is_restarted(ray_local, toy_raw, tmp_path):
     cfg = cfg_for(toy_raw, tmp_path, "kill", learner__steps=40, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=1, rollout__max_restarts=2)
     controller = TrainLoop(cfg, "ray", show_progress=False)
-    victim = next(iter(controller.fleet.rollout.members.values()))
-    old_pid = ray.get(victim.actor.pid.remote())
+    fleet, old = controller.fleet, {}
 
     def kill_later():
         while controller.step < 5:
             time.sleep(0.05)
-        ray.kill(controller.fleet.rollout.members[victim.name].actor, no_restart=True)
+        victim = fleet.rollout.members["rollout-0"].actor
+        old["pid"] = ray.get(victim.pid.remote())
+        ray.kill(victim, no_restart=True)
 
     t = threading.Thread(target=kill_later, daemon=True)
     t.start()
     try:
         summary = controller.run()
-        new = controller.fleet.rollout.members[victim.name].actor
+        deadline = time.time() + 120
+        while "rollout-0" not in fleet.rollout.members and time.time() < deadline:  # still starting
+            fleet.poll(0.05)
+        new = fleet.rollout.members["rollout-0"].actor
         new_pid, new_version = ray.get(new.pid.remote()), ray.get(new.get_version.remote())
     finally:
         controller.shutdown()
     t.join(timeout=5)
-    assert new_pid != old_pid
+    assert new_pid != old["pid"]
     assert new_version >= 5  # the restarted worker pulled the latest weights, not the initial ones
     assert summary["steps"] == 40
     assert summary["restarts"]["rollout"] >= 1

@@ -147,6 +147,8 @@ class RayTeacherPool:
         self._setup()
 
     def submit(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        if not self.replicas:  # every replica is being replaced (e.g. its node was lost): re-issue
+            raise TeacherFailure(self.teacher, "", "no live replica")
         with self._lock:
             name = min(self._outstanding, key=self._outstanding.get)
             self._outstanding[name] += 1

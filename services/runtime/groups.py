@@ -36,12 +36,21 @@ class Member:
 
 @dataclass
 class Pending:
-    """A member whose placement group the cluster has not placed yet."""
+    """A member on its way in: its placement group waits for the cluster (the autoscaler may be
+    adding a node), then its actor starts and answers a first call (`probe`). Only then does it
+    join the group. A new member, a restarted one (after its backoff) and one of the job's
+    start all take this path, so none of them blocks the loop."""
 
     name: str
-    pg: object
-    ready: object  # the placement group's ready() ref
+    pg: object  # None when the role reserves nothing
     since: float = field(default_factory=time.perf_counter)
+    restarts: int = 0  # the member's restart count, carried into the Member
+    not_before: float = 0.0  # a restart's backoff: the actor starts no earlier
+    actor: object = None  # once placed
+    probe: object = None  # the placed actor's first answer
+
+    def __post_init__(self):
+        self.ready = self.pg.ready() if self.pg is not None else None
 
 
 def on(pg, bundle: int = 0) -> PlacementGroupSchedulingStrategy:
@@ -52,8 +61,9 @@ class ActorGroup:
     """Named actors of one role. `make(name, options)` creates one actor with the given Ray
     options (resources, scheduling strategy, concurrency)."""
 
-    def __init__(self, role: str, spec: RoleSpec, make, pg_timeout_s: float = 300.0):
+    def __init__(self, role: str, spec: RoleSpec, make, pg_timeout_s: float = 300.0, probe=None):
         self.role, self.spec, self.make = role, spec, make
+        self.probe = probe or (lambda actor: actor.get_stats.remote())  # a started actor's first answer
         self.pg_timeout_s = pg_timeout_s
         self.members: dict[str, Member] = {}
         self.pending: dict[str, Pending] = {}
@@ -86,39 +96,76 @@ class ActorGroup:
         self.members[name] = m
         return m
 
-    def add_later(self) -> Pending | Member:
-        """Ask for a member without waiting for the cluster to place it: `poll_pending` turns it
-        into a member once placed (a member at once when the role reserves nothing)."""
-        if not self.spec.bundle:
-            return self.add()
-        name = f"{self.role}-{self._next}"
-        self._next += 1
-        pg = self._reserve(1)
-        self.pending[name] = p = Pending(name, pg, pg.ready())
+    def add_later(self, name: str | None = None, restarts: int = 0, delay_s: float = 0.0) -> Pending:
+        """Ask for a member without waiting: `poll_pending` starts it once the cluster placed it
+        and reports it once it answered."""
+        if name is None:
+            name = f"{self.role}-{self._next}"
+            self._next += 1
+        pg = self._reserve(1) if self.spec.bundle else None
+        self.pending[name] = p = Pending(name, pg, restarts=restarts, not_before=time.perf_counter() + delay_s)
         return p
 
-    def poll_pending(self, timeout_s: float) -> tuple[list[Member], list[str]]:
-        """(members placed since the last poll, names given up after `timeout_s` unplaced: their
-        placement groups are removed, so nothing is left reserved)."""
-        placed, expired = [], []
+    def restart_later(self, name: str, cause: str = "") -> Pending:
+        """Replace a dead, hung or never-started member without waiting for its replacement: a
+        fresh placement group (the old one may sit on a node that is gone), a backoff, then the
+        pending path. One failure of the member's restart budget, as `restart`."""
+        m = self.members[name]
+        self._count_failure(m, cause)
+        del self.members[name]
+        try:
+            ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
+        except Exception:  # noqa: BLE001 — already gone
+            pass
+        if m.pg is not None:
+            remove_placement_group(m.pg)
+        return self.add_later(name, m.restarts + 1, delay_s=min(0.5 * 2 ** m.restarts, 10.0))
+
+    def _count_failure(self, m: Member, cause: str) -> None:
+        self.failures_total += 1
+        if m.restarts >= self.spec.max_restarts:
+            last = f"; last: {cause}" if cause else ""
+            raise RoleFailure(f"{self.role} {m.name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts}){last}")
+        self.restarts_total += 1
+
+    def poll_pending(self, timeout_s: float) -> tuple[list[tuple[Member, object]], list[tuple[str, BaseException]], list[str]]:
+        """Advance every pending member: (joined: (member, its probe's answer); failed: (name,
+        error) of members that died or raised before answering — members now, for the caller to
+        `restart_later` or `remove`; expired: names not placed within `timeout_s`, their
+        placement groups removed so nothing stays reserved)."""
+        joined, failed, expired = [], [], []
+        now = time.perf_counter()
         for name, p in list(self.pending.items()):
-            done, _ = ray.wait([p.ready], timeout=0)
-            if done:
-                del self.pending[name]
-                m = Member(name, self.make(name, self._options(p.pg, 0)), p.pg)
-                self.members[name] = m
-                placed.append(m)
-            elif time.perf_counter() - p.since > timeout_s:
-                del self.pending[name]
-                remove_placement_group(p.pg)
-                expired.append(name)
-        return placed, expired
+            if p.actor is None:
+                placed = p.ready is None or ray.wait([p.ready], timeout=0)[0]
+                if placed and now >= p.not_before:
+                    p.actor = self.make(name, self._options(p.pg, 0))
+                    p.probe = self.probe(p.actor)
+                elif not placed and now - p.since > timeout_s:
+                    del self.pending[name]
+                    remove_placement_group(p.pg)
+                    expired.append(name)
+        probes = {p.probe: p for p in self.pending.values() if p.probe is not None}
+        done = ray.wait(list(probes), num_returns=len(probes), timeout=0)[0] if probes else []
+        for ref in done:
+            p = probes[ref]
+            del self.pending[p.name]
+            m = self.members[p.name] = Member(p.name, p.actor, p.pg, restarts=p.restarts)
+            try:
+                joined.append((m, ray.get(ref)))
+            except Exception as e:  # noqa: BLE001 — the caller decides: restart or remove
+                failed.append((p.name, e))
+        return joined, failed, expired
 
     def cancel_pending(self, n: int) -> list[str]:
         """Give up the `n` newest pending members (a scale-down while they wait)."""
         names = list(self.pending)[::-1][:n]
         for name in names:
-            remove_placement_group(self.pending.pop(name).pg)
+            p = self.pending.pop(name)
+            if p.actor is not None:
+                ray.kill(p.actor, no_restart=True)
+            if p.pg is not None:
+                remove_placement_group(p.pg)
         return names
 
     def reserve_gang(self, n: int) -> tuple[object, int]:
@@ -141,17 +188,13 @@ class ActorGroup:
         """Replace a dead or hung member (same name, same placement) after a backoff. The budget
         counts failures of the member, one per incarnation."""
         m = self.members[name]
-        self.failures_total += 1
-        if m.restarts >= self.spec.max_restarts:
-            last = f"; last: {cause}" if cause else ""
-            raise RoleFailure(f"{self.role} {name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts}){last}")
+        self._count_failure(m, cause)
         try:
             ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
         except Exception:  # noqa: BLE001 — already gone
             pass
         time.sleep(min(0.5 * 2 ** m.restarts, 10.0))
         m.restarts += 1
-        self.restarts_total += 1
         m.actor = self.make(name, self._options(m.pg or self._gang_pg, m.bundle_index))
         m.started = time.time()
         return m

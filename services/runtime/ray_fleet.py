@@ -45,6 +45,7 @@ class Flight:
     batch: object  # ref of the stage's batch
     t0: float  # when the stage started (a queued rollout starts when the one before it ends)
     incarnation: str  # the rollout worker actor the order went to
+    teachers: frozenset = frozenset()  # the teachers its routes need
     rolled: object = None  # ref of the rollout batch, kept while scoring: a replaced scorer scores it again
 
 
@@ -74,6 +75,12 @@ class RayFleet:
         self.cfg, self.dl = cfg, cfg.deadlines
         self.latest = latest
         self.specs = specs = role_specs(cfg)
+        from danceopd.methods import make_method
+
+        # The teachers a batch's scoring asks: its routes' (hard routing) or every route's (mix).
+        mix = make_method(cfg.method).routing == "mix"
+        self._teacher_of = {r.name: (frozenset(x.teacher for x in cfg.routing.routes) if mix else frozenset([r.teacher]))
+                            for r in cfg.routing.routes}
         check_capacity(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # before any actor starts
         env = {"env_vars": actor_env(cfg)}
         teacher_cls, scorer_cls, worker_cls = ray.remote(TeacherActor), ray.remote(ScorerActor), ray.remote(RolloutWorkerActor)
@@ -85,31 +92,41 @@ class RayFleet:
             # blamed on the replica and the batches it owed are re-issued.
             self.teachers[teacher] = ActorGroup(role, specs[role], lambda name, opts, t=teacher: teacher_cls.options(
                 **opts, runtime_env=env).remote(cfg, t, int(name.rsplit("-", 1)[1])))
-            for _ in range(specs[role].members):
-                self.teachers[teacher].add()
         self.scorer = ActorGroup("router", specs["router"], lambda name, opts: scorer_cls.options(
             **opts, runtime_env=env).remote(cfg.routing.routes, cfg.method, {t: self._pool(t) for t in self.teachers}, name))
-        self.scorer.add()
         self.rollout = ActorGroup("rollout", specs["rollout"], lambda name, opts: worker_cls.options(
-            **opts, runtime_env=env).remote(cfg, name, self.latest()))
-        for _ in range(specs["rollout"].members):
-            self.rollout.add()
+            **opts, runtime_env=env).remote(cfg, name, self.latest()), probe=lambda actor: actor.get_version.remote())
         self.flights: dict[int, Flight] = {}
         self.draining: set[str] = set()
-        self._joining: dict[str, object] = {}  # placed new worker -> its get_version ref
+        self._versions: dict[str, int] = {}
         self.gave_up: collections.Counter = collections.Counter()  # role -> pending members removed unplaced
-        # Asked last, so every actor starts at once.
-        self._versions = {n: call(m.actor.get_version.remote(), f"rollout {n} (starting)", cfg.sync.timeout_s + 600)
-                          for n, m in self.rollout.members.items()}
-        call(self.scorer.only.get_stats.remote(), "router (starting)", cfg.sync.timeout_s + 600)
+        # Every member, at the start too, joins through the pending path: one that dies while
+        # starting is a restart of its role's budget, and none blocks the loop. The teachers
+        # and the scorer are awaited here (nothing is routed without them); workers join as
+        # they come up.
+        for g in (*self.teachers.values(), self.rollout):
+            for _ in range(g.spec.members):
+                g.add_later()
+        self.scorer.add_later("router-0")
+        deadline = time.perf_counter() + cfg.sync.timeout_s + 600
+        while not (self.scorer.members and all(g.members for g in self.teachers.values())):
+            self._poll_members()
+            if time.perf_counter() > deadline:
+                raise RoleFailure("router (starting): the teachers and the router did not start within "
+                                  f"{cfg.sync.timeout_s + 600:g} s")
+            time.sleep(0.02)
 
-    def _pool(self, teacher: str) -> RayTeacherPool:
+    def _groups_flat(self) -> list[ActorGroup]:
+        return [self.rollout, *self.teachers.values(), self.scorer]
+
+    def _pool(self, teacher: str, names=None) -> RayTeacherPool:
         g = self.teachers[teacher]
-        return RayTeacherPool(teacher, {n: m.actor for n, m in g.members.items()}, self.dl.teacher_s)
+        names = g.names() if names is None else names
+        return RayTeacherPool(teacher, {n: g.members[n].actor for n in names}, self.dl.teacher_s)
 
     # ---- data path -------------------------------------------------------------------------
     def workers(self) -> list[str]:
-        return [n for n in self.rollout.names() if n not in self.draining and n not in self._joining]
+        return [n for n in self.rollout.names() if n not in self.draining]
 
     def worker_versions(self) -> dict[str, int]:
         return dict(self._versions)
@@ -121,13 +138,15 @@ class RayFleet:
     def submit(self, worker: str, order) -> None:
         m = self.rollout.members[worker]
         meta, batch = m.actor.rollout_meta.options(num_returns=2).remote(order, self.latest())
-        self.flights[order.ticket] = Flight(order.ticket, worker, "rollout", meta, batch, time.perf_counter(), m.incarnation)
+        teachers = frozenset().union(*(self._teacher_of[it.route] for it in order.items))
+        self.flights[order.ticket] = Flight(order.ticket, worker, "rollout", meta, batch, time.perf_counter(), m.incarnation,
+                                            teachers)
 
     def poll(self, timeout: float, wake: list = ()) -> list:
         """Advance every flight whose stage finished: rollout -> scoring -> Routed; failures and
         expired deadlines become Lost/Joined events (or one clear error)."""
-        events = self._poll_joining()
-        by_ref = {f.meta: f for f in self.flights.values()}
+        events = self._poll_members()
+        by_ref = {f.meta: f for f in self.flights.values() if f.meta is not None}
         if not by_ref and not wake:
             time.sleep(min(timeout, 0.01))
             return events
@@ -158,13 +177,28 @@ class RayFleet:
                 if meta["applied"] is not None:
                     a = meta["applied"]
                     events.append(Applied(f.worker, a["version"], a["transfer_s"], a["bytes"]))
-                f.stage, f.t0, f.rolled = "route", now, f.batch
-                f.meta, f.batch = self.scorer.only.route_meta.options(num_returns=2).remote(f.rolled)
+                f.stage, f.rolled = "route", f.batch
+                self._route(f, now)
                 events.append(RolledOut(f.ticket))
             else:
                 del self.flights[f.ticket]
                 events.append(Routed(f.ticket, f.batch, meta["version"]))
         return events + self._expired(now)
+
+    def _route(self, f: Flight, now: float) -> None:
+        """Send a rolled-out batch to the scorer, or park it (no refs) while the scorer or one of
+        its teachers has no live member: a lost node's replacements are still pending."""
+        if self.scorer.members and all(self.teachers[t].members for t in f.teachers):
+            f.meta, f.batch = self.scorer.only.route_meta.options(num_returns=2).remote(f.rolled)
+        else:
+            f.meta = f.batch = None
+        f.t0 = now
+
+    def _route_parked(self) -> None:
+        now = time.perf_counter()
+        for f in self.flights.values():
+            if f.stage == "route" and f.meta is None:
+                self._route(f, now)
 
     def _started_next(self, worker: str, after: int, now: float) -> None:
         """The worker's next queued rollout starts now: its deadline counts from here."""
@@ -183,7 +217,7 @@ class RayFleet:
             del self.flights[f.ticket]
             member = self.teachers[cause.teacher].members.get(cause.replica)
             if member is not None and member.incarnation == cause.incarnation:
-                self._restart_teacher(cause.teacher, cause.replica, cause.cause)  # else: already replaced
+                self._teacher_failed(cause.teacher, cause.replica, cause.cause)  # else: already replaced
             return [Lost(f.ticket, cause.replica, cause.cause)]
         if died(e):
             self._scorer_failed(f"died while scoring ticket {f.ticket} ({type(e).__name__})")
@@ -199,7 +233,7 @@ class RayFleet:
             if f.stage == "rollout" and age > self.dl.rollout_s:
                 events += self._worker_failed(f.worker, f"no batch within deadlines.rollout_s={self.dl.rollout_s:g}",
                                               f.incarnation)
-            elif f.stage == "route" and age > self.dl.route_s:
+            elif f.stage == "route" and f.meta is not None and age > self.dl.route_s:
                 self._scorer_failed(f"ticket {f.ticket} not scored within deadlines.route_s={self.dl.route_s:g}")
         return events
 
@@ -218,70 +252,77 @@ class RayFleet:
             self.draining.discard(worker)
             return events
         print(f"rollout {worker}: {cause}; restarting", flush=True)
-        m = self.rollout.restart(worker, cause)  # created with the driver's latest weights
-        version = call(m.actor.get_version.remote(), f"rollout {worker} (restarted)", self.cfg.sync.timeout_s)
-        self._versions[worker] = version
-        return events + [Joined(worker, version)]
+        self.rollout.restart_later(worker, cause)  # created with the driver's latest weights; joins when up
+        self._versions.pop(worker, None)
+        return events
 
-    def _restart_teacher(self, teacher: str, replica: str, cause: str = "") -> None:
+    def _teacher_failed(self, teacher: str, replica: str, cause: str = "") -> None:
         print(f"teacher {replica}: {cause or 'failed'}; restarting", flush=True)
-        m = self.teachers[teacher].restart(replica, cause)
-        # Up before it is asked anything: its start-up must not count against deadlines.teacher_s.
-        call(m.actor.get_stats.remote(), f"teacher {replica} (restarted)", self.cfg.sync.timeout_s)
-        self._set_pool(teacher, self._pool(teacher))
+        self.teachers[teacher].restart_later(replica, cause)
+        self._set_pool(teacher)  # the live replicas; the replacement is added once it answers
 
-    def _set_pool(self, teacher: str, pool) -> None:
+    def _set_pool(self, teacher: str, names=None) -> None:
+        if not self.scorer.members:
+            return  # the scorer being replaced is built with the current pools
         try:
-            ray.get(self.scorer.only.set_pool.remote(teacher, pool), timeout=self.dl.route_s)
+            ray.get(self.scorer.only.set_pool.remote(teacher, self._pool(teacher, names)), timeout=self.dl.route_s)
         except Exception as e:  # noqa: BLE001
             if not died(e):
                 raise RoleFailure(f"router: set_pool failed: {first_line(e)}") from None
-            self._scorer_failed(f"died ({type(e).__name__})")  # the new scorer is built with the current pools
+            self._scorer_failed(f"died ({type(e).__name__})")
 
     def _scorer_failed(self, cause: str) -> None:
-        """Replace the scorer; it scores again every batch the dead one held (their rollout refs)."""
+        """Replace the scorer; once the new one answers it scores again every batch the dead one
+        held (their rollout refs): until then they are parked."""
         print(f"router: {cause}; restarting", flush=True)
-        m = self.scorer.restart("router-0", cause)
-        now = time.perf_counter()
+        self.scorer.restart_later("router-0", cause)
         for f in self.flights.values():
             if f.stage == "route":
-                f.meta, f.batch = m.actor.route_meta.options(num_returns=2).remote(f.rolled)
-                f.t0 = now
+                f.meta = f.batch = None
 
     # ---- growing the fleet -------------------------------------------------------------------
-    def _poll_joining(self) -> list:
-        """Pending workers the cluster placed start; placed ones that answered join; ones never
-        placed within deadlines.placement_s are removed cleanly (nothing stays reserved)."""
-        events = []
-        if self.rollout.pending:
-            placed, expired = self.rollout.poll_pending(self.dl.placement_s)
-            for m in placed:
-                self._joining[m.name] = m.actor.get_version.remote()
+    def _poll_members(self) -> list:
+        """Pending members the cluster placed start; started ones that answered join (a worker
+        as Joined, a teacher replica into its pool, the scorer takes the parked batches); one that
+        died or failed while starting is restarted within its budget; one never placed within
+        deadlines.placement_s is removed cleanly (nothing stays reserved)."""
+        events, joined_any = [], False
+        for g in self._groups_flat():
+            if not g.pending:
+                continue
+            joined, failed, expired = g.poll_pending(self.dl.placement_s)
+            for name, e in failed:
+                cause = f"died while starting ({type(e).__name__})" if died(e) else f"failed to start ({first_line(e)})"
+                print(f"{g.role} {name}: {cause}; restarting", flush=True)
+                g.restart_later(name, cause)
             for name in expired:
-                self.gave_up["rollout"] += 1
-                print(f"rollout {name}: not placed within deadlines.placement_s={self.dl.placement_s:g} "
+                self.gave_up[g.role] += 1
+                print(f"{g.role} {name}: not placed within deadlines.placement_s={self.dl.placement_s:g} "
                       "(the cluster lacks the resources); removed", flush=True)
-        if self._joining:
-            done, _ = ray.wait(list(self._joining.values()), num_returns=len(self._joining), timeout=0)
-            for name, ref in list(self._joining.items()):
-                if ref in done:
-                    del self._joining[name]
-                    try:
-                        version = ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 — a worker that cannot start is removed, not fatal
-                        print(f"rollout {name}: failed to start ({first_line(e)}); removed", flush=True)
-                        self.rollout.remove(name)
-                        continue
-                    self._versions[name] = version
-                    events.append(Joined(name, version))
+            if g is self.rollout:
+                latest = self.latest()
+                for m, version in joined:
+                    # `object_store`: its next order carries the latest weights, applied first.
+                    version = max(version, latest[0]) if latest else version
+                    self._versions[m.name] = version
+                    events.append(Joined(m.name, version))
+            elif joined:  # a teacher replica into its pool; a new scorer gets every pool as it is now
+                for teacher in (self.teachers if g is self.scorer else [g.role.split(":", 1)[1]]):
+                    self._set_pool(teacher)
+            joined_any |= bool(joined)
+            if not g.members and not g.pending:
+                raise RoleFailure(f"{g.role}: no member left (the last was not placed within "
+                                  f"deadlines.placement_s={self.dl.placement_s:g})")
+        if joined_any:
+            self._route_parked()
         return events
 
     def pending_counts(self) -> dict[str, int]:
-        return {"rollout": len(self.rollout.pending) + len(self._joining)}
+        return {"rollout": len(self.rollout.pending), "teacher": sum(len(g.pending) for g in self.teachers.values())}
 
     # ---- the fleet ----------------------------------------------------------------------------
     def counts(self) -> dict:
-        return {"rollout": len(self.rollout.members) - len(self._joining), "learner": self.cfg.learner.world_size,
+        return {"rollout": len(self.rollout.members), "learner": self.cfg.learner.world_size,
                 "teacher": sum(len(g.members) for g in self.teachers.values())}
 
     def teacher_counts(self) -> dict[str, int]:
@@ -310,7 +351,7 @@ class RayFleet:
     def can_grow(self) -> bool:
         """A rollout worker fits on one node now (free resources per node, not summed) and none is
         still waiting for placement."""
-        if self.rollout.pending or self._joining:
+        if self.rollout.pending:
             return False
         need = self.specs["rollout"].bundle
         from ray._private.state import available_resources_per_node
@@ -329,29 +370,29 @@ class RayFleet:
         reports them Joined) and are removed cleanly if they never are."""
         if rollout_workers is not None:
             active = self.workers()
-            waiting = len(self.rollout.pending) + len(self._joining)
-            grow = rollout_workers - len(active) - waiting
+            grow = rollout_workers - len(active) - len(self.rollout.pending)
             if grow > 0:
                 for _ in range(grow):
-                    m = self.rollout.add_later()
-                    if isinstance(m, Member):  # the role reserves nothing: created at once
-                        self._joining[m.name] = m.actor.get_version.remote()
+                    self.rollout.add_later()
             else:
-                self.rollout.cancel_pending(-grow)
+                cancel = min(-grow, len(self.rollout.pending))
+                self.rollout.cancel_pending(cancel)
                 for name in active[rollout_workers:]:
                     self.draining.add(name)  # finishes its in-flight batches, then leaves
         for route, count in teachers.items():
-            teacher = self.cfg.route(route).teacher
-            group = self.teachers[teacher]
-            while len(group.members) < count:
-                group.add()
+            group = self.teachers[self.cfg.route(route).teacher]
+            grow = count - len(group.members) - len(group.pending)
+            for _ in range(grow):
+                group.add_later()  # joins its pool once it answers: the loop never waits for it
+            if grow < 0:
+                group.cancel_pending(min(-grow, len(group.pending)))
             keep = group.names()[:count]
-            # The scorer swaps pools between asks, so no ask is in flight on a removed replica
-            # once the swap is acknowledged and the replica's queue is empty.
-            pool = RayTeacherPool(teacher, {n: group.members[n].actor for n in keep}, self.dl.teacher_s)
-            self._set_pool(teacher, pool)
-            for name in group.names()[count:]:
-                group.remove(name)
+            if len(keep) < len(group.members):
+                # The scorer swaps pools between asks, so no ask is in flight on a removed replica
+                # once the swap is acknowledged and the replica's queue is empty.
+                self._set_pool(self.cfg.route(route).teacher, keep)
+                for name in group.names()[count:]:
+                    group.remove(name)
         return []
 
     def retire_drained(self, busy: set[str]) -> None:

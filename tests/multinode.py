@@ -1,0 +1,241 @@
+"""Multi-node scenarios on a simulated cluster (`ray.cluster_utils.Cluster`): a head that runs no
+actors (num_cpus 0, as in deploy/kuberay) and one node per worker group, each marked with its
+group's custom resource and a `group` node label. Every scenario is a real job of the training
+loop (the `sim` backend: latencies are sleeps) driven from this process, the way the head's
+driver runs it.
+
+    python -m tests.multinode OUT.json SCENARIO [SCENARIO ...]
+
+runs the scenarios in order on ONE cluster (a scenario that removes a node adds its group's
+node back before the next) and writes one JSON object per scenario: the job's summary, where
+every actor of the job ran (read back from Ray's GCS actor table) and what the fault did.
+tests/test_multinode.py runs it once per pytest session and asserts on the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# One node per group. CPUs are logical: the job's reservations, not this machine's cores.
+GROUPS = {
+    "rollout": {"num_cpus": 3, "resources": {"rollout": 3}},
+    "teacher": {"num_cpus": 4, "resources": {"teacher": 4}},
+    "learner": {"num_cpus": 2, "resources": {"learner": 2}},
+}
+# The Ray class names of each role's actors (the GCS actor table's ActorClassName).
+ROLE_CLASSES = {"RolloutWorkerActor": "rollout", "TeacherActor": "teacher", "LearnerRankActor": "learner",
+                "ScorerActor": "router", "Evaluator": "evaluator"}
+
+
+def job_raw(tmp: Path, name: str, **over) -> dict:
+    """The sim job of every scenario: 2 rollout workers, 2 teachers (one on each route set),
+    2 learner ranks as one STRICT_PACK gang, the evaluator on the teacher group; every role
+    requests its group's resource, as configs/cluster.yaml does."""
+    raw = yaml.safe_load((ROOT / "configs" / "sim.yaml").read_text())
+    data = tmp / "data" / "toy"
+    if not data.exists():
+        shutil.copytree(ROOT / "configs" / "data" / "toy", data)
+    teacher = {"num_cpus": 1, "resources": {"teacher": 1}, "replicas": 1}
+    raw["teachers"] = [dict(t, **teacher) for t in raw["teachers"]]
+    raw["backend"].update(rollout_latency_s=0.15, teacher_latency_s=0.02, learner_latency_s=0.01)
+    raw["rollout"] = dict(raw.get("rollout", {}), workers=2, num_cpus=1, resources={"rollout": 1}, max_restarts=3)
+    raw["learner"] = dict(raw.get("learner", {}), steps=12, world_size=2, grad_accum=1, num_cpus=1,
+                          resources={"learner": 1}, placement_strategy="STRICT_PACK", zero_stage=1)
+    raw["routing"] = dict(raw["routing"], num_cpus=0.1)
+    raw["eval"] = {"enabled": True, "num_cpus": 1, "resources": {"teacher": 1}, "prompts": 1, "teacher": False}
+    raw["sync"] = dict(raw.get("sync", {}), max_policy_lag=1)
+    raw["replay"] = {"capacity": 8}
+    raw["checkpoint"] = {"every": 4, "keep": 2}
+    raw["deadlines"] = {"placement_s": 60.0}
+    raw["control"] = {"metrics_port": 0}
+    raw["job"] = {"name": f"mn-{name}", "seed": 0, "output_dir": str(tmp / name)}
+    for key, value in over.items():
+        section, field = key.split("__")
+        raw.setdefault(section, {})[field] = value
+    return raw
+
+
+class Harness:
+    def __init__(self):
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        self.nodes = {g: self.add(g) for g in GROUPS}
+        self.cluster.wait_for_nodes()
+
+    def add(self, group: str):
+        return self.cluster.add_node(**GROUPS[group], labels={"group": group})
+
+    def group_of(self, node_id: str) -> str:
+        for g, n in self.nodes.items():
+            if n.node_id == node_id:
+                return g
+        return "head" if node_id == self.cluster.head_node.node_id else f"gone:{node_id[:8]}"
+
+    def lose(self, group: str) -> str:
+        """A node vanishes (no graceful shutdown): all its processes die at once."""
+        node = self.nodes[group]
+        self.cluster.remove_node(node, allow_graceful=False)
+        return node.node_id
+
+    def restore(self, group: str) -> None:
+        self.nodes[group] = self.add(group)
+
+
+def placements(job_id: str, harness: Harness) -> list[dict]:
+    import ray._private.state as gcs
+
+    out = []
+    for a in gcs.actors().values():
+        if a.get("JobID") != job_id:
+            continue
+        role = ROLE_CLASSES.get(a["ActorClassName"].split(".")[-1])
+        if role:
+            out.append({"role": role, "node": harness.group_of(a["Address"]["NodeID"]), "state": a["State"]})
+    return out
+
+
+def run(cfg_raw: dict, tmp: Path, harness: Harness, fault=None, resume=None) -> dict:
+    """One job; `fault(loop)`, if given, runs in a thread once the job has taken 3 steps."""
+    import ray
+
+    from danceopd.config import config_from_dict
+    from services.loop import TrainLoop
+
+    cfg = config_from_dict(cfg_raw, base_dir=tmp)
+    res: dict = {"fault": {}}
+    t0 = time.perf_counter()
+    loop = TrainLoop(cfg, "ray", show_progress=False, resume_from=resume)
+
+    def inject():
+        while loop.step < 3 and loop.state in ("starting", "running"):
+            time.sleep(0.02)
+        if loop.state in ("starting", "running"):
+            res["fault"] = fault(loop) or {}
+            res["fault"]["at_step"] = loop.step
+            res["fault"]["t"] = time.perf_counter()
+
+    thread = threading.Thread(target=inject, daemon=True) if fault else None
+    if thread:
+        thread.start()
+    try:
+        res["summary"] = loop.run()
+        res["outcome"] = "finished"
+    except Exception as e:  # noqa: BLE001 — the scenario reports it
+        res["outcome"] = "failed"
+        res["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    finally:
+        res["status"] = loop.status()
+        loop.shutdown()
+    if thread:
+        thread.join(timeout=5)
+    if "t" in res["fault"]:
+        res["fault"]["until_end_s"] = round(time.perf_counter() - res["fault"].pop("t"), 2)
+    res["wall_s"] = round(time.perf_counter() - t0, 2)
+    res["placements"] = placements(ray.get_runtime_context().get_job_id(), harness)
+    return res
+
+
+def scenario_placement(h: Harness, tmp: Path) -> dict:
+    return run(job_raw(tmp, "placement"), tmp, h)
+
+
+def scenario_rollout_node(h: Harness, tmp: Path) -> dict:
+    """The rollout node goes: its workers' tickets are lost and re-issued; replacements wait
+    for a node of the group; one returns after a few seconds and they join."""
+    def fault(loop):
+        lost = h.lose("rollout")
+        threading.Timer(4.0, h.restore, args=("rollout",)).start()
+        return {"node": lost}
+
+    res = run(job_raw(tmp, "rollout-node", learner__steps=16), tmp, h, fault)
+    time.sleep(4.5)  # the restore timer has fired
+    return res
+
+
+def scenario_router_node(h: Harness, tmp: Path) -> dict:
+    """The router's scorer on the rollout node with the workers: both are rebuilt."""
+    def fault(loop):
+        lost = h.lose("rollout")
+        threading.Timer(3.0, h.restore, args=("rollout",)).start()
+        return {"node": lost}
+
+    raw = job_raw(tmp, "router-node", learner__steps=16, routing__resources={"rollout": 0.5})
+    res = run(raw, tmp, h, fault)
+    time.sleep(3.5)
+    return res
+
+
+def scenario_teacher_node(h: Harness, tmp: Path) -> dict:
+    def fault(loop):
+        lost = h.lose("teacher")
+        threading.Timer(3.0, h.restore, args=("teacher",)).start()
+        return {"node": lost}
+
+    res = run(job_raw(tmp, "teacher-node", learner__steps=16), tmp, h, fault)
+    time.sleep(3.5)
+    return res
+
+
+def scenario_learner_node(h: Harness, tmp: Path) -> dict:
+    """The learner node goes: the job fails naming the rank; on a fresh learner node,
+    `--resume auto` (the latest checkpoint) finishes it."""
+    from danceopd.checkpoint import latest_checkpoint
+
+    raw = job_raw(tmp, "learner-node", learner__steps=16)
+    res = run(raw, tmp, h, lambda loop: {"node": h.lose("learner")})
+    h.restore("learner")
+    ckpt = latest_checkpoint(Path(raw["job"]["output_dir"]))
+    res["resumed_from"] = str(ckpt) if ckpt else None
+    if ckpt:
+        res["resumed"] = run(raw, tmp, h, resume=ckpt)
+    return res
+
+
+SCENARIOS = {k.removeprefix("scenario_"): v for k, v in globals().items() if k.startswith("scenario_")}
+
+
+def main() -> None:
+    import os
+
+    import ray
+
+    out, names = Path(sys.argv[1]), sys.argv[2:]
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        sys.exit(f"unknown scenario {sorted(unknown)[0]!r} (known: {', '.join(SCENARIOS)})")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    h = Harness()
+    results = {}
+    try:
+        ray.init(address=h.cluster.address, log_to_driver=False, namespace="danceopd-multinode",
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                t0 = time.perf_counter()
+                try:
+                    results[name] = SCENARIOS[name](h, Path(tmp))
+                except Exception:  # noqa: BLE001 — recorded; the next scenario still runs
+                    results[name] = {"outcome": "crashed", "error": traceback.format_exc()}
+                results[name]["scenario_s"] = round(time.perf_counter() - t0, 1)
+                print(f"{name}: {results[name].get('outcome')} in {results[name]['scenario_s']} s", flush=True)
+                out.write_text(json.dumps(results, indent=1, default=str))
+    finally:
+        ray.shutdown()
+        h.cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
