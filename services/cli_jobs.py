@@ -79,6 +79,39 @@ def job_submit(
     err.print(f"job {sid} SUCCEEDED", highlight=False)
 
 
+@app.command("check-fit")
+def check_fit(
+    config: Path,
+    manifest: Path = typer.Argument(..., help="A KubeRay manifest: RayCluster(s), or a RayJob with its rayClusterSpec."),
+    set_: list[str] | None = SetOpt,
+):
+    """Check that a job fits a KubeRay cluster at maxReplicas: one line per group, used / available
+    (every role packed onto its group's pods, the STRICT_PACK learner gang inside one pod, nothing on
+    the head, every path a role reads or writes mounted in its pods); exit 2 naming the field if not."""
+    from rich.markup import escape
+
+    from danceopd.config import ConfigError, load_config
+    from services.deploy_fit import FitError
+    from services.deploy_fit import check_fit as fit_job
+    from services.kuberay import ManifestError, load_clusters
+
+    try:
+        cfg = load_config(config, set_)
+        clusters = load_clusters(manifest)
+    except (ConfigError, ManifestError) as e:
+        fail(escape(str(e)))
+    except (KeyError, TypeError, AttributeError) as e:  # a document without the fields KubeRay requires
+        fail(escape(f"{manifest}: not a KubeRay manifest this can read ({type(e).__name__}: {e})"))
+    for name, groups in clusters:
+        try:
+            fit = fit_job(cfg, groups)
+        except FitError as e:
+            fail(escape(f"{e} ({manifest}: {name})"))
+        typer.echo(f"{name} ({manifest}): {config} fits at maxReplicas")
+        for line in fit.lines():
+            typer.echo(f"  {line}")
+
+
 @app.command("status")
 def job_status(
     job: str = typer.Argument(..., help="Submission id or job name."),
