@@ -115,13 +115,13 @@ def _control(cfg: Config) -> None:
         raise ConfigError(f"control.token_env: {c.token_env!r} is not an environment variable name")
 
 
-def _teachers_by_task(cfg: Config, backend, method) -> dict[str, tuple]:
+def _teachers_by_task(cfg: Config, backend, method, remote=frozenset()) -> dict[str, tuple]:
     """The built teacher fields that will answer the rows of each routed task (pretrained
     teachers are checked by their folder only: building one loads its weights)."""
     built = {}
     for i, t in enumerate(cfg.teachers):
         if t.kind == "pretrained":
-            if t.path or not backend.pipeline:  # without a path, a pipeline backend's teacher is its base
+            if (t.path or not backend.pipeline) and f"teachers.{i}.path" not in remote:  # no path: the pipeline's base
                 _named(f"teachers.{i}.path", backend.check_model_folder, cfg.resolve(t.path))
             continue
         built[t.name] = _named(f"teachers.{i}.tasks" if t.tasks else f"teachers.{i}",
@@ -159,13 +159,26 @@ def model_paths(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def _pipeline_models(cfg: Config) -> None:
+def on_cluster(path, prefixes) -> bool:
+    """An absolute path under one of `prefixes` (the cluster's mount points) that this machine lacks."""
+    p = Path(path).expanduser()
+    return p.is_absolute() and any(p == Path(x) or Path(x) in p.parents for x in prefixes) and not p.exists()
+
+
+def cluster_side(cfg: Config, prefixes) -> list[str]:
+    """Keys of the model paths and data.path that live on the cluster (`on_cluster`): a submission
+    leaves them to the job, whose `train` checks them there before any actor starts."""
+    keys = [*model_paths(cfg), ("data.path", cfg.data.path)]
+    return [key for key, raw in keys if prefixes and on_cluster(raw, prefixes)]
+
+
+def _pipeline_models(cfg: Config, remote=frozenset()) -> None:
     """Backends with a pipeline folder (sd3, zimage): every missing model path named at once (a
     cluster config with placeholders shows all it still needs), then each folder checked for what
-    its loader reads."""
-    paths = [(key, cfg.resolve(raw)) for key, raw in model_paths(cfg)]
+    its loader reads. Keys in `remote` live on the cluster: not checked here."""
+    paths = [(key, cfg.resolve(raw)) for key, raw in model_paths(cfg) if key not in remote]
     missing = [f"{key} ({path})" for key, path in paths if not path.exists()]
-    if missing and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
+    if missing and "data.path" not in remote and not cfg.resolve(cfg.data.path).exists():  # a config of placeholders: say all at once
         missing.append(f"data.path ({cfg.resolve(cfg.data.path)})")
     if missing:
         raise ConfigError(f"{missing[0].split(' ')[0]}: model path does not exist; missing: {', '.join(missing)}")
@@ -176,19 +189,22 @@ def _pipeline_models(cfg: Config) -> None:
             _named(key, check_lora_folder, path)
 
 
-def validate(cfg: Config, local_paths: bool = True) -> Dataset:
+def validate(cfg: Config, local_paths: bool = True, cluster_paths=()) -> Dataset | None:
     """Raises ConfigError / DatasetError (ValueErrors) with a one-line message naming the key.
     `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir), for a
-    job that runs on another machine."""
+    job that runs on another machine. `cluster_paths`: mount prefixes of that machine (e.g. /mnt/);
+    model paths, data.path and row images under one that do not exist here are left to the job
+    (`cluster_side`), and with them every check that reads them. None when data.path is one."""
     from danceopd.backends import backend_class
 
+    remote = frozenset(cluster_side(cfg, cluster_paths))
     pipeline = backend_class(cfg.backend.name).pipeline
     if pipeline:
-        _pipeline_models(cfg)
-    elif cfg.student.init != "random":
+        _pipeline_models(cfg, remote)
+    elif cfg.student.init != "random" and "student.init" not in remote:
         _model_folder(cfg.resolve(cfg.student.init), "student.init")
     for i, t in enumerate(cfg.teachers):
-        if t.kind == "pretrained" and not pipeline:
+        if t.kind == "pretrained" and not pipeline and f"teachers.{i}.path" not in remote:
             _model_folder(cfg.resolve(t.path), f"teachers.{i}.path")
     if cfg.sync.max_policy_lag < cfg.sync.sync_every - 1:
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
@@ -198,23 +214,29 @@ def validate(cfg: Config, local_paths: bool = True) -> Dataset:
         _writable_dir(cfg.output_path, "job.output_dir")
         if cfg.replay.spill_dir:
             _writable_dir(cfg.resolve(cfg.replay.spill_dir), "replay.spill_dir")
-    dataset = _named("data.path", Dataset.load, cfg.resolve(cfg.data.path))
-    _named("data.path", dataset.check_routes, cfg.routing.routes)
+    dataset = None if "data.path" in remote else _named("data.path", Dataset.load, cfg.resolve(cfg.data.path))
+    if dataset is not None:
+        _named("data.path", dataset.check_routes, cfg.routing.routes)
+    if pipeline and "backend.pretrained" in remote:
+        return dataset  # every check below reads the pipeline's configs: the job makes them on the cluster
     from danceopd.backends import make_backend  # after the cheap checks: backends import model code
     from danceopd.methods import make_method
 
     backend = _named("backend", make_backend, cfg)
     init = cfg.student_source()
-    _named("student.init" if init != "random" else "student.lora", backend.check_student, init)
+    if not remote & {"student.init", "student.init_lora"}:
+        _named("student.init" if init != "random" else "student.lora", backend.check_student, init)
     for i, r in enumerate(cfg.routing.routes):
         if r.requires_source_image and not backend.supports_source_image:
             raise ConfigError(f"routing.routes.{i}.requires_source_image: the {backend.name} backend has no "
                               "image-conditioned path (use zimage or shapes for edits)")
     method = make_method(cfg.method)
-    teachers = _teachers_by_task(cfg, backend, method)
+    teachers = _teachers_by_task(cfg, backend, method, remote)
     needs_target = method.rollout == "data"  # sft / offpolicy train on the dataset targets
     routed = {r.task for r in cfg.routing.routes}
-    for row in dataset.rows:
+    for row in dataset.rows if dataset is not None else ():
+        if any(img is not None and on_cluster(img, cluster_paths) for img in (row.source_image, row.target_image)):
+            continue  # its images are the cluster's
         if row.task in routed:
             try:
                 backend.check_row(row, needs_target, teachers.get(row.task, ()))

@@ -22,17 +22,18 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def load_valid(config: Path, overrides: list[str] | None, local_paths: bool = True) -> Config:
+def load_valid(config: Path, overrides: list[str] | None, local_paths: bool = True, cluster_paths=()) -> Config:
     """Config + full validation (data, files, prompts, model folders, ports, writable folders):
     one line and exit 2 on any error, never a traceback. `local_paths=False`: the job runs on
-    another machine, so the folders it writes are not checked here."""
+    another machine, so the folders it writes are not checked here; nor are the paths under
+    `cluster_paths` prefixes this machine lacks (danceopd.validate.cluster_side)."""
     from rich.markup import escape
 
     try:
         from danceopd.validate import validate
 
         cfg = load_config(config, overrides)
-        validate(cfg, local_paths=local_paths)
+        validate(cfg, local_paths=local_paths, cluster_paths=cluster_paths)
     except Exception as e:  # whatever validation raises ends as one line
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e).strip()
         msg = text.splitlines()[0] if text else ""

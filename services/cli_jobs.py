@@ -46,19 +46,29 @@ def job_submit(
     working_dir: Path | None = typer.Option(None, "--working-dir", help="Upload this whole folder as the job's working directory (CONFIG inside it) instead of only the config and the files it names; refused for / , your home folder, or a folder holding credentials (.ssh, .aws, ...)."),
     resume: str | None = typer.Option(None, help="Passed to `danceopd train` on the cluster: a checkpoint folder there, or `auto`."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Passed to `danceopd train` on the cluster: start a new run in an output_dir that holds another."),
+    cluster_paths: list[str] = typer.Option(["/mnt/"], "--cluster-paths", metavar="PREFIX", help="Where the cluster mounts shared storage (repeatable; giving it replaces the default /mnt/): model folders, data.path and images under PREFIX that do not exist here are checked by the job on the cluster, before any actor starts, not here."),
 ):
     """Submit a training job to a Ray cluster through its Jobs API; prints the submission id."""
+    from danceopd.validate import cluster_side
     from services.control import jobs
 
-    cfg = load_valid(config, set_, local_paths=False)  # the folders it writes are the cluster's
+    for prefix in cluster_paths:
+        if not Path(prefix).is_absolute():
+            fail(f"--cluster-paths: {prefix!r} is not an absolute path (a mount point of the cluster, e.g. /mnt/)")
     if resume and overwrite:
         fail("--resume and --overwrite: give one (continue the run, or start a new one)")
+    # The folders it writes are the cluster's; so are the paths under its mount points we lack.
+    cfg = load_valid(config, set_, local_paths=False, cluster_paths=cluster_paths)
+    left = cluster_side(cfg, cluster_paths)
     try:
         client = jobs.connect(address)
         sid = jobs.submit(client, config, cfg, set_, working_dir, resume=resume, overwrite=overwrite)
     except jobs.JobsError as e:
         fail(str(e), e.code)
     typer.echo(sid)
+    if left:
+        err.print(f"note: not on this machine, checked by the job on the cluster: {', '.join(left)}", highlight=False,
+                  soft_wrap=True)
     if not Path(cfg.job.output_dir).expanduser().is_absolute():
         err.print(f"note: job.output_dir {cfg.job.output_dir!r} is relative: on the cluster it resolves inside the "
                   "job's copy of the working directory; use an absolute path on shared storage", highlight=False)
@@ -77,6 +87,39 @@ def job_submit(
         err.print(f"job {sid} {status}: {info.message or ''}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     err.print(f"job {sid} SUCCEEDED", highlight=False)
+
+
+@app.command("check-fit")
+def check_fit(
+    config: Path,
+    manifest: Path = typer.Argument(..., help="A KubeRay manifest: RayCluster(s), or a RayJob with its rayClusterSpec."),
+    set_: list[str] | None = SetOpt,
+):
+    """Check that a job fits a KubeRay cluster at maxReplicas: one line per group, used / available
+    (every role packed onto its group's pods, the STRICT_PACK learner gang inside one pod, nothing on
+    the head, every path a role reads or writes mounted in its pods); exit 2 naming the field if not."""
+    from rich.markup import escape
+
+    from danceopd.config import ConfigError, load_config
+    from services.deploy_fit import FitError
+    from services.deploy_fit import check_fit as fit_job
+    from services.kuberay import ManifestError, load_clusters
+
+    try:
+        cfg = load_config(config, set_)
+        clusters = load_clusters(manifest)
+    except (ConfigError, ManifestError) as e:
+        fail(escape(str(e)))
+    except (KeyError, TypeError, AttributeError) as e:  # a document without the fields KubeRay requires
+        fail(escape(f"{manifest}: not a KubeRay manifest this can read ({type(e).__name__}: {e})"))
+    for name, groups in clusters:
+        try:
+            fit = fit_job(cfg, groups)
+        except FitError as e:
+            fail(escape(f"{e} ({manifest}: {name})"))
+        typer.echo(f"{name} ({manifest}): {config} fits at maxReplicas")
+        for line in fit.lines():
+            typer.echo(f"  {line}")
 
 
 @app.command("status")

@@ -147,7 +147,7 @@ def ray_job_info(head: RayHead, sid: str) -> dict:
     code = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; "
             "i = C(sys.argv[1]).get_job_info(sys.argv[2]); "
             "print(json.dumps({'status': str(i.status.value), 'entrypoint': i.entrypoint, "
-            "'metadata': i.metadata, 'runtime_env': i.runtime_env, 'message': i.message}))")
+            "'metadata': i.metadata, 'runtime_env': i.runtime_env, 'message': i.message, 'job_id': i.job_id}))")
     r = subprocess.run([sys.executable, "-c", code, head.address, sid], env=head.client_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -293,6 +293,56 @@ def test_submit_from_a_home_folder_ships_the_package_config_and_data_not_the_hom
     client = FakeJobsClient()
     jobs.submit(client, home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
     assert client.files == {"c.yaml"} and client.sent["entrypoint"].startswith("danceopd train c.yaml ")
+
+
+SD35_ON_CLUSTER = ["backend.pretrained", "teachers.1.adapters.realism", "teachers.1.adapters.style", "data.path"]
+
+
+def test_submit_checks_here_what_lives_here_and_leaves_cluster_paths_to_the_job(tmp_path, monkeypatch):
+    """configs/sd35_medium.yaml from a laptop: its /mnt/ models and data are the cluster's, so
+    they are not checked here and nothing outside the project is uploaded; a path under no
+    cluster prefix, or one that exists here, is still checked here."""
+    from danceopd.config import ConfigError, load_config
+    from danceopd.validate import cluster_side, validate
+
+    if Path("/mnt/danceopd").exists():
+        pytest.skip("/mnt/danceopd exists on this machine: the sd35_medium paths are not the cluster's only")
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/sd35_medium.yaml")
+    assert cluster_side(cfg, ["/mnt/"]) == SD35_ON_CLUSTER
+    assert validate(cfg, local_paths=False, cluster_paths=["/mnt/"]) is None  # no dataset read here
+    for prefixes in ((), ["/data/"], ["/mnt/danceopd/models/loras"]):
+        with pytest.raises(ConfigError, match=r"^backend\.pretrained: model path does not exist"):
+            validate(cfg, local_paths=False, cluster_paths=prefixes)
+    # Under the prefix but present here: checked here (an empty folder is no pipeline).
+    (tmp_path / "pipe").mkdir()
+    here = load_config("configs/sd35_medium.yaml", [f"backend.pretrained={tmp_path / 'pipe'}"])
+    with pytest.raises(ConfigError, match=r"^backend\.pretrained: .*pipe is not a diffusers pipeline folder"):
+        validate(here, local_paths=False, cluster_paths=["/mnt/", str(tmp_path)])
+    client = FakeJobsClient()
+    jobs.submit(client, Path("configs/sd35_medium.yaml"), cfg, None)
+    assert client.files == {"configs/sd35_medium.yaml"}
+    assert client.sent["entrypoint"].startswith("danceopd train configs/sd35_medium.yaml --address auto ")
+
+
+def test_a_dropped_connection_is_one_line():
+    from requests.exceptions import ConnectionError as HTTPConnectionError
+
+    class Dropping(FakeJobsClient):
+        def get_address(self):
+            return "http://head:8265"
+
+        def submit_job(self, **kw):
+            raise HTTPConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))")
+
+    with pytest.raises(jobs.JobsError, match=r"^Ray Jobs API at http://head:8265: \('Connection aborted\.'"):
+        jobs.submit(Dropping(), ROOT / "configs" / "toy.yaml", _toy_cfg(), None)
+
+
+def _toy_cfg():
+    from danceopd.config import load_config
+
+    return load_config(ROOT / "configs" / "toy.yaml")
 
 
 def test_entrypoints_quote_their_arguments():
@@ -476,6 +526,30 @@ def test_submit_runs_the_training_job(head, tmp_path):
     assert r.returncode == 0 and f"job {name} ({sid}): Ray job SUCCEEDED, controller not running" in r.stdout
     r = cli(head, "scale", sid, "--rollout-workers", "2", "--address", head.address)
     assert r.returncode == 2 and "is not running (Ray job SUCCEEDED)" in error_line(r)
+
+
+@pytest.mark.ray
+@pytest.mark.subprocess
+def test_submit_from_a_laptop_leaves_cluster_paths_to_the_job(head):
+    """configs/sd35_medium.yaml submitted from a machine without its /mnt/ folders: accepted, and
+    the job fails on the cluster in one line naming the first missing field, before its driver
+    even joins the Ray cluster (so before any actor)."""
+    if Path("/mnt/danceopd").exists():
+        pytest.skip("/mnt/danceopd exists on this machine")
+    name = f"laptop-{uuid.uuid4().hex[:6]}"
+    r = cli(head, "submit", "configs/sd35_medium.yaml", "--address", head.address, "--no-wait", "--set", f"job.name={name}")
+    assert r.returncode == 0 and "error:" not in r.stderr, r.stderr[-3000:]
+    assert f"checked by the job on the cluster: {', '.join(SD35_ON_CLUSTER)}" in r.stderr
+    sid = r.stdout.strip().splitlines()[-1]
+    info = wait_job_end(head, sid, timeout_s=300)
+    assert info["status"] == "FAILED" and info["metadata"]["danceopd_job"] == name
+    assert info["job_id"] is None, "the driver joined the Ray cluster before its paths were checked"
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", sid, "--address", head.address],
+                          env=head.client_env(), capture_output=True, text=True, timeout=120).stdout
+    errors = [ln for ln in logs.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, logs[-3000:]
+    assert errors[0].startswith("error: backend.pretrained: model path does not exist; missing: backend.pretrained "
+                                "(/mnt/danceopd/models/stable-diffusion-3.5-medium)"), errors[0]
 
 
 # ---- end to end: the real controller --------------------------------------------------

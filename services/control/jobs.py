@@ -199,12 +199,13 @@ def _auth_hint(address: str) -> str:
 
 def _api(client, fn, *args, **kw):
     from ray.exceptions import AuthenticationError
+    from requests.exceptions import ConnectionError as HTTPConnectionError  # not a builtin ConnectionError
 
     try:
         return fn(*args, **kw)
     except AuthenticationError:
         raise JobsError(_auth_hint(client.get_address())) from None
-    except ConnectionError as e:
+    except (ConnectionError, HTTPConnectionError) as e:
         raise JobsError(f"Ray Jobs API at {client.get_address()}: {_first_line(e)}") from None
 
 
