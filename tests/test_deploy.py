@@ -271,7 +271,8 @@ def test_dockerfile():
 
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
-ALLOWED_LABELS = {lab for m in M.METRICS.values() for lab in m.labels} | RAY_LABELS | {"job", "instance", "le"}
+ALLOWED_LABELS = {lab for m in M.METRICS.values() for lab in m.labels} | set(M.JOB_LABELS) | RAY_LABELS | {"instance", "le"}
+RUN = M.job_labels("unit", "run-1")
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -436,7 +437,7 @@ def test_declarations():
 
 
 def test_actor_metrics_refuse_typos():
-    am = M.ActorMetrics("rollout", 3)
+    am = M.ActorMetrics("rollout", 3, RUN)
     with pytest.raises(ValueError, match="not declared"):
         am.inc("danceopd_rollout_sample", route="t2i")
     with pytest.raises(ValueError, match="takes labels"):
@@ -450,13 +451,17 @@ def test_actor_metrics_refuse_typos():
     with pytest.raises(ValueError, match="recorded by the controller"):
         am.set("danceopd_learner_step", 1)
     with pytest.raises(ValueError, match="role"):
-        M.ActorMetrics("rollouts", 0)
+        M.ActorMetrics("rollouts", 0, RUN)
+    with pytest.raises(ValueError, match="takes labels"):
+        am.inc("danceopd_rollout_samples", route="t2i", job="other")  # the recorder's, not the caller's
+    with pytest.raises(ValueError, match="need a job name and a run id"):
+        M.ActorMetrics("rollout", 0, {"job": "unit", "run_id": ""})
     am.inc("danceopd_rollout_samples", 8, route="t2i")  # valid: a no-op without Ray
 
 
 @pytest.fixture
 def controller_metrics():
-    cm = M.ControllerMetrics(0)
+    cm = M.ControllerMetrics(0, RUN)
     yield cm
     cm.close()
 
@@ -479,8 +484,11 @@ def test_controller_metrics_served_over_http(controller_metrics):
     cm.observe("danceopd_weight_sync_seconds", 0.3)
     series = scrape(f"http://127.0.0.1:{cm.port}/metrics")
     (restarts,) = series["danceopd_restarts_total"]
-    assert restarts.labels == {"role": "rollout"} and restarts.value == 1
-    assert series["danceopd_loss"][0].labels == {"route": "t2i"}
+    assert restarts.labels == {**RUN, "role": "rollout"} and restarts.value == 1
+    assert series["danceopd_loss"][0].labels == {**RUN, "route": "t2i"}
+    # every series carries the run's job labels, the unlabelled metrics' from the start
+    unlabelled = [s for s in series.values() for x in s if x.labels.get("job") != "unit" or x.labels.get("run_id") != "run-1"]
+    assert not unlabelled, unlabelled[:3]
     # The names dashboards use are exactly what prometheus_client serves.
     for m in M.METRICS.values():
         if m.scope == "controller" and not m.labels:
@@ -507,7 +515,7 @@ def test_ray_exports_actor_metrics_under_exported_names(ray_local):
         def record(self):
             from services.telemetry import metrics as m
 
-            am = m.ActorMetrics("rollout", "probe-7")
+            am = m.ActorMetrics("rollout", "probe-7", m.job_labels("probe-job", "probe-run"))
             for metric in m.METRICS.values():
                 if metric.scope != "actor":
                     continue
@@ -530,5 +538,6 @@ def test_ray_exports_actor_metrics_under_exported_names(ray_local):
     mine = [x for x in got["ray_danceopd_rollout_samples_total"] if x.labels.get("worker") == "probe-7"]
     assert mine, "the probe's series is missing"  # other tests of this session may export too
     sample = mine[0]
-    assert {"role": "rollout", "worker": "probe-7", "route": "x"}.items() <= sample.labels.items()
+    assert {"role": "rollout", "worker": "probe-7", "route": "x", "job": "probe-job", "run_id": "probe-run"}.items() \
+        <= sample.labels.items()
     assert RAY_LABELS <= set(sample.labels)
