@@ -50,7 +50,7 @@ def pod_specs(spec: dict) -> list[dict]:
 
 def test_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "podmonitor.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob.yaml", "podmonitor.yaml", "prometheusrule.yaml"} <= names
     assert {d["kind"] for _, d in ray_docs()} == RAY_KINDS
 
 
@@ -152,6 +152,27 @@ def test_podmonitor_scrapes_declared_ports():
     labels = cluster_specs()[0]["headGroupSpec"]["template"]["metadata"]["labels"]
     sel = {k: v for k, v in pm["spec"]["selector"]["matchLabels"].items() if not k.startswith("ray.io/")}
     assert sel.items() <= labels.items(), "the PodMonitor selects no DanceOPD pod"
+
+
+def test_scrapes_keep_the_series_job_label():
+    """Every DanceOPD series carries `job` (job.name) and `run_id`; Prometheus would rename that
+    `job` to exported_job and put the scrape job's name in its place unless the scrape honors it."""
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    for sc in prom["scrape_configs"]:
+        assert sc.get("honor_labels") is True, f"prometheus.yml {sc['job_name']}: honor_labels is not true"
+        assert all(r.get("target_label") != "job" for r in sc.get("relabel_configs", [])), sc["job_name"]
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    for e in pm["spec"]["podMetricsEndpoints"]:
+        assert e.get("honorLabels") is True, f"podmonitor.yaml {e['port']}: honorLabels is not true"
+
+
+def test_prometheusrule_carries_the_alerts():
+    (rule,) = docs(KUBERAY / "prometheusrule.yaml")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    assert rule["metadata"]["labels"] == pm["metadata"]["labels"], "selected by the same Prometheus as the PodMonitor"
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"], "prometheusrule.yaml drifted from alerts.yml: copy its groups"
 
 
 def test_podmonitor_scrapes_the_controller_metrics_the_job_config_opens():
@@ -401,6 +422,20 @@ def test_stall_alert_fires_for_a_job_that_never_steps(tmp_path):
         "alert_rule_test": [{"eval_time": t, "alertname": "DanceOPDLearnerStalled", "exp_alerts": exp} for t, exp in checks]}]}
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
     res = subprocess.run([exe, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.subprocess
+def test_metrics_missing_alert_rules_test():
+    """deploy/prometheus/alerts_test.yml, promtool's unit test of DanceOPDMetricsMissing: it fires
+    per run when one half of a running job's metrics is gone, not when the job finished."""
+    exe = promtool()
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    checked = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert checked == {"DanceOPDMetricsMissing"}
+    assert tests["rule_files"] == ["alerts.yml"]
+    res = subprocess.run([exe, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
