@@ -324,24 +324,40 @@ def dashboard() -> dict:
 
 
 def dashboard_targets() -> list[dict]:
-    return [dict(t, panel=p["title"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """Every panel query, with its panel's title and its row's (a row holds the panels below it)."""
+    out, row = [], None
+    for p in dashboard()["panels"]:
+        row = p["title"] if p["type"] == "row" else row
+        out += [dict(t, panel=p["title"], row=row) for t in p.get("targets", [])]
+    return out
+
+
+# The GPU row reads NVIDIA's dcgm-exporter (docs/operations.md), by its standard names and labels;
+# no other panel or alert may use them.
+GPU_ROW = "GPUs (NVIDIA DCGM exporter)"
+DCGM_SERIES = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE"}
+DCGM_LABELS = {"Hostname", "gpu", "UUID", "modelName", "pod", "namespace", "container"}
 
 
 DECLARED_SERIES = {s for name in M.METRICS for s in M.exported_series(name)}
 
 
 def test_promql_references_only_declared_metrics():
-    used = set()
-    exprs = [(f"alert {a}", e) for a, e in alert_exprs()] + [(f"panel {t['panel']}", t["expr"]) for t in dashboard_targets()]
-    for where, expr in exprs:
+    used, gpu_used = set(), set()
+    exprs = [(f"alert {a}", e, False) for a, e in alert_exprs()] + \
+        [(f"panel {t['panel']}", t["expr"], t["row"] == GPU_ROW) for t in dashboard_targets()]
+    for where, expr, gpu in exprs:
         names, labels = promql_names(expr)
+        known, allowed = (DCGM_SERIES, DCGM_LABELS) if gpu else (DECLARED_SERIES, ALLOWED_LABELS)
         assert names, f"{where}: no metric in {expr!r}"
-        assert names <= DECLARED_SERIES, f"{where}: undeclared {sorted(names - DECLARED_SERIES)}"
-        assert labels <= ALLOWED_LABELS, f"{where}: unknown labels {sorted(labels - ALLOWED_LABELS)}"
-        used |= names
+        assert names <= known, f"{where}: undeclared {sorted(names - known)}"
+        assert labels <= allowed, f"{where}: unknown labels {sorted(labels - allowed)}"
+        (gpu_used if gpu else used).update(names)
+    assert gpu_used == DCGM_SERIES, f"the GPU row lacks {sorted(DCGM_SERIES - gpu_used)}"
     for t in dashboard_targets():
         legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
-        assert legend <= ALLOWED_LABELS, f"panel {t['panel']}: legend labels {legend - ALLOWED_LABELS}"
+        allowed = DCGM_LABELS if t["row"] == GPU_ROW else ALLOWED_LABELS
+        assert legend <= allowed, f"panel {t['panel']}: legend labels {legend - allowed}"
     for var in dashboard()["templating"]["list"]:
         if var["type"] == "query":
             metric = re.match(r"label_values\((\w+),", var["definition"]).group(1)
@@ -358,9 +374,22 @@ def test_dashboard_templating():
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for p in d["panels"]:
-        assert p["datasource"]["uid"] == "${datasource}", p["title"]
-        for t in p["targets"]:
-            assert 'job=~"$job"' in t["expr"], f"panel {p['title']}: not filtered by $job"
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    for t in dashboard_targets():
+        if t["row"] == GPU_ROW:  # dcgm-exporter knows pods, not jobs: the GPUs of the job's pods
+            selectors = re.findall(r"DCGM_FI_\w+(\{[^}]*\})?", t["expr"])
+            assert selectors and set(selectors) == {'{pod=~"$gpu_pods"}'}, f"panel {t['panel']}: not filtered by $gpu_pods"
+        else:
+            assert 'job=~"$job"' in t["expr"], f"panel {t['panel']}: not filtered by $job"
+    # $gpu_pods' default matches the pods KubeRay names after the manifests' clusters
+    assert variables["gpu_pods"]["type"] == "textbox"
+    default = variables["gpu_pods"]["query"]
+    assert variables["gpu_pods"]["current"]["value"] == default
+    for path, doc in ray_docs():
+        cluster = doc["metadata"]["name"] + ("-x7k2p" if doc["kind"] == "RayJob" else "")
+        for pod in (f"{cluster}-head-4xz9q", f"{cluster}-learner-worker-8fj2l"):
+            assert re.fullmatch(default, pod), f"$gpu_pods={default!r} misses {pod} ({path.name})"
 
 
 def test_promql_parser_sees_known_names():
@@ -443,7 +472,8 @@ def test_metrics_missing_alert_rules_test():
 def test_dashboard_promql_parses(tmp_path):
     """promtool parses every dashboard query, as recording rules with Grafana's variables filled in."""
     exe = promtool()
-    rules = [{"record": f"danceopd:panel_{i}", "expr": t["expr"].replace("$__rate_interval", "1m").replace("$job", ".*")}
+    rules = [{"record": f"danceopd:panel_{i}", "expr": t["expr"].replace("$__rate_interval", "1m").replace("$job", ".*")
+              .replace("$gpu_pods", ".*")}
              for i, t in enumerate(dashboard_targets())]
     f = tmp_path / "dashboard_rules.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
