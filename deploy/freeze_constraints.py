@@ -11,10 +11,10 @@ picks (CPU wheels here, a CUDA build in the GPU image), and brings its own depen
 from __future__ import annotations
 
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -5,11 +5,11 @@ Makefile and the image install with it, torch apart (CPU wheels by default, CUDA
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
