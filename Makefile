@@ -3,25 +3,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Torch's CPU wheels: PyPI's Linux torch is the CUDA build (gigabytes of nvidia-* wheels). An extra
+# index, not the only one: pip picks 2.13.0+cpu from it, and where it is unreachable (an offline
+# mirror) it warns and falls back to the other indexes. `TORCH_INDEX_URL=` leaves it out.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# The resolved dependency set (torch apart): `make constraints` regenerates it.
+CONSTRAINTS := constraints.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
+.PHONY: setup constraints demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setup: torch ($(TORCH_SPEC))"
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	@echo "setup: danceopd and its dependencies"
-	@$(BIN)/pip install -q -e ".[dev]"
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	@echo "setup: danceopd and its dependencies ($(CONSTRAINTS))"
+	@$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@echo "setup: deepspeed (no build isolation: it builds against the installed torch)"
-	@$(BIN)/python -c "import deepspeed" >/dev/null 2>&1 || DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
+	@$(BIN)/python -c "import deepspeed" >/dev/null 2>&1 || DS_BUILD_OPS=0 $(BIN)/pip install -q -c $(CONSTRAINTS) --no-build-isolation deepspeed
 	@bash deploy/install-prometheus.sh
 	@touch $(STAMP)
+
+# The installed set (after `make setup`, or an upgrade in $(VENV)) as the new pins.
+constraints:
+	$(BIN)/python deploy/freeze_constraints.py > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 demo: setup
 	$(BIN)/danceopd train $(DEMO_CONFIG) --overwrite

@@ -111,8 +111,11 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def run_id_of(cfg: Config) -> str:
-    """The run writing job.output_dir: output_dir/run.json (written by prepare_output), else a new one."""
+def run_id_of(cfg: Config, resume_from=None) -> str:
+    """The run writing job.output_dir: the checkpoint's run when resuming from one, else
+    output_dir/run.json (written by prepare_output), else a new one."""
+    if resume_from:
+        return load_state(resume_from)["run_id"]
     rid = (read_run(cfg.output_path) or {}).get("run_id")
     if not rid:
         rid = new_run_id()

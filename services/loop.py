@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 class TrainLoop:
     def __init__(self, cfg: Config, mode: str = "local", resume_from=None, show_progress: bool = True, run_id: str | None = None):
         self.cfg, self.mode = cfg, mode
-        self.run_id = run_id  # from checkpoints.prepare_output; a resume carries the checkpoint's over
+        # From checkpoints.prepare_output (a resume carries the checkpoint's over); known before
+        # any part starts, since every metric series carries it.
+        self.run_id = run_id or checkpoints.run_id_of(cfg, resume_from)
         self.per_step = cfg.learner.world_size * cfg.learner.grad_accum
         # The pipeline's state has one owner, here: the ledger and the router (route draws, data
         # cursor, tickets). The runtime's parts compute and keep none of it.
@@ -53,7 +55,7 @@ class TrainLoop:
         self.evaluation: Evaluation | None = Evaluation(cfg) if cfg.eval.enabled else None
         self.eval_step = None  # the step last submitted for evaluation
         try:
-            parts: tuple[Fleet, LearnerGroup, WeightSync] = build(cfg, self.pipe)
+            parts: tuple[Fleet, LearnerGroup, WeightSync] = build(cfg, self.pipe, self.run_id)
             self.fleet, self.learner, self.sync = parts
         except BaseException:
             if self.evaluation is not None:
@@ -78,7 +80,7 @@ class TrainLoop:
 
             self.autoscaler = AutoscalePolicy(cfg.autoscale)
         self.telemetry = Telemetry(cfg, self.step, show_progress, serve=mode == "ray",
-                                   control_fns=(self.status, self.request_scale, self.request_stop))
+                                   control_fns=(self.status, self.request_scale, self.request_stop), run_id=self.run_id)
         self.t_start = time.perf_counter()  # idle ratios count from here, not from actor start-up
 
     @property
@@ -190,7 +192,6 @@ class TrainLoop:
 
     def checkpoint(self) -> None:
         first = self.pipe.first_unconsumed()
-        self.run_id = self.run_id or checkpoints.run_id_of(self.cfg)
         self.last_ckpt = checkpoints.save(self.cfg, self.snapshot(), self.learner, self.router.state_before(first))
         self.router.forget_before(first)
 

@@ -281,7 +281,7 @@ def telemetry(toy_raw, tmp_path, monkeypatch):
                   control__metrics_host="0.0.0.0", control__metrics_port=0, control__stall_after_s=5)
     holder = {}
     fns = (lambda: holder["t"].status("starting"), lambda **kw: {}, lambda: None)
-    tel = holder["t"] = Telemetry(cfg, 0, show_progress=False, serve=True, control_fns=fns)
+    tel = holder["t"] = Telemetry(cfg, 0, show_progress=False, serve=True, control_fns=fns, run_id="run-7")
     yield tel, registered, ctl_port
     tel.close()
 
@@ -296,6 +296,9 @@ def test_metrics_and_control_bind_separately(telemetry):
     assert series["danceopd_start_timestamp_seconds"] == pytest.approx(tel.started_at)
     assert series["danceopd_stall_after_seconds"] == 5
     assert series["danceopd_last_step_timestamp_seconds"] == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{tel.metrics.port}/metrics", timeout=10).read().decode()
+    runs = {(x.labels.get("job"), x.labels.get("run_id")) for fam in text_string_to_metric_families(text) for x in fam.samples}
+    assert runs == {(tel.cfg.job.name, "run-7")}  # every series names the job and the run
 
 
 def test_health_of_a_job_that_never_steps(telemetry):

@@ -50,7 +50,7 @@ def pod_specs(spec: dict) -> list[dict]:
 
 def test_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "podmonitor.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob.yaml", "podmonitor.yaml", "prometheusrule.yaml"} <= names
     assert {d["kind"] for _, d in ray_docs()} == RAY_KINDS
 
 
@@ -152,6 +152,27 @@ def test_podmonitor_scrapes_declared_ports():
     labels = cluster_specs()[0]["headGroupSpec"]["template"]["metadata"]["labels"]
     sel = {k: v for k, v in pm["spec"]["selector"]["matchLabels"].items() if not k.startswith("ray.io/")}
     assert sel.items() <= labels.items(), "the PodMonitor selects no DanceOPD pod"
+
+
+def test_scrapes_keep_the_series_job_label():
+    """Every DanceOPD series carries `job` (job.name) and `run_id`; Prometheus would rename that
+    `job` to exported_job and put the scrape job's name in its place unless the scrape honors it."""
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    for sc in prom["scrape_configs"]:
+        assert sc.get("honor_labels") is True, f"prometheus.yml {sc['job_name']}: honor_labels is not true"
+        assert all(r.get("target_label") != "job" for r in sc.get("relabel_configs", [])), sc["job_name"]
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    for e in pm["spec"]["podMetricsEndpoints"]:
+        assert e.get("honorLabels") is True, f"podmonitor.yaml {e['port']}: honorLabels is not true"
+
+
+def test_prometheusrule_carries_the_alerts():
+    (rule,) = docs(KUBERAY / "prometheusrule.yaml")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    (pm,) = docs(KUBERAY / "podmonitor.yaml")
+    assert rule["metadata"]["labels"] == pm["metadata"]["labels"], "selected by the same Prometheus as the PodMonitor"
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"], "prometheusrule.yaml drifted from alerts.yml: copy its groups"
 
 
 def test_podmonitor_scrapes_the_controller_metrics_the_job_config_opens():
@@ -259,7 +280,7 @@ def test_dockerfile():
     assert {"BASE_IMAGE", "TORCH_SPEC"} <= args
     assert ops[[op for op, _ in ops].index("FROM")][1] == "${BASE_IMAGE}"
     runs = " ".join(a for op, a in ops if op == "RUN")
-    assert "${TORCH_SPEC}" in runs and re.search(r"pip install --no-build-isolation deepspeed", runs)
+    assert "${TORCH_SPEC}" in runs and re.search(r"pip install (-c constraints.txt )?--no-build-isolation deepspeed", runs)
     user = [a for op, a in ops if op == "USER"][-1]
     assert user not in ("root", "0"), "the image must run as a non-root user"
     assert json.loads([a for op, a in ops if op == "ENTRYPOINT"][-1]) == ["danceopd"]
@@ -271,7 +292,8 @@ def test_dockerfile():
 
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
-ALLOWED_LABELS = {lab for m in M.METRICS.values() for lab in m.labels} | RAY_LABELS | {"job", "instance", "le"}
+ALLOWED_LABELS = {lab for m in M.METRICS.values() for lab in m.labels} | set(M.JOB_LABELS) | RAY_LABELS | {"instance", "le"}
+RUN = M.job_labels("unit", "run-1")
 
 
 def promql_names(expr: str) -> tuple[set[str], set[str]]:
@@ -302,24 +324,40 @@ def dashboard() -> dict:
 
 
 def dashboard_targets() -> list[dict]:
-    return [dict(t, panel=p["title"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """Every panel query, with its panel's title and its row's (a row holds the panels below it)."""
+    out, row = [], None
+    for p in dashboard()["panels"]:
+        row = p["title"] if p["type"] == "row" else row
+        out += [dict(t, panel=p["title"], row=row) for t in p.get("targets", [])]
+    return out
+
+
+# The GPU row reads NVIDIA's dcgm-exporter (docs/operations.md), by its standard names and labels;
+# no other panel or alert may use them.
+GPU_ROW = "GPUs (NVIDIA DCGM exporter)"
+DCGM_SERIES = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_POWER_USAGE"}
+DCGM_LABELS = {"Hostname", "gpu", "UUID", "modelName", "pod", "namespace", "container"}
 
 
 DECLARED_SERIES = {s for name in M.METRICS for s in M.exported_series(name)}
 
 
 def test_promql_references_only_declared_metrics():
-    used = set()
-    exprs = [(f"alert {a}", e) for a, e in alert_exprs()] + [(f"panel {t['panel']}", t["expr"]) for t in dashboard_targets()]
-    for where, expr in exprs:
+    used, gpu_used = set(), set()
+    exprs = [(f"alert {a}", e, False) for a, e in alert_exprs()] + \
+        [(f"panel {t['panel']}", t["expr"], t["row"] == GPU_ROW) for t in dashboard_targets()]
+    for where, expr, gpu in exprs:
         names, labels = promql_names(expr)
+        known, allowed = (DCGM_SERIES, DCGM_LABELS) if gpu else (DECLARED_SERIES, ALLOWED_LABELS)
         assert names, f"{where}: no metric in {expr!r}"
-        assert names <= DECLARED_SERIES, f"{where}: undeclared {sorted(names - DECLARED_SERIES)}"
-        assert labels <= ALLOWED_LABELS, f"{where}: unknown labels {sorted(labels - ALLOWED_LABELS)}"
-        used |= names
+        assert names <= known, f"{where}: undeclared {sorted(names - known)}"
+        assert labels <= allowed, f"{where}: unknown labels {sorted(labels - allowed)}"
+        (gpu_used if gpu else used).update(names)
+    assert gpu_used == DCGM_SERIES, f"the GPU row lacks {sorted(DCGM_SERIES - gpu_used)}"
     for t in dashboard_targets():
         legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
-        assert legend <= ALLOWED_LABELS, f"panel {t['panel']}: legend labels {legend - ALLOWED_LABELS}"
+        allowed = DCGM_LABELS if t["row"] == GPU_ROW else ALLOWED_LABELS
+        assert legend <= allowed, f"panel {t['panel']}: legend labels {legend - allowed}"
     for var in dashboard()["templating"]["list"]:
         if var["type"] == "query":
             metric = re.match(r"label_values\((\w+),", var["definition"]).group(1)
@@ -336,9 +374,22 @@ def test_dashboard_templating():
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     for p in d["panels"]:
-        assert p["datasource"]["uid"] == "${datasource}", p["title"]
-        for t in p["targets"]:
-            assert 'job=~"$job"' in t["expr"], f"panel {p['title']}: not filtered by $job"
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+    for t in dashboard_targets():
+        if t["row"] == GPU_ROW:  # dcgm-exporter knows pods, not jobs: the GPUs of the job's pods
+            selectors = re.findall(r"DCGM_FI_\w+(\{[^}]*\})?", t["expr"])
+            assert selectors and set(selectors) == {'{pod=~"$gpu_pods"}'}, f"panel {t['panel']}: not filtered by $gpu_pods"
+        else:
+            assert 'job=~"$job"' in t["expr"], f"panel {t['panel']}: not filtered by $job"
+    # $gpu_pods' default matches the pods KubeRay names after the manifests' clusters
+    assert variables["gpu_pods"]["type"] == "textbox"
+    default = variables["gpu_pods"]["query"]
+    assert variables["gpu_pods"]["current"]["value"] == default
+    for path, doc in ray_docs():
+        cluster = doc["metadata"]["name"] + ("-x7k2p" if doc["kind"] == "RayJob" else "")
+        for pod in (f"{cluster}-head-4xz9q", f"{cluster}-learner-worker-8fj2l"):
+            assert re.fullmatch(default, pod), f"$gpu_pods={default!r} misses {pod} ({path.name})"
 
 
 def test_promql_parser_sees_known_names():
@@ -404,10 +455,25 @@ def test_stall_alert_fires_for_a_job_that_never_steps(tmp_path):
 
 
 @pytest.mark.subprocess
+def test_metrics_missing_alert_rules_test():
+    """deploy/prometheus/alerts_test.yml, promtool's unit test of DanceOPDMetricsMissing: it fires
+    per run when one half of a running job's metrics is gone, not when the job finished."""
+    exe = promtool()
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    checked = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert checked == {"DanceOPDMetricsMissing"}
+    assert tests["rule_files"] == ["alerts.yml"]
+    res = subprocess.run([exe, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.subprocess
 def test_dashboard_promql_parses(tmp_path):
     """promtool parses every dashboard query, as recording rules with Grafana's variables filled in."""
     exe = promtool()
-    rules = [{"record": f"danceopd:panel_{i}", "expr": t["expr"].replace("$__rate_interval", "1m").replace("$job", ".*")}
+    rules = [{"record": f"danceopd:panel_{i}", "expr": t["expr"].replace("$__rate_interval", "1m").replace("$job", ".*")
+              .replace("$gpu_pods", ".*")}
              for i, t in enumerate(dashboard_targets())]
     f = tmp_path / "dashboard_rules.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -436,7 +502,7 @@ def test_declarations():
 
 
 def test_actor_metrics_refuse_typos():
-    am = M.ActorMetrics("rollout", 3)
+    am = M.ActorMetrics("rollout", 3, RUN)
     with pytest.raises(ValueError, match="not declared"):
         am.inc("danceopd_rollout_sample", route="t2i")
     with pytest.raises(ValueError, match="takes labels"):
@@ -450,13 +516,17 @@ def test_actor_metrics_refuse_typos():
     with pytest.raises(ValueError, match="recorded by the controller"):
         am.set("danceopd_learner_step", 1)
     with pytest.raises(ValueError, match="role"):
-        M.ActorMetrics("rollouts", 0)
+        M.ActorMetrics("rollouts", 0, RUN)
+    with pytest.raises(ValueError, match="takes labels"):
+        am.inc("danceopd_rollout_samples", route="t2i", job="other")  # the recorder's, not the caller's
+    with pytest.raises(ValueError, match="need a job name and a run id"):
+        M.ActorMetrics("rollout", 0, {"job": "unit", "run_id": ""})
     am.inc("danceopd_rollout_samples", 8, route="t2i")  # valid: a no-op without Ray
 
 
 @pytest.fixture
 def controller_metrics():
-    cm = M.ControllerMetrics(0)
+    cm = M.ControllerMetrics(0, RUN)
     yield cm
     cm.close()
 
@@ -479,8 +549,11 @@ def test_controller_metrics_served_over_http(controller_metrics):
     cm.observe("danceopd_weight_sync_seconds", 0.3)
     series = scrape(f"http://127.0.0.1:{cm.port}/metrics")
     (restarts,) = series["danceopd_restarts_total"]
-    assert restarts.labels == {"role": "rollout"} and restarts.value == 1
-    assert series["danceopd_loss"][0].labels == {"route": "t2i"}
+    assert restarts.labels == {**RUN, "role": "rollout"} and restarts.value == 1
+    assert series["danceopd_loss"][0].labels == {**RUN, "route": "t2i"}
+    # every series carries the run's job labels, the unlabelled metrics' from the start
+    unlabelled = [s for s in series.values() for x in s if x.labels.get("job") != "unit" or x.labels.get("run_id") != "run-1"]
+    assert not unlabelled, unlabelled[:3]
     # The names dashboards use are exactly what prometheus_client serves.
     for m in M.METRICS.values():
         if m.scope == "controller" and not m.labels:
@@ -507,7 +580,7 @@ def test_ray_exports_actor_metrics_under_exported_names(ray_local):
         def record(self):
             from services.telemetry import metrics as m
 
-            am = m.ActorMetrics("rollout", "probe-7")
+            am = m.ActorMetrics("rollout", "probe-7", m.job_labels("probe-job", "probe-run"))
             for metric in m.METRICS.values():
                 if metric.scope != "actor":
                     continue
@@ -530,5 +603,6 @@ def test_ray_exports_actor_metrics_under_exported_names(ray_local):
     mine = [x for x in got["ray_danceopd_rollout_samples_total"] if x.labels.get("worker") == "probe-7"]
     assert mine, "the probe's series is missing"  # other tests of this session may export too
     sample = mine[0]
-    assert {"role": "rollout", "worker": "probe-7", "route": "x"}.items() <= sample.labels.items()
+    assert {"role": "rollout", "worker": "probe-7", "route": "x", "job": "probe-job", "run_id": "probe-run"}.items() \
+        <= sample.labels.items()
     assert RAY_LABELS <= set(sample.labels)

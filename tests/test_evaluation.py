@@ -39,7 +39,8 @@ def shapes_raw(tmp_path) -> dict:
 
 
 def run_loop(cfg, mode: str) -> tuple[dict, dict, dict]:
-    """(summary, /status, the controller's /metrics in Ray mode) of one job run to its end."""
+    """(summary, /status, the controller's /metrics in Ray mode) of one job run to its end; the
+    metrics keyed by name and labels but the job labels, which every series carries."""
     loop = TrainLoop(cfg, mode, show_progress=False)
     try:
         summary = loop.run()
@@ -47,8 +48,10 @@ def run_loop(cfg, mode: str) -> tuple[dict, dict, dict]:
         scraped = {}
         if loop.telemetry.metrics is not None:
             text = urllib.request.urlopen(f"http://127.0.0.1:{loop.telemetry.metrics.port}/metrics", timeout=10).read()
-            scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
+            samples = [s for fam in text_string_to_metric_families(text.decode()) for s in fam.samples]
+            run = {"job": cfg.job.name, "run_id": loop.run_id}
+            assert all(s.labels.items() >= run.items() for s in samples)
+            scraped = {(s.name, tuple(sorted(kv for kv in s.labels.items() if kv[0] not in run))): s.value for s in samples}
     finally:
         loop.shutdown()
     return summary, status, scraped

@@ -18,6 +18,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from danceopd.checkpoint import latest_checkpoint
 from services.loop import TrainLoop
@@ -121,9 +122,15 @@ def assert_recovered(summary, cfg, role, fault, name):
     assert all(n == 0 for r, n in restarts.items() if r != role), restarts  # nobody else is blamed
     # ... and so say /status and the controller's metrics (the alerts read those).
     assert fault.status["restarts"][role] == 1 and fault.status["failures"][role] == 1, fault.status
-    assert f'danceopd_failures_total{{role="{role}"}} 1.0' in fault.metrics
-    assert f'danceopd_restarts_total{{role="{role}"}} 1.0' in fault.metrics
-    assert 'danceopd_failures_total{role="learner"} 0.0' in fault.metrics
+    run = {"job": cfg.job.name, "run_id": fault.loop.run_id}  # on every series
+    served = [x for fam in text_string_to_metric_families(fault.metrics) for x in fam.samples]
+
+    def value(name: str, role: str) -> float:
+        (v,) = [x.value for x in served if x.name == name and x.labels == {**run, "role": role}]
+        return v
+
+    assert value("danceopd_failures_total", role) == 1 and value("danceopd_restarts_total", role) == 1
+    assert value("danceopd_failures_total", "learner") == 0
     assert fault.recovered_s is not None
     report(name, role=role, fault="SIGSTOP" if fault.sig == signal.SIGSTOP else "SIGKILL",
            recovered_s=round(fault.recovered_s, 2), lost_samples=acct["lost"], outcome="finished")

@@ -1,5 +1,7 @@
-"""End to end against a real Prometheus: a running job is scraped, then EVERY dashboard panel
-query must return data and EVERY alert expression must evaluate, through Prometheus' HTTP API."""
+"""End to end against a real Prometheus scraping as deploy/prometheus/prometheus.yml says: a running
+job is scraped, then EVERY dashboard panel query must return data (the GPU row's need NVIDIA's
+dcgm-exporter: not here), EVERY alert expression must evaluate, and every DanceOPD series must
+carry the job's name and run id, through Prometheus' HTTP API."""
 
 import json
 import os
@@ -16,14 +18,16 @@ import yaml
 from danceopd.config import config_from_dict
 from services.loop import TrainLoop
 from tests.conftest import ROOT, free_port
+from tests.test_deploy import GPU_ROW, dashboard_targets
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 PROMETHEUS = shutil.which("prometheus")
 
 
 def panel_queries() -> list[tuple[str, str]]:
-    dash = json.loads((ROOT / "deploy" / "grafana" / "danceopd.json").read_text())
-    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    """(title, query) of every panel but the GPU row's (dcgm-exporter series, checked by name in
+    tests/test_deploy.py)."""
+    return [(t["panel"], t["expr"]) for t in dashboard_targets() if t["row"] != GPU_ROW]
 
 
 def alert_exprs() -> list[tuple[str, str]]:
@@ -31,8 +35,8 @@ def alert_exprs() -> list[tuple[str, str]]:
     return [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
 
 
-def grafana_to_promql(expr: str) -> str:
-    return expr.replace("$__rate_interval", "30s").replace('"$job"', '"danceopd"')
+def grafana_to_promql(expr: str, job: str) -> str:
+    return expr.replace("$__rate_interval", "30s").replace('"$job"', f'"{job}"')
 
 
 def query(port: int, expr: str) -> dict:
@@ -48,16 +52,14 @@ def prometheus(tmp_path, ray_local):
     ray_port = int(os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"])
     ctl_port, prom_port = free_port(), free_port()
     shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
-    relabel = [{"target_label": "job", "replacement": "danceopd"}]
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": ["alerts.yml"],
-        "scrape_configs": [
-            {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{ray_port}"]}], "relabel_configs": relabel},
-            {"job_name": "danceopd-controller", "static_configs": [{"targets": [f"127.0.0.1:{ctl_port}"]}],
-             "relabel_configs": relabel},
-        ],
-    }
+    # The shipped config (honor_labels and all), with this test's ports and a 1 s interval.
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    ports = {"ray": ray_port, "danceopd-controller": ctl_port}
+    assert {sc["job_name"] for sc in config["scrape_configs"]} == set(ports)
+    for sc in config["scrape_configs"]:
+        sc.pop("file_sd_configs", None)  # Ray writes that file only while its dashboard runs
+        sc["static_configs"] = [{"targets": [f"127.0.0.1:{ports[sc['job_name']]}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
@@ -91,26 +93,34 @@ def test_every_panel_and_alert_against_real_prometheus(prometheus, toy_raw, tmp_
     job = threading.Thread(target=lambda: result.update(controller.run()), daemon=True)
     job.start()
     try:
+        name = cfg.job.name
         pending = dict(enumerate(panel_queries()))
         deadline = time.time() + 180
         while pending and time.time() < deadline and job.is_alive():
             for i, (title, expr) in list(pending.items()):
-                data = query(prom_port, grafana_to_promql(expr))
+                data = query(prom_port, grafana_to_promql(expr, name))
                 assert data["status"] == "success", (title, data)
                 if data["data"]["result"]:
                     del pending[i]
             time.sleep(2)
         assert not pending, f"panels without data: {pending}"
-        for name, expr in alert_exprs():
+        for alert, expr in alert_exprs():
             data = query(prom_port, expr)
-            assert data["status"] == "success", (name, data)
+            assert data["status"] == "success", (alert, data)
+        # every DanceOPD series, the actors' and the controller's, names the job and the run
+        runs = query(prom_port, 'count by (__name__, job, run_id) ({__name__=~"(ray_)?danceopd_.+"})')["data"]["result"]
+        assert {r["metric"]["__name__"].startswith("ray_") for r in runs} == {True, False}
+        assert {(r["metric"].get("job"), r["metric"].get("run_id")) for r in runs} == {(name, controller.run_id)}
+        # ... so both halves of the running job are matched: the missing-metrics alert is quiet
+        missing = dict(alert_exprs())["DanceOPDMetricsMissing"]
+        assert query(prom_port, missing)["data"]["result"] == [], missing
         # the controller's job-level view agrees with what Prometheus scraped
-        step = float(query(prom_port, 'max(danceopd_learner_step{job="danceopd"})')["data"]["result"][0]["value"][1])
+        step = float(query(prom_port, f'max(danceopd_learner_step{{job="{name}"}})')["data"]["result"][0]["value"][1])
         assert step >= 1
         # the stall alert's inputs: the controller's start and its bound (control.stall_after_s) ...
-        start = query(prom_port, 'danceopd_start_timestamp_seconds{job="danceopd"}')["data"]["result"]
+        start = query(prom_port, f'danceopd_start_timestamp_seconds{{job="{name}"}}')["data"]["result"]
         assert float(start[0]["value"][1]) == pytest.approx(controller.telemetry.started_at, abs=1e-3)
-        bound = query(prom_port, 'danceopd_stall_after_seconds{job="danceopd"}')["data"]["result"]
+        bound = query(prom_port, f'danceopd_stall_after_seconds{{job="{name}"}}')["data"]["result"]
         assert float(bound[0]["value"][1]) == cfg.control.stall_after_s
         # ... and its expression matches the scraped series with each other (a bound below any age fires)
         stalled = dict(alert_exprs())["DanceOPDLearnerStalled"]

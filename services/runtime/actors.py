@@ -57,12 +57,13 @@ class WeightGroupMember:
 
 class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
     """A rollout worker created (or restarted) with the driver's latest weights, so it never
-    rolls out with initial weights; records its metrics. `latest`: (version, [ref]) of the last
-    push, or None (before the first, and under `collective`, which broadcasts to joiners)."""
+    rolls out with initial weights; records its metrics with the run's `labels` (job_labels()).
+    `latest`: (version, [ref]) of the last push, or None (before the first, and under
+    `collective`, which broadcasts to joiners)."""
 
-    def __init__(self, cfg: Config, worker_id: str, latest=None):
+    def __init__(self, cfg: Config, worker_id: str, labels: dict, latest=None):
         super().__init__(cfg, worker_id)
-        self.metrics = ActorMetrics("rollout", worker_id)
+        self.metrics = ActorMetrics("rollout", worker_id, labels)
         self.t_start = time.perf_counter()
         if latest is not None:
             version, (ref,) = latest  # the ref inside a list: fetched here, where it is timed out by the caller
@@ -111,9 +112,9 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
 
 
 class TeacherActor(Teacher):
-    def __init__(self, cfg: Config, teacher_name: str, replica: int = 0):
+    def __init__(self, cfg: Config, teacher_name: str, replica: int, labels: dict):
         super().__init__(cfg, teacher_name, replica)
-        self.metrics = ActorMetrics("teacher", self.teacher_id)
+        self.metrics = ActorMetrics("teacher", self.teacher_id, labels)
 
     def query(self, state, sigma, cond, cfg_scale: float, route: str = ""):
         t0 = time.perf_counter()
@@ -172,9 +173,9 @@ class ScorerActor(Scorer):
     """The router's scoring side as a threaded actor: several batches are scored at once
     (`routing.max_concurrent_batches`). Stateless: a dead one is replaced and re-scores."""
 
-    def __init__(self, routes, method, pools, name: str = "router-0"):
+    def __init__(self, routes, method, pools, name: str, labels: dict):
         super().__init__(routes, method, pools)
-        self.metrics = ActorMetrics("router", name)
+        self.metrics = ActorMetrics("router", name, labels)
         self._backlog: collections.Counter = collections.Counter()
 
     def route_meta(self, rb):

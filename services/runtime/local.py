@@ -193,7 +193,8 @@ class LocalEvaluation:
         pass
 
 
-def build_local(cfg: Config, pipe):
+def build_local(cfg: Config, pipe, run_id: str):
+    del run_id  # labels Ray's exported metrics; local mode exports none
     fleet = LocalFleet(cfg)
     learner = LocalLearner(cfg)
     return fleet, learner, LocalSync(learner, fleet, pipe)

@@ -31,6 +31,7 @@ from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, Member
 from services.runtime.placement import check_capacity, placeable, reserved_by_others, role_specs
+from services.telemetry.metrics import job_labels
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
@@ -67,13 +68,15 @@ class RayFleet:
     """Failures are sorted to the actor that owes the answer: a rollout worker, a teacher replica
     or the scorer is replaced (one restart of its budget per death); a worker's tickets are lost
     (re-issued), a scorer's are scored again. `latest()` gives the driver's latest weights
-    (version, [ref]) that a new or restarted worker starts with."""
+    (version, [ref]) that a new or restarted worker starts with. Every actor's metrics carry the
+    job's name and `run_id`."""
 
     mode = "ray"
 
-    def __init__(self, cfg: Config, latest):
+    def __init__(self, cfg: Config, latest, run_id: str):
         self.cfg, self.dl = cfg, cfg.deadlines
         self.latest = latest
+        labels = job_labels(cfg.job.name, run_id)
         self.specs = specs = role_specs(cfg)
         from danceopd.methods import make_method
 
@@ -91,11 +94,11 @@ class RayFleet:
             # No Ray-side restarts: a dead replica is this fleet's to replace, so it is counted,
             # blamed on the replica and the batches it owed are re-issued.
             self.teachers[teacher] = ActorGroup(role, specs[role], lambda name, opts, t=teacher: teacher_cls.options(
-                **opts, runtime_env=env).remote(cfg, t, int(name.rsplit("-", 1)[1])))
+                **opts, runtime_env=env).remote(cfg, t, int(name.rsplit("-", 1)[1]), labels))
         self.scorer = ActorGroup("router", specs["router"], lambda name, opts: scorer_cls.options(
-            **opts, runtime_env=env).remote(cfg.routing.routes, cfg.method, {t: self._pool(t) for t in self.teachers}, name))
+            **opts, runtime_env=env).remote(cfg.routing.routes, cfg.method, {t: self._pool(t) for t in self.teachers}, name, labels))
         self.rollout = ActorGroup("rollout", specs["rollout"], lambda name, opts: worker_cls.options(
-            **opts, runtime_env=env).remote(cfg, name, self.latest()), probe=lambda actor: actor.get_version.remote())
+            **opts, runtime_env=env).remote(cfg, name, labels, self.latest()), probe=lambda actor: actor.get_version.remote())
         self.flights: dict[int, Flight] = {}
         self.draining: set[str] = set()
         self._versions: dict[str, int] = {}
@@ -409,11 +412,12 @@ class RayFleet:
                 print(f"{g.role}: shutdown: {first_line(e)}", flush=True)
 
 
-def build_ray(cfg: Config, pipe):
+def build_ray(cfg: Config, pipe, run_id: str):
     from services.runtime.ray_learner import RayLearner
     from services.weights.ray_sync import CollectiveSync, ObjectStoreSync
 
-    fleet = RayFleet(cfg, latest=lambda: pipe.weights if pipe.weights and pipe.weights[1] is not None else None)
+    fleet = RayFleet(cfg, latest=lambda: pipe.weights if pipe.weights and pipe.weights[1] is not None else None,
+                     run_id=run_id)
     learner = RayLearner(cfg, fleet.specs["learner"])
     sync_cls = CollectiveSync if cfg.sync.transport == "collective" else ObjectStoreSync
     return fleet, learner, sync_cls(cfg.sync, cfg.rollout, cfg.deadlines, learner, fleet, pipe)

@@ -5,6 +5,12 @@ driver records job-level metrics with `ControllerMetrics` (prometheus_client on 
 `deploy/grafana/danceopd.json` and `deploy/prometheus/alerts.yml` are written against
 `exported_name()`, and tests/test_deploy.py checks every name they use against this list.
 
+Every series carries `job` (the config's job.name) and `run_id` (output_dir/run.json, kept over a
+resume), so one Prometheus tells jobs and runs apart on a shared cluster. Prometheus sets a `job`
+of its own at scrape time: the scrape configs use `honor_labels: true` (the PodMonitor
+`honorLabels: true`) so the series' `job` wins; Ray's own series, which carry none, keep the
+scrape's.
+
 How Ray 2.60 exports `ray.util.metrics` (observed on a local cluster, `ray.init(...,
 _metrics_export_port=P)`, then `curl :P/metrics`):
 - the name gets a `ray_` prefix; counters also get `_total` (a name already ending in `_total`
@@ -35,6 +41,7 @@ MetricType = Literal["counter", "gauge", "histogram"]
 Scope = Literal["actor", "controller"]
 
 ROLES = ("rollout", "router", "teacher", "learner")
+JOB_LABELS = ("job", "run_id")  # on every series, set by the recorder (see the module docstring)
 DEFAULT_CONTROLLER_PORT = 9095  # Ray's own export port is 8080 in the KubeRay manifests
 CONTROLLER_PORT_ENV = "DANCEOPD_METRICS_PORT"
 
@@ -126,13 +133,20 @@ def _declared(name: str) -> Metric:
     return METRICS[name]
 
 
+def job_labels(job: str, run_id: str) -> dict[str, str]:
+    """The labels every series of one run carries."""
+    if not job or not run_id:
+        raise ValueError(f"metrics need a job name and a run id, got job={job!r} run_id={run_id!r}")
+    return {"job": str(job), "run_id": str(run_id)}
+
+
 def _check(name: str, scope: Scope, kind: MetricType, labels: dict, implicit: tuple[str, ...]) -> Metric:
     m = _declared(name)
     if m.scope != scope:
         raise ValueError(f"metric {name!r} is recorded by the {m.scope}, not here (its exported name would differ)")
     if m.type != kind:
         raise ValueError(f"metric {name!r} is a {m.type}, not a {kind}")
-    want = set(m.labels) - set(implicit)
+    want = set(m.labels) - set(implicit)  # JOB_LABELS are never the caller's: the recorder sets them
     if set(labels) != want:
         raise ValueError(f"metric {name!r} takes labels {sorted(want)}, got {sorted(labels)}")
     return m
@@ -144,12 +158,13 @@ _RAY_METRICS: dict[str, object] = {}  # one ray.util.metrics object per name and
 
 
 class ActorMetrics:
-    """Recorder for code in a Ray actor; every record carries this actor's role and worker."""
+    """Recorder for code in a Ray actor; every record carries the run's job labels
+    (`job_labels()`) and this actor's role and worker."""
 
-    def __init__(self, role: str, worker: str | int):
+    def __init__(self, role: str, worker: str | int, labels: dict[str, str]):
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        self.tags = {"role": role, "worker": str(worker)}
+        self.tags = {**job_labels(**labels), "role": role, "worker": str(worker)}
 
     def inc(self, name: str, value: float = 1, **labels) -> None:
         self._record(name, "counter", value, labels)
@@ -161,7 +176,7 @@ class ActorMetrics:
         self._record(name, "histogram", value, labels)
 
     def _record(self, name: str, kind: MetricType, value: float, labels: dict) -> None:
-        m = _check(name, "actor", kind, labels, implicit=_A)
+        m = _check(name, "actor", kind, labels, implicit=(*JOB_LABELS, *_A))
         import ray
 
         if not ray.is_initialized():
@@ -182,35 +197,40 @@ class ActorMetrics:
 def _make_ray_metric(m: Metric):
     from ray.util import metrics as rm
 
+    keys = (*JOB_LABELS, *m.labels)
     if m.type == "counter":
-        return rm.Counter(m.name, description=m.help, tag_keys=m.labels)
+        return rm.Counter(m.name, description=m.help, tag_keys=keys)
     if m.type == "gauge":
-        return rm.Gauge(m.name, description=m.help, tag_keys=m.labels)
-    return rm.Histogram(m.name, description=m.help, boundaries=list(m.buckets), tag_keys=m.labels)
+        return rm.Gauge(m.name, description=m.help, tag_keys=keys)
+    return rm.Histogram(m.name, description=m.help, boundaries=list(m.buckets), tag_keys=keys)
 
 
 # ---- controller ---------------------------------------------------------------------------
 
 class ControllerMetrics:
     """Job-level metrics of the driver, served on http://host:port/metrics (port 0: any free
-    port; see `.port`). A private registry keeps them apart from anything else in the process."""
+    port; see `.port`), each series with the run's job labels (`job_labels()`). A private registry
+    keeps them apart from anything else in the process."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1"):
+    def __init__(self, port: int, labels: dict[str, str], host: str = "127.0.0.1"):
         import prometheus_client as pc
 
+        self.labels = job_labels(**labels)
         self.registry = pc.CollectorRegistry()
         # Created up front so counters start at 0 and `increase()` sees the first restart.
         self._metrics = {}
         for m in _DECLARED:
             if m.scope != "controller":
                 continue
-            kw = {"labelnames": m.labels, "registry": self.registry}
+            kw = {"labelnames": (*JOB_LABELS, *m.labels), "registry": self.registry}
             if m.type == "counter":
                 self._metrics[m.name] = pc.Counter(m.name, m.help, **kw)
             elif m.type == "gauge":
                 self._metrics[m.name] = pc.Gauge(m.name, m.help, **kw)
             else:
                 self._metrics[m.name] = pc.Histogram(m.name, m.help, buckets=m.buckets, **kw)
+            if not m.labels:  # served from the start, as an unlabelled metric would be
+                self._metrics[m.name].labels(**self.labels)
         self._server, self._thread = pc.start_http_server(port, addr=host, registry=self.registry)
         self.host, self.port = host, self._server.server_port
 
@@ -224,9 +244,8 @@ class ControllerMetrics:
         self._child(name, "histogram", labels).observe(value)
 
     def _child(self, name: str, kind: MetricType, labels: dict):
-        m = _check(name, "controller", kind, labels, implicit=())
-        metric = self._metrics[name]
-        return metric.labels(**{k: str(v) for k, v in labels.items()}) if m.labels else metric
+        _check(name, "controller", kind, labels, implicit=JOB_LABELS)
+        return self._metrics[name].labels(**self.labels, **{k: str(v) for k, v in labels.items()})
 
     def close(self) -> None:
         self._server.shutdown()

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 
 
 class Telemetry:
-    def __init__(self, cfg: Config, start_step: int, show_progress: bool, serve: bool, control_fns=None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, start_step: int, show_progress: bool, serve: bool, control_fns=None, *, run_id: str):
+        self.cfg, self.run_id = cfg, run_id  # the run_id labels every served series
         self.started_at = time.time()  # /health and the stall alert count from here until the first step
         self.log = JobLog(cfg, start_step, show_progress)
         self.console = self.log.console
@@ -42,15 +42,16 @@ class Telemetry:
 
     def _serve(self, control_fns) -> None:
         from services.control.api import ControlServer, register, resolve_token
-        from services.telemetry.metrics import ControllerMetrics, controller_port
+        from services.telemetry.metrics import ControllerMetrics, controller_port, job_labels
 
         cfg = self.cfg
         port = cfg.control.metrics_port if cfg.control.metrics_port is not None else controller_port()
         # /metrics and the control API bind apart: a cluster opens metrics_host, never the API.
+        labels = job_labels(cfg.job.name, self.run_id)
         try:
-            self.metrics = ControllerMetrics(port, host=cfg.control.metrics_host)
+            self.metrics = ControllerMetrics(port, labels, host=cfg.control.metrics_host)
         except OSError:  # the default port is taken (another job on this host): any free port
-            self.metrics = ControllerMetrics(0, host=cfg.control.metrics_host)
+            self.metrics = ControllerMetrics(0, labels, host=cfg.control.metrics_host)
             self.console.print(f"[yellow]metrics port {port} is busy; serving on {self.metrics.port}[/]")
         self.metrics.set("danceopd_policy_lag_bound", cfg.sync.max_policy_lag)
         self.metrics.set("danceopd_start_timestamp_seconds", self.started_at)
