@@ -151,6 +151,10 @@ def place(cfg: Config, groups: list[PodGroup]) -> Fit:
             raise FitError(f"{_field(cfg, role)}: one member of {role_name(role)} reserves {describe(spec.bundle)}, which the "
                            f"head pod has too ({head[0].where}): Ray may start it next to the driver; give the role custom "
                            "resources of a worker group (e.g. resources: {teacher: 1}) or a CPU / GPU the head lacks")
+        if len(fits) > 1:  # e.g. a 0.1-CPU scorer on the learner pod leaves a STRICT_PACK gang unplaceable
+            raise FitError(f"{_field(cfg, role)}: {role_name(role)} may land on pods of {', '.join(g.name for g in fits)}; "
+                           "pin it to one group (label_selector {ray.io/node-group: NAME} or that group's custom resource), "
+                           "or it can take the room another role's members need")
         where[role] = [g.name for g in fits]
         spread = role == "learner" and spec.strategy == "STRICT_SPREAD"
         label = f"{role} ({spec.members} ranks)" if gang else role

@@ -53,7 +53,7 @@ def job_raw(tmp: Path, name: str, **over) -> dict:
     raw["rollout"] = dict(raw.get("rollout", {}), workers=2, num_cpus=1, resources={"rollout": 1}, max_restarts=3)
     raw["learner"] = dict(raw.get("learner", {}), steps=12, world_size=2, grad_accum=1, num_cpus=1,
                           resources={"learner": 1}, placement_strategy="STRICT_PACK", zero_stage=1)
-    raw["routing"] = dict(raw["routing"], num_cpus=0.1)
+    raw["routing"] = dict(raw["routing"], num_cpus=0.1, label_selector={"group": "rollout"})
     raw["eval"] = {"enabled": True, "num_cpus": 1, "resources": {"teacher": 1}, "prompts": 1, "teacher": False}
     raw["sync"] = dict(raw.get("sync", {}), max_policy_lag=1)
     raw["replay"] = {"capacity": 8}
@@ -94,12 +94,19 @@ class Harness:
         self.nodes[group] = self.add(group)
 
 
-def placements(job_id: str, harness: Harness) -> list[dict]:
+def actor_ids() -> set[str]:
+    import ray._private.state as gcs
+
+    return set(gcs.actors())
+
+
+def placements(before: set[str], harness: Harness) -> list[dict]:
+    """Where every actor of the job started since `before` ran (dead ones included)."""
     import ray._private.state as gcs
 
     out = []
-    for a in gcs.actors().values():
-        if a.get("JobID") != job_id:
+    for actor_id, a in gcs.actors().items():
+        if actor_id in before:
             continue
         role = ROLE_CLASSES.get(a["ActorClassName"].split(".")[-1])
         if role:
@@ -107,45 +114,57 @@ def placements(job_id: str, harness: Harness) -> list[dict]:
     return out
 
 
-def run(cfg_raw: dict, tmp: Path, harness: Harness, fault=None, resume=None) -> dict:
-    """One job; `fault(loop)`, if given, runs in a thread once the job has taken 3 steps."""
-    import ray
-
+def run(cfg_raw: dict, tmp: Path, harness: Harness, fault=None, resume=None, at_step: int = 3) -> dict:
+    """One job. The loop runs in a thread; `fault(loop)` runs here, in the main thread (Ray adds
+    a node only from there), once the job has taken `at_step` steps."""
     from danceopd.config import config_from_dict
     from services.loop import TrainLoop
 
     cfg = config_from_dict(cfg_raw, base_dir=tmp)
     res: dict = {"fault": {}}
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), actor_ids()
     loop = TrainLoop(cfg, "ray", show_progress=False, resume_from=resume)
 
-    def inject():
-        while loop.step < 3 and loop.state in ("starting", "running"):
-            time.sleep(0.02)
-        if loop.state in ("starting", "running"):
-            res["fault"] = fault(loop) or {}
-            res["fault"]["at_step"] = loop.step
-            res["fault"]["t"] = time.perf_counter()
+    def body():
+        try:
+            res["summary"] = loop.run()
+            res["outcome"] = "finished"
+        except Exception as e:  # noqa: BLE001 — the scenario reports it
+            res["outcome"] = "failed"
+            res["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            res["t_end"] = time.perf_counter()
 
-    thread = threading.Thread(target=inject, daemon=True) if fault else None
-    if thread:
-        thread.start()
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
     try:
-        res["summary"] = loop.run()
-        res["outcome"] = "finished"
-    except Exception as e:  # noqa: BLE001 — the scenario reports it
-        res["outcome"] = "failed"
-        res["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if fault:
+            while loop.step < at_step and thread.is_alive():
+                time.sleep(0.02)
+            if thread.is_alive():
+                t_fault, step = time.perf_counter(), loop.step
+                res["fault"] = fault(loop, thread) or {}
+                res["fault"]["at_step"] = step
+        thread.join()
+        if fault and "t_end" in res:
+            res["fault"]["until_end_s"] = round(res.pop("t_end") - t_fault, 2)
     finally:
         res["status"] = loop.status()
         loop.shutdown()
-    if thread:
-        thread.join(timeout=5)
-    if "t" in res["fault"]:
-        res["fault"]["until_end_s"] = round(time.perf_counter() - res["fault"].pop("t"), 2)
     res["wall_s"] = round(time.perf_counter() - t0, 2)
-    res["placements"] = placements(ray.get_runtime_context().get_job_id(), harness)
+    res["placements"] = placements(before, harness)
     return res
+
+
+def lose_for(h: Harness, group: str, back_after_s: float):
+    """A fault: the group's node goes; a node of the group joins `back_after_s` later."""
+    def fault(loop, thread):
+        lost = h.lose(group)
+        deadline = time.perf_counter() + back_after_s
+        while thread.is_alive() and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        h.restore(group)
+        return {"node": lost, "back_after_s": back_after_s}
+    return fault
 
 
 def scenario_placement(h: Harness, tmp: Path) -> dict:
@@ -153,40 +172,14 @@ def scenario_placement(h: Harness, tmp: Path) -> dict:
 
 
 def scenario_rollout_node(h: Harness, tmp: Path) -> dict:
-    """The rollout node goes: its workers' tickets are lost and re-issued; replacements wait
-    for a node of the group; one returns after a few seconds and they join."""
-    def fault(loop):
-        lost = h.lose("rollout")
-        threading.Timer(4.0, h.restore, args=("rollout",)).start()
-        return {"node": lost}
-
-    res = run(job_raw(tmp, "rollout-node", learner__steps=16), tmp, h, fault)
-    time.sleep(4.5)  # the restore timer has fired
-    return res
-
-
-def scenario_router_node(h: Harness, tmp: Path) -> dict:
-    """The router's scorer on the rollout node with the workers: both are rebuilt."""
-    def fault(loop):
-        lost = h.lose("rollout")
-        threading.Timer(3.0, h.restore, args=("rollout",)).start()
-        return {"node": lost}
-
-    raw = job_raw(tmp, "router-node", learner__steps=16, routing__resources={"rollout": 0.5})
-    res = run(raw, tmp, h, fault)
-    time.sleep(3.5)
-    return res
+    """The rollout node goes: its workers' tickets are lost and re-issued; their replacements
+    (and the router's, pinned to the group) wait for a node of the group; one comes back."""
+    return run(job_raw(tmp, "rollout-node", learner__steps=16), tmp, h, lose_for(h, "rollout", 4.0))
 
 
 def scenario_teacher_node(h: Harness, tmp: Path) -> dict:
-    def fault(loop):
-        lost = h.lose("teacher")
-        threading.Timer(3.0, h.restore, args=("teacher",)).start()
-        return {"node": lost}
-
-    res = run(job_raw(tmp, "teacher-node", learner__steps=16), tmp, h, fault)
-    time.sleep(3.5)
-    return res
+    """The teacher node goes: every replica with it; batches wait (parked) or are re-issued."""
+    return run(job_raw(tmp, "teacher-node", learner__steps=16), tmp, h, lose_for(h, "teacher", 3.0))
 
 
 def scenario_learner_node(h: Harness, tmp: Path) -> dict:
@@ -195,7 +188,8 @@ def scenario_learner_node(h: Harness, tmp: Path) -> dict:
     from danceopd.checkpoint import latest_checkpoint
 
     raw = job_raw(tmp, "learner-node", learner__steps=16)
-    res = run(raw, tmp, h, lambda loop: {"node": h.lose("learner")})
+    # After the first checkpoint (every 4 steps) is written: there is something to resume from.
+    res = run(raw, tmp, h, lambda loop, thread: {"node": h.lose("learner")}, at_step=6)
     h.restore("learner")
     ckpt = latest_checkpoint(Path(raw["job"]["output_dir"]))
     res["resumed_from"] = str(ckpt) if ckpt else None

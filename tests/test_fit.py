@@ -122,9 +122,12 @@ def test_nothing_may_land_on_the_head():
     groups = CLUSTERS[0][2]
     with pytest.raises(FitError, match=r"^eval: one member of the evaluator reserves nothing, which the head pod has too"):
         check_fit(cfg_of("cluster.yaml", "eval.resources={}", "eval.num_cpus=0", "eval.num_gpus=0"), groups)
-    # A GPU request keeps it off the GPU-less head, and some pod of another group takes it.
-    fit = check_fit(cfg_of("cluster.yaml", "eval.resources={}", "eval.num_cpus=0", "eval.num_gpus=1"), groups)
-    assert fit.where["evaluator"] == ["rollout", "teacher", "learner"]
+    # A GPU request keeps it off the GPU-less head, but it may then land in any GPU group, e.g.
+    # on the learner pod, whose STRICT_PACK gang needs every GPU: refused, naming the field.
+    with pytest.raises(FitError, match=r"^eval: the evaluator may land on pods of rollout, teacher, learner; pin it"):
+        check_fit(cfg_of("cluster.yaml", "eval.resources={}", "eval.num_cpus=0", "eval.num_gpus=1"), groups)
+    with pytest.raises(FitError, match=r"^routing: the router's scorer may land on pods of rollout, teacher, learner"):
+        check_fit(cfg_of("cluster.yaml", "routing.label_selector={}"), groups)
 
 
 def test_every_pod_mounts_the_paths_its_roles_read():
@@ -169,7 +172,7 @@ def test_check_fit_command():
     lines = res.output.splitlines()
     assert lines[0].startswith("RayJob danceopd-train (") and lines[0].endswith("fits at maxReplicas")
     assert [ln.split(":")[0].strip() for ln in lines[1:]] == ["headgroup", "rollout", "teacher", "learner"]
-    assert "pods 8/16 (starts with 8)  32/64 CPU  8/16 GPU" in lines[2]
+    assert "pods 8/16 (starts with 8)  24.1/64 CPU  8/16 GPU" in lines[2]
     assert "pods 1/1 (starts with 1)  16/16 CPU  4/4 GPU" in lines[4]
     res = CliRunner().invoke(app, ["check-fit", str(ROOT / "configs" / "zimage.yaml"), str(KUBERAY / "rayjob.yaml"),
                                    "--set", "learner.num_cpus=8"])

@@ -17,11 +17,11 @@ from tests.test_ray_runtime import assert_accounting_closes
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("placement", "rollout_node", "router_node", "teacher_node", "learner_node")
-# Where each role must run: its group's node (the router's scorer requests no group: any worker
-# node, never the head, whose num_cpus is 0).
+SCENARIOS = ("placement", "rollout_node", "teacher_node", "learner_node")
+# Where each role must run: its group's node (the router's scorer by its label selector, as in
+# the cluster configs; never the head, whose num_cpus is 0).
 HOME = {"rollout": {"rollout"}, "teacher": {"teacher"}, "learner": {"learner"}, "evaluator": {"teacher"},
-        "router": set(GROUPS)}
+        "router": {"rollout"}}
 
 
 @pytest.fixture(scope="module")
@@ -58,35 +58,39 @@ def test_every_role_runs_on_its_node_group(results):
     assert sum(p["role"] == "learner" for p in res["placements"]) == 2
 
 
-def test_a_lost_rollout_node_costs_its_tickets_and_the_job_goes_on(results):
+def test_a_lost_rollout_node_with_the_router_costs_its_tickets_and_the_job_goes_on(results):
+    """The node held the rollout workers and the router's scorer (pinned to the rollout group):
+    the workers' tickets are lost and re-issued, the batches being scored wait for the new
+    scorer, and every replacement waits for a node of the group, then joins."""
     res = results["rollout_node"]
     summary = finished(res, 16)
     assert_at_home(res)
     assert summary["accounting"]["lost"] > 0  # the node's batches were lost and re-issued
-    assert summary["restarts"]["rollout"] >= 1
-    assert all(n == 0 for r, n in summary["restarts"].items() if r not in ("rollout", "router")), summary["restarts"]
-
-
-def test_a_lost_node_with_the_router_rebuilds_both(results):
-    res = results["router_node"]
-    summary = finished(res, 16)
-    assert_at_home(res)
-    assert summary["restarts"]["router"] == 1 and summary["restarts"]["rollout"] >= 1, summary["restarts"]
-    assert summary["restarts"]["teacher"] == 0 and summary["restarts"].get("learner", 0) == 0
+    restarts = summary["restarts"]
+    assert restarts["rollout"] == 2 and restarts["router"] == 1, restarts  # one per member on the node
+    assert restarts["teacher"] == 0, restarts
+    # Two workers and the scorer died with the node; their replacements ran on the returned node.
+    lost = collections.Counter(p["role"] for p in res["placements"] if p["node"].startswith("gone"))
+    assert lost == {"rollout": 2, "router": 1}, lost
 
 
 def test_a_lost_teacher_node_rebuilds_its_replicas(results):
     res = results["teacher_node"]
     summary = finished(res, 16)
     assert_at_home(res)
-    assert summary["restarts"]["teacher"] >= 1
+    assert summary["restarts"]["teacher"] == 3  # each teacher's one replica was there
     assert summary["restarts"]["rollout"] == 0 and summary["restarts"]["router"] == 0, summary["restarts"]
+    assert summary["accounting"]["lost"] > 0  # batches being scored on the node were re-issued
 
 
 def test_a_lost_learner_node_fails_naming_the_rank_and_resume_finishes(results):
     res = results["learner_node"]
-    assert res["outcome"] == "failed" and "learner learner-" in res["error"], res.get("error")
-    assert res["fault"]["until_end_s"] < 60
+    assert res["outcome"] == "failed" and res["error"].startswith("learner learner-"), res.get("error")
+    assert "--resume auto" in res["error"]
+    assert res["fault"]["until_end_s"] < 30
     assert res["resumed_from"], "no checkpoint to resume from"
-    finished(res["resumed"], 16)
+    resumed = finished(res["resumed"], 16)
     assert_at_home(res["resumed"])
+    # It re-issued exactly what the checkpoint had not consumed: (16 - its step) steps' samples.
+    step = int(Path(res["resumed_from"]).name.split("-")[1])
+    assert resumed["accounting"]["consumed"] == (16 - step) * 2 * 8
