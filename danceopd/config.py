@@ -1,7 +1,7 @@
 """The one typed configuration of a DanceOPD job.
 
 Every knob is declared here once, with its default, bounds and one line of help (the
-``description``); the README's configuration reference is generated from these models
+``description``); the configuration reference (docs/configuration.md) is generated from these models
 (``danceopd config-doc``) and a test checks that it is current.
 """
 

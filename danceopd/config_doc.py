@@ -1,4 +1,4 @@
-"""The README's configuration reference, generated from the config models (one source)."""
+"""The configuration reference (docs/configuration.md), generated from the config models (one source)."""
 
 from __future__ import annotations
 
@@ -59,8 +59,11 @@ def render() -> str:
     return "\n".join(out)
 
 
-def write_readme(path) -> None:
-    """Replace the README section between the config-reference markers."""
+DOC = "docs/configuration.md"  # the file that holds the generated block, relative to the repository root
+
+
+def write_reference(path) -> None:
+    """Replace the block between the config-reference markers of `path` (docs/configuration.md)."""
     import re
     from pathlib import Path
 
@@ -74,6 +77,6 @@ if __name__ == "__main__":
     import sys
 
     if "--write" in sys.argv:
-        write_readme("README.md")
+        write_reference(DOC)
     else:
         sys.stdout.write(render())
