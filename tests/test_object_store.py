@@ -29,6 +29,7 @@ def test_a_routed_batch_is_one_object_and_the_learner_reads_it_in_place(ray_loca
                   backend__teacher_latency_s=0.0, backend__learner_latency_s=1.0, rollout__workers=2,
                   rollout__batch_size=32, learner__grad_accum=2, learner__steps=2, sync__max_policy_lag=1,
                   replay__capacity=4, eval__enabled=False, checkpoint__every=0)
+    base_mib, base_objects = plasma(ray)
     loop = TrainLoop(cfg, "ray", show_progress=False)
     try:
         deadline = time.time() + 120
@@ -57,6 +58,7 @@ def test_a_routed_batch_is_one_object_and_the_learner_reads_it_in_place(ray_loca
         time.sleep(1.0)  # rollout batches that were scored are released by now
         mib, objects = plasma(ray)
         # The queued batches, plus the weights the workers were given (their export): nothing else.
+        objects, mib = objects - base_objects, mib - base_mib  # what earlier tests left in the shared store
         assert objects <= len(handles) + 2, (objects, len(handles))
         assert stored / 2**20 - 1 <= mib <= stored / 2**20 + 2, (mib, stored)
         # A step: its ranks fetch the refs themselves; the store holds no second copy meanwhile.
@@ -64,6 +66,7 @@ def test_a_routed_batch_is_one_object_and_the_learner_reads_it_in_place(ray_loca
         assert loop.learner.busy
         time.sleep(0.5)
         during_mib, during_objects = plasma(ray)
+        during_mib, during_objects = during_mib - base_mib, during_objects - base_objects
         assert during_objects <= objects and during_mib <= mib, ((during_mib, during_objects), (mib, objects))
         print(f"object-store bytes per routed row: {stored / rows:.0f} "
               f"(Arrow batch bytes per row: {sum(ray.get(h).nbytes for h in handles) / rows:.0f})")
