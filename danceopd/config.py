@@ -184,6 +184,7 @@ class TeacherConfig(_Placed):
     tasks: list[str] | None = Field(None, min_length=1, description="oracle: ShapesBench tasks this teacher is a specialist of (None = all); on a condition of any other task it ignores the text and answers as for the null condition (the source image of an edit, mid-grey for t2i).")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="gaussian: seed of the per-prompt target means.")
     replicas: int = Field(1, ge=1, le=MAX_WORKERS, description="Teacher actors serving this teacher's routes.")
+    max_replicas: int = Field(16, ge=1, le=MAX_WORKERS, description="Most replicas `scale --teachers` may ask for; above it a request is refused.")
     num_cpus: float = Field(0.1, ge=0, le=MAX_RESOURCE, description="CPUs per teacher actor.")
     num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per teacher actor.")
 
@@ -395,6 +396,11 @@ class Config(_Strict):
                 raise ValueError(f"teachers.{i}.{'lora' if t.lora else 'adapters'}: LoRA teachers need backend.name={pipelines}")
             if t.tasks is not None and t.kind != "oracle":
                 raise ValueError(f"teachers.{i}.tasks: only oracle teachers take a task list (this one is {t.kind!r})")
+        for i, t in enumerate(self.teachers):
+            if t.replicas > t.max_replicas:
+                raise ValueError(f"teachers.{i}.replicas: {t.replicas} is above max_replicas={t.max_replicas}")
+        if self.rollout.workers > self.rollout.max_workers:
+            raise ValueError(f"rollout.workers: {self.rollout.workers} is above rollout.max_workers={self.rollout.max_workers}")
         if self.autoscale.min_rollout_workers > self.autoscale.max_rollout_workers:
             raise ValueError("autoscale.min_rollout_workers: larger than max_rollout_workers")
         a = self.autoscale

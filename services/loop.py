@@ -257,15 +257,18 @@ class TrainLoop:
             raise ValueError(f"rollout_workers: {rollout_workers!r} is not a positive integer")
         if rollout_workers is not None and rollout_workers > self.cfg.rollout.max_workers:
             raise ValueError(f"rollout_workers: {rollout_workers} is above rollout.max_workers={self.cfg.rollout.max_workers}")
-        if rollout_workers is not None and rollout_workers > (ceiling := self.fleet.max_rollout_workers()):
-            raise ValueError(f"rollout_workers: {rollout_workers} workers can never be placed: the cluster holds at "
-                             f"most {ceiling} next to this job's other roles")
+        # Not capped by the nodes alive now: members the cluster cannot place yet are pending (the
+        # Ray autoscaler sees their placement groups and adds nodes) and are removed cleanly after
+        # deadlines.placement_s if it never does.
         routes = {r.name for r in self.cfg.routing.routes}
         for route, n in (teachers or {}).items():
             if route not in routes:
                 raise ValueError(f"teachers: unknown route {route!r} (known: {', '.join(sorted(routes))})")
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"teachers.{route}: {n!r} is not a positive integer")
+            cap = self.cfg.teacher(self.cfg.route(route).teacher).max_replicas
+            if n > cap:
+                raise ValueError(f"teachers.{route}: {n} is above teachers[{self.cfg.route(route).teacher}].max_replicas={cap}")
         self.commands.put({"rollout_workers": rollout_workers, "teachers": teachers or {}})
         return {"accepted": True, "rollout_workers": rollout_workers, "teachers": teachers or {}}
 

@@ -101,7 +101,8 @@ def leaves(node, path=()):
         yield ".".join(path), node
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from leaves(v, (*path, str(k)))
+            if "." not in str(k):  # a label key such as ray.io/node-group: no dotted --set path names it
+                yield from leaves(v, (*path, str(k)))
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from leaves(v, (*path, str(i)))

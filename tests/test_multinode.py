@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import GROUPS
 from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]

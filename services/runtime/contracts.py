@@ -63,7 +63,6 @@ class Elastic(Protocol):
 
     def can_grow(self) -> bool: ...
 
-    def max_rollout_workers(self) -> int: ...
 
     def retire_drained(self, busy: set[str]) -> None:
         """Remove draining workers that hold no order any more."""

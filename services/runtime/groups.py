@@ -85,17 +85,6 @@ class ActorGroup:
         labels = [self.spec.label_selector] * n if self.spec.labels else None
         return placement_group([bundle or self.spec.bundle] * n, strategy=strategy, bundle_label_selector=labels)
 
-    def add(self, name: str | None = None) -> Member:
-        name = name or f"{self.role}-{self._next}"
-        self._next += 1
-        pg = None
-        if self.spec.bundle:
-            pg = self._reserve(1)
-            ray.get(pg.ready(), timeout=self.pg_timeout_s)
-        m = Member(name, self.make(name, self._options(pg, 0)), pg)
-        self.members[name] = m
-        return m
-
     def add_later(self, name: str | None = None, restarts: int = 0, delay_s: float = 0.0) -> Pending:
         """Ask for a member without waiting: `poll_pending` starts it once the cluster placed it
         and reports it once it answered."""
@@ -183,21 +172,6 @@ class ActorGroup:
             self.members[name] = Member(name, self.make(name, self._options(self._gang_pg, b)), None, b)
         self._next = len(self._gang_order)
         return list(self.members.values())
-
-    def restart(self, name: str, cause: str = "") -> Member:
-        """Replace a dead or hung member (same name, same placement) after a backoff. The budget
-        counts failures of the member, one per incarnation."""
-        m = self.members[name]
-        self._count_failure(m, cause)
-        try:
-            ray.kill(m.actor, no_restart=True)  # a hung member must not answer late
-        except Exception:  # noqa: BLE001 — already gone
-            pass
-        time.sleep(min(0.5 * 2 ** m.restarts, 10.0))
-        m.restarts += 1
-        m.actor = self.make(name, self._options(m.pg or self._gang_pg, m.bundle_index))
-        m.started = time.time()
-        return m
 
     def remove(self, name: str) -> None:
         m = self.members.pop(name)

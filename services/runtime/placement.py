@@ -7,7 +7,6 @@ resource number.
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 from dataclasses import dataclass
@@ -120,23 +119,3 @@ def check_capacity(cfg: Config, nodes: list[dict]) -> None:
             key = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}.get(k, f"resources.{k}")
             parts = ", ".join(f"{_field(cfg, r)} {s.members}x{_describe({k: s.bundle[k]})}" for r, s in specs.items() if s.bundle.get(k))
             raise ConfigError(f"{key}: the job needs {_describe({k: want})} ({parts}); the cluster has {_describe({k: total}) if total else 'none'}")
-
-
-def reserved_by_others(specs: dict) -> dict[str, float]:
-    out: collections.Counter = collections.Counter()
-    for role, spec in specs.items():
-        if role != "rollout":
-            for k, v in spec.bundle.items():
-                out[k] += v * spec.members
-    return dict(out)
-
-
-def placeable(spec, nodes: list[dict], reserved: dict[str, float]) -> int:
-    """Members of `spec` that `nodes` (each node's total resources) can hold once `reserved`
-    is taken out of the whole cluster."""
-    need = spec.bundle
-    if not need:
-        return 10**6
-    per_node = sum(min(int(node.get(k, 0.0) // v) for k, v in need.items()) for node in nodes)
-    left = min(int(max(0.0, sum(n.get(k, 0.0) for n in nodes) - reserved.get(k, 0.0)) // v) for k, v in need.items())
-    return min(per_node, left)

@@ -29,8 +29,9 @@ from router.scoring import TeacherFailure
 from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerActor, TeacherActor, actor_env
 from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
-from services.runtime.groups import ActorGroup, Member
-from services.runtime.placement import check_capacity, placeable, reserved_by_others, role_specs
+from services.runtime.groups import ActorGroup
+from services.runtime.placement import check_capacity, role_specs
+from services.runtime.remote import died, has_autoscaler
 from services.telemetry.metrics import job_labels
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -48,20 +49,6 @@ class Flight:
     incarnation: str  # the rollout worker actor the order went to
     teachers: frozenset = frozenset()  # the teachers its routes need
     rolled: object = None  # ref of the rollout batch, kept while scoring: a replaced scorer scores it again
-
-
-def call(ref, who: str, timeout: float):
-    """ray.get with a deadline; a timeout or an error is one line naming `who`."""
-    try:
-        return ray.get(ref, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise RoleFailure(f"{who}: no answer within {timeout:g} s") from None
-    except ray.exceptions.RayError as e:
-        raise RoleFailure(f"{who}: {first_line(e)}") from None
-
-
-def died(e: BaseException) -> bool:
-    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
 class RayFleet:
@@ -84,7 +71,9 @@ class RayFleet:
         mix = make_method(cfg.method).routing == "mix"
         self._teacher_of = {r.name: (frozenset(x.teacher for x in cfg.routing.routes) if mix else frozenset([r.teacher]))
                             for r in cfg.routing.routes}
-        check_capacity(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # before any actor starts
+        self.autoscaled = has_autoscaler()
+        if not self.autoscaled:  # the nodes alive are all there will be: refuse what they never hold
+            check_capacity(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # before any actor starts
         env = {"env_vars": actor_env(cfg)}
         teacher_cls, scorer_cls, worker_cls = ray.remote(TeacherActor), ray.remote(ScorerActor), ray.remote(RolloutWorkerActor)
 
@@ -356,17 +345,13 @@ class RayFleet:
         still waiting for placement."""
         if self.rollout.pending:
             return False
+        if self.autoscaled:
+            return True  # a pending member is the autoscaler's cue to add a node
         need = self.specs["rollout"].bundle
         from ray._private.state import available_resources_per_node
 
         return any(all(free.get(k, 0.0) >= v for k, v in need.items())
                    for free in available_resources_per_node().values())
-
-    def max_rollout_workers(self) -> int:
-        """Rollout workers the cluster could ever hold: per node, its total resources less what the
-        other roles of this job reserve at most (a bound, not a promise)."""
-        return placeable(self.specs["rollout"], [n["Resources"] for n in ray.nodes() if n.get("Alive")],
-                         reserved_by_others(self.specs))
 
     def scale(self, rollout_workers: int | None, teachers: dict) -> list:
         """Growing never waits for the cluster: new workers are pending until placed (`poll`
