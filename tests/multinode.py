@@ -151,7 +151,8 @@ def run(cfg_raw: dict, tmp: Path, harness: Harness, fault=None, resume=None, at_
         res["status"] = loop.status()
         loop.shutdown()
     res["wall_s"] = round(time.perf_counter() - t0, 2)
-    res["placements"] = placements(before, harness)
+    if harness is not None:
+        res["placements"] = placements(before, harness)
     return res
 
 
@@ -198,7 +199,113 @@ def scenario_learner_node(h: Harness, tmp: Path) -> dict:
     return res
 
 
+class AutoscalingHarness:
+    """A head (num_cpus 0) with Ray's autoscaler over fake nodes (its `fake_multinode` provider
+    starts real raylets): a `rollout` node type (min 1, max 3 nodes) and one `base` node for
+    the other roles. Started and stopped here by its own GCS port: other Ray clusters on the
+    machine are left alone (Ray's AutoscalingCluster would `ray stop --force` them)."""
+
+    IDLE_S = 6  # idle_timeout_minutes 0.1: an idle rollout node goes after about this long
+
+    def __init__(self, tmp: Path):
+        import os
+        import socket
+        import subprocess
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        ip = ray._private.services.get_node_ip_address()
+        self.address = f"{ip}:{self.port}"
+        types = {"ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+                 "rollout": {"resources": {"CPU": 2, "rollout": 2}, "node_config": {}, "min_workers": 1, "max_workers": 3},
+                 "base": {"resources": {"CPU": 8, "teacher": 5, "learner": 2}, "node_config": {}, "min_workers": 1,
+                          "max_workers": 1}}
+        config = {"cluster_name": f"danceopd-{self.port}", "max_workers": 4, "idle_timeout_minutes": self.IDLE_S / 60,
+                  "upscaling_speed": 1.0, "head_node_type": "ray.head.default", "available_node_types": types,
+                  "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                               "disable_launch_config_check": True, "gcs_address": self.address},
+                  "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "rsync_exclude": [],
+                  "rsync_filter": [], "file_mounts_sync_continuously": False, "initialization_commands": [],
+                  "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+                  "head_start_ray_commands": [], "worker_start_ray_commands": []}
+        self.config = tmp / f"autoscaler-{self.port}.json"
+        self.config.write_text(json.dumps(config))
+        # A loopback test cluster: no token auth on the head or in this driver (`ray start` asks
+        # for a token otherwise).
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        subprocess.check_call([ray_cli, "start", "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
+                               f"--autoscaling-config={self.config}"], env=env, stdout=subprocess.DEVNULL)
+
+    def rollout_nodes(self) -> int:
+        import ray
+
+        return sum(1 for n in ray.nodes() if n["Alive"] and "rollout" in n["Resources"])
+
+    def shutdown(self) -> None:
+        """Stop exactly this cluster: every process whose command line names its GCS port or its
+        autoscaler config (the head's services, the fake nodes' raylets and workers)."""
+        import psutil
+
+        marks = (str(self.port), str(self.config))
+        for p in psutil.process_iter(["cmdline"]):
+            if any(m in a for a in (p.info["cmdline"] or []) for m in marks):
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+
+
+def scenario_autoscale(tmp: Path) -> dict:
+    """The job starts on the one rollout node; `scale` to 6 workers makes the autoscaler add two
+    nodes and the workers join; `scale` back to 2 and the idle nodes go; training goes on."""
+    import ray
+
+    h = AutoscalingHarness(tmp)
+    try:
+        ray.init(address=h.address, log_to_driver=False, namespace="danceopd-multinode",
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
+        deadline = time.perf_counter() + 120
+        while h.rollout_nodes() < 1 or not any(n["Alive"] and "learner" in n["Resources"] for n in ray.nodes()):
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the autoscaler's minimum nodes never came up")
+            time.sleep(0.5)
+        raw = job_raw(tmp, "autoscale", learner__steps=100000, checkpoint__every=0, eval__enabled=False,
+                      routing__label_selector={}, routing__resources={"teacher": 0.1})
+        trace: list = []
+
+        def fault(loop, thread):
+            def wait_for(what, cond, limit_s=180):
+                t0 = time.perf_counter()
+                while thread.is_alive() and not cond():
+                    if time.perf_counter() - t0 > limit_s:
+                        raise RuntimeError(f"{what}: not within {limit_s} s")
+                    time.sleep(0.25)
+                trace.append({"what": what, "s": round(time.perf_counter() - t0, 1), "step": loop.step,
+                              "nodes": h.rollout_nodes(), "workers": len(loop.fleet.workers())})
+            steps0 = loop.step
+            loop.request_scale(rollout_workers=6)
+            wait_for("grown", lambda: len(loop.fleet.workers()) == 6)
+            loop.request_scale(rollout_workers=2)
+            wait_for("shrunk", lambda: h.rollout_nodes() == 1 and len(loop.fleet.workers()) == 2)
+            trained = loop.step - steps0
+            loop.request_stop("scenario done")
+            return {"trace": trace, "steps_while_scaling": trained, "max_nodes": max(t["nodes"] for t in trace)}
+
+        res = run(raw, tmp, None, fault)
+        res["nodes_seen"] = trace
+        return res
+    finally:
+        ray.shutdown()
+        h.shutdown()
+
+
 SCENARIOS = {k.removeprefix("scenario_"): v for k, v in globals().items() if k.startswith("scenario_")}
+OWN_CLUSTER = {"autoscale"}  # scenarios that bring their own cluster
 
 
 def main() -> None:
@@ -211,6 +318,18 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown scenario {sorted(unknown)[0]!r} (known: {', '.join(SCENARIOS)})")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if set(names) & OWN_CLUSTER:
+        (name,) = names  # one per process: each starts and stops its own cluster
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            try:
+                res = SCENARIOS[name](Path(tmp))
+            except Exception:  # noqa: BLE001 — recorded
+                res = {"outcome": "crashed", "error": traceback.format_exc()}
+            res["scenario_s"] = round(time.perf_counter() - t0, 1)
+            print(f"{name}: {res.get('outcome')} in {res['scenario_s']} s", flush=True)
+            out.write_text(json.dumps({name: res}, indent=1, default=str))
+        return
     h = Harness()
     results = {}
     try:

@@ -93,3 +93,27 @@ def test_a_lost_learner_node_fails_naming_the_rank_and_resume_finishes(results):
     # It re-issued exactly what the checkpoint had not consumed: (16 - its step) steps' samples.
     step = int(Path(res["resumed_from"]).name.split("-")[1])
     assert resumed["accounting"]["consumed"] == (16 - step) * 2 * 8
+
+
+@pytest.fixture(scope="module")
+def autoscaled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("autoscale") / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(out), "autoscale"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert out.exists(), f"the scenario wrote nothing (exit {proc.returncode}): {proc.stderr[-3000:]}"
+    return json.loads(out.read_text())["autoscale"]
+
+
+def test_scaling_grows_and_shrinks_the_cluster_through_the_autoscaler(autoscaled):
+    """Ray's autoscaler (fake nodes: rollout type min 1, max 3) adds nodes for the pending
+    workers of `scale --rollout-workers 6` and removes them once `scale` back to 2 left them idle;
+    the loop trains throughout and the accounting closes."""
+    res = autoscaled
+    assert res["outcome"] == "finished", res.get("error")
+    grown, shrunk = res["fault"]["trace"]
+    assert grown["workers"] == 6 and grown["nodes"] == 3, grown  # 2 workers per 2-CPU node
+    assert shrunk["workers"] == 2 and shrunk["nodes"] == 1, shrunk  # the idle nodes went
+    assert shrunk["step"] > grown["step"] > res["fault"]["at_step"]  # training went on throughout
+    assert_accounting_closes(res["summary"]["accounting"])
+    assert res["summary"]["restarts"] == {"rollout": 0, "teacher": 0, "router": 0}
