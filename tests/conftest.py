@@ -74,7 +74,9 @@ def ray_local():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Ray's per-node metrics export port, so the monitoring test can point Prometheus at it.
     os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"] = str(free_port())
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
+    # address="local": a new cluster, never one a test started with `ray start` (its address file
+    # in /tmp/ray outlives it).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
              _metrics_export_port=int(os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"]),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray

@@ -251,6 +251,9 @@ class AutoscalingHarness:
         autoscaler config (the head's services, the fake nodes' raylets and workers)."""
         import psutil
 
+        current = Path("/tmp/ray/ray_current_cluster")  # `ray start` left its address for ray.init(): ours goes
+        if current.exists() and current.read_text().strip() == self.address:
+            current.unlink()
         marks = (str(self.port), str(self.config))
         for p in psutil.process_iter(["cmdline"]):
             if any(m in a for a in (p.info["cmdline"] or []) for m in marks):
