@@ -290,7 +290,7 @@ def scenario_sd3_cache(h: Harness, tmp: Path) -> dict:
         try:
             res["summary"] = train(cfg, "ray", show_progress=False)
             res["outcome"] = "finished"
-        except Exception as e:  # noqa: BLE001 — the scenario reports it
+        except Exception:  # noqa: BLE001 — the scenario reports it
             res["outcome"], res["error"] = "failed", traceback.format_exc()
         res["wall_s"] = round(time.perf_counter() - t0, 2)
         n = len(actor_ids())
