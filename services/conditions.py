@@ -38,11 +38,11 @@ def build_condition_cache(cfg: Config, progress: bool = True, force: bool = Fals
     from danceopd.backends import make_backend
 
     backend = make_backend(cfg)
-    with progress_bar(progress) as update:
+    with ProgressBar(progress) as update:
         return backend.build_cache(progress=update, force=force)
 
 
-class progress_bar:
+class ProgressBar:
     """A rich bar of encoded rows on a terminal; `update(done, total)`."""
 
     def __init__(self, enabled: bool, console: Console | None = None):
@@ -122,7 +122,7 @@ def build_on_worker(cfg: Config, progress: bool, force: bool) -> tuple[Path, boo
                       highlight=False, soft_wrap=True)
         ref = actor.build.remote(force)
         t0 = t_log = time.perf_counter()
-        with progress_bar(progress and console.is_terminal, console) as update:
+        with ProgressBar(progress and console.is_terminal, console) as update:
             while not ray.wait([ref], timeout=PROGRESS_EVERY_S)[0]:
                 done, total = ray.get(actor.progress.remote())
                 update(done, total)
