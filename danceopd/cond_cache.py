@@ -92,6 +92,17 @@ def folder_identity(folder: Path, patterns: tuple[str, ...] = ("*.json", "*.safe
     return [file_identity(p, folder) for p in files]
 
 
+def stored_fingerprint(path: Path) -> str | None:
+    """The fingerprint a cache file was made with, from its schema metadata only (the Arrow
+    footer: no row is read), or None when there is no whole cache file there."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            meta = pa.ipc.open_file(source).schema.metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return meta.get(b"danceopd.fingerprint", b"").decode() or None
+
+
 class ConditionCache:
     """A read-only, memory-mapped cache file: uid -> index, index -> named fp32 tensors."""
 

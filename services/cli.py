@@ -181,16 +181,38 @@ def make_tiny(
 
 @app.command("cache")
 def cache(config: Path, set_: list[str] | None = SetOpt,
-          force: bool = typer.Option(False, "--force", help="Rebuild even if a cache with the current fingerprint exists.")):
+          force: bool = typer.Option(False, "--force", help="Rebuild even if a cache with the current fingerprint exists."),
+          mode: str = typer.Option("local", help="`local` (encode in this process) or `ray` (in an actor with the rollout role's placement, on a worker node)."),
+          address: str | None = typer.Option(None, help="--mode ray: Ray address to join (`auto`: a running cluster); default: start a local one.")):
     """Encode every dataset row once (text embeddings, source and target latents) into the condition cache (sd3, zimage)."""
+    from danceopd.backends import backend_class, backends_where
     from services.conditions import build_condition_cache
 
     cfg = load_valid(config, set_)
-    path, built = build_condition_cache(cfg, progress=True, force=force)
-    if path is None:
-        from danceopd.backends import backends_where
-
+    if mode not in ("ray", "local"):
+        fail(f"--mode: {mode!r} is not one of ray, local")
+    if not backend_class(cfg.backend.name).condition_cache:
         fail(f"backend.name: {cfg.backend.name} has no condition cache ({', '.join(backends_where(lambda c: c.condition_cache))})")
+    started = False
+    if mode == "ray":
+        from services.runtime.cluster import connect
+
+        started = connect(cfg, address)
+    from rich.markup import escape
+
+    from services.runtime.failures import RoleFailure
+
+    try:
+        path, built = build_condition_cache(cfg, progress=True, force=force, mode=mode)
+    except ConfigError as e:  # found once connected: what the cluster can never provide
+        fail(escape(str(e)))
+    except RoleFailure as e:  # the builder actor failed: one line naming it
+        fail(escape(str(e)), 1)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     typer.echo(f"{'built' if built else 'up to date'}: {path}")
 
 

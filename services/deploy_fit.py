@@ -8,8 +8,10 @@ reads or writes must be on a volume mounted in each group it may run in (writabl
 writes). Relative paths travel with the job (image or uploaded working_dir) and are not checked.
 
 Which role touches which path, from the code:
-  driver (head)   validates every path, reads data.path, builds the condition cache, writes
-                  job.output_dir (checkpoints, metrics) and replay.spill_dir
+  driver (head)   validates every path, reads data.path and the condition cache's fingerprint,
+                  writes job.output_dir (checkpoints, metrics) and replay.spill_dir
+  the condition cache builder (an actor with the rollout role's placement, so on a pod of the
+                  rollout role's groups): writes the condition cache
   every actor that builds the backend (rollout workers, teachers, learner ranks, evaluator):
                   data.path (rows, images: the cache key), backend.pretrained and the condition
                   cache (read)
@@ -30,6 +32,8 @@ from services.kuberay import PodGroup
 from services.runtime.placement import GiB, RoleSpec, _field, role_specs
 
 DRIVER = "driver"
+CACHE = "cache"  # the condition cache builder: an actor placed as the rollout role is
+PLACED_AS = {CACHE: "rollout"}
 EPS = 1e-9
 
 
@@ -97,7 +101,8 @@ def role_name(role: str) -> str:
     if role.startswith("teacher:"):
         return f"teacher {role.split(':', 1)[1]}"
     return {"rollout": "rollout workers", "learner": "learner ranks", "evaluator": "the evaluator",
-            "router": "the router's scorer", DRIVER: "the driver"}.get(role, role)
+            "router": "the router's scorer", DRIVER: "the driver",
+            CACHE: "the condition cache builder (rollout placement)"}.get(role, role)
 
 
 def _count_field(cfg: Config, role: str) -> str:
@@ -209,9 +214,9 @@ def path_uses(cfg: Config, roles) -> list[PathUse]:
         else:
             use(key, raw, builders if key == "backend.pretrained" else student)
     use("data.path", cfg.data.path, builders)
-    if isinstance(cfg.backend, LatentBackendConfig):  # the driver builds the condition cache, actors map it
+    if isinstance(cfg.backend, LatentBackendConfig):  # a worker builds the condition cache, actors map it
         cache = cfg.backend.cache_dir or str(PurePosixPath(cfg.data.path).parent / ".danceopd-cache")
-        use("backend.cache_dir" if cfg.backend.cache_dir else "data.path", cache, builders, {DRIVER})
+        use("backend.cache_dir" if cfg.backend.cache_dir else "data.path", cache, builders, {CACHE})
     use("job.output_dir", cfg.job.output_dir, {"learner"} & set(roles), {DRIVER, *({"learner"} & set(roles))})
     use("replay.spill_dir", cfg.replay.spill_dir, (), {DRIVER})
     return out
@@ -222,8 +227,8 @@ def check_mounts(cfg: Config, groups: list[PodGroup], where: dict[str, list[str]
     head = next(g for g in groups if g.head)
     for u in path_uses(cfg, where):
         seen = {}
-        for role in [r for r in (DRIVER, *where) if r in u.readers | u.writers]:
-            for gname in [head.name] if role == DRIVER else where[role]:
+        for role in [r for r in (DRIVER, CACHE, *where) if r in u.readers | u.writers]:
+            for gname in [head.name] if role == DRIVER else where[PLACED_AS.get(role, role)]:
                 g = by_name[gname]
                 m = g.mount_for(u.path)
                 verb = "written" if role in u.writers else "read"
@@ -235,10 +240,11 @@ def check_mounts(cfg: Config, groups: list[PodGroup], where: dict[str, list[str]
                     raise FitError(f"{u.key}: {u.path} is written by {role_name(role)} on {g.name} pods, which mount "
                                    f"{m.path} read-only ({g.where})")
                 seen[g.name] = m
-        sources = {m.source for m in seen.values()}
-        if len(sources) > 1 or (len(seen) > 1 and any(s.startswith("emptyDir") for s in sources)):
+        # One volume, and the same folder of it (a subPath mount shifts where a path lands).
+        sources = {(m.source, m.in_volume(u.path)) for m in seen.values()}
+        if len(sources) > 1 or (len(seen) > 1 and any(s.startswith("emptyDir") for s, _ in sources)):
             raise FitError(f"{u.key}: {u.path} is not one shared volume across the pods that use it "
-                           f"({', '.join(f'{g}: {m.source}' for g, m in seen.items())})")
+                           f"({', '.join(f'{g}: {m.source}' + (f' subPath {m.sub_path}' if m.sub_path else '') for g, m in seen.items())})")
 
 
 def check_fit(cfg: Config, groups: list[PodGroup]) -> Fit:

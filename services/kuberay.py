@@ -46,6 +46,11 @@ class Mount:
     volume: str  # the pod's volume name
     source: str  # what the volume is, e.g. `persistentVolumeClaim danceopd-runs`, `emptyDir`
     read_only: bool
+    sub_path: str = ""  # the volume's folder mounted at `path` ("" = its root)
+
+    def in_volume(self, path: str) -> str:
+        """Where absolute `path` (under this mount) is inside the volume."""
+        return str(PurePosixPath("/", self.sub_path, PurePosixPath(path).relative_to(self.path)))
 
 
 @dataclass(frozen=True, eq=False)  # one object per group: compared and hashed by identity
@@ -129,7 +134,8 @@ def pod_group(group: dict, name: str, where: str, head: bool = False) -> PodGrou
         labels.update(_labels(params["labels"], f"{where}.rayStartParams.labels"))
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
     mounts = tuple(Mount(m["mountPath"], m["name"], _volume_source(volumes.get(m["name"], {"name": m["name"]})),
-                         bool(m.get("readOnly", False))) for m in c.get("volumeMounts") or [])
+                         bool(m.get("readOnly", False)), str(m.get("subPath", "")).strip("/"))
+                   for m in c.get("volumeMounts") or [])
     pods = 1 if head else int(group.get("maxReplicas", group.get("replicas", 1)))
     start = 1 if head else int(group.get("replicas", group.get("minReplicas", 0)))
     return PodGroup(name, pods, start, resources, labels, mounts, where)

@@ -341,7 +341,6 @@ def train(cfg: Config, mode: str = "local", address: str | None = None, resume_f
     """Run one job to the end; in Ray mode join `address` or start a local cluster for it."""
     from services.conditions import build_condition_cache
 
-    build_condition_cache(cfg, progress=show_progress)  # a no-op when it is current
     started = False
     if mode == "ray":
         from services.runtime.cluster import connect
@@ -350,6 +349,8 @@ def train(cfg: Config, mode: str = "local", address: str | None = None, resume_f
     loop = None
     try:
         with StopOnSignal() as stop:  # after connecting: ray.init sets its own SIGTERM handler
+            # A no-op when it is current; in Ray mode built on a worker node, never in this process.
+            build_condition_cache(cfg, progress=show_progress, mode=mode)
             loop = TrainLoop(cfg, mode, resume_from=resume_from, show_progress=show_progress, run_id=run_id)
             stop.loop = loop
             return loop.run()

@@ -14,6 +14,9 @@ tests/test_multinode.py runs it once per pytest session and asserts on the resul
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
 import shutil
 import sys
@@ -36,7 +39,7 @@ GROUPS = {
 }
 # The Ray class names of each role's actors (the GCS actor table's ActorClassName).
 ROLE_CLASSES = {"RolloutWorkerActor": "rollout", "TeacherActor": "teacher", "LearnerRankActor": "learner",
-                "ScorerActor": "router", "Evaluator": "evaluator"}
+                "ScorerActor": "router", "Evaluator": "evaluator", "ConditionCacheBuilder": "cache"}
 
 
 def job_raw(tmp: Path, name: str, **over) -> dict:
@@ -199,6 +202,7 @@ def scenario_learner_node(h: Harness, tmp: Path) -> dict:
     return res
 
 
+<<<<<<< HEAD
 class AutoscalingHarness:
     """A head (num_cpus 0) with Ray's autoscaler over fake nodes (its `fake_multinode` provider
     starts real raylets): a `rollout` node type (min 1, max 3 nodes) and one `base` node for
@@ -305,6 +309,109 @@ def scenario_autoscale(tmp: Path) -> dict:
     finally:
         ray.shutdown()
         h.shutdown()
+=======
+def sd3_job_raw(tmp: Path) -> dict:
+    """A tiny sd3 job (configs/sd3_tiny.yaml on a random pipeline of the real diffusers classes),
+    cut to one process per role and 2 steps; every role requests its group's resource."""
+    from danceopd.backends.sd3 import write_tiny_sd3
+
+    pipe = tmp / "sd3-pipe"
+    if not pipe.exists():
+        write_tiny_sd3(pipe, seed=0)
+    data = tmp / "data" / "shapes"
+    if not data.exists():
+        shutil.copytree(ROOT / "configs" / "data" / "shapes", data, ignore=shutil.ignore_patterns(".danceopd-cache"))
+    raw = yaml.safe_load((ROOT / "configs" / "sd3_tiny.yaml").read_text())
+    raw["backend"]["pretrained"] = str(pipe)
+    raw["teachers"] = [dict(raw["teachers"][0], num_cpus=1, resources={"teacher": 1})]  # base_cfg: no LoRA folders
+    raw["routing"] = {"routes": [dict(raw["routing"]["routes"][0], weight=1.0)], "num_cpus": 0.1,
+                      "label_selector": {"group": "rollout"}}
+    raw["method"]["rollout_steps"] = 4
+    raw["rollout"] = dict(raw["rollout"], workers=1, num_cpus=1, resources={"rollout": 1})
+    raw["learner"] = dict(raw["learner"], steps=2, world_size=1, num_cpus=1, resources={"learner": 1})
+    raw["eval"] = {"enabled": True, "num_cpus": 1, "resources": {"teacher": 1}, "prompts": 1, "teacher": False}
+    raw["checkpoint"] = {"every": 2, "keep": 1}
+    raw["deadlines"] = {"placement_s": 60.0}
+    raw["control"] = {"metrics_port": 0}
+    raw["job"] = {"name": "mn-sd3-cache", "seed": 0, "output_dir": str(tmp / "sd3-cache")}
+    return raw
+
+
+class ModelWatch:
+    """Every diffusers / transformers model instantiated in this process (the driver) while on:
+    the objects themselves with `keep`, else their class names (nothing kept alive)."""
+
+    def __init__(self, keep: bool = False):
+        self.keep, self.made, self._orig = keep, [], {}
+
+    def __enter__(self):
+        from diffusers import ModelMixin
+        from transformers import PreTrainedModel
+
+        for base in (ModelMixin, PreTrainedModel):
+            self._orig[base] = orig = base.__init__
+
+            def init(obj, *a, _orig=orig, **kw):
+                self.made.append(obj if self.keep else type(obj).__name__)
+                _orig(obj, *a, **kw)
+
+            base.__init__ = init
+        return self
+
+    def __exit__(self, *exc):
+        for base, orig in self._orig.items():
+            base.__init__ = orig
+
+
+def live_models() -> list[str]:
+    """Class names of the diffusers / transformers / peft modules with weights alive in this
+    process (transformers keeps weightless activation modules from import on: not models)."""
+    import warnings
+
+    import torch
+
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on every object touches deprecated torch aliases
+        warnings.simplefilter("ignore")
+        mods = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    return sorted({type(m).__name__ for m in mods if type(m).__module__.split(".")[0] in ("diffusers", "transformers", "peft")
+                   and any(True for _ in m.parameters())})
+
+
+def scenario_sd3_cache(h: Harness, tmp: Path) -> dict:
+    """A latent backend's job from the driver's side, as `danceopd train` runs it (validate, then
+    `services.loop.train`): its condition cache is built by an actor on a worker node, and this
+    process instantiates no model, validation's weightless (meta) skeletons aside."""
+    from danceopd.config import config_from_dict
+    from danceopd.validate import validate
+    from services.conditions import build_condition_cache
+    from services.loop import train
+
+    cfg = config_from_dict(sd3_job_raw(tmp), base_dir=tmp)
+    res: dict = {"nodes": {g: n.node_id for g, n in h.nodes.items()}}
+    res["cache_before"] = sorted(p.name for p in cfg.resolve("data/shapes").glob(".danceopd-cache/*"))
+    with ModelWatch(keep=True) as watch:
+        validate(cfg)
+    res["validate_models"] = [[type(m).__name__, sorted({p.device.type for p in m.parameters()})] for m in watch.made]
+    del watch
+    before, log, t0 = actor_ids(), io.StringIO(), time.perf_counter()
+    with ModelWatch() as watch, contextlib.redirect_stderr(log):
+        try:
+            res["summary"] = train(cfg, "ray", show_progress=False)
+            res["outcome"] = "finished"
+        except Exception:  # noqa: BLE001 — the scenario reports it
+            res["outcome"], res["error"] = "failed", traceback.format_exc()
+        res["wall_s"] = round(time.perf_counter() - t0, 2)
+        n = len(actor_ids())
+        res["again_built"] = build_condition_cache(cfg, progress=False, mode="ray")[1]  # current: a no-op
+        res["again_actors"] = len(actor_ids()) - n
+    res["driver_models_made"] = watch.made
+    res["driver_models_live"] = live_models()
+    res["placements"] = placements(before, h)
+    res["cache_lines"] = [ln for ln in log.getvalue().splitlines() if "condition cache" in ln]
+    res["cache_after"] = sorted(p.name for p in cfg.resolve("data/shapes").glob(".danceopd-cache/*"))
+    return res
+>>>>>>> wt-cache
 
 
 SCENARIOS = {k.removeprefix("scenario_"): v for k, v in globals().items() if k.startswith("scenario_")}

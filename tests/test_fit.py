@@ -143,7 +143,8 @@ def test_every_pod_mounts_the_paths_its_roles_read():
     spec = raycluster_spec()
     teacher = worker(spec, "teacher")["template"]["spec"]["containers"][0]
     teacher["volumeMounts"] = [m for m in teacher["volumeMounts"] if m["name"] != "runs"]
-    teacher["volumeMounts"].append({"name": "runs", "mountPath": "/mnt/danceopd/models/stable-diffusion-3.5-medium"})
+    teacher["volumeMounts"].append({"name": "runs", "mountPath": "/mnt/danceopd/models/stable-diffusion-3.5-medium",
+                                    "subPath": "models/stable-diffusion-3.5-medium"})
     with pytest.raises(FitError, match=r"^teachers\.1\.adapters\.realism: /mnt/danceopd/models/loras/sd35m-realism is read by "
                                        r"teacher lora_fields, which may run on teacher pods"):
         check_fit(cfg, groups_of(spec))
@@ -164,6 +165,22 @@ def test_writers_need_a_writable_shared_volume():
     with pytest.raises(FitError, match=r"^job\.output_dir: .* not one shared volume .*headgroup: persistentVolumeClaim "
                                        r"danceopd-runs, learner: emptyDir"):
         check_fit(cfg_of("cluster.yaml"), groups_of(spec))
+
+
+def test_the_condition_cache_is_written_on_a_rollout_pod():
+    """A worker with the rollout role's placement builds the cache (services/conditions.py): the
+    rollout pods need its folder writable, and the same folder of the volume as everyone else."""
+    spec = raycluster_spec()
+    rollout = worker(spec, "rollout")["template"]["spec"]["containers"][0]
+    (cache,) = [m for m in rollout["volumeMounts"] if m["mountPath"] == "/mnt/danceopd/cache"]
+    cache["readOnly"] = True
+    with pytest.raises(FitError, match=r"^backend\.cache_dir: /mnt/danceopd/cache/sd35_medium is written by the condition "
+                                       r"cache builder \(rollout placement\) on rollout pods, which mount /mnt/danceopd/cache read-only"):
+        check_fit(cfg_of("sd35_medium.yaml"), groups_of(spec))
+    cache["readOnly"], cache["subPath"] = False, "elsewhere"
+    with pytest.raises(FitError, match=r"^backend\.cache_dir: .* not one shared volume .*rollout: persistentVolumeClaim "
+                                       r"danceopd-runs subPath elsewhere"):
+        check_fit(cfg_of("sd35_medium.yaml"), groups_of(spec))
 
 
 def test_check_fit_command():

@@ -16,11 +16,11 @@ from tests.test_ray_runtime import assert_accounting_closes
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("placement", "rollout_node", "teacher_node", "learner_node")
+SCENARIOS = ("placement", "rollout_node", "teacher_node", "learner_node", "sd3_cache")
 # Where each role must run: its group's node (the router's scorer by its label selector, as in
 # the cluster configs; never the head, whose num_cpus is 0).
 HOME = {"rollout": {"rollout"}, "teacher": {"teacher"}, "learner": {"learner"}, "evaluator": {"teacher"},
-        "router": {"rollout"}}
+        "router": {"rollout"}, "cache": {"rollout"}}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,26 @@ def test_a_lost_learner_node_fails_naming_the_rank_and_resume_finishes(results):
     # It re-issued exactly what the checkpoint had not consumed: (16 - its step) steps' samples.
     step = int(Path(res["resumed_from"]).name.split("-")[1])
     assert resumed["accounting"]["consumed"] == (16 - step) * 2 * 8
+
+
+def test_the_condition_cache_is_built_on_a_worker_node_and_the_driver_holds_no_model(results):
+    """sd3 (a latent backend) from the driver's side: the missing cache is built by an actor with
+    the rollout role's placement, on the rollout node, with progress lines here; once current,
+    asking again is a no-op that starts nothing; and the driver never instantiates a diffusers or
+    transformers model (validation's weightless meta skeleton aside), evaluator included."""
+    res = results["sd3_cache"]
+    finished(res, 2)
+    assert_at_home(res)
+    assert [p["node"] for p in res["placements"] if p["role"] == "cache"] == ["rollout"]
+    assert "evaluator" in {p["role"] for p in res["placements"]}
+    (built,) = [ln for ln in res["cache_lines"] if ln.startswith("condition cache built on ")]
+    assert f"(node {res['nodes']['rollout'][:8]})" in built, res["cache_lines"]
+    assert res["cache_lines"][1].startswith("building the condition cache on "), res["cache_lines"]
+    assert res["cache_before"] == [] and len(res["cache_after"]) == 1 and res["cache_after"][0] in built
+    assert res["again_built"] is False and res["again_actors"] == 0  # current: no actor, no encoder
+    assert res["driver_models_made"] == [], res["driver_models_made"]
+    assert res["driver_models_live"] == [], res["driver_models_live"]
+    assert res["validate_models"] and all(devices == ["meta"] for _, devices in res["validate_models"])
 
 
 @pytest.fixture(scope="module")

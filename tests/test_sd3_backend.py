@@ -314,6 +314,43 @@ def test_cache_command_builds_then_reports_up_to_date(sd3_raw, tmp_path):
     assert again.exit_code == 0 and again.output.strip().startswith("up to date: ")
 
 
+@pytest.mark.ray
+def test_cache_command_in_ray_mode_encodes_in_an_actor_not_in_this_process(ray_local, sd3_raw, tmp_path, monkeypatch):
+    """`danceopd cache --mode ray` (on the session's cluster): an actor with the rollout role's
+    placement encodes the rows, this process loads no encoder; once current, a no-op (no actor)."""
+    import time
+
+    import ray._private.state as gcs
+    from typer.testing import CliRunner
+
+    from danceopd.backends import backend_class
+    from services.cli import app
+
+    loads = []
+    cls = backend_class("sd3")
+    load = cls._load_encoders
+    monkeypatch.setattr(cls, "_load_encoders", lambda self: (loads.append(self), load(self))[1])
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(sd3_raw))
+    before = set(gcs.actors())
+    first = CliRunner().invoke(app, ["cache", str(path), "--mode", "ray"])
+    lines = first.output.strip().splitlines()
+    assert first.exit_code == 0 and lines[-1].startswith("built: "), first.output
+    assert any(ln.startswith("building the condition cache on ") for ln in lines), first.output
+    assert loads == []  # encoded elsewhere
+    def builders():
+        return [a["State"] for k, a in gcs.actors().items() if k not in before and a["ActorClassName"].endswith("ConditionCacheBuilder")]
+
+    for _ in range(50):  # ray.kill is asynchronous
+        if builders() == ["DEAD"]:
+            break
+        time.sleep(0.1)
+    assert builders() == ["DEAD"]  # removed once built: its resources (a GPU) go back
+    again = CliRunner().invoke(app, ["cache", str(path), "--mode", "ray"])
+    assert again.exit_code == 0 and again.output.strip() == f"up to date: {lines[-1].removeprefix('built: ')}"
+    assert len(gcs.actors()) == len(before) + 1  # current: no actor started
+
+
 def test_cache_fingerprint_is_the_same_where_ray_unpacks_a_copy(sd3_raw, tmp_path, tiny_sd3):
     """Another node sees the job's files under another absolute path (with other mtimes): same rows and
     encoders must give the same fingerprint there, and a changed image must not."""

@@ -226,6 +226,14 @@ class LatentBackend(Backend):
             self._cache = cc.ConditionCache(self._cache_file(fp), fp)
         return self._cache
 
+    def cache_status(self, rows: list[Row] | None = None) -> tuple[Path, bool]:
+        """(path, current) of the cache, from the file's metadata only: no encoder is loaded and
+        no cached row read (what the Ray driver checks before asking a worker to build it)."""
+        rows = self._dataset_rows() if rows is None else rows
+        fp = self.cache_fingerprint(rows)
+        path = self._cache_file(fp)
+        return path, cc.stored_fingerprint(path) == fp
+
     def build_cache(self, rows: list[Row] | None = None, progress=None, force: bool = False) -> tuple[Path, bool]:
         """Encode every row (plus the empty prompt as row 0) once; returns (path, built). A cache
         whose fingerprint matches is reused; any other is never read."""
