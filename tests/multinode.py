@@ -202,7 +202,6 @@ def scenario_learner_node(h: Harness, tmp: Path) -> dict:
     return res
 
 
-<<<<<<< HEAD
 class AutoscalingHarness:
     """A head (num_cpus 0) with Ray's autoscaler over fake nodes (its `fake_multinode` provider
     starts real raylets): a `rollout` node type (min 1, max 3 nodes) and one `base` node for
@@ -309,7 +308,7 @@ def scenario_autoscale(tmp: Path) -> dict:
     finally:
         ray.shutdown()
         h.shutdown()
-=======
+
 def sd3_job_raw(tmp: Path) -> dict:
     """A tiny sd3 job (configs/sd3_tiny.yaml on a random pipeline of the real diffusers classes),
     cut to one process per role and 2 steps; every role requests its group's resource."""
@@ -411,7 +410,6 @@ def scenario_sd3_cache(h: Harness, tmp: Path) -> dict:
     res["cache_lines"] = [ln for ln in log.getvalue().splitlines() if "condition cache" in ln]
     res["cache_after"] = sorted(p.name for p in cfg.resolve("data/shapes").glob(".danceopd-cache/*"))
     return res
->>>>>>> wt-cache
 
 
 SCENARIOS = {k.removeprefix("scenario_"): v for k, v in globals().items() if k.startswith("scenario_")}
