@@ -160,14 +160,25 @@ def run(cfg_raw: dict, tmp: Path, harness: Harness, fault=None, resume=None, at_
 
 
 def lose_for(h: Harness, group: str, back_after_s: float):
-    """A fault: the group's node goes; a node of the group joins `back_after_s` later."""
+    """A fault: the group's node goes; a node of the group joins `back_after_s` later. Recovery:
+    from the loss to the first learner step after every member of the fleet is back."""
+    def whole(loop) -> bool:
+        f = loop.fleet
+        return (len(f.workers()) == loop.cfg.rollout.workers and bool(f.scorer.members)
+                and all(len(g.members) == g.spec.members for g in f.teachers.values()))
+
     def fault(loop, thread):
-        lost = h.lose(group)
-        deadline = time.perf_counter() + back_after_s
-        while thread.is_alive() and time.perf_counter() < deadline:
+        t0, lost = time.perf_counter(), h.lose(group)
+        while thread.is_alive() and time.perf_counter() < t0 + back_after_s:
             time.sleep(0.05)
         h.restore(group)
-        return {"node": lost, "back_after_s": back_after_s}
+        while thread.is_alive() and not whole(loop):
+            time.sleep(0.02)
+        step = loop.step
+        while thread.is_alive() and loop.step == step:
+            time.sleep(0.02)
+        recovered = round(time.perf_counter() - t0, 2) if thread.is_alive() or loop.step > step else None
+        return {"node": lost, "back_after_s": back_after_s, "recovered_s": recovered}
     return fault
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_faults import report
 from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
@@ -71,6 +72,9 @@ def test_a_lost_rollout_node_with_the_router_costs_its_tickets_and_the_job_goes_
     # Two workers and the scorer died with the node; their replacements ran on the returned node.
     lost = collections.Counter(p["role"] for p in res["placements"] if p["node"].startswith("gone"))
     assert lost == {"rollout": 2, "router": 1}, lost
+    assert res["fault"]["recovered_s"] is not None
+    report("rollout node (2 workers + router)", role="node", fault="node removed", recovered_s=res["fault"]["recovered_s"],
+           lost_samples=summary["accounting"]["lost"], back_after_s=res["fault"]["back_after_s"], outcome="finished")
 
 
 def test_a_lost_teacher_node_rebuilds_its_replicas(results):
@@ -80,6 +84,9 @@ def test_a_lost_teacher_node_rebuilds_its_replicas(results):
     assert summary["restarts"]["teacher"] == 3  # each teacher's one replica was there
     assert summary["restarts"]["rollout"] == 0 and summary["restarts"]["router"] == 0, summary["restarts"]
     assert summary["accounting"]["lost"] > 0  # batches being scored on the node were re-issued
+    assert res["fault"]["recovered_s"] is not None
+    report("teacher node (3 replicas + evaluator)", role="node", fault="node removed", recovered_s=res["fault"]["recovered_s"],
+           lost_samples=summary["accounting"]["lost"], back_after_s=res["fault"]["back_after_s"], outcome="finished")
 
 
 def test_a_lost_learner_node_fails_naming_the_rank_and_resume_finishes(results):
@@ -93,6 +100,8 @@ def test_a_lost_learner_node_fails_naming_the_rank_and_resume_finishes(results):
     # It re-issued exactly what the checkpoint had not consumed: (16 - its step) steps' samples.
     step = int(Path(res["resumed_from"]).name.split("-")[1])
     assert resumed["accounting"]["consumed"] == (16 - step) * 2 * 8
+    report("learner node (2 ranks)", role="node", fault="node removed", failed_after_s=res["fault"]["until_end_s"],
+           resume_to_end_s=res["resumed"]["wall_s"], outcome="failed, resumed")
 
 
 def test_the_condition_cache_is_built_on_a_worker_node_and_the_driver_holds_no_model(results):
