@@ -3,6 +3,8 @@ autoscaler runs."""
 
 from __future__ import annotations
 
+import json
+
 import ray
 
 
@@ -11,12 +13,17 @@ def died(e: BaseException) -> bool:
 
 
 def has_autoscaler() -> bool:
-    """The cluster runs Ray's autoscaler (its monitor publishes a status in the GCS): pending
-    placement groups then ask it for nodes, so the nodes alive now are no bound."""
+    """The cluster runs Ray's autoscaler: pending placement groups then ask it for nodes, so the
+    nodes alive now are no bound. Read from the status its monitor publishes in the GCS: every
+    cluster runs a monitor, but one without an autoscaler config uses a read-only provider whose
+    node types are the nodes themselves (`node_<id>`); an autoscaler's are its node types. A
+    cluster that publishes no such status counts as fixed (the safe side: refuse early)."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:
-        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
     except Exception:  # noqa: BLE001 — an older or different GCS: assume a fixed cluster
         return False
+    return any(t != f"node_{n}" for n, t in types.items())
