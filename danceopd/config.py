@@ -300,6 +300,7 @@ class ControlConfig(_Strict):
 
 class AutoscaleConfig(_Strict):
     enabled: bool = Field(False, description="Grow/shrink the rollout fleet from learner idle ratio and replay fullness.")
+    cluster_autoscaler: Literal["auto", "on", "off"] = Field("auto", description="Whether the Ray cluster adds nodes for pending members (KubeRay enableInTreeAutoscaling): `on` — the nodes alive now bound nothing (members wait up to deadlines.placement_s); `off` — a fixed cluster: a job its nodes can never hold is refused at start; `auto` — read the autoscaler's status from the GCS (best effort; a cluster whose autoscaler has not reported counts as fixed).")
     min_rollout_workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Never fewer rollout workers.")
     max_rollout_workers: int = Field(8, ge=1, le=MAX_WORKERS, description="Never more rollout workers.")
     learner_idle_above: float = Field(0.3, ge=0, le=1, description="Add a worker while the learner idle ratio stays above this.")

@@ -71,8 +71,7 @@ class RayFleet:
         mix = make_method(cfg.method).routing == "mix"
         self._teacher_of = {r.name: (frozenset(x.teacher for x in cfg.routing.routes) if mix else frozenset([r.teacher]))
                             for r in cfg.routing.routes}
-        self.autoscaled = has_autoscaler()
-        if not self.autoscaled:  # the nodes alive are all there will be: refuse what they never hold
+        if not self.autoscaled():  # the nodes alive are all there will be: refuse what they never hold
             check_capacity(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])  # before any actor starts
         env = {"env_vars": actor_env(cfg)}
         teacher_cls, scorer_cls, worker_cls = ray.remote(TeacherActor), ray.remote(ScorerActor), ray.remote(RolloutWorkerActor)
@@ -107,6 +106,11 @@ class RayFleet:
                 raise RoleFailure("router (starting): the teachers and the router did not start within "
                                   f"{cfg.sync.timeout_s + 600:g} s")
             time.sleep(0.02)
+
+    def autoscaled(self) -> bool:
+        """Pending members make the cluster add nodes (`autoscale.cluster_autoscaler`)."""
+        mode = self.cfg.autoscale.cluster_autoscaler
+        return mode == "on" or (mode == "auto" and has_autoscaler())
 
     def _groups_flat(self) -> list[ActorGroup]:
         return [self.rollout, *self.teachers.values(), self.scorer]
@@ -345,7 +349,7 @@ class RayFleet:
         still waiting for placement."""
         if self.rollout.pending:
             return False
-        if self.autoscaled:
+        if self.autoscaled():
             return True  # a pending member is the autoscaler's cue to add a node
         need = self.specs["rollout"].bundle
         from ray._private.state import available_resources_per_node

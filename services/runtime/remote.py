@@ -23,7 +23,9 @@ def has_autoscaler() -> bool:
 
     try:
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        types = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {} if raw else {}
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
     except Exception:  # noqa: BLE001 — an older or different GCS: assume a fixed cluster
         return False
-    return any(t != f"node_{n}" for n, t in types.items())
+    types = report.get("node_type_mapping") or {}
+    launchable = (report.get("node_availability_summary") or {}).get("node_availabilities") or {}
+    return bool(launchable) or any(t != f"node_{n}" for n, t in types.items())
