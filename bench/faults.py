@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
-ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher replica (hung)", "router",
+ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher replica (hung)", "router (scorer)",
          "learner rank"]
 NODES = ["rollout node (2 workers + router)", "teacher node (3 replicas + evaluator)", "learner node (2 ranks)"]
 
