@@ -22,37 +22,35 @@ ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher 
 NODES = ["rollout node (2 workers + router)", "teacher node (3 replicas + evaluator)", "learner node (2 ranks)"]
 
 
+def _row(label: str, r: dict | None, finished: str) -> str:
+    """One table row: not measured, a learner loss (the job fails, resume finishes), or a recovery."""
+    if r is None:
+        return f"| {label} | not measured (test failed or skipped) | | |"
+    if "failed_after_s" in r:
+        return (f"| {label} | the job fails naming the rank after {r['failed_after_s']} s; `--resume auto` finishes it "
+                f"({r['resume_to_end_s']} s with start-up) | — | — |")
+    return f"| {label} | {finished} | {r['recovered_s']} | {r['lost_samples']} |"
+
+
 def markdown(rows: dict) -> str:
+    def head(first: str) -> list[str]:
+        return [f"| {first} | outcome | recovery s | samples lost (re-issued) |", "|---|---|---|---|"]
+
     lines = ["# Fault recovery (tests/test_faults.py)", "",
              "`sim` backend, 2 rollout workers with 2 orders each, lag 1, this machine's CPUs. Recovery: from the "
              "signal to the first learner step after the replacement is up (hung cases include the 1.5 s "
-             "deadline the tests set).", "",
-             "| fault | outcome | recovery s | samples lost (re-issued) |", "|---|---|---|---|"]
+             "deadline the tests set).", "", *head("fault")]
     for name in ORDER:
         r = rows.get(name)
-        if r is None:
-            lines.append(f"| {name} | not measured (test failed or skipped) | | |")
-        elif name == "learner rank":
-            lines.append(f"| {name}, {r['fault']} | the job fails naming the rank after {r['failed_after_s']} s; "
-                         f"`--resume auto` finishes it ({r['resume_to_end_s']} s with start-up) | — | — |")
-        else:
-            lines.append(f"| {name}, {r['fault']} | every step, accounting exact, 1 restart of this role and 0 of "
-                         f"any other | {r['recovered_s']} | {r['lost_samples']} |")
+        lines.append(_row(f"{name}, {r['fault']}" if r else name, r,
+                          "every step, accounting exact, 1 restart of this role and 0 of any other"))
     lines += ["", "## A whole node lost (tests/test_multinode.py)", "",
               "`ray.cluster_utils.Cluster`: a head with num_cpus 0 and one node per group; the node is removed without a "
               "graceful shutdown and a node of its group joins a few seconds later. Recovery: from the loss to the first "
-              "learner step after every member is back.", "",
-              "| node | outcome | recovery s | samples lost (re-issued) |", "|---|---|---|---|"]
+              "learner step after every member is back.", "", *head("node")]
     for name in NODES:
         r = rows.get(name)
-        if r is None:
-            lines.append(f"| {name} | not measured (test failed or skipped) | | |")
-        elif "failed_after_s" in r:
-            lines.append(f"| {name} | the job fails naming the rank after {r['failed_after_s']} s; `--resume auto` on a "
-                         f"fresh node finishes it ({r['resume_to_end_s']} s with start-up) | — | — |")
-        else:
-            lines.append(f"| {name} | every step, accounting exact; the group's node back after {r['back_after_s']} s | "
-                         f"{r['recovered_s']} | {r['lost_samples']} |")
+        lines.append(_row(name, r, f"every step, accounting exact; the group's node back after {r and r.get('back_after_s')} s"))
     return "\n".join(lines) + "\n"
 
 
