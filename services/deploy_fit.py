@@ -29,7 +29,7 @@ from pathlib import PurePosixPath
 
 from danceopd.config import Config, LatentBackendConfig
 from services.kuberay import PodGroup
-from services.runtime.placement import GiB, RoleSpec, _field, role_specs
+from services.runtime.placement import RoleSpec, _field, amount, describe, role_specs, unit
 
 DRIVER = "driver"
 CACHE = "cache"  # the condition cache builder: an actor placed as the rollout role is
@@ -70,7 +70,7 @@ class Fit:
                 continue
             keys = [k for k, v in g.resources.items() if v]
             used = {k: sum(p.used.get(k, 0.0) for p in mine) for k in keys}
-            res = "  ".join(f"{_fmt(k, used[k])}/{_fmt(k, g.resources[k] * g.max_pods)} {_unit(k)}" for k in keys)
+            res = "  ".join(f"{amount(k, used[k])}/{amount(k, g.resources[k] * g.max_pods)} {unit(k)}" for k in keys)
             roles: dict[str, int] = {}
             for p in mine:
                 for item in p.items:
@@ -79,18 +79,6 @@ class Fit:
             busy = sum(1 for p in mine if p.items)
             out.append(f"{g.name}: pods {busy}/{g.max_pods} (starts with {g.replicas})  {res}  <- {who}")
         return out
-
-
-def _unit(k: str) -> str:
-    return "GiB memory" if k == "memory" else k
-
-
-def _fmt(k: str, v: float) -> str:
-    return f"{v / GiB:g}" if k == "memory" else f"{v:g}"
-
-
-def describe(res: dict) -> str:
-    return ", ".join(f"{_fmt(k, v)} {_unit(k)}" for k, v in res.items() if v) or "nothing"
 
 
 def _custom(res: dict) -> dict:

@@ -94,8 +94,17 @@ def _field(cfg: Config, role: str) -> str:
     return {"rollout": "rollout", "learner": "learner", "evaluator": "eval", "router": "routing"}.get(role, role)
 
 
-def _describe(res: dict) -> str:
-    return ", ".join(f"{v / GiB:g} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in res.items() if v) or "nothing"
+def amount(k: str, v: float) -> str:
+    """A resource amount as users write it: memory in GiB, everything else as is."""
+    return f"{v / GiB:g}" if k == "memory" else f"{v:g}"
+
+
+def unit(k: str) -> str:
+    return "GiB memory" if k == "memory" else k
+
+
+def describe(res: dict) -> str:
+    return ", ".join(f"{amount(k, v)} {unit(k)}" for k, v in res.items() if v) or "nothing"
 
 
 def check_capacity(cfg: Config, nodes: list[dict]) -> None:
@@ -109,13 +118,13 @@ def check_capacity(cfg: Config, nodes: list[dict]) -> None:
     for role, spec in specs.items():
         need = spec.bundle
         if need and not any(all(n.get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
-            have = "; ".join(_describe({k: n.get(k, 0.0) for k in need}) for n in nodes)
-            raise ConfigError(f"{_field(cfg, role)}: one member needs {_describe(need)}; no node of the cluster has that "
+            have = "; ".join(describe({k: n.get(k, 0.0) for k in need}) for n in nodes)
+            raise ConfigError(f"{_field(cfg, role)}: one member needs {describe(need)}; no node of the cluster has that "
                               f"(nodes: {have})")
     for k in sorted({k for s in specs.values() for k in s.bundle}):
         want = sum(s.bundle.get(k, 0.0) * s.members for s in specs.values())
         total = sum(n.get(k, 0.0) for n in nodes)
         if want > total + 1e-9:
             key = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory_gb"}.get(k, f"resources.{k}")
-            parts = ", ".join(f"{_field(cfg, r)} {s.members}x{_describe({k: s.bundle[k]})}" for r, s in specs.items() if s.bundle.get(k))
-            raise ConfigError(f"{key}: the job needs {_describe({k: want})} ({parts}); the cluster has {_describe({k: total}) if total else 'none'}")
+            parts = ", ".join(f"{_field(cfg, r)} {s.members}x{describe({k: s.bundle[k]})}" for r, s in specs.items() if s.bundle.get(k))
+            raise ConfigError(f"{key}: the job needs {describe({k: want})} ({parts}); the cluster has {describe({k: total}) if total else 'none'}")
