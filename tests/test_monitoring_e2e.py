@@ -81,6 +81,9 @@ def test_every_panel_and_alert_against_real_prometheus(prometheus, toy_raw, tmp_
     prom_port, ctl_port = prometheus
     raw = json.loads(json.dumps(toy_raw))
     raw["job"]["output_dir"] = str(tmp_path / "run")
+    # a name of its own: Ray's agent keeps exporting a dead worker's counters (only gauges age out,
+    # after two report intervals), so an earlier test's job of the same name is still there
+    raw["job"]["name"] = f"monitor-{os.getpid()}-{time.time_ns() % 10**6}"
     raw["learner"].update(steps=100000)
     raw["rollout"].update(workers=2)
     # drop mode without a lag budget: some batches go stale, so the dropped-samples panel has data
