@@ -259,7 +259,9 @@ class TrainLoop:
             raise ValueError(f"rollout_workers: {rollout_workers} is above rollout.max_workers={self.cfg.rollout.max_workers}")
         # Not capped by the nodes alive now: members the cluster cannot place yet are pending (the
         # Ray autoscaler sees their placement groups and adds nodes) and are removed cleanly after
-        # deadlines.placement_s if it never does.
+        # deadlines.placement_s if it never does. Capped by what the cluster can ever hold.
+        if rollout_workers is not None:
+            self._within_cluster("rollout", rollout_workers, "rollout_workers")
         routes = {r.name for r in self.cfg.routing.routes}
         for route, n in (teachers or {}).items():
             if route not in routes:
@@ -269,8 +271,14 @@ class TrainLoop:
             cap = self.cfg.teacher(self.cfg.route(route).teacher).max_replicas
             if n > cap:
                 raise ValueError(f"teachers.{route}: {n} is above teachers[{self.cfg.route(route).teacher}].max_replicas={cap}")
+            self._within_cluster(f"teacher:{self.cfg.route(route).teacher}", n, f"teachers.{route}")
         self.commands.put({"rollout_workers": rollout_workers, "teachers": teachers or {}})
         return {"accepted": True, "rollout_workers": rollout_workers, "teachers": teachers or {}}
+
+    def _within_cluster(self, role: str, n: int, what: str) -> None:
+        limit = self.fleet.max_members(role)
+        if limit is not None and n > limit[0]:
+            raise ValueError(f"{what}: {n} is more than {limit[1]} can ever hold ({limit[0]})")
 
     def request_stop(self, reason: str = "/stop") -> None:
         self.stopped_by = self.stopped_by or reason

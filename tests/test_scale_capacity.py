@@ -63,19 +63,62 @@ def test_scale_beyond_capacity_is_pending_then_removed_while_training_goes_on(ra
     assert wall < 120
 
 
+def report_node_groups(groups: list[tuple[str, dict, int]]) -> None:
+    """What an autoscaler reports to the GCS (Ray's own record, read back by the fleet)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in groups:
+        g = config.node_group_configs.add(name=name, max_count=most)
+        g.resources.update(resources)
+    ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+
+
 @pytest.mark.ray
 def test_scale_requests_the_cluster_can_never_hold_are_refused(ray_local, toy_raw, tmp_path):
-    cfg = cfg_for(toy_raw, tmp_path, "refuse", learner__steps=2, rollout__num_cpus=2.0, rollout__max_workers=3,
+    cfg = cfg_for(toy_raw, tmp_path, "refuse", learner__steps=2, rollout__num_cpus=2.0, rollout__max_workers=64,
                   control__metrics_port=0)
     loop = TrainLoop(cfg, "ray", show_progress=False)
     try:
-        with pytest.raises(ValueError, match=r"above rollout.max_workers=3"):
-            loop.request_scale(rollout_workers=4)
+        with pytest.raises(ValueError, match=r"above rollout.max_workers=64"):
+            loop.request_scale(rollout_workers=65)
         with pytest.raises(ValueError, match=r"^teachers.t2i: 17 is above teachers\[t2i_teacher\].max_replicas=16"):
             loop.request_scale(teachers={"t2i": 17})
-        assert loop.commands.empty()  # nothing was queued
+        # No autoscaler: the nodes alive are all there will be (the session's cluster: 8 CPUs).
+        with pytest.raises(ValueError, match=r"^rollout_workers: 5 is more than the 1 node\(s\) of this cluster "
+                                             r"\(no autoscaler\) can ever hold \(4\)"):
+            loop.request_scale(rollout_workers=5)
+        loop.request_scale(rollout_workers=4)  # pending at worst, never refused
+        # An autoscaler that reported its node groups: each group at its most nodes bounds a role.
+        loop.fleet.autoscaled = lambda: True
+        try:
+            report_node_groups([("rollout", {"CPU": 4, "memory": 8 * 1024**3}, 3), ("teacher", {"CPU": 1, "GPU": 1}, 2)])
+            with pytest.raises(ValueError, match=r"^rollout_workers: 7 is more than the autoscaler's node groups at "
+                                                 r"their most \(rollout x3, teacher x2\) can ever hold \(6\)"):
+                loop.request_scale(rollout_workers=7)
+            loop.request_scale(teachers={"t2i": 16})  # 0.1 CPU replicas: 10 a CPU, on either group
+            report_node_groups([("rollout", {"CPU": 1}, 1), ("teacher", {"GPU": 1}, 4)])  # Ray counts whole units
+            with pytest.raises(ValueError, match=r"^teachers.t2i: 16 is more than .* \(10\)"):
+                loop.request_scale(teachers={"t2i": 16})
+            report_node_groups([("rollout", {"CPU": 4}, -1)])  # a group without a bound: none known
+            loop.request_scale(rollout_workers=64)
+        finally:
+            report_node_groups([])
+        assert loop.commands.qsize() == 3  # what was accepted, and nothing else
     finally:
         loop.shutdown()
+    # A job larger than the reported groups at their most is refused before any actor starts.
+    from danceopd.config import ConfigError
+
+    report_node_groups([("rollout", {"CPU": 4}, 2)])
+    try:
+        big = cfg_for(toy_raw, tmp_path, "big", rollout__num_cpus=2.0, rollout__workers=5, autoscale__cluster_autoscaler="on",
+                      control__metrics_port=0)
+        with pytest.raises(ConfigError, match=r"^num_cpus: the job needs .*; the cluster has 8 CPU"):
+            TrainLoop(big, "ray", show_progress=False)
+    finally:
+        report_node_groups([])
 
 
 def test_a_job_the_cluster_can_never_place_is_refused_naming_the_field(toy_raw, tmp_path):

@@ -63,6 +63,9 @@ class Elastic(Protocol):
 
     def can_grow(self) -> bool: ...
 
+    def max_members(self, role: str) -> tuple[int, str] | None:
+        """How many members of `role` the cluster can ever hold, and where that bound comes from
+        (None: no bound known beyond the config's)."""
 
     def retire_drained(self, busy: set[str]) -> None:
         """Remove draining workers that hold no order any more."""

@@ -107,6 +107,14 @@ def describe(res: dict) -> str:
     return ", ".join(f"{amount(k, v)} {unit(k)}" for k, v in res.items() if v) or "nothing"
 
 
+def most_members(bundle: dict, nodes: list[dict]) -> int:
+    """How many members of one `bundle` the `nodes` (total resources each) hold at most, with
+    nothing else on them: a ceiling, never a promise."""
+    if not bundle:
+        return 10**9
+    return sum(min(math.floor(n.get(k, 0.0) / v + 1e-9) for k, v in bundle.items()) for n in nodes)
+
+
 def check_capacity(cfg: Config, nodes: list[dict]) -> None:
     """Refuse, before any actor starts, a job the cluster can never place: a member larger than
     every node, or more of a resource than all nodes hold together. `nodes`: each alive node's

@@ -29,3 +29,19 @@ def has_autoscaler() -> bool:
     types = report.get("node_type_mapping") or {}
     launchable = (report.get("node_availability_summary") or {}).get("node_availabilities") or {}
     return bool(launchable) or any(t != f"node_{n}" for n, t in types.items())
+
+
+def node_groups() -> list[tuple[str, dict, int]] | None:
+    """The autoscaler's node groups as it reported them to the GCS: (name, resources of one
+    node, most nodes; -1 = no bound), or None when none was reported. Ray's v2 autoscaler
+    reports them (Ray Data reads the same record to bound its requests); Ray 2.60's KubeRay
+    autoscaler does not yet, so there the config's own caps are the only bound."""
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 — an older or different GCS: nothing known
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count)) for g in config.node_group_configs]
