@@ -73,6 +73,7 @@ class SimBackendConfig(ToyBackendConfig):
     rollout_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one rollout batch takes (stands in for GPU time).")
     teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one teacher query call takes.")
     learner_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one learner micro-batch takes.")
+    load_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds loading a model takes (each student or teacher a worker, replica or rank builds: start-up and restarts).")
 
 
 class ShapesBackendConfig(_Strict):
@@ -281,6 +282,7 @@ class DeadlinesConfig(_Strict):
     teacher_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
     learner_step_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
     placement_s: float = Field(120.0, gt=0, le=86_400, description="A new rollout worker the cluster has not placed within this long is given up (its placement group removed); the job goes on without it.")
+    start_s: float = Field(900.0, gt=0, le=86_400, description="A member (rollout worker, teacher replica, router) whose constructor (model load, first weights) has not finished this long after it began failed to start: it is restarted within its role's budget. Counted from the constructor's first line, not from the request (placement, process boot); restarts get the same allowance as the job's start.")
 
 
 class CheckpointConfig(_Strict):

@@ -19,6 +19,7 @@ import ray
 from rollout_workers.worker import RolloutWorker
 from router.scoring import Scorer, TeacherFailure
 from router.teacher import Teacher
+from services.runtime.groups import mark_started
 from services.telemetry.metrics import ActorMetrics
 from services.weights.state import state_nbytes
 
@@ -62,6 +63,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
     `collective`, which broadcasts to joiners)."""
 
     def __init__(self, cfg: Config, worker_id: str, labels: dict, latest=None):
+        mark_started()
         super().__init__(cfg, worker_id)
         self.metrics = ActorMetrics("rollout", worker_id, labels)
         self.t_start = time.perf_counter()
@@ -113,6 +115,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
 
 class TeacherActor(Teacher):
     def __init__(self, cfg: Config, teacher_name: str, replica: int, labels: dict):
+        mark_started()
         super().__init__(cfg, teacher_name, replica)
         self.metrics = ActorMetrics("teacher", self.teacher_id, labels)
 
@@ -174,6 +177,7 @@ class ScorerActor(Scorer):
     (`routing.max_concurrent_batches`). Stateless: a dead one is replaced and re-scores."""
 
     def __init__(self, routes, method, pools, name: str, labels: dict):
+        mark_started()
         super().__init__(routes, method, pools)
         self.metrics = ActorMetrics("router", name, labels)
         self._backlog: collections.Counter = collections.Counter()

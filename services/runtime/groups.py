@@ -34,6 +34,31 @@ class Member:
         return self.actor._actor_id.hex()
 
 
+class StartTimeout(TimeoutError):
+    """A member's constructor did not finish in time (a hung model load)."""
+
+
+START_NS = "danceopd-start"  # GCS key-value namespace: actor id -> its constructor began
+
+
+def mark_started() -> None:
+    """First thing in a member's constructor: its start-up deadline counts from here, so a slow
+    process boot or a node busy starting many workers is not counted as a hung start."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(ray.get_runtime_context().get_actor_id(), b"1", namespace=START_NS)
+
+
+def _began(actor) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+    key = actor._actor_id.hex()
+    if _internal_kv_get(key, namespace=START_NS) is None:
+        return False
+    _internal_kv_del(key, namespace=START_NS)
+    return True
+
+
 @dataclass
 class Pending:
     """A member on its way in: its placement group waits for the cluster (the autoscaler may be
@@ -48,6 +73,8 @@ class Pending:
     not_before: float = 0.0  # a restart's backoff: the actor starts no earlier
     actor: object = None  # once placed
     probe: object = None  # the placed actor's first answer
+    started: float = 0.0  # when its constructor began (mark_started): the start-up deadline counts from here
+    checked: float = 0.0  # when that was last looked up
 
     def __post_init__(self):
         self.ready = self.pg.ready() if self.pg is not None else None
@@ -117,11 +144,12 @@ class ActorGroup:
             raise RoleFailure(f"{self.role} {m.name}: failed {m.restarts + 1} times (max_restarts={self.spec.max_restarts}){last}")
         self.restarts_total += 1
 
-    def poll_pending(self, timeout_s: float) -> tuple[list[tuple[Member, object]], list[tuple[str, BaseException]], list[str]]:
+    def poll_pending(self, timeout_s: float, start_s: float = float("inf")) -> tuple[list[tuple[Member, object]], list[tuple[str, BaseException]], list[str]]:
         """Advance every pending member: (joined: (member, its probe's answer); failed: (name,
-        error) of members that died or raised before answering — members now, for the caller to
-        `restart_later` or `remove`; expired: names not placed within `timeout_s`, their
-        placement groups removed so nothing stays reserved)."""
+        error) of members that died, raised or whose constructor did not finish within `start_s`
+        of beginning (a hung model load) — members now, for the caller to `restart_later` or
+        `remove`; expired: names not placed within `timeout_s`, their placement groups removed so
+        nothing stays reserved)."""
         joined, failed, expired = [], [], []
         now = time.perf_counter()
         for name, p in list(self.pending.items()):
@@ -144,6 +172,18 @@ class ActorGroup:
                 joined.append((m, ray.get(ref)))
             except Exception as e:  # noqa: BLE001 — the caller decides: restart or remove
                 failed.append((p.name, e))
+        for p in [p for p in self.pending.values() if p.probe is not None]:
+            if not p.started and now - p.checked > 0.25:  # a few lookups a second, only while starting
+                p.checked = now
+                if _began(p.actor):
+                    p.started = now
+            # Until its constructor begins, the process boots and imports (slow on a node starting
+            # many at once): Ray's own worker start-up timeout covers that part.
+            if not p.started or now - p.started <= start_s:
+                continue
+            del self.pending[p.name]
+            self.members[p.name] = Member(p.name, p.actor, p.pg, restarts=p.restarts)
+            failed.append((p.name, StartTimeout(f"its constructor did not finish within deadlines.start_s={start_s:g}")))
         return joined, failed, expired
 
     def cancel_pending(self, n: int) -> list[str]:

@@ -30,7 +30,7 @@ from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerAc
 from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup
-from services.runtime.placement import check_capacity, most_members, role_specs
+from services.runtime.placement import TEACHER_RESTARTS, check_capacity, most_members, role_specs
 from services.runtime.remote import died, has_autoscaler, node_groups
 from services.telemetry.metrics import job_labels
 
@@ -100,12 +100,13 @@ class RayFleet:
             for _ in range(g.spec.members):
                 g.add_later()
         self.scorer.add_later("router-0")
-        deadline = time.perf_counter() + cfg.sync.timeout_s + 600
+        # A backstop: hung or dying starts exhaust their restart budgets well before it.
+        wait_s = self.dl.placement_s + (TEACHER_RESTARTS + 1) * (self.dl.start_s + 10.0)
+        deadline = time.perf_counter() + wait_s
         while not (self.scorer.members and all(g.members for g in self.teachers.values())):
             self._poll_members()
             if time.perf_counter() > deadline:
-                raise RoleFailure("router (starting): the teachers and the router did not start within "
-                                  f"{cfg.sync.timeout_s + 600:g} s")
+                raise RoleFailure(f"router (starting): the teachers and the router did not start within {wait_s:g} s")
             time.sleep(0.02)
 
     def autoscaled(self) -> bool:
@@ -312,7 +313,7 @@ class RayFleet:
         for g in self._groups_flat():
             if not g.pending:
                 continue
-            joined, failed, expired = g.poll_pending(self.dl.placement_s)
+            joined, failed, expired = g.poll_pending(self.dl.placement_s, self.dl.start_s)
             for name, e in failed:
                 cause = f"died while starting ({type(e).__name__})" if died(e) else f"failed to start ({first_line(e)})"
                 print(f"{g.role} {name}: {cause}; restarting", flush=True)
