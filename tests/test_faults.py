@@ -251,3 +251,38 @@ def test_killed_learner_rank_fails_fast_naming_it_and_resume_finishes(ray_local,
     assert_accounting_closes(summary["accounting"])
     report("learner rank", role="learner", fault="SIGKILL", failed_after_s=round(failed_after, 2),
            resume_to_end_s=round(time.perf_counter() - t0, 2), outcome="fails naming the rank; --resume auto finishes")
+
+
+def test_a_recovered_fault_is_one_line_on_the_console(ray_local, sim_raw, tmp_path, write_config):
+    """`danceopd train` as a user runs it (joined to a cluster, so actor output streams to the
+    console): a rollout worker SIGKILLed mid-run shows as our one line, with no traceback and
+    none of Ray's worker-death paragraphs."""
+    import subprocess
+    import sys
+
+    import ray._private.state as gcs
+
+    cfg = small(sim_raw, tmp_path, "console", learner__steps=30)
+    path = write_config({k: v for k, v in cfg.model_dump(mode="json").items() if k != "base_dir"})
+    mine = ray_local.get_runtime_context().get_job_id()
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(path), "--mode", "ray", "--address",
+                             ray_local.get_runtime_context().gcs_address, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim, deadline = None, time.time() + 240
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            metrics = cfg.output_path / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+                workers = [a for a in gcs.actors().values() if a["ActorClassName"] == "RolloutWorkerActor"
+                           and a["State"] == "ALIVE" and a["JobID"] != mine]
+                victim = min(workers, key=lambda a: a["Name"] or a["ActorID"]) if workers else None
+            time.sleep(0.1)
+        assert victim is not None, "no rollout worker of the job was found"
+        os.kill(int(victim["Pid"]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    died = [line for line in out.splitlines() if ": died" in line]
+    assert len(died) == 1 and died[0].startswith("rollout rollout-") and died[0].endswith("restarting"), out[-3000:]
+    assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]

@@ -41,4 +41,30 @@ def connect(cfg: Config, address: str | None) -> bool:
         LOG_DIR = str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
     except AttributeError:  # the private handle moved: keep the session_latest link
         pass
+    _worker_deaths_to_log()
     return True
+
+
+def _worker_deaths_to_log() -> None:
+    """Ray's driver prints every worker death the raylet reports ("(raylet) A worker died or
+    was killed ...", a paragraph each) on the console. The fleet already says in one line what
+    died and what it did, so those paragraphs go to `LOG_DIR/danceopd-worker-deaths.log`; every
+    other raylet message still reaches the console."""
+    import ray._private.worker as ray_worker
+
+    show = ray_worker.print_to_stdstream
+    if getattr(show, "danceopd", False):
+        return
+
+    def routed(data, ignore_prefix):
+        if data.get("pid") == "raylet" and all(line.startswith("A worker died or was killed") for line in data["lines"]):
+            try:
+                with open(Path(LOG_DIR) / "danceopd-worker-deaths.log", "a") as f:
+                    f.write("\n".join(data["lines"]) + "\n")
+                return
+            except OSError:
+                pass  # no log folder: the console it is
+        show(data, ignore_prefix)
+
+    routed.danceopd = True
+    ray_worker.print_to_stdstream = routed  # the listener looks it up at each message
