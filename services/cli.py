@@ -60,13 +60,13 @@ def train(
     config: Path,
     mode: str = typer.Option("ray", help="`ray` (actors on a Ray cluster) or `local` (one process, the reference loop)."),
     address: str | None = typer.Option(None, help="Ray address to join (`auto`: a running cluster); default: start a local one."),
-    resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the latest in job.output_dir."),
+    resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the newest undamaged one of the run in job.output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a job.output_dir that holds another run: its checkpoints and metrics move to job.output_dir/.overwritten-<time>/."),
     set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ):
     """Run a training job."""
-    from services.checkpoints import prepare_output
+    from services.checkpoints import finished, prepare_output
     from services.telemetry.progress import print_summary
 
     cfg = load_valid(config, set_)
@@ -74,10 +74,14 @@ def train(
         fail(f"--mode: {mode!r} is not one of ray, local")
     try:  # before anything starts: refuse to mix runs in one output_dir, or a tampered checkpoint
         ckpt, _run_id = prepare_output(cfg, resume, overwrite)
+        done = ckpt and finished(cfg, ckpt)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         fail(str(e))
+    if done:  # exit 0: a retried job whose run already ended has nothing left to do
+        err.print(f"--resume: {done}", highlight=False, soft_wrap=True)
+        return
     if resume and ckpt is None:
-        err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
+        err.print(f"--resume auto: no checkpoint of this run in {cfg.output_path}, starting fresh")
     from services.loop import train as run_job
     from services.runtime.failures import RoleFailure
 

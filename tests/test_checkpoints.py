@@ -149,11 +149,15 @@ def test_metrics_are_truncated_to_the_resumed_step(toy_raw, tmp_path):
     assert steps_logged(full.output_path) == [1, 2, 3, 4, 5]
 
 
-def _tamper(path: Path, kind: str, marker: Path) -> None:
+def _tamper(path: Path, kind: str, marker: Path, ckpt: Path | None = None) -> None:
     if kind == "torch-save":
         torch.save({"state": Payload(marker), "param_groups": []}, path)
     else:
         path.write_bytes(pickle.dumps({"state": Payload(marker)}))
+    if ckpt is not None:  # and fix COMPLETE's record of its size: the record is no security boundary
+        record = load_json(ckpt / "COMPLETE")
+        record["files"][str(path.relative_to(ckpt))] = path.stat().st_size
+        save_json(ckpt / "COMPLETE", record)
 
 
 @pytest.mark.parametrize("kind", ["torch-save", "plain-pickle"])
@@ -162,7 +166,7 @@ def test_a_tampered_local_optimizer_file_is_refused(toy_config, tmp_path, kind):
     assert run_cli(config).exit_code == 0
     marker = tmp_path / "code-ran"
     ckpt = list_checkpoints(out)[-1]
-    _tamper(ckpt / "learner" / "optimizer.pt", kind, marker)
+    _tamper(ckpt / "learner" / "optimizer.pt", kind, marker, ckpt)
 
     r = run_cli(config, "--resume", "auto")
     assert r.exit_code == 2, r.output
