@@ -118,7 +118,7 @@ def load_state(path: Path) -> dict:
 def finished(cfg: Config, ckpt: Path) -> str | None:
     """The one line saying the run is finished, when checkpoint `ckpt` is at learner.steps or
     beyond (a resume would train 0 steps), else None."""
-    state = load_state(ckpt)
+    state = load_json(Path(ckpt) / "state.json")  # checked by prepare_output already
     if int(state["step"]) < cfg.learner.steps:
         return None
     return (f"run {state['run_id']} is finished: {Path(ckpt).name} is at step {state['step']}, learner.steps is "

@@ -192,6 +192,7 @@ def test_a_tampered_local_optimizer_file_is_refused(toy_config, tmp_path, kind):
 
 @pytest.mark.ray
 def test_a_tampered_deepspeed_optimizer_file_is_refused(ray_local, toy_raw, tmp_path):
+    from learner.deepspeed_learner import checkpoint_files
     from tests.test_deepspeed_learner import close, make_cfg, routed_batches, spawn, step_all
 
     cfg = make_cfg(toy_raw, tmp_path, zero_stage=1)
@@ -203,6 +204,7 @@ def test_a_tampered_deepspeed_optimizer_file_is_refused(ray_local, toy_raw, tmp_
         folder = tmp_path / "ckpt"
         ray_local.get(rank.save_checkpoint.remote(str(folder)))
         assert sorted(p.name for p in folder.iterdir()) == ["engine.json", "optimizer-rank000.pt", "weights.safetensors"]
+        assert sorted(checkpoint_files(1)) == sorted(p.name for p in folder.iterdir())  # what the checkpoint checks
         nxt = step_all(ray_local, [rank], [[micro]])
         assert ray_local.get(rank.load_checkpoint.remote(str(folder))) == 2  # ZeRO-1 round trip, exact
         assert step_all(ray_local, [rank], [[micro]]) == nxt
