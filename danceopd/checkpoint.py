@@ -80,7 +80,8 @@ def require(folder: Path, names: list[str]) -> None:
     missing ones: raised inside `atomic_checkpoint`, so no COMPLETE is written."""
     missing = [n for n in names if not (Path(folder) / n).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {Path(folder).name}: {', '.join(missing)} missing after the save, so it is "
+        name = Path(folder).name.removeprefix(".tmp-")
+        raise CheckpointError(f"checkpoint {name}: {', '.join(missing)} missing after the save, so it is "
                               "not complete (each learner rank writes its own files into job.output_dir: it must "
                               "be storage every learner node shares)")
 

@@ -314,7 +314,7 @@ def test_complete_is_written_only_when_every_rank_file_is_there(toy_raw, tmp_pat
     learner = object.__new__(RayLearner)  # no actors: the driver's side of save only
     learner.ranks, learner._all, learner.export = [0, 1], ranks_save, lambda: {"w": torch.zeros(2)}
     snap = SimpleNamespace(run_id="r1", step=3, mode="ray", accounting={})
-    with pytest.raises(CheckpointError, match=r"step-00000003: learner/optimizer-rank001\.pt missing after the save"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint step-00000003: learner/optimizer-rank001\.pt missing after the save"):
         checkpoints.save(cfg, snap, learner, {"next_ticket": 0})
     assert list_checkpoints(cfg.output_path) == [] and not list(cfg.output_path.rglob("COMPLETE"))
     assert not list((cfg.output_path / "checkpoints").iterdir())  # nor a temporary folder
