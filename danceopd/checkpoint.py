@@ -1,19 +1,25 @@
-"""Checkpoints: a folder per step, written under a temporary name and renamed when complete,
-so a crash mid-write never leaves (or replaces) a half checkpoint. Weights are safetensors;
-optimizer state is torch-saved tensors and plain values, read back with `weights_only=True`:
-a file that holds pickled objects (code) is refused, never unpickled.
+"""Checkpoints: a folder per step, written under a temporary name, every file and folder fsynced,
+then renamed into place, so a crash mid-write never leaves (or replaces) a half checkpoint.
+`COMPLETE`, written last, records every file of the checkpoint with its size: `damage()` checks
+them again before a resume (a file truncated or lost since, a state.json that does not parse, a
+safetensors file whose header does not cover it). Weights are safetensors; optimizer state is
+torch-saved tensors and plain values, read back with `weights_only=True`: a file that holds
+pickled objects (code) is refused, never unpickled.
 
 Every checkpoint carries the id of the run that wrote it (state.json `run_id`; the run's id
-also sits in output_dir/run.json). Pruning deletes only older checkpoints of the same run."""
+also sits in output_dir/run.json). `--resume auto` takes the newest undamaged checkpoint of that
+run; pruning deletes only older checkpoints of the same run, never the newest undamaged one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +44,10 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 @contextlib.contextmanager
 def atomic_checkpoint(output_dir: Path, step: int):
+    """Yields an empty temporary folder to write the checkpoint into. When the block ends, every
+    file and folder in it is fsynced, COMPLETE (the files and their sizes) is written and synced,
+    and the folder is renamed into place: after a crash at any point the checkpoint is either
+    absent or whole. The block checks what must be there (`require`) before it ends."""
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, step)
@@ -46,10 +56,15 @@ def atomic_checkpoint(output_dir: Path, step: int):
     tmp.mkdir()
     try:
         yield tmp
+        paths = sorted(tmp.rglob("*"))
+        for path in paths:  # other processes (learner ranks) wrote some of them: sync them all here
+            fsync(path)
+        files = {str(path.relative_to(tmp)): path.stat().st_size for path in paths if path.is_file()}
+        write_synced(tmp / "COMPLETE", json.dumps({"step": step, "files": files}, indent=1))
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (tmp / "COMPLETE").write_text(str(step))
     if final.exists():  # re-checkpointing the same step: keep the old one until the new is in place
         old = root / f".old-{PREFIX}{step:08d}"
         final.rename(old)
@@ -57,6 +72,53 @@ def atomic_checkpoint(output_dir: Path, step: int):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+    fsync(root)  # the rename itself
+
+
+def require(folder: Path, names: list[str]) -> None:
+    """Every file in `names` (relative to `folder`) is there, or a CheckpointError naming the
+    missing ones: raised inside `atomic_checkpoint`, so no COMPLETE is written."""
+    missing = [n for n in names if not (Path(folder) / n).is_file()]
+    if missing:
+        name = Path(folder).name.removeprefix(".tmp-")
+        raise CheckpointError(f"checkpoint {name}: {', '.join(missing)} missing after the save, so it is "
+                              "not complete (each learner rank writes its own files into job.output_dir: it must "
+                              "be storage every learner node shares)")
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, in a few words, or None: every file
+    COMPLETE records is there at its recorded size, state.json parses with a run id, step and
+    router state, and every safetensors file's header covers the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        record = load_json(path / "COMPLETE")
+    except (OSError, ValueError):
+        return "COMPLETE does not parse"
+    files = record.get("files", {}) if isinstance(record, dict) else {}  # older ones record only the step
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} were written"
+    try:
+        state = load_json(path / "state.json")
+    except (OSError, ValueError) as e:
+        return f"state.json does not parse ({type(e).__name__})"
+    if not isinstance(state, dict) or not {"schema", "run_id", "step", "router"} <= state.keys():
+        return "state.json lacks the schema, run_id, step or router"
+    model = path / "model.safetensors"
+    for f in [model, *(f for f in sorted(path.rglob("*.safetensors")) if f != model)]:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 — a missing or truncated file, a bad header: all damage
+            text = str(e).strip().splitlines()
+            return f"{f.relative_to(path)} does not load ({text[0] if text else type(e).__name__})"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -74,28 +136,44 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def checkpoint_run_id(path: Path) -> str | None:
     try:
         return load_json(Path(path) / "state.json").get("run_id")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
 
 
 def prune(output_dir: Path, keep: int, run_id: str, written: Path) -> None:
     """Keep `written` (the checkpoint just written) and the newest `keep - 1` other checkpoints of
-    run `run_id`; checkpoints of other runs are never touched."""
+    run `run_id`; checkpoints of other runs are never touched, nor is the newest of the run that
+    is undamaged (should `written` be damaged, the resume point stays the one before it)."""
     written = Path(written)
     mine = [p for p in list_checkpoints(output_dir) if p != written and checkpoint_run_id(p) == run_id]
-    for p in mine[:max(len(mine) - (keep - 1), 0)]:
+    doomed = mine[:max(len(mine) - (keep - 1), 0)]
+    if doomed and damage(written):
+        resume_point = next((p for p in reversed(mine) if not damage(p)), None)
+        doomed = [p for p in doomed if p != resume_point]
+    for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """`auto`: the latest checkpoint in output_dir (None if there is none); else a folder."""
+def resolve_resume(output_dir: Path, resume: str | None, run_id: str | None = None) -> Path | None:
+    """`auto`: the newest undamaged checkpoint of run `run_id` in output_dir (of any run if
+    `run_id` is None; None if there is none), saying in one line on stderr each damaged one it
+    skips and why. Else a folder, which must be complete and undamaged."""
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        for path in reversed(list_checkpoints(output_dir)):
+            why = damage(path)  # before the run id: a damaged state.json names no run
+            if why:
+                print(f"--resume auto: skipping {path.name}, it is damaged: {why}", file=sys.stderr, flush=True)
+            elif run_id is None or checkpoint_run_id(path) == run_id:
+                return path
+        return None
     path = Path(resume)
     if not (path / "COMPLETE").exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+    why = damage(path)
+    if why:
+        raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {why}")
     return path
 
 
@@ -113,12 +191,33 @@ def read_run(output_dir: Path) -> dict | None:
 
 
 def write_run(output_dir: Path, run_id: str, resumed_from: str | None = None, step: int = 0) -> None:
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    save_json(Path(output_dir) / RUN_FILE, {"run_id": run_id, "resumed_from": resumed_from, "step": step,
-                                            "time": time.time()})
+    """run.json, replaced atomically: `--resume auto` reads the run id from it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_FILE}.tmp"
+    write_synced(tmp, json.dumps({"run_id": run_id, "resumed_from": resumed_from, "step": step, "time": time.time()},
+                                 indent=1, sort_keys=True))
+    os.replace(tmp, out / RUN_FILE)
+    fsync(out)
 
 
 # ---- files ----------------------------------------------------------------------------------------
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename, a new file), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))

@@ -71,6 +71,15 @@ def _ds_config(cfg: Config) -> dict:
     }
 
 
+def optimizer_file(rank: int) -> str:
+    return f"optimizer-rank{rank:03d}.pt"
+
+
+def checkpoint_files(world_size: int) -> list[str]:
+    """What `save_checkpoint` writes, all ranks together: a checkpoint lacking one is not complete."""
+    return [*(optimizer_file(r) for r in range(world_size)), "weights.safetensors", "engine.json"]
+
+
 class DeepSpeedLearner:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -178,7 +187,7 @@ class DeepSpeedLearner:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights = self.export_weights()
-        save_torch(folder / f"optimizer-rank{self.rank:03d}.pt", _plain_state(self.engine.optimizer.state_dict()))
+        save_torch(folder / optimizer_file(self.rank), _plain_state(self.engine.optimizer.state_dict()))
         if self.rank == 0:
             eng = self.engine
             save_tensors(folder / "weights.safetensors", weights)
@@ -200,7 +209,7 @@ class DeepSpeedLearner:
             raise ValueError(f"{folder}: the learner state was written with {got}, this run has {want}; resume "
                              "with the same learner.world_size and learner.zero_stage")
         verify_no_pickle(folder)  # all ranks' files, so all ranks refuse together
-        state = load_torch(folder / f"optimizer-rank{self.rank:03d}.pt")
+        state = load_torch(folder / optimizer_file(self.rank))
         self.load_weights(load_tensors(folder / "weights.safetensors"))
         opt = self.engine.optimizer
         if self.cfg.learner.zero_stage == 0:

@@ -12,8 +12,11 @@
         state.json          schema, run_id, step, weight version, router state at the first
                             unconsumed ticket, sample accounting, mode and learner kind
         config.yaml         the job's resolved config (`danceopd sample` and `danceopd eval` read it)
-        COMPLETE
+        COMPLETE            written last (danceopd/checkpoint.py): every file above with its size, after
+                            `save` checked that every expected one (each learner rank's) is there
 
+`--resume auto` resumes the newest undamaged checkpoint of the run in run.json (danceopd.checkpoint.
+damage says why it skips one); a run whose checkpoint is at learner.steps is finished (`finished`).
 Resuming with the other mode carries the weights, routes, data cursor and step over; the
 optimizer state belongs to one learner kind and restarts (said in one line).
 """
@@ -38,6 +41,7 @@ from danceopd.checkpoint import (
     new_run_id,
     prune,
     read_run,
+    require,
     resolve_resume,
     save_json,
     save_tensors,
@@ -63,13 +67,13 @@ def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> 
         raise CheckpointError("--resume and --overwrite: give one (continue the run, or start a new one)")
     if resume:
         try:
-            ckpt = resolve_resume(out, resume)
+            ckpt = resolve_resume(out, resume, (read_run(out) or {}).get("run_id"))
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
         if ckpt is not None:
             return ckpt, load_state(ckpt)["run_id"]
-        # --resume auto with no checkpoint yet (e.g. a retried job that died before its first):
-        # a fresh start; metrics.jsonl restarts with it (JobLog truncates to step 0).
+        # --resume auto with no (undamaged) checkpoint of the run yet (e.g. a retried job that died
+        # before its first): a fresh start; metrics.jsonl restarts with it (JobLog truncates to step 0).
     else:
         held = _held(out)
         if held and not overwrite:
@@ -111,6 +115,16 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def finished(cfg: Config, ckpt: Path) -> str | None:
+    """The one line saying the run is finished, when checkpoint `ckpt` is at learner.steps or
+    beyond (a resume would train 0 steps), else None."""
+    state = load_json(Path(ckpt) / "state.json")  # checked by prepare_output already
+    if int(state["step"]) < cfg.learner.steps:
+        return None
+    return (f"run {state['run_id']} is finished: {Path(ckpt).name} is at step {state['step']}, learner.steps is "
+            f"{cfg.learner.steps}; nothing to train (raise learner.steps to train it further)")
+
+
 def run_id_of(cfg: Config, resume_from=None) -> str:
     """The run writing job.output_dir: the checkpoint's run when resuming from one, else
     output_dir/run.json (written by prepare_output), else a new one."""
@@ -128,17 +142,20 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
     router's state at the first unconsumed ticket, the accounting. Returns its folder."""
     run_id = state.run_id or run_id_of(cfg)
     with atomic_checkpoint(cfg.output_path, state.step) as tmp:
-        learner.save(tmp / "learner")
+        learner_files = learner.save(tmp / "learner")  # every rank's, for the check before COMPLETE
+        expected = ["model.safetensors", "state.json", "config.yaml", *(f"learner/{n}" for n in learner_files)]
         weights = learner.export()
         save_tensors(tmp / "model.safetensors", weights)
         if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
-            from danceopd.lora import write_lora_folder
+            from danceopd.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_lora_folder
 
             write_lora_folder(weights, tmp / "lora", cfg.student.lora)
+            expected += [f"lora/{ADAPTER_CONFIG}", f"lora/{ADAPTER_WEIGHTS}"]
         save_json(tmp / "state.json", {"schema": SCHEMA, "run_id": run_id, "step": state.step, "version": state.step,
                                        "router": router_state, "mode": state.mode, "learner": learner.kind,
                                        "accounting": state.accounting})
         (tmp / "config.yaml").write_text(dump_config(cfg))  # `danceopd sample` / `eval` rebuild the student from it
+        require(tmp, expected)  # a rank's file missing (storage not shared): no COMPLETE
     written = checkpoint_dir(cfg.output_path, state.step)
     prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
     return str(written)

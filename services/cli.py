@@ -60,39 +60,53 @@ def train(
     config: Path,
     mode: str = typer.Option("ray", help="`ray` (actors on a Ray cluster) or `local` (one process, the reference loop)."),
     address: str | None = typer.Option(None, help="Ray address to join (`auto`: a running cluster); default: start a local one."),
-    resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the latest in job.output_dir."),
+    resume: str | None = typer.Option(None, help="Checkpoint folder, or `auto` for the newest undamaged one of the run in job.output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a job.output_dir that holds another run: its checkpoints and metrics move to job.output_dir/.overwritten-<time>/."),
     set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ):
     """Run a training job."""
-    from services.checkpoints import prepare_output
+    from danceopd.run_lock import RunLock
+    from services.checkpoints import finished, prepare_output
     from services.telemetry.progress import print_summary
 
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
         fail(f"--mode: {mode!r} is not one of ray, local")
-    try:  # before anything starts: refuse to mix runs in one output_dir, or a tampered checkpoint
-        ckpt, _run_id = prepare_output(cfg, resume, overwrite)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    lock = RunLock(cfg.output_path)
+    try:  # one run per folder; a dead run's lock is taken over only to continue or replace its run
+        lock.acquire(takeover=bool(resume or overwrite))
+    except (ValueError, OSError) as e:  # RunLocked is a ValueError
         fail(str(e))
-    if resume and ckpt is None:
-        err.print(f"--resume auto: no checkpoint in {cfg.output_path}, starting fresh")
-    from services.loop import train as run_job
-    from services.runtime.failures import RoleFailure
+    try:  # released however the run ends; a killed driver's lock is stale once its pid is gone
+        try:  # before anything starts: refuse to mix runs in one output_dir, or a tampered checkpoint
+            ckpt, _run_id = prepare_output(cfg, resume, overwrite)
+            done = ckpt and finished(cfg, ckpt)
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            fail(str(e))
+        lock.set_run_id(_run_id)
+        if done:  # exit 0: a retried job whose run already ended has nothing left to do
+            err.print(f"--resume: {done}", highlight=False, soft_wrap=True)
+            return
+        if resume and ckpt is None:
+            err.print(f"--resume auto: no checkpoint of this run in {cfg.output_path}, starting fresh")
+        from services.loop import train as run_job
+        from services.runtime.failures import RoleFailure
 
-    try:
-        summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)
-    except ConfigError as e:  # found once connected: what the cluster can never provide
-        fail(str(e))
-    except KeyboardInterrupt as e:
-        fail(f"interrupted: {e}" if str(e) else "interrupted", 130)
-    except Exception as e:  # noqa: BLE001 — one line here (a RoleFailure names the role), the rest in the logs
-        from rich.markup import escape
+        try:
+            summary = run_job(cfg, mode=mode, address=address, resume_from=ckpt, show_progress=progress, run_id=_run_id)
+        except ConfigError as e:  # found once connected: what the cluster can never provide
+            fail(str(e))
+        except KeyboardInterrupt as e:
+            fail(f"interrupted: {e}" if str(e) else "interrupted", 130)
+        except Exception as e:  # noqa: BLE001 — one line here (a RoleFailure names the role), the rest in the logs
+            from rich.markup import escape
 
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        what = str(e) if isinstance(e, RoleFailure) else f"{type(e).__name__}{': ' + text if text else ''}"
-        fail(escape(f"{what} (full log: {error_log(cfg, e)}{ray_logs(mode)})"), 1)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            what = str(e) if isinstance(e, RoleFailure) else f"{type(e).__name__}{': ' + text if text else ''}"
+            fail(escape(f"{what} (full log: {error_log(cfg, e)}{ray_logs(mode)})"), 1)
+    finally:
+        lock.release()
     print_summary(summary)
 
 

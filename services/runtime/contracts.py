@@ -92,7 +92,9 @@ class LearnerGroup(Protocol):
     def export(self) -> dict:
         """The trainable weights (ZeRO-3: gathered), as tensors in this process."""
 
-    def save(self, folder) -> None: ...
+    def save(self, folder) -> list[str]:
+        """Write this learner kind's own state into `folder`; return the names of the files a
+        complete save holds there (every rank's), which the checkpoint checks before COMPLETE."""
 
     def load(self, folder, weights: dict) -> None:
         """Weights plus this learner kind's own state (optimizer, RNG)."""

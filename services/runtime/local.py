@@ -111,10 +111,11 @@ class LocalLearner:
     def export(self) -> dict[str, torch.Tensor]:
         return self.learner.export_weights()
 
-    def save(self, folder) -> None:
+    def save(self, folder) -> list[str]:
         folder.mkdir(parents=True, exist_ok=True)
         save_torch(folder / "optimizer.pt", self.learner.optimizer_state())
         save_json(folder / "rng.json", {"torch": torch.get_rng_state().tolist()})
+        return ["optimizer.pt", "rng.json"]
 
     def load(self, folder, weights: dict) -> None:
         self.learner.load_weights(weights)

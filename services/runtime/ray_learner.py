@@ -127,8 +127,11 @@ class RayLearner:
         refs = [getattr(r, method).remote(*args) for r in self.ranks]
         return self.wait(refs, method.replace("_", " "), timeout or self.cfg.deadlines.learner_step_s)
 
-    def save(self, folder) -> None:
+    def save(self, folder) -> list[str]:
+        from learner.deepspeed_learner import checkpoint_files
+
         self._all("save_checkpoint", str(folder))
+        return checkpoint_files(len(self.ranks))
 
     def load(self, folder, weights: dict) -> None:
         self._all("load_checkpoint", str(folder))
