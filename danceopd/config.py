@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -315,12 +323,18 @@ class CheckpointConfig(_Strict):
 
 
 class ControlConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Bind address of the control API (/health /status /scale /stop); keep loopback: `danceopd status`, `scale` and `stop` call it on the head.")
+    host: str = Field("127.0.0.1", description="Bind address of the control API (/health /status /scale /stop); keep loopback: `danceopd status`, `scale` and `stop` call it on the head. An IPv4 or IPv6 address (`::1`, brackets optional) or a host name; `danceopd train` and `validate` refuse one that does not resolve to an address of this machine (`validate --remote` and `submit` check its form only).")
     port: int = Field(0, ge=0, le=65535, description="Control API port; 0 = a free port.")
-    metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it).")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it); checked like `host`.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Controller Prometheus port; None = $DANCEOPD_METRICS_PORT or 9095, 0 = a free port.")
     stall_after_s: float = Field(600.0, gt=0, le=7 * 86_400, description="Seconds without a learner step (counted from the job's start before the first) after which /health answers 503; exported as danceopd_stall_after_seconds for the stall alert.")
     token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token that /scale, /stop and the full /status require (generated when unset).")
+
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _unbracketed(cls, v: str) -> str:
+        # `[::1]` is how a URL writes an IPv6 address; a bind address is the address itself.
+        return v[1:-1] if v.startswith("[") and v.endswith("]") else v
 
 
 class AutoscaleConfig(_Strict):
@@ -483,8 +497,12 @@ class Config(_Strict):
 # ---- loading --------------------------------------------------------------------------------
 
 def _parse_scalar(text: str) -> Any:
-    """`--set` values are YAML scalars, so `3`, `1e-3`, `true`, `null`, `[a, b]` get their types."""
-    return yaml.safe_load(text) if text != "" else ""
+    """`--set` values are YAML scalars, so `3`, `1e-3`, `true`, `null`, `[a, b]` get their types;
+    text that is no YAML (`[::1]`, an IPv6 address in brackets) stays text, for its key to judge."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
