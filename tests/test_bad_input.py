@@ -319,7 +319,7 @@ def test_an_unusable_host_is_refused_before_anything_is_read(demo, monkeypatch):
     for sets, msg in ((["control.host=nohost.invalid"], "control.host: 'nohost.invalid' cannot be resolved"),
                       (["control.metrics_host=192.0.2.1"], "control.metrics_host: '192.0.2.1' (192.0.2.1) cannot be bound")):
         with pytest.raises(ConfigError, match=re.escape(msg)):
-            validate(load_config(demo, sets))
+            validate(load_config(demo, [*sets, "student.init=models/student"]))  # a model folder to look at
 
 
 def test_remote_checks_the_form_of_a_host_not_whether_it_resolves_here(demo):
