@@ -7,11 +7,20 @@ Every knob is declared here once, with its default, bounds and one line of help 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -23,6 +32,21 @@ MAX_WORKERS = 1024  # bound of every actor count (workers, replicas, ranks)
 MAX_RESOURCE = 1024.0  # bound of CPUs / GPUs of one actor
 MAX_TIMEOUT_S = 7 * 86400.0  # bound of every timeout (huge ones overflow timedelta / ray.get)
 MAX_SCALE = 100.0  # bound of CFG scales
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _plain_name(v: str) -> str:
+    # Route and teacher names become file names (eval grids, `danceopd sample` PNGs) and metrics
+    # labels: no path separator, no `..`, nothing a file system or a shell reads specially.
+    if not _PLAIN.fullmatch(v):
+        raise ValueError(f"{v!r} is not a plain name (letters, digits, `_`, `-`, `.`, starting with a letter or "
+                         "digit, at most 128): it names output files")
+    return v
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class _Strict(BaseModel):
@@ -176,7 +200,7 @@ class StudentConfig(_Strict):
 
 
 class TeacherConfig(_Placed):
-    name: str = Field(..., min_length=1, description="Teacher name referenced by routes.")
+    name: PlainName = Field(..., description="Teacher name referenced by routes (a plain name: letters, digits, `_`, `-`, `.`).")
     kind: Literal["gaussian", "oracle", "pretrained"] = Field("gaussian", description="`gaussian`: exact field of a per-prompt Gaussian (toy); `oracle`: exact field toward the ShapesBench ground truth (shapes); `pretrained`: a diffusers model folder at `path`.")
     path: str | None = Field(None, min_length=1, description="Model folder for `pretrained` teachers (loaded with from_pretrained); sd3/zimage: a transformer folder (a full checkpoint) or a pipeline folder, None = the transformer of backend.pretrained.")
     lora: str | None = Field(None, min_length=1, description="sd3/zimage: a PEFT LoRA folder merged into this teacher's weights (LoRA on the base, or on `path`).")
@@ -191,9 +215,9 @@ class TeacherConfig(_Placed):
 
 
 class RouteConfig(_Strict):
-    name: str = Field(..., min_length=1, description="Route name (metrics label).")
-    teacher: str = Field(..., min_length=1, description="Name of the frozen teacher this route distils.")
-    task: str = Field(..., min_length=1, description="Dataset task bucket whose samples this route draws.")
+    name: PlainName = Field(..., description="Route name (metrics label, and the file name of its eval grid and `danceopd sample` images): a plain name, letters, digits, `_`, `-`, `.`.")
+    teacher: PlainName = Field(..., description="Name of the frozen teacher this route distils.")
+    task: PlainName = Field(..., description="Dataset task bucket whose samples this route draws (a plain name; rows of other tasks are not drawn).")
     weight: float = Field(1.0, ge=0, le=1e6, description="Relative probability of this route.")
     requires_source_image: bool = Field(False, description="Edit route: every sample must have a source image.")
     cfg_scale: float | None = Field(None, ge=0, le=MAX_SCALE, description="Teacher CFG scale for this route (default: method.teacher_cfg_scale).")
@@ -278,11 +302,20 @@ class DeadlinesConfig(_Strict):
     """How long each remote wait on the data path may take before it counts as that actor's failure."""
 
     rollout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="One rollout batch on a worker; past it the worker is restarted and its batches re-issued.")
-    route_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router.")
+    route_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="Routing one batch (router plus teacher answers); past it the job stops with an error naming the router. Must exceed teacher_s.")
     teacher_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="One teacher query call; past it the replica is restarted and the batch re-issued.")
     learner_step_s: float = Field(900.0, gt=0, le=MAX_TIMEOUT_S, description="One learner step over all ranks; past it the job stops with an error naming the learner.")
     placement_s: float = Field(120.0, gt=0, le=86_400, description="A new rollout worker the cluster has not placed within this long is given up (its placement group removed); the job goes on without it.")
     start_s: float = Field(900.0, gt=0, le=86_400, description="A member (rollout worker, teacher replica, router) whose constructor (model load, first weights) has not finished this long after it began failed to start: it is restarted within its role's budget. Counted from the constructor's first line, not from the request (placement, process boot); restarts get the same allowance as the job's start.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeadlinesConfig:
+        # Routing a batch waits for its teachers' answers: a hung teacher must time out (its replica
+        # restarted, the batch re-issued) before the router's deadline turns it into the router's failure.
+        if self.teacher_s >= self.route_s:
+            raise ValueError(f"deadlines.teacher_s: {self.teacher_s:g} s is not below deadlines.route_s = {self.route_s:g} s "
+                             "(routing a batch waits for its teachers: a hung teacher must time out first)")
+        return self
 
 
 class CheckpointConfig(_Strict):
@@ -292,12 +325,18 @@ class CheckpointConfig(_Strict):
 
 
 class ControlConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Bind address of the control API (/health /status /scale /stop); keep loopback: `danceopd status`, `scale` and `stop` call it on the head.")
+    host: str = Field("127.0.0.1", description="Bind address of the control API (/health /status /scale /stop); keep loopback: `danceopd status`, `scale` and `stop` call it on the head. An IPv4 or IPv6 address (`::1`, brackets optional) or a host name; `danceopd train` and `validate` refuse one that does not resolve to an address of this machine (`validate --remote` and `submit` check its form only).")
     port: int = Field(0, ge=0, le=65535, description="Control API port; 0 = a free port.")
-    metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it).")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the controller's Prometheus /metrics, apart from the control API (0.0.0.0 on a cluster head, so Prometheus can scrape it); checked like `host`.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Controller Prometheus port; None = $DANCEOPD_METRICS_PORT or 9095, 0 = a free port.")
     stall_after_s: float = Field(600.0, gt=0, le=7 * 86_400, description="Seconds without a learner step (counted from the job's start before the first) after which /health answers 503; exported as danceopd_stall_after_seconds for the stall alert.")
     token_env: str = Field("DANCEOPD_CONTROL_TOKEN", description="Env var holding the token that /scale, /stop and the full /status require (generated when unset).")
+
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _unbracketed(cls, v: str) -> str:
+        # `[::1]` is how a URL writes an IPv6 address; a bind address is the address itself.
+        return v[1:-1] if v.startswith("[") and v.endswith("]") else v
 
 
 class AutoscaleConfig(_Strict):
@@ -460,8 +499,12 @@ class Config(_Strict):
 # ---- loading --------------------------------------------------------------------------------
 
 def _parse_scalar(text: str) -> Any:
-    """`--set` values are YAML scalars, so `3`, `1e-3`, `true`, `null`, `[a, b]` get their types."""
-    return yaml.safe_load(text) if text != "" else ""
+    """`--set` values are YAML scalars, so `3`, `1e-3`, `true`, `null`, `[a, b]` get their types;
+    text that is no YAML (`[::1]`, an IPv6 address in brackets) stays text, for its key to judge."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

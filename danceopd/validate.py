@@ -4,7 +4,9 @@ image files, prompts, model folders, writable folders, ports — without loading
 Every problem is one line that starts with the config key at fault (`learner.lr: ...`,
 `data.path: data.csv row 7 (uid x): ...`); `danceopd train` runs the same checks before any actor
 starts. Ports 1-1023 are refused for the control API and the metrics endpoint (binding them
-needs root, which the controller should not have): use 0 (a free port) or 1024-65535.
+needs root, which the controller should not have): use 0 (a free port) or 1024-65535. Their hosts
+must resolve to an address this machine can bind, checked before any dataset or model is read;
+`local_paths=False` (`validate --remote`, `submit`: the job runs elsewhere) checks their form only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 
 from danceopd.config import Config, ConfigError, LatentBackendConfig
@@ -76,7 +79,7 @@ def _is_host(host: str) -> bool:
     if host == "":  # every interface
         return True
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ipaddress.ip_address(host)
         return True
     except ValueError:
         return bool(_HOSTNAME.match(host))
@@ -98,12 +101,30 @@ def _metrics_port(cfg: Config) -> int:
     return port
 
 
-def _control(cfg: Config) -> None:
+def _bindable(host: str, key: str) -> None:
+    """`host` resolves, and its first address (the one the server binds) is one of this machine's:
+    a socket is bound to it on port 0 and closed at once."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError
+        raise ConfigError(f"{key}: {host!r} cannot be resolved ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind(addr)
+    except OSError as e:
+        raise ConfigError(f"{key}: {host!r} ({addr[0]}) cannot be bound on this machine ({e.strerror or e})") from None
+
+
+def _control(cfg: Config, local: bool) -> None:
+    """The control API's and metrics' settings; `local`: they bind on this machine, so their hosts
+    must resolve and bind here (on a cluster, the head's names and addresses are its own)."""
     c = cfg.control
     for key in ("host", "metrics_host"):
         host = getattr(c, key, "")
         if not _is_host(host):
             raise ConfigError(f"control.{key}: {host!r} is not an IP address or host name")
+        if local:
+            _bindable(host, f"control.{key}")
     metrics = _metrics_port(cfg)
     for key, port in (("control.port", c.port), ("control.metrics_port", c.metrics_port)):
         if port is not None and 0 < port < 1024:
@@ -191,12 +212,14 @@ def _pipeline_models(cfg: Config, remote=frozenset()) -> None:
 
 def validate(cfg: Config, local_paths: bool = True, cluster_paths=()) -> Dataset | None:
     """Raises ConfigError / DatasetError (ValueErrors) with a one-line message naming the key.
-    `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir), for a
-    job that runs on another machine. `cluster_paths`: mount prefixes of that machine (e.g. /mnt/);
+    `local_paths=False` skips the folders the job writes (job.output_dir, replay.spill_dir) and
+    whether the control and metrics hosts resolve and bind here, for a job that runs on another
+    machine. `cluster_paths`: mount prefixes of that machine (e.g. /mnt/);
     model paths, data.path and row images under one that do not exist here are left to the job
     (`cluster_side`), and with them every check that reads them. None when data.path is one."""
     from danceopd.backends import backend_class
 
+    _control(cfg, local=local_paths)  # first: a host that does not resolve fails before anything is read
     remote = frozenset(cluster_side(cfg, cluster_paths))
     pipeline = backend_class(cfg.backend.name).pipeline
     if pipeline:
@@ -209,7 +232,6 @@ def validate(cfg: Config, local_paths: bool = True, cluster_paths=()) -> Dataset
     if cfg.sync.max_policy_lag < cfg.sync.sync_every - 1:
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
                           "samples made between pushes would all be stale")
-    _control(cfg)
     if local_paths:
         _writable_dir(cfg.output_path, "job.output_dir")
         if cfg.replay.spill_dir:

@@ -48,7 +48,8 @@ def validate(
     config: Path,
     set_: list[str] | None = SetOpt,
     remote: bool = typer.Option(False, "--remote", help="The job runs on another machine (a cluster): do not check "
-                                "here that the folders it writes (job.output_dir, replay.spill_dir) can be written."),
+                                "here that the folders it writes (job.output_dir, replay.spill_dir) can be written, "
+                                "nor that control.host / metrics_host resolve and bind (their form still is)."),
 ):
     """Check a config, its dataset buckets, images, prompts, model folders, ports and output folders (no weights are loaded)."""
     cfg = load_valid(config, set_, local_paths=not remote)

@@ -208,6 +208,10 @@ def test_exit_codes_of_the_real_command():
     (["control.port=80"], "control.port: 80 is a privileged port"),
     (["control.metrics_port=443"], "control.metrics_port: 443 is a privileged port"),
     (["control.host=nonexistent/path"], "control.host: 'nonexistent/path' is not an IP address or host name"),
+    (["control.host=::1::2"], "control.host: '::1::2' is not an IP address or host name"),
+    (["control.host=nohost.invalid"], "control.host: 'nohost.invalid' cannot be resolved"),  # RFC 2606: never resolves
+    (["control.metrics_host=192.0.2.1"], "control.metrics_host: '192.0.2.1' (192.0.2.1) cannot be bound on this machine"),
+    (["deadlines.teacher_s=900", "deadlines.route_s=600"], "deadlines.teacher_s: 900 s is not below deadlines.route_s = 600 s"),
     (["control.token_env=NOT A NAME"], "control.token_env: 'NOT A NAME' is not an environment variable name"),
     (["student.lora.enabled=true", "student.lora.target_modules=[to_qq]"],
      "student.lora.target_modules: 'to_qq' matches no module of SD3Transformer2DModel"),
@@ -272,6 +276,59 @@ def test_remote_job_skips_the_folders_it_writes(demo, monkeypatch):
     assert code == 2 and out.startswith("error: job.output_dir: "), out
     res = runner.invoke(app, ["validate", str(demo), "--remote", "--set", "replay.spill_dir=/spill"])
     assert res.exit_code == 0, res.output
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("key", ["host", "metrics_host"])
+@pytest.mark.parametrize("value", ["::1", "[::1]", "::"])
+def test_ipv6_hosts_work(demo, key, value):
+    from danceopd.config import load_config
+
+    raw = yaml.safe_load(demo.read_text())
+    raw["control"] = {key: value}
+    demo.write_text(yaml.safe_dump(raw))
+    code, out = run(demo)
+    assert code == 0, out
+    assert getattr(load_config(demo).control, key) == value.strip("[]")  # a bind address has no brackets
+    if value != "::":  # `--set` reads YAML, where `::` is a mapping: quote it there
+        assert run(demo, f"control.{key}={value}")[0] == 0
+
+
+def test_an_unusable_host_is_refused_before_anything_is_read(demo, monkeypatch):
+    """The hosts are checked first: no data file, model folder or backend is touched."""
+    from danceopd import validate as v
+    from danceopd.config import ConfigError, load_config
+
+    def never(*a, **kw):
+        raise AssertionError("read before the host was checked")
+
+    monkeypatch.setattr(v.Dataset, "load", never)
+    monkeypatch.setattr(v, "_model_folder", never)
+    monkeypatch.setattr(v, "_pipeline_models", never)
+    for sets, msg in ((["control.host=nohost.invalid"], "control.host: 'nohost.invalid' cannot be resolved"),
+                      (["control.metrics_host=192.0.2.1"], "control.metrics_host: '192.0.2.1' (192.0.2.1) cannot be bound")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            validate(load_config(demo, [*sets, "student.init=models/student"]))  # a model folder to look at
+
+
+def test_remote_checks_the_form_of_a_host_not_whether_it_resolves_here(demo):
+    # The head's names and addresses are its own: a cluster DNS name need not resolve on a laptop.
+    for sets in (["control.host=nohost.invalid"], ["control.metrics_host=192.0.2.1"]):
+        res = runner.invoke(app, ["validate", str(demo), "--remote", *(x for s in sets for x in ("--set", s))])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["validate", str(demo), "--remote", "--set", "control.host=no host"])
+    assert res.exit_code == 2 and res.output.strip() == "error: control.host: 'no host' is not an IP address or host name"
 
 
 def _rows(cfg_path: Path) -> tuple[Path, list[dict]]:

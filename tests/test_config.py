@@ -97,3 +97,70 @@ def test_a_retired_key_says_what_to_do_in_one_line(tmp_path):
         load_config(path)
     msg = str(err.value)
     assert msg.startswith("deadlines.replay_s: no longer a setting") and "remove it" in msg and "\n" not in msg
+
+
+# ---- names that become file names; deadline ordering (issue 22, points 6 and 10) ----------------
+
+def _with(raw, path: str, value):
+    """raw with the key at dotted `path` set (list indices as numbers)."""
+    node = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node[k]
+    node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize("key", ["routing.routes.0.name", "routing.routes.0.task", "routing.routes.0.teacher",
+                                 "teachers.0.name"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "", "a b", "x" * 129, "/abs"])
+def test_names_that_would_leave_an_output_folder_are_refused(toy_raw, tmp_path, key, name):
+    from danceopd.config import config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(_with(toy_raw, key, name), base_dir=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{key}: ") and "\n" not in msg, msg
+
+
+def test_plain_names_pass(toy_raw, tmp_path):
+    from danceopd.config import config_from_dict
+
+    raw = _with(_with(toy_raw, "routing.routes.0.name", "t2i-v1.5_b"), "teachers.0.name", "T0.sd3-5")
+    raw["routing"]["routes"][0]["teacher"] = "T0.sd3-5"
+    cfg = config_from_dict(raw, base_dir=tmp_path)
+    assert cfg.routing.routes[0].name == "t2i-v1.5_b" and cfg.teachers[0].name == "T0.sd3-5"
+
+
+def test_a_checkpoint_config_with_a_route_named_to_escape_is_refused(toy_raw, tmp_path):
+    """`danceopd sample` / `eval` read a checkpoint's own config.yaml: it goes through the same
+    checks, so a route named `../x` never becomes `OUT/../x-000.png`."""
+    import yaml
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    toy_raw["routing"]["routes"][0]["name"] = "../x"
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(toy_raw))
+    out = tmp_path / "home" / "out"
+    for args in (["sample", str(ckpt), "--route", "../x", "--prompt", "class 0", "--n", "1", "--out", str(out)],
+                 ["eval", str(ckpt), "--out", str(out)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().startswith("error: routing.routes.0.name: '../x' is not a plain name"), res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("teacher_s, route_s", [(900, 600), (600, 600)])
+def test_teacher_deadline_must_be_below_the_route_deadline(toy_raw, write_config, teacher_s, route_s):
+    toy_raw["deadlines"] = {"teacher_s": teacher_s, "route_s": route_s}
+    code, out = run_validate(write_config(toy_raw))
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith(f"error: deadlines.teacher_s: {teacher_s} s is not below deadlines.route_s = {route_s} s"), out
+    toy_raw["deadlines"] = {"teacher_s": route_s - 1, "route_s": route_s}
+    assert run_validate(write_config(toy_raw))[0] == 0
+    # --remote checks the same (the ordering is the config's own)
+    toy_raw["deadlines"] = {"teacher_s": teacher_s, "route_s": route_s}
+    code, out = run_validate(write_config(toy_raw), "--remote")
+    assert code == 2 and out.startswith("error: deadlines.teacher_s: "), out

@@ -5,6 +5,7 @@ servers, status with the job's start), with only the Ray registry stubbed out.""
 
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -174,6 +175,10 @@ def test_scale_with_the_token_calls_the_controller(ctl):
     (b'{"teachers": {"t2i": 1.5}}', "teachers.t2i: expected an integer"),
     (b'{"teachers": {"nope": 2}}', "unknown route 'nope'"),  # a ValueError from the controller
     (b'{"rollout_workers": 0}', "below 1"),
+    (b"\xff{}", "not valid JSON"),  # not UTF-8
+    (b"[" * 60_000, "not valid JSON (RecursionError"),  # nesting deeper than the parser's stack
+    (b'{"rollout_workers": ' + b"9" * 5000 + b"}", "not valid JSON"),  # an int too long to convert
+    (b'{"teachers": [1, 2]}', "teachers: expected an object"),
 ])
 def test_scale_bad_requests_are_400_with_one_line(ctl, raw, fragment):
     fake, _, _, port = ctl
@@ -200,15 +205,143 @@ def test_wrong_methods_and_paths(ctl):
     assert request(port, "GET", "/scale")[0] == 405
     assert request(port, "POST", "/status", token=TOKEN)[0] == 405
     assert request(port, "GET", "/nope")[0] == 404
-    # A body claimed larger than 64 KiB is refused before it is read.
+    # A body claimed larger than 64 KiB is refused (413) before it is read.
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.putrequest("POST", "/scale")
     conn.putheader("Authorization", f"Bearer {TOKEN}")
     conn.putheader("Content-Length", str(10 * 1024 * 1024))
     conn.endheaders()
     r = conn.getresponse()
-    assert r.status == 400 and "larger than" in json.loads(r.read())["error"]
+    assert r.status == 413 and "larger than" in json.loads(r.read())["error"]
     conn.close()
+
+
+# ---- under load: a bounded pool, request timeouts (issue 22, point 9) ---------------------------
+
+def wait_until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_300_idle_connections_hold_no_thread_and_status_still_answers(ctl):
+    """Idle clients, and clients that sent half a request, wait in the event loop: no thread each,
+    so the server's threads stay its pool's and a valid /status answers at once."""
+    fake, server, _, port = ctl
+    before = threading.active_count()
+    pool = [t for t in server._threads if t.is_alive()]
+    assert len(pool) == 1 + server.workers  # the event loop and the request threads, from the start
+    socks = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 3 == 1:  # the head never ends
+                s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            elif i % 3 == 2:  # the body never comes whole
+                s.sendall(b"POST /scale HTTP/1.1\r\nContent-Length: 100\r\nAuthorization: Bearer " + TOKEN.encode()
+                          + b"\r\n\r\n{\"rollout")
+            socks.append(s)
+        wait_until(lambda: server.connections >= 300)
+        t0 = time.monotonic()
+        code, body, _ = request(port, "GET", "/status", token=TOKEN)
+        assert code == 200 and body == fake.status()
+        assert time.monotonic() - t0 < 3
+        assert threading.active_count() <= before  # not one thread more for 300 connections
+        assert [t for t in server._threads if t.is_alive()] == pool
+        assert fake.scale_calls == []
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: server.connections == 0)
+
+
+def test_a_request_beyond_the_pool_and_its_queue_is_503_at_once():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_status():
+        entered.set()
+        release.wait(10)
+        return {"job": "toy", "state": "running", "step": 1, "steps": 2, "last_step_age_s": 0.1}
+
+    server = ControlServer(token=TOKEN, status_fn=slow_status, scale_fn=lambda **kw: {}, stop_fn=lambda: None,
+                           workers=1, queued=1)
+    _, port = server.start()
+    codes = []
+    get = lambda: codes.append(request(port, "GET", "/status", token=TOKEN)[0])  # noqa: E731
+    try:
+        first = threading.Thread(target=get)
+        first.start()
+        assert entered.wait(5)  # the one request thread is busy
+        second = threading.Thread(target=get)
+        second.start()
+        wait_until(lambda: server.waiting == 2)  # ... and the one queue slot taken
+        t0 = time.monotonic()
+        code, body, r = request(port, "GET", "/health")
+        assert code == 503 and "busy" in body["error"] and r.getheader("Retry-After") == "1", body
+        assert time.monotonic() - t0 < 2
+        release.set()
+        first.join(10)
+        second.join(10)
+        assert codes == [200, 200]  # the queued one was answered too
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_a_client_that_never_sends_a_whole_request_is_dropped_and_connections_are_bounded():
+    server = ControlServer(token=TOKEN, status_fn=dict, scale_fn=lambda **kw: {}, stop_fn=lambda: None,
+                           request_timeout_s=0.5, max_connections=3)
+    _, port = server.start()
+    try:
+        for partial in (b"", b"GET /health HTTP/1.1\r\n", b"POST /scale HTTP/1.1\r\nContent-Length: 10\r\n\r\n{"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(partial)
+                t0, got = time.monotonic(), b""
+                while chunk := s.recv(4096):  # until the server closes it
+                    got += chunk
+                assert got.startswith(b"HTTP/1.0 408 ") and b"no whole request within 0.5 s" in got, got
+                assert time.monotonic() - t0 < 3
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            wait_until(lambda: server.connections == 3)
+            code, body, _ = request(port, "GET", "/health")
+            assert code == 503 and "more than 3 open connections" in body["error"]
+        finally:
+            for s in idle:
+                s.close()
+        wait_until(lambda: server.connections == 0)
+        assert request(port, "GET", "/health")[0] == 200
+        # a head that never ends within 16 KiB
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health", headers={"X-Pad": "x" * (api.MAX_HEAD_BYTES + 10)})
+        assert conn.getresponse().status == 431
+        conn.close()
+    finally:
+        server.stop()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_an_ipv6_bind_works(host):
+    server = ControlServer(host=host, token=TOKEN, status_fn=lambda: {"state": "running"}, scale_fn=lambda **kw: {},
+                           stop_fn=lambda: None)
+    _, port = server.start()
+    try:
+        assert server.url == f"http://[::1]:{port}"
+        assert request(port, "GET", "/health", host="::1")[0] == 200
+        assert ctl_request(server.url, TOKEN, "status") == {"state": "running"}
+    finally:
+        server.stop()
 
 
 def test_controller_errors_do_not_kill_the_server():
@@ -256,6 +389,11 @@ def test_control_url_and_parse():
     assert control_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert control_url("10.0.0.5", 8000) == "http://10.0.0.5:8000"
     assert control_url("::1", 8000) == "http://[::1]:8000"
+    assert control_url("::", 8000) == "http://[::1]:8000"  # an IPv6 wildcard bind may take IPv6 only
+    from services.control.ctl import _loopback  # the helper job's view of a registered wildcard URL
+
+    assert _loopback("http://0.0.0.0:8000") == "http://127.0.0.1:8000"
+    assert _loopback("http://[::]:8000") == "http://[::1]:8000"
     assert parse_scale_request({"rollout_workers": 3}) == (3, None)
     assert parse_scale_request({"teachers": {"a": 1}}) == (None, {"a": 1})
 
@@ -289,7 +427,7 @@ def telemetry(toy_raw, tmp_path, monkeypatch):
 def test_metrics_and_control_bind_separately(telemetry):
     tel, registered, ctl_port = telemetry
     assert tel.metrics._server.socket.getsockname()[0] == "0.0.0.0"  # scrapeable from the pod network
-    assert tel.control._server.socket.getsockname()[:2] == ("127.0.0.1", ctl_port)  # the API: loopback only
+    assert tel.control._server.sockets[0].getsockname()[:2] == ("127.0.0.1", ctl_port)  # the API: loopback only
     assert tel.metrics.port != ctl_port
     assert registered == {"job": tel.cfg.job.name, "url": f"http://127.0.0.1:{ctl_port}", "token": TOKEN}
     series = scrape("127.0.0.1", tel.metrics.port)

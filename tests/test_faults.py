@@ -151,8 +151,10 @@ def test_killed_teacher_replica_is_blamed_and_replaced(ray_local, sim_raw, tmp_p
 
 
 def test_killed_router_scorer_is_replaced_without_losing_a_batch(ray_local, sim_raw, tmp_path):
-    # A short routing deadline: a batch the new scorer never got would fail this test in 20 s.
-    cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1, deadlines__route_s=20.0)
+    # A short routing deadline: a batch the new scorer never got would fail this test in 20 s (the
+    # teacher deadline below it, as the config requires).
+    cfg = small(sim_raw, tmp_path, "kill-router", backend__teacher_latency_s=0.1, deadlines__route_s=20.0,
+                deadlines__teacher_s=10.0)
     summary, fault = run_with_fault(cfg, lambda loop: loop.fleet.scorer.only, "router")
     acct = assert_recovered(summary, cfg, "router", fault, "router (scorer)")
     assert acct["lost"] == 0  # batches being scored were scored again by the new scorer

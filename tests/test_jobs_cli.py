@@ -18,6 +18,7 @@ pytest process never holds Ray client state for the head.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -216,8 +217,8 @@ def test_staged_upload_holds_the_config_and_its_data_only(tmp_path, monkeypatch)
     assert got == {"exp/c.yaml", "data/shapes/data.csv", *images}
     # The copy resolves like the original: the same config, data and images from inside it.
     staged = load_config(dest / rel)
-    assert jobs.config_inputs(dest / rel, staged)[0] == [Path(str(p).replace(str(home), str(dest), 1))
-                                                          for p in jobs.config_inputs(home / "exp/c.yaml", cfg)[0]]
+    assert list(jobs.config_inputs(dest / rel, staged)[0]) == [Path(str(p).replace(str(home), str(dest), 1))
+                                                                for p in jobs.config_inputs(home / "exp/c.yaml", cfg)[0]]
 
     # From another cwd the anchor is the common folder of the config and its inputs (still home/).
     (tmp_path / "elsewhere").mkdir()
@@ -244,7 +245,7 @@ def test_staged_upload_takes_model_folders_without_pickles_or_hidden_files(tmp_p
     assert {p for p in _listing(dest) if p.startswith("models/")} == {
         "models/student/config.json", "models/student/diffusion_pytorch_model.safetensors", "models/student/sub/extra.json"}
     (model / ".ssh").mkdir()  # a model folder holding credentials is never uploaded
-    with pytest.raises(jobs.JobsError, match="model folder .* refused: it holds"):
+    with pytest.raises(jobs.JobsError, match="student.init .* refused: it holds"):
         jobs.stage_upload(Path("exp/c.yaml"), load_config("exp/c.yaml"), tmp_path / "again")
 
 
@@ -293,6 +294,119 @@ def test_submit_from_a_home_folder_ships_the_package_config_and_data_not_the_hom
     client = FakeJobsClient()
     jobs.submit(client, home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
     assert client.files == {"c.yaml"} and client.sent["entrypoint"].startswith("danceopd train c.yaml ")
+
+
+# ---- nothing outside its folders (issue 22, point 6) ---------------------------------------------
+
+EDIT_ROW = 33  # the first local_edit row of configs/data/shapes/data.csv (it has a source image)
+
+
+def _point_row_at(home: Path, value: str) -> str:
+    """Row EDIT_ROW's source_image set to `value`; returns the row's uid."""
+    data = home / "data" / "shapes" / "data.csv"
+    with data.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    rows[EDIT_ROW - 1]["source_image"] = value
+    with data.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return rows[EDIT_ROW - 1]["uid"]
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink"])
+def test_a_data_row_that_leads_to_a_key_is_refused_naming_row_and_column(tmp_path, monkeypatch, how):
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    if how == "dotdot":
+        value = "../../.ssh/id_rsa"
+    else:  # an innocent name inside the data folder, linked to the key
+        value = "images/innocent.png"
+        (home / "data" / "shapes" / value).symlink_to(home / ".ssh" / "id_rsa")
+    uid = _point_row_at(home, value)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    cfg = load_config("exp/c.yaml")
+    client = FakeJobsClient()
+    with pytest.raises(jobs.JobsError) as err:
+        jobs.submit(client, Path("exp/c.yaml"), cfg, None)
+    msg = str(err.value)
+    assert msg.startswith(f"data.path: data.csv row {EDIT_ROW} (uid {uid}) column source_image: {value} resolves "
+                          "outside the config's folder, the data file's folder and the model folders"), msg
+    assert str(home / ".ssh" / "id_rsa") in msg and "\n" not in msg
+    assert client.sent is None  # nothing was submitted
+    with pytest.raises(jobs.JobsError):
+        jobs.stage_upload(Path("exp/c.yaml"), cfg, tmp_path / "staged")
+    assert not any("id_rsa" in f or "innocent" in f for f in _listing(tmp_path / "staged"))
+
+
+def test_rows_may_reach_into_the_config_folder_and_links_may_stay_inside(tmp_path, monkeypatch):
+    """The rule is where a file resolves, not how it is written: `..` into the config's folder and
+    a symlink to a file of the data folder are staged."""
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    images = home / "data" / "shapes" / "images"
+    shutil.copy(images / "local_edit-00000_src.png", home / "exp" / "src.png")
+    _point_row_at(home, "../../exp/src.png")
+    (images / "alias.png").symlink_to(images / "local_edit-00000_src.png")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    jobs.stage_upload(Path("exp/c.yaml"), load_config("exp/c.yaml"), tmp_path / "staged")
+    assert "exp/src.png" in _listing(tmp_path / "staged")
+
+
+def test_submit_cli_refuses_a_row_that_leads_to_a_key_in_one_line(tmp_path, monkeypatch):
+    """`danceopd submit`: the stand-in key is a real PNG here, so the config validates and only the
+    staging check stands between it and the upload."""
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    home = _home_with_a_job(tmp_path)
+    shutil.copy(home / "data" / "shapes" / "images" / "local_edit-00000_src.png", home / ".ssh" / "id_rsa")
+    uid = _point_row_at(home, "../../.ssh/id_rsa")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    client = FakeJobsClient()
+    monkeypatch.setattr(jobs, "connect", lambda address: client)
+    res = CliRunner().invoke(app, ["submit", "exp/c.yaml", "--address", "http://head:8265", "--no-wait"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: data.path: data.csv row {EDIT_ROW} (uid {uid}) column source_image: ../../.ssh/id_rsa resolves outside"), lines
+    assert client.sent is None
+
+
+def test_model_folders_and_the_working_dir_keep_their_links_inside(tmp_path, monkeypatch):
+    from danceopd.config import load_config
+
+    home = _home_with_a_job(tmp_path)
+    model = home / "models" / "student"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").symlink_to("config.json")  # a link inside the folder: fine
+    raw = yaml.safe_load((home / "exp" / "c.yaml").read_text())
+    raw["student"] = {"init": "../models/student"}
+    (home / "exp" / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    cfg = load_config("exp/c.yaml")
+    jobs.stage_upload(Path("exp/c.yaml"), cfg, tmp_path / "ok")
+    (model / "sub").mkdir()
+    (model / "sub" / "extra.safetensors").symlink_to(home / ".ssh" / "id_rsa")
+    with pytest.raises(jobs.JobsError, match=r"^student\.init .*/models/student: sub/extra\.safetensors resolves outside"):
+        jobs.stage_upload(Path("exp/c.yaml"), cfg, tmp_path / "staged")
+    (model / "sub" / "extra.safetensors").unlink()
+    (model / "sub" / "loop").symlink_to(model)  # copytree would never end
+    with pytest.raises(jobs.JobsError, match="symlink to a folder above it"):
+        jobs.stage_upload(Path("exp/c.yaml"), cfg, tmp_path / "staged2")
+    # --working-dir: Ray's packaging follows links too
+    (home / "exp" / "key").symlink_to(home / ".ssh" / "id_rsa")
+    with pytest.raises(jobs.JobsError, match=r"^--working-dir .*/exp: key resolves outside"):
+        jobs.submit(FakeJobsClient(), home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
 
 
 SD35_ON_CLUSTER = ["backend.pretrained", "teachers.1.adapters.realism", "teachers.1.adapters.style", "data.path"]

@@ -107,7 +107,7 @@ def _loopback(url: str) -> str:
 
     parts = urlsplit(url)
     if parts.hostname in ("0.0.0.0", "::", "") and parts.port:
-        return control_url("0.0.0.0", parts.port) + parts.path
+        return control_url(parts.hostname, parts.port) + parts.path
     return urlunsplit(parts)
 
 

@@ -4,6 +4,9 @@
 metadata {"danceopd_job": job.name}. It uploads only what the job needs: the danceopd packages
 (runtime_env `py_modules`) and a staged working_dir holding the config and the local files it
 names through relative paths (data file, its images, model folders), never an arbitrary folder.
+Each of them, after `..` and symlinks, must lie inside the config's folder, the data file's folder
+or a model folder the config names, and out of credentials folders (`config_inputs`); an explicit
+`--working-dir` must hold no credentials and no symlink out of it.
 
 `danceopd status|scale|stop` never connect to the controller directly: the control API binds
 loopback on the head by default, and the only port a user is assumed to reach is the Jobs API
@@ -25,6 +28,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,59 +91,106 @@ def package_dirs() -> list[Path]:
     return [root / p for p in PACKAGES]
 
 
-def check_uploadable(folder: Path, what: str) -> None:
-    """Refuse to upload /, the home folder (or a folder above it), or a folder holding credentials."""
+ROOTS = "the config's folder, the data file's folder and the model folders it names"
+
+
+def _check_staged(path: Path, what: str, roots: list[Path], base: Path) -> None:
+    """Refuse to stage `path` unless, after `..` and symlinks, it lies inside one of `roots`, and
+    not in a credentials folder (one that `base`, the config's own folder, is not in)."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(r) for r in roots):
+        raise JobsError(f"{what} resolves outside {ROOTS} (to {real}): refused; only files inside them are uploaded")
+    secret = next((x for x in real.parts if x in SECRETS and x not in base.parts), None)
+    if secret:
+        raise JobsError(f"{what} resolves into {secret} (to {real}): refused; credentials are never uploaded")
+
+
+def _entries(folder: Path, chain: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Every path below `folder` that an upload takes (EXCLUDES left out), following symlinks as
+    shutil.copytree and Ray's packaging do. Lazy: the caller refuses an entry before its folder is
+    entered. A symlink to a folder above it would never end: refused."""
+    chain = (*chain, os.path.realpath(folder))
+    for entry in sorted(folder.iterdir()):
+        if entry.name in EXCLUDES:
+            continue
+        yield entry
+        if entry.is_dir():
+            if os.path.realpath(entry) in chain:
+                raise JobsError(f"{entry}: refused: a symlink to a folder above it (an upload would never end)")
+            yield from _entries(entry, chain)
+
+
+def check_uploadable(folder: Path, what: str, roots: list[Path] | None = None, base: Path | None = None) -> None:
+    """Refuse to upload /, the home folder (or a folder above it), a folder holding credentials, or
+    one holding a symlink that resolves outside `roots` (default: the folder itself)."""
     f, home = Path(os.path.abspath(folder)), Path.home().resolve()
     if f == Path(f.anchor) or f.resolve() == home or home.is_relative_to(f.resolve()):
         raise JobsError(f"{what} {folder}: refused: it is / or your home folder (or above it); name a folder "
                         "that holds only what the job needs")
-    for root, dirs, files in os.walk(f):
-        dirs[:] = [d for d in dirs if d not in EXCLUDES]
-        for name in (*dirs, *files):
-            if name in SECRETS:
-                raise JobsError(f"{what} {folder}: refused: it holds {Path(root, name)} (credentials are never "
-                                "uploaded); name a folder without it")
+    real = Path(os.path.realpath(f))
+    for p in _entries(f):
+        if p.name in SECRETS:
+            raise JobsError(f"{what} {folder}: refused: it holds {p} (credentials are never "
+                            "uploaded); name a folder without it")
+        _check_staged(p, f"{what} {folder}: {p.relative_to(f).as_posix()}", roots or [real], base or real)
 
 
-def config_inputs(config: Path, cfg: Config) -> tuple[list[Path], list[str]]:
-    """(local files and model folders the config names through relative paths, as absolute
-    un-resolved paths; the absolute paths it names, which must exist on the cluster)."""
+def config_inputs(config: Path, cfg: Config) -> tuple[dict[Path, str], list[str]]:
+    """(the local files and model folders the config names through relative paths, as absolute
+    un-resolved paths, each with what names it: a config key, or a data row and column; the
+    absolute paths it names, which must exist on the cluster).
+
+    Every local input is checked as `submit` would stage it: after `..` and symlinks it must lie
+    inside the config's folder, the data file's folder or a model folder the config names, and out
+    of credentials folders (model folders: every file in them too); else a one-line JobsError
+    naming the key, or the row and column."""
     from danceopd.dataset import Dataset
+    from danceopd.validate import model_paths
 
     base = Path(os.path.abspath(config)).parent  # lexical: a relative path resolves the same way in the copy
-    local: list[Path] = []
+    local: dict[Path, str] = {}
     absolute: list[str] = []
 
-    def ref(raw: str) -> Path | None:
+    def ref(key: str, raw: str) -> Path | None:
         p = Path(raw).expanduser()
         if p.is_absolute():
             absolute.append(str(p))
             return None
-        local.append(Path(os.path.normpath(base / p)))
-        return local[-1]
+        path = Path(os.path.normpath(base / p))
+        local[path] = key
+        return path
 
-    data = ref(cfg.data.path)
+    data = ref("data.path", cfg.data.path)
+    models = [m for key, raw in model_paths(cfg) if (m := ref(key, raw)) is not None]  # pipelines, checkpoints, LoRA folders
+    real_base = Path(os.path.realpath(base))
+    roots = [real_base, *(Path(os.path.realpath(m)) for m in models)]
+    if data is not None:  # its folder as written (rows are relative to it) and the file's own
+        roots += [Path(os.path.realpath(data.parent)), Path(os.path.realpath(data)).parent]
+    for path, key in list(local.items()):
+        _check_staged(path, key, roots, real_base)
+        if path.is_dir():
+            check_uploadable(path, key, roots, real_base)
     if data is not None:
-        for row in Dataset.load(data).rows:
-            for img in (row.source_image, row.target_image):
+        dataset = Dataset.load(data)
+        for row in dataset.rows:
+            for column in ("source_image", "target_image"):
+                img = getattr(row, column)
                 if img is None:
                     continue
-                if img.is_relative_to(data.parent):  # written relative to the data file
-                    local.append(Path(os.path.normpath(img)))
-                else:
+                if not img.is_relative_to(data.parent):  # written as an absolute path: the cluster's
                     absolute.append(str(img))
-    from danceopd.validate import model_paths
-
-    for _key, raw in model_paths(cfg):  # pipelines, checkpoints, LoRA folders
-        ref(raw)
+                    continue
+                what = f"{dataset.where(row)} column {column}: {img.relative_to(data.parent).as_posix()}"
+                _check_staged(img, what, roots, real_base)
+                local[Path(os.path.normpath(img))] = what
     return local, absolute
 
 
 def stage_upload(config: Path, cfg: Config, dest: Path, cwd: Path | None = None) -> str:
-    """Copy the config and the local inputs it names into `dest`, each at its path relative to one
-    anchor (the cwd when it holds them all, else their common folder), so that the config's
-    relative paths resolve the same way in the copy; nothing else is copied. Returns the config's
-    path inside `dest`."""
+    """Copy the config and the local inputs it names (`config_inputs`, which checks them) into
+    `dest`, each at its path relative to one anchor (the cwd when it holds them all, else their
+    common folder), so that the config's relative paths resolve the same way in the copy; nothing
+    else is copied. Returns the config's path inside `dest`."""
     cwd = Path(os.path.abspath(cwd or Path.cwd()))
     config = Path(os.path.abspath(config))
     inputs, _ = config_inputs(config, cfg)
@@ -148,9 +199,8 @@ def stage_upload(config: Path, cfg: Config, dest: Path, cwd: Path | None = None)
     for p in paths:
         target = dest / p.relative_to(anchor)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if p.is_dir():  # a model folder: its visible files, safetensors weights only
-            check_uploadable(p, "model folder")
-            shutil.copytree(p, target, ignore=shutil.ignore_patterns(*MODEL_SKIP), dirs_exist_ok=True)
+        if p.is_dir():  # a model folder: its visible files, safetensors weights only (what config_inputs checked)
+            shutil.copytree(p, target, ignore=shutil.ignore_patterns(*MODEL_SKIP, *EXCLUDES), dirs_exist_ok=True)
         else:
             shutil.copy2(p, target)
     return config.relative_to(anchor).as_posix()

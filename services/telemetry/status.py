@@ -64,8 +64,8 @@ class Telemetry:
         status_fn, scale_fn, stop_fn = control_fns
         self.control = ControlServer(cfg.control.host, cfg.control.port, token, status_fn, scale_fn, stop_fn,
                                      stall_after_s=cfg.control.stall_after_s)
-        host, cport = self.control.start()
-        self.control_url = f"http://{host}:{cport}"
+        self.control.start()
+        self.control_url = self.control.url  # brackets an IPv6 address; a wildcard bind is reached over loopback
         register(cfg.job.name, self.control_url, token)
 
     # ---- per step ---------------------------------------------------------------------------
