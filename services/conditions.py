@@ -97,7 +97,7 @@ def build_on_worker(cfg: Config, progress: bool, force: bool) -> tuple[Path, boo
     from danceopd.config import ConfigError
     from services.runtime.actors import actor_env
     from services.runtime.failures import RoleFailure, first_line
-    from services.runtime.placement import _describe, check_capacity, role_specs
+    from services.runtime.placement import check_capacity, describe, role_specs
 
     backend = make_backend(cfg)  # its configs only: no weights are loaded
     path, current = backend.cache_status()
@@ -108,7 +108,7 @@ def build_on_worker(cfg: Config, progress: bool, force: bool) -> tuple[Path, boo
     console = Console(stderr=True)
     spec = role_specs(cfg)["rollout"]
     console.print(f"condition cache {path.name}: {'rebuilding' if current else 'missing or stale'}; building it on a "
-                  f"worker node with the rollout role's placement ({_describe(spec.bundle)})", highlight=False, soft_wrap=True)
+                  f"worker node with the rollout role's placement ({describe(spec.bundle)})", highlight=False, soft_wrap=True)
     opts = {**spec.actor_options(in_group=False), "max_concurrency": 2, "runtime_env": {"env_vars": actor_env(cfg)}}
     actor = ray.remote(ConditionCacheBuilder).options(**opts).remote(cfg)
     who = "condition cache builder (rollout placement)"
@@ -117,7 +117,7 @@ def build_on_worker(cfg: Config, progress: bool, force: bool) -> tuple[Path, boo
         try:
             where = ray.get(actor.where.remote(), timeout=start_s)
         except ray.exceptions.GetTimeoutError:
-            raise RoleFailure(f"{who}: not placed within {start_s:g} s (no node with {_describe(spec.bundle)} came up)") from None
+            raise RoleFailure(f"{who}: not placed within {start_s:g} s (no node with {describe(spec.bundle)} came up)") from None
         console.print(f"building the condition cache on {where['host']} (node {where['node'][:8]}) ...",
                       highlight=False, soft_wrap=True)
         ref = actor.build.remote(force)
