@@ -5,18 +5,36 @@ weight pushes with small real tensors; the GPU time each role would spend is sto
 sleep (`backend.rollout_latency_s` per rollout batch, `teacher_latency_s` per teacher query call,
 `learner_latency_s` per learner micro-batch). A sleep holds no CPU, so one small machine can
 simulate a fleet of dozens of GPU workers and show where the pipeline itself stops scaling.
+`teacher_nan_from` makes the teachers answer NaN (the non-finite guard's fault injection).
 """
 
 from __future__ import annotations
 
 import time
+
+import torch
 from typing import TYPE_CHECKING
 
+from danceopd.backends.base import TeacherField
 from danceopd.backends.toy import ToyBackend
 from danceopd.config import SimBackendConfig
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
+
+
+class NanFault(TeacherField):
+    """A teacher field that answers NaN on its calls `start` .. `start + calls - 1` (1-based;
+    `calls` 0: every call from `start` on): the non-finite guard's fault injection."""
+
+    def __init__(self, field, start: int, calls: int):
+        self.field, self.start, self.calls, self.n = field, start, calls, 0
+
+    def velocity(self, z, sigma, cond):
+        self.n += 1
+        v = self.field.velocity(z, sigma, cond)
+        faulty = self.n >= self.start and (not self.calls or self.n < self.start + self.calls)
+        return torch.full_like(v, float("nan")) if faulty else v
 
 
 class SimBackend(ToyBackend):
@@ -26,6 +44,11 @@ class SimBackend(ToyBackend):
         super().__init__(cfg)
         b: SimBackendConfig = cfg.backend
         self.latency = {"rollout": b.rollout_latency_s, "teacher": b.teacher_latency_s, "learner": b.learner_latency_s}
+
+    def build_teacher(self, teacher_cfg, base_dir):
+        field = super().build_teacher(teacher_cfg, base_dir)
+        b: SimBackendConfig = self.cfg.backend
+        return NanFault(field, b.teacher_nan_from, b.teacher_nan_calls) if b.teacher_nan_from else field
 
     def simulated_compute(self, role: str) -> None:
         seconds = self.latency[role]
