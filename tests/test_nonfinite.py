@@ -175,16 +175,21 @@ def toy_cfg(toy_raw, tmp_path, **learner):
     return make_cfg(toy_raw, tmp_path, grad_accum=2, **learner)
 
 
-@pytest.mark.parametrize("column, what", [("target", "loss"), ("state", "prediction")])
+@pytest.mark.parametrize("column, what", [("target", "loss"), ("state", "prediction"), (None, "grad_norm")])
 def test_plain_learner_skips_a_nonfinite_step_and_touches_nothing(toy_raw, tmp_path, column, what):
     cfg = toy_cfg(toy_raw, tmp_path)
     good = routed(cfg, 4)
-    bad = [good[2], poisoned(good[3], column)]
     learner, ref = Learner(cfg), Learner(cfg)  # ref never sees the poisoned step
     for lr in (learner, ref):
         assert lr.train_step(good[:2])["skipped"] is None
     weights, opt = learner.export_weights(), copy.deepcopy(learner.optimizer_state())
-    out = learner.train_step(bad)
+    if column is None:  # a finite loss whose gradient overflows
+        hook = learner.params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+        out = learner.train_step(good[2:])
+        hook.remove()
+        assert np.isfinite(out["loss"])
+    else:
+        out = learner.train_step([good[2], poisoned(good[3], column)])
     assert out["skipped"] == what and out["version"] == 1
     assert all(torch.equal(weights[k], v) for k, v in learner.export_weights().items())
     assert all(torch.equal(a, b) for a, b in zip(tensors(opt), tensors(learner.optimizer_state()), strict=True))
