@@ -115,9 +115,9 @@ class DeepSpeedLearner:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
         same count on every rank); loss and route losses are averaged over all ranks.
 
-        A step with a non-finite loss or gradient norm on any rank is skipped on every rank (the
-        loss is all-reduced before the optimizer step, the gradients are): weights, optimizer
-        state and version stay, `skipped` names what was non-finite and `engine.skipped_steps`
+        A step with a non-finite prediction, loss or gradient norm on any rank is skipped on every
+        rank (each rank's loss and verdict are summed before the optimizer step, the gradients
+        all-reduced): weights, optimizer state and version stay, `skipped` names what was non-finite and `engine.skipped_steps`
         counts it. ZeRO-0 decides before `engine.step()` and clears the gradients, so the client
         AdamW (which skips parameters without one) moves nothing; ZeRO-1..3 leave it to
         DeepSpeed's own check (a non-finite global norm is an overflow: no update), read back with

@@ -44,9 +44,6 @@ class NonFiniteAnswer(ValueError):
         super().__init__(f"teacher {teacher} (route {route}): NaN/Inf in the {what}")
         self.teacher, self.route, self.what = teacher, route, what
 
-    def __reduce__(self):  # crosses process boundaries
-        return NonFiniteAnswer, (self.teacher, self.route, self.what)
-
 
 class InProcessPool:
     """A teacher in this process: it answers at submit time."""

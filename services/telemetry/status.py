@@ -30,6 +30,7 @@ class Telemetry:
         self.synced_reported = 0
         self.restarts_reported: collections.Counter = collections.Counter()
         self.dropped_reported: collections.Counter = collections.Counter()
+        self.nonfinite_reported: collections.Counter = collections.Counter()
         self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
         self.evals: list[dict] = []  # {step, seconds, routes} of every evaluation reported
         self.board = None
@@ -171,9 +172,9 @@ class Telemetry:
                 self.dropped_reported[reason] = n
         for role, routes in st.nonfinite.items():
             for route, n in routes.items():
-                if n > self.dropped_reported[role, route]:
-                    m.inc("danceopd_nonfinite", n - self.dropped_reported[role, route], role=role, route=route)
-                    self.dropped_reported[role, route] = n
+                if n > self.nonfinite_reported[role, route]:
+                    m.inc("danceopd_nonfinite", n - self.nonfinite_reported[role, route], role=role, route=route)
+                    self.nonfinite_reported[role, route] = n
 
     def failed(self, st, error: BaseException) -> None:
         """The job is failing: count it where a scrape or /status can still see it."""
