@@ -11,9 +11,9 @@ simulate a fleet of dozens of GPU workers and show where the pipeline itself sto
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from typing import TYPE_CHECKING
 
 from danceopd.backends.base import TeacherField
 from danceopd.backends.toy import ToyBackend
