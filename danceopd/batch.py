@@ -106,6 +106,16 @@ def replace_columns(rb: pa.RecordBatch, **columns) -> pa.RecordBatch:
     return make_batch(rb.schema, data)
 
 
+def nonfinite(**values) -> str | None:
+    """The name of the first value holding NaN or Inf (tensors, arrays, numbers), else None: the
+    one finite check of teacher answers, routed targets, predictions, losses, gradient norms and
+    the weights a checkpoint writes."""
+    for name, v in values.items():
+        if not (torch.isfinite(v).all() if isinstance(v, torch.Tensor) else np.isfinite(np.asarray(v)).all()):
+            return name
+    return None
+
+
 def num_samples(rb: pa.RecordBatch) -> int:
     return len(set(rb.column("sample_index").to_pylist()))
 

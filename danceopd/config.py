@@ -98,6 +98,8 @@ class SimBackendConfig(ToyBackendConfig):
     teacher_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one teacher query call takes.")
     learner_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds one learner micro-batch takes.")
     load_latency_s: float = Field(0.0, ge=0, le=3600, description="Seconds loading a model takes (each student or teacher a worker, replica or rank builds: start-up and restarts).")
+    teacher_nan_from: int = Field(0, ge=0, le=10**9, description="Fault injection: every teacher answers NaN from its this-th query call on (counted per teacher replica; 0 = never).")
+    teacher_nan_calls: int = Field(0, ge=0, le=10**9, description="Fault injection: how many calls from `teacher_nan_from` on answer NaN (0 = every one after it).")
 
 
 class ShapesBackendConfig(_Strict):
@@ -277,6 +279,7 @@ class LearnerConfig(_Placed):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global grad-norm clip (0 = off).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step and rank.")
+    max_nonfinite_steps: int = Field(3, ge=1, le=10**6, description="NaN/Inf in a row that fail the job, naming the role and route: learner steps skipped (prediction, loss or gradient norm), or one route's routed batches dropped (its teacher's answer). Each is replaced, so a teacher or student that stays non-finite ends the job instead of looping.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (ray mode).")
     world_size: int = Field(1, ge=1, le=MAX_WORKERS, description="Learner ranks W.")
     num_cpus: float = Field(1.0, ge=0, le=MAX_RESOURCE, description="CPUs per learner rank.")

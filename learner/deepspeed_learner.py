@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from danceopd.backends import make_backend
+from danceopd.batch import nonfinite
 from danceopd.checkpoint import (
     load_json,
     load_tensors,
@@ -121,38 +122,59 @@ class DeepSpeedLearner:
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
-        same count on every rank); loss and route losses are averaged over all ranks."""
+        same count on every rank); loss and route losses are averaged over all ranks.
+
+        A step with a non-finite prediction, loss or gradient norm on any rank is skipped on every
+        rank (each rank's loss and verdict are summed before the optimizer step, the gradients
+        all-reduced): weights, optimizer state and version stay, `skipped` names what was non-finite and `engine.skipped_steps`
+        counts it. ZeRO-0 decides before `engine.step()` and clears the gradients, so the client
+        AdamW (which skips parameters without one) moves nothing; ZeRO-1..3 leave it to
+        DeepSpeed's own check (a non-finite global norm is an overflow: no update), read back with
+        `engine.was_step_applied()`."""
         n, gas = len(micro_batches), self.cfg.learner.grad_accum
         if n != gas:
             raise ValueError(f"train_step: {n} micro-batches, but learner.grad_accum={gas} (DeepSpeed scales by and steps at grad_accum)")
         t0 = time.perf_counter()
-        eng, dev = self.engine, self.engine.device
-        losses, routes = [], []
+        eng, dev, stage = self.engine, self.engine.device, self.cfg.learner.zero_stage
+        losses, routes, bad = [], [], None
         for i, rb in enumerate(micro_batches):
             # Set the boundary explicitly so an earlier failed step can never leave DeepSpeed's
             # micro-step counter out of phase with our micro-batches.
             eng.set_gradient_accumulation_boundary(i == n - 1)
-            loss, per_route = batch_loss(self.backend, eng, self.method, rb, dev)
+            loss, per_route, what = batch_loss(self.backend, eng, self.method, rb, dev)
             eng.backward(loss)  # DeepSpeed divides by grad_accum, like the plain Learner's 1/n
             losses.append(loss.item())
             routes.append(per_route)
-            if i == n - 1 and self.cfg.learner.zero_stage == 0:
-                clip = self.cfg.learner.grad_clip  # grads are all-reduced by now (boundary)
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), clip if clip > 0 else float("inf"))
-            eng.step()
-        if self.cfg.learner.zero_stage > 0:
+            bad = bad or what
+            if i < n - 1:
+                eng.step()
+        # Every rank's loss and verdict, summed before the optimizer step: all ranks decide alike.
+        totals = torch.tensor([sum(losses) / n, bad == "prediction", bad == "loss"], dtype=torch.float64, device=dev)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        loss_mean = totals[0].item() / self.world_size
+        bad = "prediction" if totals[1] else "loss" if totals[2] or nonfinite(loss=loss_mean) else None
+        if stage == 0:
+            clip = self.cfg.learner.grad_clip  # grads are all-reduced by now (boundary)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), clip if clip > 0 else float("inf"))
+            bad = bad or nonfinite(grad_norm=grad_norm)
+            if bad:
+                eng.optimizer.zero_grad(set_to_none=True)
+                eng.skipped_steps += 1  # as DeepSpeed counts its own overflow skips
+        eng.step()
+        if stage > 0:
             grad_norm = eng.get_global_grad_norm()
-        mean = torch.tensor([sum(losses) / n], dtype=torch.float64, device=dev)
+            bad = None if eng.was_step_applied() else bad or "grad_norm"
         gathered: list = [None] * self.world_size
         if self.world_size > 1:
-            dist.all_reduce(mean)
             dist.all_gather_object(gathered, merge_route_losses(routes))
         else:
             gathered = [merge_route_losses(routes)]
-        self.version += 1
+        if not bad:
+            self.version += 1
         self.busy_s += time.perf_counter() - t0
-        return {"loss": mean.item() / self.world_size, "route_loss": merge_route_losses(gathered),
-                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version}
+        return {"loss": loss_mean, "route_loss": merge_route_losses(gathered),
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad}
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """The trainable state (LoRA adapters only for a LoRA student) as CPU tensors on rank 0,

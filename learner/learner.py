@@ -1,7 +1,8 @@
 """Learner (plain torch): AdamW on the student, grad clip, gradient accumulation.
 
 The reference learner of `--mode local`; the DeepSpeed learner (learner/deepspeed_learner.py)
-has the same interface and shares `batch_loss`.
+has the same interface and shares `batch_loss`. A step with a non-finite prediction, loss or
+gradient norm is skipped (not a step: weights, optimizer state and version stay as they were).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from danceopd.backends import make_backend
+from danceopd.batch import nonfinite
 from danceopd.lora import load_trainable_state_dict, trainable_state_dict
 from danceopd.methods import make_method
 from learner.step import batch_loss, merge_route_losses
@@ -39,22 +41,29 @@ class Learner:
         self.busy_s = 0.0
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches (the mean of their losses)."""
+        """One optimizer step over `grad_accum` micro-batches (the mean of their losses). A step
+        whose prediction, loss or gradient norm holds NaN/Inf is skipped: no optimizer step, the
+        weights, optimizer state and version untouched; `skipped` names what was non-finite."""
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, routes = [], []
+        losses, routes, bad = [], [], None
         for rb in micro_batches:
-            loss, per_route = batch_loss(self.backend, self.model, self.method, rb)
+            loss, per_route, what = batch_loss(self.backend, self.model, self.method, rb)
             (loss / len(micro_batches)).backward()
             losses.append(loss.item())
             routes.append(per_route)
+            bad = bad or what
         clip = self.cfg.learner.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.version += 1
+        bad = bad or nonfinite(grad_norm=grad_norm)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.version += 1
         self.busy_s += time.perf_counter() - t0
         return {"loss": sum(losses) / len(losses), "route_loss": merge_route_losses(routes),
-                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version}
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad}
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in trainable_state_dict(self.model).items()}

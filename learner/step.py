@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from danceopd.batch import scalars, to_tensors
+from danceopd.batch import nonfinite, scalars, to_tensors
 from danceopd.losses import per_route_mean
 
 
 def batch_loss(backend, model, method, rb: pa.RecordBatch, device="cpu"):
+    """(loss, per-route losses, what held NaN/Inf: "prediction", "loss" or None). A non-finite
+    micro-batch is still back-propagated (ZeRO's reductions run inside backward, on every rank
+    alike); the learner then skips the whole step."""
     t = {k: v.to(device) for k, v in to_tensors(rb).items()}
     pred = method.predict(backend, model, t)
     loss, per_row = method.loss(pred, t)
     backend.simulated_compute("learner")
-    return loss, per_route_mean(per_row.cpu(), scalars(rb, "route"))
+    return loss, per_route_mean(per_row.cpu(), scalars(rb, "route")), nonfinite(prediction=pred.detach(), loss=loss.detach())
 
 
 def merge_route_losses(parts: list[dict[str, float]]) -> dict[str, float]:

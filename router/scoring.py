@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from danceopd.batch import replace_columns, scalars, to_tensors
+from danceopd.batch import nonfinite, replace_columns, scalars, to_tensors
 from danceopd.methods import make_method
 
 
@@ -34,6 +34,15 @@ class TeacherFailure(RuntimeError):
 
     def __reduce__(self):  # crosses process boundaries inside Ray's task errors
         return TeacherFailure, (self.teacher, self.replica, self.cause, self.incarnation)
+
+
+class NonFiniteAnswer(ValueError):
+    """A batch whose teacher answer or routed target holds NaN/Inf: it never reaches the replay
+    queue (the loop drops it, counts it and re-owes its route)."""
+
+    def __init__(self, teacher: str, route: str, what: str):
+        super().__init__(f"teacher {teacher} (route {route}): NaN/Inf in the {what}")
+        self.teacher, self.route, self.what = teacher, route, what
 
 
 class InProcessPool:
@@ -74,7 +83,8 @@ class Scorer:
     def route(self, rb: pa.RecordBatch) -> pa.RecordBatch:
         """RolloutBatch -> RoutedBatch: fill `target` from the routed teacher (hard routing) or the
         weight-average of every route's teacher (`mix`), tag `teacher_id`, and add the columns the
-        method computes once targets exist (flowopd's advantages)."""
+        method computes once targets exist (flowopd's advantages). A NaN/Inf answer or routed
+        column raises `NonFiniteAnswer` naming the teacher and route."""
         t0 = time.perf_counter()
         routes = scalars(rb, "route")
         for r in set(routes):
@@ -87,13 +97,13 @@ class Scorer:
         cond = rb.column("cond").to_numpy_ndarray()
         target = np.zeros_like(state)
         teacher_ids = [""] * len(routes)
-        asks = []  # (rows or None for all, weight, pool, handle): every pool asked before any answer
+        asks = []  # (route, rows or None for all, weight, pool, handle): every pool asked before any answer
         if self.method.routing == "mix":
             total = sum(r.weight for r in self.routes.values())
             for name, r in self.routes.items():
                 if r.weight > 0:
                     pool = self.pools[r.teacher]
-                    asks.append((None, r.weight / total, pool, pool.submit(state, sigma, cond, self._cfg_scale(name), name)))
+                    asks.append((name, None, r.weight / total, pool, pool.submit(state, sigma, cond, self._cfg_scale(name), name)))
             teacher_ids = ["softmix"] * len(routes)
         else:
             routes_arr = np.asarray(routes)
@@ -101,15 +111,24 @@ class Scorer:
                 sel = np.nonzero(routes_arr == name)[0]
                 teacher = self.routes[name].teacher
                 pool = self.pools[teacher]
-                asks.append((sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
+                asks.append((name, sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
                 for i in sel:
                     teacher_ids[i] = teacher
-        for sel, weight, pool, handle in asks:
+        bad = None  # (teacher, route) of the first non-finite answer; every answer is awaited first
+        for name, sel, weight, pool, handle in asks:
+            answer = pool.result(handle)
+            if bad is None and nonfinite(answer=answer):
+                bad = (self.routes[name].teacher, name)
             if sel is None:
-                target += weight * pool.result(handle)
+                target += weight * answer
             else:
-                target[sel] = pool.result(handle)
+                target[sel] = answer
+        if bad:
+            raise NonFiniteAnswer(*bad, "answer")
         extra = self.method.annotate({**to_tensors(rb), "target": torch.from_numpy(target)})
+        what = nonfinite(target=target, **extra)
+        if what:
+            raise NonFiniteAnswer(self.routes[routes[0]].teacher, routes[0], f"routed {what}")
         with self._lock:
             for name in routes:
                 self.stats["routed_rows"][name] += 1

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from danceopd.batch import nonfinite
 from danceopd.checkpoint import (
     RUN_FILE,
     CheckpointError,
@@ -141,10 +142,13 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
     """Write the checkpoint of `state` (a LoopState): the learner's weights and own state, the
     router's state at the first unconsumed ticket, the accounting. Returns its folder."""
     run_id = state.run_id or run_id_of(cfg)
+    weights = learner.export()
+    bad = nonfinite(**weights)
+    if bad:  # never written, so the newest checkpoint (which pruning keeps) is always a finite one
+        raise CheckpointError(f"checkpoint of step {state.step}: NaN/Inf in the weights ({bad}); not written")
     with atomic_checkpoint(cfg.output_path, state.step) as tmp:
         learner_files = learner.save(tmp / "learner")  # every rank's, for the check before COMPLETE
         expected = ["model.safetensors", "state.json", "config.yaml", *(f"learner/{n}" for n in learner_files)]
-        weights = learner.export()
         save_tensors(tmp / "model.safetensors", weights)
         if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
             from danceopd.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_lora_folder

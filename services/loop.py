@@ -3,6 +3,8 @@
     issue work orders while the staleness gate allows    (pipeline.plan -> router -> fleet.submit)
     collect routed batches; into the replay queue in ticket order      (fleet.poll -> pipeline)
     learner step once a full step is queued (it runs while rollouts go on)
+    NaN/Inf: a batch whose teacher answered it is dropped, a step that went non-finite skipped;
+    `learner.max_nonfinite_steps` of either in a row end the job naming the role and route
     push weights every `sync_every` steps; checkpoint every `checkpoint.every` steps
 
 The mode only picks the parts (services/runtime/, contracts.py): in-process objects whose calls
@@ -24,7 +26,8 @@ from router.router import Router
 from services import checkpoints
 from services.pipeline import RolloutPipeline
 from services.runtime.contracts import Elastic, Fleet, LearnerGroup, WeightSync
-from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed
+from services.runtime.failures import RoleFailure
 from services.state import FleetView, LoopState
 from services.telemetry.status import Telemetry
 
@@ -95,6 +98,7 @@ class TrainLoop:
             step=self.step, state=self.state, mode=self.mode, run_id=self.run_id, learner_kind=self.learner.kind,
             per_step=self.per_step, lag_last=self.lag_last, lag_max=self.lag_max, learner_busy_s=self.learner_busy_s,
             last_checkpoint=self.last_ckpt, stopped_by=self.stopped_by, accounting=self.pipe.accounting(),
+            nonfinite=self.pipe.nonfinite_counts(),
             replay=self.pipe.replay_stats(), last_lags=self.last_lags,
             batches={"issued": self.pipe.next_ticket, "in_flight": len(self.pipe.in_flight),
                      "queued": len(self.pipe.queued)},
@@ -155,6 +159,9 @@ class TrainLoop:
                 self.pipe.completed(ev.ticket, ev.handle, ev.version)
             elif isinstance(ev, Lost):
                 self.pipe.lose(ev.ticket)
+            elif isinstance(ev, NonFinite):
+                self.nonfinite(self.pipe.refuse(ev.ticket, ev.route), f"teacher {ev.teacher} (route {ev.route})",
+                               "batches", ev.what, "dropped")
             elif isinstance(ev, Applied):
                 self.sync.applied(ev)
             elif isinstance(ev, Joined):
@@ -178,8 +185,23 @@ class TrainLoop:
         if result is None:
             return None
         self.learner_busy_s += time.perf_counter() - self._learn_t0
+        skipped = result.pop("skipped", None)
+        if skipped:  # not a step: the weights did not move and the batches are replaced
+            routes = ", ".join(sorted({q.route for q in self.pipe.training}))
+            self.nonfinite(self.pipe.skip_step(), f"learner (route {routes})", "steps", skipped, "skipped")
+            return None
         self.pipe.stepped()
         return result
+
+    def nonfinite(self, in_a_row: int, who: str, units: str, what: str, fate: str) -> None:
+        """A batch dropped or a step skipped for NaN/Inf (the pipeline counted it): a run of
+        `learner.max_nonfinite_steps` of them ends the job in one line naming role and route."""
+        limit = self.cfg.learner.max_nonfinite_steps
+        if in_a_row >= limit:
+            raise RoleFailure(f"{who}: {in_a_row} {units} in a row with NaN/Inf in the {what}, each {fate} "
+                              f"(learner.max_nonfinite_steps={limit})")
+        self.telemetry.console.print(f"{who}: NaN/Inf in the {what}, {fate} ({in_a_row} in a row; "
+                                     f"learner.max_nonfinite_steps={limit})", highlight=False)
 
     def after_step(self, metrics: dict) -> None:
         idle = self.telemetry.after_step(self.snapshot(), metrics)

@@ -18,6 +18,11 @@ mode, the batch itself in one process) and the latest weights; nothing else keep
   leaves its update short, so its route is *owed*: the next order handed out is of that route.
   Losing or dropping frees the capacity slot the replacement takes, so this never deadlocks;
   a step takes the oldest queued batch's route once it has a full step queued.
+- **Non-finite values** never reach the learner's weights: a routed batch with NaN/Inf in its
+  teacher's answer is refused before the replay queue, and a learner step that went non-finite
+  is skipped (not a step: the counter stays, its batches are dropped). Either way the samples
+  are dropped as `nonfinite`, the positions given back (as for a lost ticket) and the routes
+  owed; the counts in a row are returned, for the loop to end a run of them.
 - **Resume point**: the first ticket not yet consumed; the router's state from just before it
   is what a checkpoint stores.
 
@@ -78,12 +83,17 @@ class RolloutPipeline:
         self.in_flight: dict[int, Ticket] = {}
         self.ready: dict[int, Queued] = {}  # routed, waiting for its turn
         self.queued: dict[int, Queued] = {}  # the replay queue (insertion = ticket order)
-        self.lost: set[int] = set()
+        self.training: list[Queued] = []  # the batches of the learner step in progress
+        self.holes: set[int] = set()  # tickets that will never enter the replay queue (lost, refused)
         self.worker_version: dict[str, int] = {}
         self.weights: tuple[int, object] | None = None  # (version, payload) of the latest push
         self.counts = collections.Counter(issued=0, produced=0, lost=0, consumed=0)
         self.dropped: collections.Counter = collections.Counter()  # reason -> samples
         self.lag_counts: collections.Counter = collections.Counter()  # lag -> samples consumed
+        # role -> route -> routed batches refused (teacher) / learner steps skipped (learner)
+        self.nonfinite: dict[str, collections.Counter] = {"teacher": collections.Counter(), "learner": collections.Counter()}
+        self.refused_in_a_row: collections.Counter = collections.Counter()  # route -> refused since its last good batch
+        self.skipped_in_a_row = 0  # learner steps skipped since the last one done
 
     # ---- issuing ------------------------------------------------------------------------
     def held(self) -> int:
@@ -145,33 +155,50 @@ class RolloutPipeline:
     def completed(self, ticket: int, handle, version: int) -> None:
         """Ticket's routed batch (`handle`) is done; its rows were made with weights `version`."""
         t = self.in_flight.pop(ticket)
-        self.ready[ticket] = Queued(ticket, t.samples, version, self.routes.get(ticket, ""), handle)
+        route = self.routes.get(ticket, "")
+        self.ready[ticket] = Queued(ticket, t.samples, version, route, handle)
         self.counts["produced"] += t.samples
+        self.refused_in_a_row.pop(route, None)
         self._advance()
 
     def lose(self, ticket: int) -> Ticket:
         """A ticket whose batch will never arrive (its worker died or timed out)."""
-        t = self.in_flight.pop(ticket)
-        self.lost.add(ticket)
-        self._owe(ticket)
-        self.routes.pop(ticket, None)
-        self.position -= 1
+        t = self._hole(ticket)
         self.counts["lost"] += t.samples
+        return t
+
+    def refuse(self, ticket: int, route: str) -> int:
+        """Ticket's routed batch held NaN/Inf (its teacher's answer for `route`): produced, then
+        dropped before the replay queue. Returns `route`'s batches refused in a row."""
+        t = self._hole(ticket)
+        self.counts["produced"] += t.samples
+        self.dropped["nonfinite"] += t.samples
+        self.nonfinite["teacher"][route] += 1
+        self.refused_in_a_row[route] += 1
+        return self.refused_in_a_row[route]
+
+    def _hole(self, ticket: int) -> Ticket:
+        """A ticket that will never enter the replay queue: skipped in ticket order, later
+        positions moved earlier, its route owed."""
+        t = self.in_flight.pop(ticket)
+        self.holes.add(ticket)
+        self._owe(self.routes.pop(ticket, ""))
+        self.position -= 1
         self._advance()
         return t
 
     def _advance(self) -> None:
-        """Routed batches join the replay queue in ticket order; a lost ticket is skipped."""
-        while self.next_put in self.ready or self.next_put in self.lost:
+        """Routed batches join the replay queue in ticket order; a lost or refused ticket is skipped."""
+        while self.next_put in self.ready or self.next_put in self.holes:
             if self.next_put in self.ready:
                 self.queued[self.next_put] = self.ready.pop(self.next_put)
             else:
-                self.lost.discard(self.next_put)
+                self.holes.discard(self.next_put)
             self.next_put += 1
 
-    def _owe(self, ticket: int) -> None:
-        if self.by_route and self.routes.get(ticket):
-            self.owed.append(self.routes[ticket])
+    def _owe(self, route: str) -> None:
+        if self.by_route and route:
+            self.owed.append(route)
 
     # ---- consumption -----------------------------------------------------------------------
     def _drop(self, tickets, reason: str) -> dict[int, int]:
@@ -180,7 +207,7 @@ class RolloutPipeline:
             q = self.queued.pop(t)
             self.dropped[reason] += q.samples
             if reason == "stale":
-                self._owe(t)
+                self._owe(self.routes.get(t, ""))
             self.routes.pop(t, None)
             out[t] = q.samples
         return out
@@ -210,6 +237,7 @@ class RolloutPipeline:
             self.routes.pop(q.ticket, None)
             self.counts["consumed"] += q.samples
             self.lag_counts[self.step - q.version] += q.samples
+        self.training = picked
         return Take([q.handle for q in picked], [q.ticket for q in picked], [q.version for q in picked], dropped)
 
     def drain(self, reason: str = "unconsumed") -> dict[int, int]:
@@ -220,6 +248,24 @@ class RolloutPipeline:
 
     def stepped(self) -> None:
         self.step += 1
+        self.training, self.skipped_in_a_row = [], 0
+
+    def skip_step(self) -> int:
+        """The learner skipped the step it was given (NaN/Inf prediction, loss or gradients): not
+        a step. Its batches are dropped instead of consumed, their positions given back and their
+        routes owed, so the step is taken again on fresh batches. Returns the steps skipped in a row."""
+        for q in self.training:
+            self.counts["consumed"] -= q.samples
+            self.lag_counts[self.step - q.version] -= q.samples
+            self.dropped["nonfinite"] += q.samples
+            self._owe(q.route)
+        self.lag_counts = +self.lag_counts  # no zero entries
+        for route in sorted({q.route for q in self.training}):
+            self.nonfinite["learner"][route] += 1
+        self.position -= len(self.training)
+        self.training = []
+        self.skipped_in_a_row += 1
+        return self.skipped_in_a_row
 
     def first_unconsumed(self) -> int:
         """Tickets before this one are consumed, dropped or lost; the router state from just
@@ -236,6 +282,10 @@ class RolloutPipeline:
         queued = sum(q.samples for q in self.queued.values()) + sum(q.samples for q in self.ready.values())
         return {**self.counts, "dropped": dict(self.dropped), "queued": queued,
                 "in_flight": sum(t.samples for t in self.in_flight.values())}
+
+    def nonfinite_counts(self) -> dict[str, dict[str, int]]:
+        """{role: {route: count}}: teacher batches refused, learner steps skipped (NaN/Inf)."""
+        return {role: dict(c) for role, c in self.nonfinite.items()}
 
     def replay_stats(self) -> dict:
         return {"depth": len(self.queued), "capacity": self.capacity, "dropped": dict(self.dropped),

@@ -35,4 +35,5 @@ class LoopState:
     fleet: FleetView
     syncs: list[dict]  # every weight push recorded so far (the sync's own list: read, never change)
     learner_failed: str | None = None
+    nonfinite: dict = field(default_factory=dict)  # role -> route -> NaN/Inf batches dropped (teacher) / steps skipped (learner)
     evaluation: dict | None = field(default=None)  # where, skipped, failed (None: evaluation off)

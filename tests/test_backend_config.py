@@ -24,7 +24,7 @@ TEACHER = {"toy": {"kind": "gaussian"}, "sim": {"kind": "gaussian"}, "shapes": {
 OWN = {
     "toy": {"dim": 3, "hidden": 16, "num_classes": 5},
     "sim": {"dim": 3, "hidden": 16, "num_classes": 5, "rollout_latency_s": 0.5, "teacher_latency_s": 0.25,
-            "learner_latency_s": 0.125, "load_latency_s": 2.0},
+            "learner_latency_s": 0.125, "load_latency_s": 2.0, "teacher_nan_from": 3, "teacher_nan_calls": 2},
     "shapes": {"image_size": 32, "patch_size": 4, "num_layers": 3, "num_heads": 4, "head_dim": 8, "max_tokens": 10},
     "sd3": {"pretrained": "pipe", "resolution": 512, "max_sequence_length": 77, "dtype": "float32",
             "gradient_checkpointing": True, "cache_dir": "cache"},

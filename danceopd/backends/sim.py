@@ -5,6 +5,7 @@ weight pushes with small real tensors; the GPU time each role would spend is sto
 sleep (`backend.rollout_latency_s` per rollout batch, `teacher_latency_s` per teacher query call,
 `learner_latency_s` per learner micro-batch, `load_latency_s` per model built). A sleep holds no CPU, so one small machine can
 simulate a fleet of dozens of GPU workers and show where the pipeline itself stops scaling.
+`teacher_nan_from` makes the teachers answer NaN (the non-finite guard's fault injection).
 """
 
 from __future__ import annotations
@@ -12,11 +13,28 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
+from danceopd.backends.base import TeacherField
 from danceopd.backends.toy import ToyBackend
 from danceopd.config import SimBackendConfig
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
+
+
+class NanFault(TeacherField):
+    """A teacher field that answers NaN on its calls `start` .. `start + calls - 1` (1-based;
+    `calls` 0: every call from `start` on): the non-finite guard's fault injection."""
+
+    def __init__(self, field, start: int, calls: int):
+        self.field, self.start, self.calls, self.n = field, start, calls, 0
+
+    def velocity(self, z, sigma, cond):
+        self.n += 1
+        v = self.field.velocity(z, sigma, cond)
+        faulty = self.n >= self.start and (not self.calls or self.n < self.start + self.calls)
+        return torch.full_like(v, float("nan")) if faulty else v
 
 
 class SimBackend(ToyBackend):
@@ -34,7 +52,9 @@ class SimBackend(ToyBackend):
 
     def build_teacher(self, teacher_cfg, base_dir):
         time.sleep(self.load_s)
-        return super().build_teacher(teacher_cfg, base_dir)
+        field = super().build_teacher(teacher_cfg, base_dir)
+        b: SimBackendConfig = self.cfg.backend
+        return NanFault(field, b.teacher_nan_from, b.teacher_nan_calls) if b.teacher_nan_from else field
 
     def simulated_compute(self, role: str) -> None:
         seconds = self.latency[role]

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from rollout_workers.worker import RolloutWorker
-from router.scoring import Scorer, TeacherFailure
+from router.scoring import NonFiniteAnswer, Scorer, TeacherFailure
 from router.teacher import Teacher
 from services.runtime.groups import mark_started
 from services.telemetry.metrics import ActorMetrics
@@ -184,15 +184,19 @@ class ScorerActor(Scorer):
 
     def route_meta(self, rb):
         """(meta, RoutedBatch), like the rollout worker's pair: the driver learns the ticket, the
-        policy version and the size without fetching the batch."""
+        policy version and the size without fetching the batch. A batch with NaN/Inf in a teacher
+        answer is no batch: (meta naming it under `nonfinite`, None)."""
         routes = collections.Counter(rb.column("route").to_pylist())
         self._report(routes, +1)
+        bad = None
         try:
             out = self.route(rb)
+        except NonFiniteAnswer as e:
+            out, bad = None, (e.teacher, e.route, e.what)
         finally:
             self._report(routes, -1)
         versions = rb.column("policy_version").to_numpy()
-        return {"ticket": rb.column("ticket")[0].as_py(), "rows": out.num_rows,
+        return {"ticket": rb.column("ticket")[0].as_py(), "rows": rb.num_rows, "nonfinite": bad,
                 "version": int(versions.min()) if len(versions) else 0}, out
 
     def _report(self, routes: collections.Counter, sign: int) -> None:

@@ -23,6 +23,17 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class NonFinite:
+    """Ticket `ticket`'s routed batch held NaN/Inf in `what` (the answer of `teacher` for `route`,
+    or a routed column): it is dropped before the replay queue and its route owed."""
+
+    ticket: int
+    teacher: str
+    route: str
+    what: str
+
+
+@dataclass(frozen=True)
 class Lost:
     """Ticket `ticket` will never arrive: `member` (a rollout worker or teacher replica) failed."""
 

@@ -14,9 +14,9 @@ import torch
 from danceopd.checkpoint import load_json, load_torch, save_json, save_torch
 from learner.learner import Learner
 from rollout_workers.worker import RolloutWorker
-from router.scoring import InProcessPool, Scorer
+from router.scoring import InProcessPool, NonFiniteAnswer, Scorer
 from router.teacher import Teacher
-from services.runtime.events import Routed
+from services.runtime.events import NonFinite, Routed
 from services.weights.state import state_nbytes
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -54,7 +54,11 @@ class LocalFleet:
         return {self.worker.worker_id: self.worker.version}
 
     def submit(self, worker: str, order) -> None:
-        rb = self.scorer.route(self.worker.rollout(order))
+        try:
+            rb = self.scorer.route(self.worker.rollout(order))
+        except NonFiniteAnswer as e:
+            self._events.append(NonFinite(order.ticket, e.teacher, e.route, e.what))
+            return
         self._events.append(Routed(order.ticket, rb, min(rb.column("policy_version").to_pylist())))
 
     def poll(self, timeout: float, wake: list = ()) -> list:

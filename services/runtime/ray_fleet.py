@@ -27,7 +27,7 @@ import ray
 
 from router.scoring import TeacherFailure
 from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerActor, TeacherActor, actor_env
-from services.runtime.events import Applied, Joined, Lost, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup
 from services.runtime.placement import TEACHER_RESTARTS, check_capacity, most_members, role_specs
@@ -205,7 +205,8 @@ class RayFleet:
                 events.append(RolledOut(f.ticket))
             else:
                 del self.flights[f.ticket]
-                events.append(Routed(f.ticket, f.batch, meta["version"]))
+                bad = meta.get("nonfinite")  # NaN/Inf in a teacher answer: no batch, the loop drops it
+                events.append(NonFinite(f.ticket, *bad) if bad else Routed(f.ticket, f.batch, meta["version"]))
         return events + self._expired(now)
 
     def _route(self, f: Flight, now: float) -> None:

@@ -30,6 +30,7 @@ class Telemetry:
         self.synced_reported = 0
         self.restarts_reported: collections.Counter = collections.Counter()
         self.dropped_reported: collections.Counter = collections.Counter()
+        self.nonfinite_reported: collections.Counter = collections.Counter()
         self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
         self.evals: list[dict] = []  # {step, seconds, routes} of every evaluation reported
         self.board = None
@@ -118,7 +119,7 @@ class Telemetry:
             "workers": {"rollout": counts["rollout"], "learner": counts["learner"], "teacher": st.fleet.teacher_counts},
             "last_checkpoint": st.last_checkpoint, "last_step_time": time.time(),
             "output_dir": str(self.cfg.output_path), "restarts": st.fleet.restarts, "failures": st.fleet.failures,
-            "pending": st.fleet.pending, "eval": self.eval_summary(st),
+            "pending": st.fleet.pending, "eval": self.eval_summary(st), "nonfinite": st.nonfinite,
         }
         return idle
 
@@ -155,7 +156,7 @@ class Telemetry:
 
     def _report_fleet(self, st) -> None:
         """Restarts and failures by role (counters), members waiting for placement and the replay
-        queue (gauges), dropped samples by reason (counter)."""
+        queue (gauges), dropped samples by reason and NaN/Inf caught by role and route (counters)."""
         m = self.metrics
         for name, counts in (("danceopd_restarts", st.fleet.restarts), ("danceopd_failures", st.fleet.failures)):
             for role, n in counts.items():
@@ -169,10 +170,16 @@ class Telemetry:
             if n > self.dropped_reported[reason]:
                 m.inc("danceopd_dropped_samples", n - self.dropped_reported[reason], reason=reason)
                 self.dropped_reported[reason] = n
+        for role, routes in st.nonfinite.items():
+            for route, n in routes.items():
+                if n > self.nonfinite_reported[role, route]:
+                    m.inc("danceopd_nonfinite", n - self.nonfinite_reported[role, route], role=role, route=route)
+                    self.nonfinite_reported[role, route] = n
 
     def failed(self, st, error: BaseException) -> None:
         """The job is failing: count it where a scrape or /status can still see it."""
-        self._status = {**self._status, "state": "failed", "error": str(error).splitlines()[0] if str(error) else type(error).__name__}
+        self._status = {**self._status, "state": "failed", "nonfinite": st.nonfinite,
+                        "error": str(error).splitlines()[0] if str(error) else type(error).__name__}
         if self.metrics is not None:
             if st.learner_failed:
                 self.metrics.inc("danceopd_failures", 1, role="learner")
@@ -200,7 +207,7 @@ class Telemetry:
         def mean(key):
             return round(sum(s[key] for s in recs) / max(len(recs), 1), 5)
 
-        extra = {"replay": st.replay, "accounting": st.accounting,
+        extra = {"replay": st.replay, "accounting": st.accounting, "nonfinite": st.nonfinite,
                  "restarts": st.fleet.restarts, "learner_idle_ratio": idle["learner"], "idle_ratio": idle,
                  "wall_s": round(wall_s, 3), "lag_max": st.lag_max, "weight_syncs": len(recs),
                  "sync_seconds_mean": mean("seconds"), "sync_transfer_seconds_mean": mean("transfer_s"),
