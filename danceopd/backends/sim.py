@@ -3,8 +3,8 @@
 Capacity planning and scale tests run the real actors, router, replay queue, learner ranks and
 weight pushes with small real tensors; the GPU time each role would spend is stood in for by a
 sleep (`backend.rollout_latency_s` per rollout batch, `teacher_latency_s` per teacher query call,
-`learner_latency_s` per learner micro-batch, `load_latency_s` per model built). A sleep holds no CPU, so one small machine can
-simulate a fleet of dozens of GPU workers and show where the pipeline itself stops scaling.
+`learner_latency_s` per learner micro-batch, `load_latency_s` per model built). A sleep holds
+no CPU, so one small machine can simulate a fleet of dozens of GPU workers and show where the pipeline itself stops scaling.
 `teacher_nan_from` makes the teachers answer NaN (the non-finite guard's fault injection).
 """
 
