@@ -56,3 +56,19 @@ def test_a_hung_rollout_worker_is_restarted_until_its_budget_ends(ray_local, sim
               rollout__workers=1, rollout__max_restarts=1, learner__steps=3, deadlines__rollout_s=1.0)
     with pytest.raises(RuntimeError, match=r"rollout rollout-0: failed 2 times \(max_restarts=1\)"):
         train(cfg, mode="ray", show_progress=False)
+
+
+def test_a_teachers_deadline_counts_service_time_not_the_queue(ray_local, sim_raw, tmp_path):
+    """One replica serves every route, 0.3 s per ask; 3 batches are routed at once, each asking
+    for up to 3 routes: an ask waits behind up to 8 others (2.4 s), far past teacher_s=0.6 s, yet
+    each is served within it. A deadline counted from the queue would restart a healthy replica."""
+    one = dict(sim_raw["teachers"][0], name="teacher")
+    raw = {**sim_raw, "teachers": [one],
+           "routing": {**sim_raw["routing"], "max_concurrent_batches": 3,
+                       "routes": [dict(r, teacher="teacher") for r in sim_raw["routing"]["routes"]]}}
+    cfg = cfg_for(raw, tmp_path, "queue", backend__rollout_latency_s=0.0, backend__teacher_latency_s=0.3,
+                  backend__learner_latency_s=0.0, rollout__workers=3, learner__steps=4, learner__grad_accum=3,
+                  sync__max_policy_lag=1, replay__capacity=9, deadlines__teacher_s=0.6, eval__enabled=False)
+    summary = train(cfg, mode="ray", show_progress=False)
+    assert summary["steps"] == 4
+    assert summary["restarts"]["teacher"] == 0, summary["restarts"]

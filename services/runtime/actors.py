@@ -133,7 +133,11 @@ class TeacherActor(Teacher):
 class RayTeacherPool:
     """A teacher's replicas. Each ask goes to the replica with the fewest outstanding asks, so
     concurrent batches spread over the replicas; an answer late past `deadline_s`, or a dead
-    replica, is that replica's `TeacherFailure`."""
+    replica, is that replica's `TeacherFailure`.
+
+    The deadline measures service time: a replica answers its asks one at a time, in the order
+    they were sent (one caller, a sequential actor), so an ask's clock starts when the asks sent
+    before it to the same replica are answered, not when it was queued behind them."""
 
     def __init__(self, teacher: str, replicas: dict[str, object], deadline_s: float):
         self.teacher, self.replicas, self.deadline_s = teacher, dict(replicas), deadline_s
@@ -141,7 +145,8 @@ class RayTeacherPool:
 
     def _setup(self):
         self._lock = threading.Lock()
-        self._outstanding = dict.fromkeys(self.replicas, 0)
+        self._queues = {name: collections.deque() for name in self.replicas}  # refs sent, oldest first
+        self._since = dict.fromkeys(self.replicas, 0.0)  # when the oldest unanswered ask began service
 
     def __getstate__(self):
         return {"teacher": self.teacher, "replicas": self.replicas, "deadline_s": self.deadline_s}
@@ -154,22 +159,47 @@ class RayTeacherPool:
         if not self.replicas:  # every replica is being replaced (e.g. its node was lost): re-issue
             raise TeacherFailure(self.teacher, "", "no live replica")
         with self._lock:
-            name = min(self._outstanding, key=self._outstanding.get)
-            self._outstanding[name] += 1
-        return name, self.replicas[name].query.remote(state, sigma, cond, cfg_scale, route)
+            name = min(self._queues, key=lambda n: len(self._queues[n]))
+            ref = self.replicas[name].query.remote(state, sigma, cond, cfg_scale, route)
+            q = self._queues[name]
+            if not q:
+                self._since[name] = time.perf_counter()
+            q.append(ref)
+        return name, ref
+
+    def _head_since(self, name: str) -> float:
+        """When replica `name` began serving its oldest unanswered ask: past the deadline, the
+        replica owes an answer, whichever ask (this caller's or one queued behind it) waits."""
+        with self._lock:
+            q = self._queues[name]
+            while q and ray.wait([q[0]], timeout=0)[0]:
+                q.popleft()  # answered (or failed): the next one is being served from now
+                self._since[name] = time.perf_counter()
+            return self._since[name]
+
+    def _done(self, name: str, ref) -> None:
+        with self._lock:
+            q = self._queues[name]
+            if q and q[0] is ref:
+                q.popleft()
+                self._since[name] = time.perf_counter()
+            elif ref in q:
+                q.remove(ref)
 
     def result(self, handle) -> np.ndarray:
         name, ref = handle
         who = self.replicas[name]._actor_id.hex()
         try:
-            return ray.get(ref, timeout=self.deadline_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TeacherFailure(self.teacher, name, f"no answer within deadlines.teacher_s={self.deadline_s:g}", who) from None
+            while True:
+                left = min(0.2, self._head_since(name) + self.deadline_s - time.perf_counter())
+                if left <= 0:
+                    raise TeacherFailure(self.teacher, name, f"no answer within deadlines.teacher_s={self.deadline_s:g}", who)
+                if ray.wait([ref], timeout=left)[0]:
+                    return ray.get(ref)
         except ray.exceptions.RayActorError as e:
             raise TeacherFailure(self.teacher, name, f"died ({type(e).__name__})", who) from None
         finally:
-            with self._lock:
-                self._outstanding[name] -= 1
+            self._done(name, ref)
 
 
 class ScorerActor(Scorer):
