@@ -152,3 +152,47 @@ def test_train_on_a_cluster_without_the_gpus_fails_before_any_actor(ray_local, t
     with pytest.raises(ConfigError, match=r"^rollout: one member needs"):
         TrainLoop(cfg, "ray", show_progress=False)
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.ray
+def test_teacher_replicas_beyond_capacity_are_pending_and_stop_is_bounded(ray_local, sim_raw, tmp_path):
+    """`scale --teachers` past what the cluster holds now: the new replicas wait in their
+    placement groups (shown in /status) while steps keep coming, and /stop ends the job in
+    bounded time, leaving nothing reserved."""
+    from ray.util.placement_group import placement_group_table
+
+    teachers = [dict(t, num_cpus=2.0) if t["name"] == "t2i_teacher" else t for t in sim_raw["teachers"]]
+    cfg = cfg_for({**sim_raw, "teachers": teachers}, tmp_path, "teachers-pending", backend__rollout_latency_s=0.05,
+                  learner__steps=100000, checkpoint__every=0, eval__enabled=False)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    seen = {}
+
+    def scale_then_stop():
+        while loop.step < 2:
+            time.sleep(0.01)
+        loop.request_scale(teachers={"t2i": 4})  # 8 CPUs hold 4 alone, not next to the rest of the job
+        while not loop.fleet.teachers["t2i_teacher"].pending:
+            time.sleep(0.01)
+        seen["pgs"] = [p.pg.id.hex() for p in loop.fleet.teachers["t2i_teacher"].pending.values()]
+        step = seen["step"] = loop.step
+        while loop.step < step + 5:
+            time.sleep(0.01)
+        seen["status_pending"] = loop.status()["pending"]["teacher"]
+        seen["t_stop"] = time.perf_counter()
+        loop.request_stop("test")
+
+    t = threading.Thread(target=scale_then_stop, daemon=True)
+    t.start()
+    try:
+        summary = loop.run()
+        stopped_in = time.perf_counter() - seen["t_stop"]
+    finally:
+        loop.shutdown()
+        t.join(timeout=5)
+    assert seen["status_pending"] >= 1, seen
+    assert summary["steps"] >= seen["step"] + 5  # the loop stepped while they waited
+    assert stopped_in < cfg.checkpoint.stop_grace_s + 10, stopped_in
+    assert all(placement_group_table()[pg]["state"] == "REMOVED" for pg in seen["pgs"])
+    from tests.test_ray_runtime import assert_accounting_closes
+
+    assert_accounting_closes(summary["accounting"])
