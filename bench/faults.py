@@ -20,6 +20,12 @@ OUT = ROOT / "bench" / "results"
 ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher replica (hung)", "router (scorer)",
          "learner rank"]
 NODES = ["rollout node (2 workers + router)", "teacher node (3 replicas + evaluator)", "learner node (2 ranks)"]
+ROUND3 = ["members killed / hung while starting", "router and a rollout worker at once", "teacher answers NaN (2 calls)",
+          "driver, SIGKILL", "damaged newest checkpoint (model.safetensors truncated)",
+          "damaged newest checkpoint (state.json truncated)", "damaged newest checkpoint (learner/optimizer.pt truncated)"]
+TESTS = ["tests/test_faults.py", "tests/test_multinode.py", "tests/test_start_faults.py", "tests/test_nonfinite.py",
+         "tests/test_checkpoints.py"]
+SELECT = "not autoscaler and not condition_cache and (faults or multinode or ray_teacher_nan or damaged_newest)"
 
 
 def _row(label: str, r: dict | None, finished: str) -> str:
@@ -51,6 +57,13 @@ def markdown(rows: dict) -> str:
     for name in NODES:
         r = rows.get(name)
         lines.append(_row(name, r, f"every step, accounting exact; the group's node back after {r and r.get('back_after_s')} s"))
+    lines += ["", "## Start-up, two roles at once, bad numbers, the driver, damaged checkpoints", "",
+              "Same set-up; tests/test_start_faults.py, test_nonfinite.py, test_faults.py, test_checkpoints.py.", "",
+              *head("fault")]
+    for name in ROUND3:
+        r = rows.get(name)
+        lines.append(f"| {name}, {r['fault']} | {r['outcome']} | {r.get('recovered_s', '—')} | {r.get('lost_samples', '—')} |"
+                     if r else f"| {name} | not measured (test failed or skipped) | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -59,8 +72,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "faults.json"
         env = {**os.environ, "DANCEOPD_FAULT_REPORT": str(report)}
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_faults.py", "tests/test_multinode.py",
-                              "-k", "not autoscaler and not condition_cache"], cwd=ROOT, env=env)
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", *TESTS, "-k", SELECT], cwd=ROOT, env=env)
         rows = json.loads(report.read_text()) if report.exists() else {}
     (OUT / "faults.json").write_text(json.dumps({"rc": rc, "faults": rows}, indent=1) + "\n")
     (OUT / "faults.md").write_text(markdown(rows))

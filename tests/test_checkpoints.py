@@ -243,6 +243,10 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_saying_why(toy_config, na
     run = read_run(out)
     assert run["run_id"] == rid and run["resumed_from"].endswith("step-00000002") and run["step"] == 2
     assert steps_logged(out) == [1, 2, 3, 4, 5] and run_ids(out) == [rid, rid]  # steps 4 (rewritten) and 5
+    from tests.test_faults import report
+
+    report(f"damaged newest checkpoint ({name} truncated)", fault="truncated file",
+           outcome="`--resume auto` says in one line it skips it and resumes the previous one; every step done")
 
 
 def test_damage_without_a_size_record_reads_the_files_themselves(tmp_path):

@@ -197,6 +197,7 @@ def test_killed_driver_resumes_from_its_checkpoint_with_exact_accounting(ray_loc
     step = int(ckpt.name.split("-")[1])
     assert 8 <= step < cfg.learner.steps
     state = load_json(ckpt / "state.json")
+    t_resume = time.perf_counter()
     resumed = TrainLoop(cfg, "ray", resume_from=ckpt, show_progress=False)
     try:
         assert resumed.step == step and resumed.router.next_ticket == state["router"]["next_ticket"]
@@ -209,6 +210,8 @@ def test_killed_driver_resumes_from_its_checkpoint_with_exact_accounting(ray_loc
     assert_accounting_closes(acct)
     per_step = cfg.learner.world_size * cfg.learner.grad_accum * cfg.rollout.batch_size
     assert acct["consumed"] == (cfg.learner.steps - step) * per_step  # the resumed run learned exactly the rest
+    report("driver, SIGKILL", fault="SIGKILL", outcome=f"its actors die with it; `--resume auto` from step {step} "
+           f"finishes every step, accounting exact ({time.perf_counter() - t_resume:.2f} s with start-up)")
 
 
 def test_hung_teacher_is_restarted_and_the_job_finishes(ray_local, sim_raw, tmp_path):

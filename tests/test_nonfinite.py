@@ -148,6 +148,11 @@ def test_ray_teacher_nan_is_dropped_counted_and_exported_or_ends_the_job(ray_loc
                   and x.labels == {"job": cfg.job.name, "run_id": loop.run_id, "reason": "nonfinite"}]
     assert dropped == 2 * cfg.rollout.batch_size
     assert summary["restarts"]["teacher"] == 0  # a NaN answer is no death: nobody is restarted
+    from tests.test_faults import report
+
+    report("teacher answers NaN (2 calls)", fault="NaN answers", lost_samples=acct["dropped"]["nonfinite"],
+           outcome="every step, accounting exact, both batches dropped (`nonfinite`) and re-owed, no restart; "
+                   "a teacher that stays NaN ends the job in one line")
 
     cfg = one_teacher(sim_raw, tmp_path, "ray-nan-always", backend__teacher_nan_from=3)
     loop = TrainLoop(cfg, "ray", show_progress=False)
