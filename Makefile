@@ -36,8 +36,11 @@ constraints:
 demo: setup
 	$(BIN)/danceopd train $(DEMO_CONFIG) --overwrite
 
+# Two processes by default, a test file each at a time (a file's clusters stay shared): most of the
+# suite waits on Ray, subprocesses and sleeps, not on the CPU. TEST_JOBS=0 runs it in one process.
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -x --timeout 900 --durations=20
+	$(BIN)/python -m pytest -x --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 # The pure tests: no Ray, no other process, no long training; before every commit.
 test-fast: setup
