@@ -291,3 +291,55 @@ def test_a_recovered_fault_is_one_line_on_the_console(ray_local, sim_raw, tmp_pa
     died = [line for line in out.splitlines() if ": died" in line]
     assert len(died) == 1 and died[0].startswith("rollout rollout-") and died[0].endswith("restarting"), out[-3000:]
     assert "Traceback" not in out and "(raylet)" not in out, out[-3000:]
+
+
+def test_hung_learner_rank_is_named_not_rank_0_blocked_waiting_for_it(ray_local, sim_raw, tmp_path):
+    """SIGSTOP learner rank 1 mid-run: rank 0 blocks in the step's collective (or a weight export)
+    waiting for it, so neither finishes; past the deadline the job fails in one line naming rank 1,
+    the one rank that does not answer the liveness probe, within the deadline plus the probe's bound."""
+    from services.runtime.ray_learner import PROBE_S
+
+    deadline_s = 3.0  # the step's deadline, and the weight export's (the push after a step may be in flight)
+    cfg = small(sim_raw, tmp_path, "hung-learner", learner__world_size=2, learner__num_cpus=0.2, learner__steps=12,
+                deadlines__learner_step_s=deadline_s, sync__timeout_s=deadline_s)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    fault = Fault(loop, lambda lp: lp.learner.ranks[1], "learner", signal.SIGSTOP)
+    fault.start()
+    try:
+        with pytest.raises(RoleFailure) as err:
+            loop.run()
+        failed_after = time.perf_counter() - fault.t_fault
+    finally:
+        loop.shutdown()
+        fault.join(timeout=5)
+        reap(fault.pid)
+    msg = str(err.value)
+    assert msg.startswith("learner learner-1: ") and "hung: no answer to a liveness probe" in msg and "\n" not in msg, msg
+    assert failed_after < deadline_s + PROBE_S + 10, failed_after
+    assert loop.status()["state"] == "failed"
+    report("learner rank (hung)", role="learner", fault="SIGSTOP", failed_after_s=round(failed_after, 2),
+           outcome="fails naming the rank")
+
+
+def test_a_late_call_with_every_rank_alive_is_slow_not_hung(ray_local):
+    """The other side of the probe: ranks busy in a long call still answer it, so a call past its
+    deadline is reported as slow on all ranks, naming none as hung (no DeepSpeed needed)."""
+    from services.runtime.actors import learner_rank_actor
+    from services.runtime.ray_learner import RayLearner
+
+    class Busy:
+        def work(self) -> None:
+            time.sleep(30)
+
+    cls = ray_local.remote(num_cpus=0, concurrency_groups={"probe": 1})(learner_rank_actor(Busy))
+    learner = object.__new__(RayLearner)
+    learner.ranks, learner.failed = [cls.remote() for _ in range(2)], None
+    try:
+        ray_local.get([r.alive.remote() for r in learner.ranks])
+        with pytest.raises(RoleFailure) as err:
+            learner.wait([r.work.remote() for r in learner.ranks], "exporting weights", 1.0, fetch=False)
+    finally:
+        for r in learner.ranks:
+            ray_local.kill(r)
+    assert str(err.value) == ("learner: exporting weights: not done within 1 s on learner-0, learner-1; "
+                              "all ranks alive (they answer a liveness probe): slow, not hung")

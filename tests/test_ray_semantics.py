@@ -68,3 +68,46 @@ def test_a_ref_inside_a_list_is_not_fetched_before_the_call(ray_local):
         return type(args[0]).__name__
 
     assert ray.get(kind.remote([ray.put(1)])) == "ObjectRef"
+
+
+def test_a_probe_group_answers_while_the_default_group_is_blocked_and_a_stopped_process_does_not(ray_local):
+    """The learner rank's liveness probe (services/runtime/ray_learner.py, `alive`): a method in a
+    concurrency group of its own answers while a default-group call is blocked (a rank waiting in a
+    collective for a hung peer); the default group still runs one call at a time, in submission
+    order (what the rest of the runtime relies on); a SIGSTOPped process answers nothing."""
+    import os
+    import signal
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0, concurrency_groups={"probe": 1})
+    class Rank:
+        def __init__(self):
+            self.log = []
+
+        def work(self, i: int, seconds: float) -> int:
+            self.log.append(("start", i))
+            time.sleep(seconds)
+            self.log.append(("end", i))
+            return i
+
+        @ray.method(concurrency_group="probe")
+        def alive(self) -> tuple[int, list]:
+            return os.getpid(), list(self.log)
+
+    rank = Rank.remote()
+    pid, _ = ray.get(rank.alive.remote())
+    blocked = rank.work.remote(0, 3.0)
+    later = [rank.work.remote(i, s) for i, s in enumerate((0.2, 0.0, 0.1, 0.0), start=1)]
+    while ray.get(rank.alive.remote(), timeout=5)[1] == []:  # until the blocking call has begun
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    assert ray.get(rank.alive.remote(), timeout=5) == (pid, [("start", 0)])  # answered mid-call
+    assert time.perf_counter() - t0 < 1.0 and not ray.wait([blocked], timeout=0)[0]
+    assert ray.get([blocked, *later]) == [0, 1, 2, 3, 4]
+    assert ray.get(rank.alive.remote())[1] == [(e, i) for i in range(5) for e in ("start", "end")]  # in order, one at a time
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert not ray.wait([rank.alive.remote()], timeout=1.0)[0]  # hung: no answer
+    finally:
+        os.kill(pid, signal.SIGKILL)

@@ -253,4 +253,13 @@ def learner_rank_actor(base):
         def free_port(self) -> tuple[str, int]:
             return free_port()
 
+        @ray.method(concurrency_group="probe")
+        def alive(self) -> int:
+            """The liveness probe, in a concurrency group of its own (the class is deployed with
+            `ray.remote(concurrency_groups={"probe": 1})`): it answers while a default-group call
+            waits in a collective for a hung peer; a hung or stopped process does not answer it.
+            With a group, default-group calls run on one thread of their own (not the main
+            thread), still one at a time in submission order (tests/test_ray_semantics.py)."""
+            return os.getpid()
+
     return LearnerRankActor

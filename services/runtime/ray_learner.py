@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import ray
 
@@ -15,6 +15,12 @@ from services.runtime.placement import role_specs
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
 
+PROBE_S = 5.0  # a live rank answers `alive` in milliseconds, even mid-collective; a hung one never
+
+
+def cause(e: BaseException) -> str:
+    return f"died ({type(e).__name__})" if isinstance(e, ray.exceptions.RayActorError) else first_line(e)
+
 
 class RayLearner:
     """W DeepSpeed ranks (one gang placement group). A step runs while the loop goes on.
@@ -22,7 +28,11 @@ class RayLearner:
     A rank cannot be rebuilt in place (its peers hold collective state), so a dead or failing
     rank ends the job at once, with one line naming the rank: its refs fail as soon as Ray
     sees the death, without waiting for the survivors' collective timeout. `--resume auto`
-    continues from the last checkpoint."""
+    continues from the last checkpoint.
+
+    A call past its deadline names the first rank that does not answer a liveness probe (`alive`,
+    in a concurrency group of its own), not the lowest rank not done: when one rank hangs, every
+    healthy rank is blocked in the collective waiting for it, yet still answers the probe."""
 
     kind = "deepspeed"
 
@@ -32,7 +42,7 @@ class RayLearner:
         self.cfg = cfg
         self.num_gpus = cfg.learner.num_gpus
         env = {"env_vars": actor_env(cfg)}
-        cls = ray.remote(learner_rank_actor(DeepSpeedLearner))
+        cls = ray.remote(concurrency_groups={"probe": 1})(learner_rank_actor(DeepSpeedLearner))
         self._addr = None
         self.failed: str | None = None
         self.group = ActorGroup("learner", spec, lambda name, opts: cls.options(**opts, runtime_env=env).remote(
@@ -45,10 +55,27 @@ class RayLearner:
         self.wait([r.get_version.remote() for r in self.ranks], "starting", cfg.sync.timeout_s + 600)
         self._refs, self._t0 = None, 0.0
 
-    def _fail(self, rank: int, what: str, e: BaseException):
-        cause = f"died ({type(e).__name__})" if isinstance(e, ray.exceptions.RayActorError) else first_line(e)
+    def _fail(self, rank: int, what: str, cause: str) -> NoReturn:
         self.failed = f"learner learner-{rank}: {what}: {cause}"
         raise RoleFailure(self.failed + " (a rank cannot be rebuilt in place; rerun with --resume auto)") from None
+
+    def _late(self, what: str, within: str, pending: list[int]) -> NoReturn:
+        """A call not done within its deadline on ranks `pending`: probe every rank for up to
+        PROBE_S; the first that does not answer (hung, stopped) or died is the failed rank. If
+        all answer, the call is slow, not hung: say so, naming the ranks not done."""
+        probes = [r.alive.remote() for r in self.ranks]
+        answered, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_S)
+        late = f"not done within {within} and"
+        for rank, ref in enumerate(probes):
+            if ref not in answered:
+                self._fail(rank, what, f"{late} hung: no answer to a liveness probe within {PROBE_S:g} s")
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 — it died meanwhile
+                self._fail(rank, what, f"{late} {cause(e)}")
+        ranks = ", ".join(f"learner-{r}" for r in pending)
+        self.failed = f"learner: {what}: not done within {within} on {ranks}; all ranks alive (they answer a liveness probe): slow, not hung"
+        raise RoleFailure(self.failed)
 
     def wait(self, refs: list, what: str, timeout: float, fetch: bool = True) -> list | None:
         """Wait for one call per rank (rank order); the first failure names its rank at once."""
@@ -56,13 +83,13 @@ class RayLearner:
         while left:
             done, _ = ray.wait(list(left), num_returns=1, timeout=max(0.0, timeout - (time.perf_counter() - t0)))
             if not done:
-                raise RoleFailure(f"learner learner-{min(left.values())}: {what}: no answer within {timeout:g} s")
+                self._late(what, f"{timeout:g} s", sorted(left.values()))
             for ref in done:
                 rank = left.pop(ref)
                 try:
                     ray.get(ref)
                 except Exception as e:  # noqa: BLE001
-                    self._fail(rank, what, e)
+                    self._fail(rank, what, cause(e))
         return ray.get(refs) if fetch else None
 
     @property
@@ -85,12 +112,11 @@ class RayLearner:
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001
-                self._fail(self._refs.index(ref), "step failed", e)
+                self._fail(self._refs.index(ref), "step failed", cause(e))
         if len(done) < len(self._refs):
             if time.perf_counter() - self._t0 > deadline_s:
-                late = min(i for i, r in enumerate(self._refs) if r not in done)
-                self.failed = f"learner learner-{late}: step not done within deadlines.learner_step_s={deadline_s:g}"
-                raise RoleFailure(self.failed)
+                self._late("step", f"deadlines.learner_step_s={deadline_s:g}",
+                           [i for i, r in enumerate(self._refs) if r not in done])
             return None
         results = ray.get(self._refs)
         self._refs = None
