@@ -324,7 +324,7 @@ class DeadlinesConfig(_Strict):
 class CheckpointConfig(_Strict):
     every: int = Field(50, ge=0, le=10**9, description="Checkpoint every this many steps (0 = only at the end).")
     keep: int = Field(2, ge=1, le=10**6, description="Checkpoints kept; older ones are deleted.")
-    stop_grace_s: float = Field(20.0, ge=0, le=3600, description="After SIGTERM/SIGINT or /stop: once the final checkpoint is written, seconds to wait for in-flight batches to land (so the sample accounting closes) before exiting anyway.")
+    stop_grace_s: float = Field(20.0, ge=0, le=3600, description="After SIGTERM/SIGINT or /stop: once the final checkpoint is written, seconds to wait for in-flight batches (and evaluations) to land before exiting anyway; batches still in flight then are dropped as `stopped`. The job exits within the rest of the running learner step, the checkpoint write and this: size RAY_JOB_STOP_WAIT_TIME_S and the pods' terminationGracePeriodSeconds above their sum (docs/operations.md, Stopping).")
 
 
 class ControlConfig(_Strict):

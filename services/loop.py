@@ -6,6 +6,8 @@
     NaN/Inf: a batch whose teacher answered it is dropped, a step that went non-finite skipped;
     `learner.max_nonfinite_steps` of either in a row end the job naming the role and route
     push weights every `sync_every` steps; checkpoint every `checkpoint.every` steps
+    a graceful stop (SIGTERM/SIGINT, /stop): finish the running step, the final checkpoint, then
+    `checkpoint.stop_grace_s` for in-flight batches; what is still in flight is dropped (`stopped`)
 
 The mode only picks the parts (services/runtime/, contracts.py): in-process objects whose calls
 are done when made, or Ray actors whose calls return refs. Sync versus async is only the gate
@@ -14,6 +16,7 @@ are done when made, or Ray actors whose calls return refs. Sync versus async is 
 
 from __future__ import annotations
 
+import math
 import queue
 import signal
 import sys
@@ -73,6 +76,7 @@ class TrainLoop:
         self.commands: queue.Queue = queue.Queue()
         self.stop_requested = threading.Event()
         self.stopped_by: str | None = None  # what asked for a graceful stop (/stop, SIGTERM, ...)
+        self._grace_until: float | None = None  # when a stop's grace ends (set in finish())
         if resume_from:
             self._resume(resume_from)
         self.sync.push(self.step)
@@ -130,13 +134,14 @@ class TrainLoop:
             self.report_evaluations()
             if metrics is None:
                 continue
-            if self.step % cfg.sync.sync_every == 0 and self.step < cfg.learner.steps:
+            going_on = self.step < cfg.learner.steps and not self.stop_requested.is_set()  # else finish() follows
+            if self.step % cfg.sync.sync_every == 0 and going_on:
                 with timer("sync"):
                     self.sync.push(self.step)
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 with timer("checkpoint"):
                     self.checkpoint()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.learner.steps:
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and going_on:
                 with timer("eval"):
                     self.evaluate()
             self.after_step(metrics)
@@ -173,7 +178,7 @@ class TrainLoop:
     def learn(self) -> dict | None:
         """Start a learner step once a full step is queued; return its metrics when it is done."""
         if not self.learner.busy:
-            take = self.pipe.take()
+            take = None if self.stop_requested.is_set() else self.pipe.take()  # stopping: no new step
             if take is None or not take.handles:
                 return None  # too few batches yet, or stale ones were dropped (on_stale: drop)
             self.last_lags = tuple(self.step - v for v in take.versions)
@@ -229,6 +234,12 @@ class TrainLoop:
         self.learner.set_version(r.step)
 
     def finish(self) -> dict:
+        """The end of a job, or a graceful stop: finish the running step, write the final
+        checkpoint, let in-flight work land, close the accounting. After a stop request (a signal:
+        the pod may be killed soon) the job is done within the rest of the running step, the
+        checkpoint write and `checkpoint.stop_grace_s`: the grace, counted from the checkpoint (or
+        from the request, if it came later), covers in-flight batches and evaluations together,
+        and batches still in flight when it runs out are dropped as `stopped`."""
         self.state = "stopping"
         while self.learner.busy:  # a stop arrived mid-step: finish and count that step
             metrics = self.learn()
@@ -239,20 +250,28 @@ class TrainLoop:
         if self.last_ckpt is None or not self.last_ckpt.endswith(f"{self.step:08d}"):
             self.checkpoint()  # the final (or graceful-stop) checkpoint
         self.sync.poll(block=True)
-        # Let in-flight work land so the accounting closes exactly; after a stop request (a
-        # signal: the pod may be killed soon) only for `checkpoint.stop_grace_s`.
-        t0 = time.perf_counter()
-        while self.pipe.in_flight:
-            if self.stop_requested.is_set() and time.perf_counter() - t0 > self.cfg.checkpoint.stop_grace_s:
-                break
-            self.collect(timeout=1.0)
+        while self.pipe.in_flight and (left := self._grace_left()) > 0:
+            self.collect(timeout=min(1.0, left))
+        abandoned = self.pipe.abandon("stopped")  # nothing is in flight unless the grace ran out
         self.pipe.drain("unconsumed")
-        stopping = self.stop_requested.is_set()  # a signal: the pod may be killed soon
-        if not stopping:
+        if not self.stop_requested.is_set():
             self.evaluate()  # the final weights
-        self.report_evaluations(wait_s=self.cfg.checkpoint.stop_grace_s if stopping else self.cfg.eval.timeout_s)
+        self.report_evaluations(wait_s=min(self.cfg.eval.timeout_s, max(0.0, self._grace_left())))
+        # Members still busy with abandoned batches would answer a statistics call only after
+        # them (one call at a time): no idle ratios of the fleet then.
+        busy = {} if abandoned else self.fleet.busy_stats()
         self.state = "done"
-        return self.telemetry.summary(self.snapshot(), time.perf_counter() - self.t_start, self.fleet.busy_stats())
+        return self.telemetry.summary(self.snapshot(), time.perf_counter() - self.t_start, busy)
+
+    def _grace_left(self) -> float:
+        """Seconds of `checkpoint.stop_grace_s` left (inf without a stop request); the grace
+        starts at the first call after the request, which finish() makes once the final
+        checkpoint is written."""
+        if not self.stop_requested.is_set():
+            return math.inf
+        if self._grace_until is None:
+            self._grace_until = time.perf_counter() + self.cfg.checkpoint.stop_grace_s
+        return self._grace_until - time.perf_counter()
 
     def evaluate(self) -> None:
         """Evaluate the current weights (danceopd/evaluate.py): in Ray mode the evaluator actor
@@ -338,7 +357,8 @@ def make_router(cfg: Config, per_step: int) -> Router:
 
 class StopOnSignal:
     """SIGTERM / SIGINT (`ray job stop`, pod eviction, Ctrl-C) ask the loop to stop gracefully:
-    finish the running step, write the final checkpoint, exit 0. A second signal aborts."""
+    finish the running step, write the final checkpoint, exit 0 within `checkpoint.stop_grace_s`
+    of it (TrainLoop.finish). A second signal aborts."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -27,7 +27,10 @@ mode, the batch itself in one process) and the latest weights; nothing else keep
   is what a checkpoint stores.
 
 Sample accounting (`counts`): issued = produced + lost + in flight, and
-produced = consumed + dropped + queued (waiting for their turn or in the replay queue).
+produced = consumed + dropped + queued (waiting for their turn or in the replay queue). At the
+end of a job both close with nothing in flight or queued: queued batches are dropped as
+`unconsumed`, and batches still in flight when a graceful stop's grace runs out are closed as
+produced and dropped as `stopped` (never learned on; a resume re-issues them).
 """
 
 from __future__ import annotations
@@ -245,6 +248,18 @@ class RolloutPipeline:
         for t in sorted(self.ready):
             self.queued[t] = self.ready.pop(t)
         return self._drop(list(self.queued), reason)
+
+    def abandon(self, reason: str = "stopped") -> dict[int, int]:
+        """Batches still in flight when the job ends without them (a graceful stop whose grace
+        ran out): closed as produced and dropped, so the accounting closes ({ticket: samples}).
+        Not owed: the checkpoint's resume point is at or before the first of them."""
+        out = {}
+        for t in sorted(self.in_flight):
+            out[t] = self.in_flight.pop(t).samples
+            self.routes.pop(t, None)
+            self.counts["produced"] += out[t]
+            self.dropped[reason] += out[t]
+        return out
 
     def stepped(self) -> None:
         self.step += 1

@@ -208,6 +208,38 @@ def test_gpu_budget_of_cluster_config_fits():
         assert need <= have, f"configs/cluster.yaml needs {need} GPUs, the cluster has at most {have}"
 
 
+# What a graceful stop takes on the cluster, beyond checkpoint.stop_grace_s: the budget the
+# manifests are sized for (their head pod's comment says so; a deployment with longer steps or
+# writes raises RAY_JOB_STOP_WAIT_TIME_S and terminationGracePeriodSeconds with it).
+LEARNER_STEP_S, CHECKPOINT_WRITE_S = 60, 30
+SHUTDOWN_S = 10  # after the summary: actors killed, Ray disconnected (under a second measured)
+
+
+def test_stop_waits_cover_a_graceful_stop():
+    """A stop ends within the running learner step, the checkpoint write and stop_grace_s. Ray
+    SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after `ray job stop` (Ray's default, 3 s, set on
+    the head for every job and by `danceopd submit` per job), and Kubernetes a pod
+    terminationGracePeriodSeconds after a deletion or eviction: the head (the driver) and the
+    learner pod (its ranks write the checkpoint) outlast the stop wait, which outlasts the stop
+    of every cluster config."""
+    from danceopd.config import load_config
+    from services.control.jobs import STOP_WAIT_S
+
+    configs = ["cluster.yaml", "sd35_medium.yaml", "zimage.yaml"]
+    for spec in cluster_specs():
+        head = spec["headGroupSpec"]["template"]["spec"]
+        env = {e["name"]: e["value"] for e in head["containers"][0].get("env", [])}
+        stop_wait = int(env["RAY_JOB_STOP_WAIT_TIME_S"])
+        assert stop_wait == STOP_WAIT_S, "the head's stop wait differs from the one `danceopd submit` sets"
+        (learner,) = [g["template"]["spec"] for g in spec["workerGroupSpecs"] if g["groupName"] == "learner"]
+        for name, pod in (("head", head), ("learner", learner)):
+            grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+            assert grace >= stop_wait + SHUTDOWN_S, f"{name} pod: terminationGracePeriodSeconds {grace} < {stop_wait} + {SHUTDOWN_S}"
+        for name in configs:
+            need = load_config(ROOT / "configs" / name).checkpoint.stop_grace_s + LEARNER_STEP_S + CHECKPOINT_WRITE_S
+            assert stop_wait >= need, f"configs/{name}: a stop takes up to {need:g} s, RAY_JOB_STOP_WAIT_TIME_S is {stop_wait}"
+
+
 # ---- every command runs the real CLI on a valid config --------------------------------------
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -1,12 +1,14 @@
 """SIGTERM / SIGINT to the driver (what `ray job stop`, a RayJob deletion or a pod eviction
 sends): the job finishes the running step, writes the final checkpoint and exits 0, and
-`--resume auto` continues from it."""
+`--resume auto` continues from it; with slow rollouts in flight it exits within
+`checkpoint.stop_grace_s` of the checkpoint, the rollouts counted as dropped."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,7 +16,8 @@ import yaml
 
 from danceopd.checkpoint import latest_checkpoint, load_json
 from services.telemetry.progress import read_metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cfg_for
+from tests.test_ray_runtime import assert_accounting_closes
 
 
 def steps_logged(out) -> int:
@@ -97,3 +100,49 @@ def test_sigterm_in_ray_mode_checkpoints_exits_0_and_resumes(tmp_path, toy_raw):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert load_json(latest_checkpoint(out) / "state.json")["step"] == step + 3
+
+
+@pytest.mark.ray
+def test_stop_with_slow_rollouts_in_flight_is_bounded(ray_local, sim_raw, tmp_path):
+    """Rollouts of 20 s in flight when the stop comes: the job is done within stop_grace_s (2 s)
+    of the final checkpoint, not when they land; they are dropped as `stopped`, so the accounting
+    closes. In process (TrainLoop.request_stop, which the SIGTERM handler calls) on the session's
+    Ray cluster: the signal path itself is the CLI tests' above, and a driver of its own would add
+    a Ray start-up to the suite."""
+    from services.loop import TrainLoop
+
+    grace = 2.0
+    # The fewest actors (each a process to start): one worker holding 2 orders (one rolling out,
+    # one queued behind it), one route and its teacher, the router, one learner rank.
+    raw = {**sim_raw, "teachers": sim_raw["teachers"][:1],
+           "routing": {**sim_raw["routing"], "routes": sim_raw["routing"]["routes"][:1]}}
+    cfg = cfg_for(raw, tmp_path, "run", backend__rollout_latency_s=20.0, learner__steps=1, rollout__workers=1,
+                  rollout__orders_per_worker=2, checkpoint__stop_grace_s=grace, checkpoint__every=0,
+                  eval__enabled=False)
+    loop = TrainLoop(cfg, "ray", show_progress=False)
+    stopped_at = []
+
+    def stop_when_in_flight():
+        while not (loop.state == "running" and loop.pipe.in_flight):
+            time.sleep(0.05)
+        time.sleep(0.5)  # the rollouts are under way (20 s each)
+        stopped_at.append(time.perf_counter())
+        loop.request_stop("SIGTERM")
+
+    threading.Thread(target=stop_when_in_flight, daemon=True).start()
+    try:
+        summary = loop.run()
+        done_s = time.perf_counter() - stopped_at[0]
+    finally:
+        loop.shutdown()
+    exit_s = time.perf_counter() - stopped_at[0]
+    print(f"stop -> summary {done_s:.2f} s, -> actors shut down {exit_s:.2f} s (stop_grace_s {grace:g})")
+    assert exit_s < grace + 15, exit_s  # the rollouts land ~20 s after they started: never waited for
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 0
+    ckpt = latest_checkpoint(cfg.output_path)
+    assert ckpt is not None and (ckpt / "COMPLETE").exists()
+    assert load_json(ckpt / "state.json")["router"]["next_ticket"] == 0  # a resume re-issues both
+    acct = summary["accounting"]
+    assert_accounting_closes(acct)
+    in_flight = 2 * cfg.rollout.batch_size  # both orders of the worker
+    assert acct["issued"] == in_flight and acct["dropped"] == {"stopped": in_flight} and acct["consumed"] == 0

@@ -181,3 +181,18 @@ def test_drain_drops_queued_and_waiting_batches_and_the_accounting_closes():
     acct = p.accounting()
     assert acct["dropped"] == {"unconsumed": 8} and acct["queued"] == 0 and acct["in_flight"] == 8
     assert p.owed == []  # unconsumed batches are not re-issued
+
+
+def test_abandon_drops_batches_still_in_flight_and_the_accounting_closes():
+    """A graceful stop's grace ran out: what is still in flight is dropped as `stopped`."""
+    from tests.test_ray_runtime import assert_accounting_closes
+
+    p = pipe(per_step=2, lag=1, capacity=16, depth=2)
+    issue(p, "ab")  # tickets 0..3
+    p.completed(1, 1, 0)  # waits for ticket 0
+    assert p.abandon() == {0: 4, 2: 4, 3: 4}
+    p.drain()
+    acct = p.accounting()
+    assert acct["dropped"] == {"stopped": 12, "unconsumed": 4} and acct["consumed"] == 0
+    assert_accounting_closes(acct)
+    assert p.owed == [] and p.first_unconsumed() == p.next_ticket == 4

@@ -76,7 +76,7 @@ _DECLARED = (
     Metric("danceopd_learner_step", "gauge", "controller", (), "Optimizer steps done."),
     Metric("danceopd_replay_depth", "gauge", "controller", (), "Routed batches in the replay queue (the driver's pipeline)."),
     Metric("danceopd_replay_capacity", "gauge", "controller", (), "Routed batches the pipeline holds (in flight + queued) before backpressure."),
-    Metric("danceopd_dropped_samples", "counter", "controller", ("reason",), "Samples dropped, by reason (stale, unconsumed, nonfinite)."),
+    Metric("danceopd_dropped_samples", "counter", "controller", ("reason",), "Samples dropped, by reason (stale, unconsumed, nonfinite, stopped)."),
     Metric("danceopd_nonfinite", "counter", "controller", ("role", "route"), "NaN/Inf caught: routed batches dropped (role teacher: its answer) and learner steps skipped (role learner: prediction, loss or gradient norm)."),
     Metric("danceopd_policy_lag", "histogram", "controller", (), "Learner version minus sample version of each consumed batch.", _LAG),
     Metric("danceopd_last_step_timestamp_seconds", "gauge", "controller", (), "Unix time of the last learner step (0 before the first)."),
