@@ -21,7 +21,7 @@ ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher 
          "learner rank"]
 NODES = ["rollout node (2 workers + router)", "teacher node (3 replicas + evaluator)", "learner node (2 ranks)"]
 ROUND3 = ["members killed / hung while starting", "router and a rollout worker at once", "teacher answers NaN (2 calls)",
-          "driver, SIGKILL", "damaged newest checkpoint (model.safetensors truncated)",
+          "driver", "damaged newest checkpoint (model.safetensors truncated)",
           "damaged newest checkpoint (state.json truncated)", "damaged newest checkpoint (learner/optimizer.pt truncated)"]
 TESTS = ["tests/test_faults.py", "tests/test_multinode.py", "tests/test_start_faults.py", "tests/test_nonfinite.py",
          "tests/test_checkpoints.py"]

@@ -210,7 +210,7 @@ def test_killed_driver_resumes_from_its_checkpoint_with_exact_accounting(ray_loc
     assert_accounting_closes(acct)
     per_step = cfg.learner.world_size * cfg.learner.grad_accum * cfg.rollout.batch_size
     assert acct["consumed"] == (cfg.learner.steps - step) * per_step  # the resumed run learned exactly the rest
-    report("driver, SIGKILL", fault="SIGKILL", outcome=f"its actors die with it; `--resume auto` from step {step} "
+    report("driver", fault="SIGKILL", outcome=f"its actors die with it; `--resume auto` from step {step} "
            f"finishes every step, accounting exact ({time.perf_counter() - t_resume:.2f} s with start-up)")
 
 

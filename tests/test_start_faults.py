@@ -90,7 +90,8 @@ def test_members_that_die_or_hang_while_starting_are_restarted(ray_local, sim_ra
 
 def test_router_and_rollout_worker_killed_together(ray_local, sim_raw, tmp_path):
     """Two roles at once: each is rebuilt and blamed once, nobody else."""
-    cfg = small(sim_raw, tmp_path, "two-roles", backend__teacher_latency_s=0.1, deadlines__route_s=20.0)
+    cfg = small(sim_raw, tmp_path, "two-roles", backend__teacher_latency_s=0.1, deadlines__route_s=20.0,
+                deadlines__teacher_s=10.0)
     loop = TrainLoop(cfg, "ray", show_progress=False)
     pids = []
 
