@@ -127,3 +127,39 @@ def test_router_and_rollout_worker_killed_together(ray_local, sim_raw, tmp_path)
     assert summary["restarts"] == {"rollout": 1, "teacher": 0, "router": 1}, summary["restarts"]
     report("router and a rollout worker at once", fault="SIGKILL", recovered_s=round(pids[2], 2),
            lost_samples=acct["lost"], outcome="every step, accounting exact, 1 restart of each and 0 of any other")
+
+
+def test_a_learner_gang_whose_rank_0_port_is_taken_starts_again(ray_local, sim_raw, tmp_path, monkeypatch, capsys):
+    """Rank 0's rendezvous port is found free, then taken by another process before rank 0 binds
+    it (two clusters on one machine do that): the gang dies while starting and is started again
+    on a new port, instead of failing the job."""
+    import socket
+
+    import services.runtime.ray_learner as ray_learner
+    from services.runtime.actors import free_port
+    from services.runtime.placement import role_specs
+
+    taken = socket.socket()
+    taken.bind(("", 0))
+    taken.listen()  # held by this test until the end
+    flag = tmp_path / "first-call-done"
+
+    def port_then_free(busy=taken.getsockname()[1], flag=str(flag)):  # runs in a Ray task
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            return free_port()[0], busy
+        return free_port()
+
+    monkeypatch.setattr(ray_learner, "free_port", port_then_free)
+    cfg = small(sim_raw, tmp_path, "port", learner__world_size=2, learner__num_cpus=0.2)
+    try:
+        learner = ray_learner.RayLearner(cfg, role_specs(cfg)["learner"])
+        try:
+            assert len(learner.ranks) == 2 and learner.failed is None
+            assert learner._addr[1] != taken.getsockname()[1]
+        finally:
+            learner.shutdown()
+    finally:
+        taken.close()
+    out = capsys.readouterr().out
+    assert "learner learner-0: starting: died" in out and "starting the learner's ranks again (1 of 2)" in out, out

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 PROBE_S = 5.0  # a live rank answers `alive` in milliseconds, even mid-collective; a hung one never
 
 
+START_ATTEMPTS = 3  # a gang that dies while starting (e.g. rank 0's port taken) is started again
+
+
 def cause(e: BaseException) -> str:
     return f"died ({type(e).__name__})" if isinstance(e, ray.exceptions.RayActorError) else first_line(e)
 
@@ -47,12 +50,24 @@ class RayLearner:
         self.failed: str | None = None
         self.group = ActorGroup("learner", spec, lambda name, opts: cls.options(**opts, runtime_env=env).remote(
             cfg, int(name.rsplit("-", 1)[1]), cfg.learner.world_size, *self._addr))
-        # Rank 0 listens on a free port of its own node: probe it inside rank 0's bundle.
         pg, first = self.group.reserve_gang(cfg.learner.world_size)
-        self._addr = ray.get(ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(pg, first)).remote())
-        self.group.add_gang()
-        self.ranks = self.group.actors()
-        self.wait([r.get_version.remote() for r in self.ranks], "starting", cfg.sync.timeout_s + 600)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            # Rank 0 listens on a free port of its own node: probe it inside rank 0's bundle. Another
+            # process may take the port before rank 0 binds it: a gang that dies while starting
+            # is started again, on a new port, before the job has anything to lose.
+            self._addr = ray.get(ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(pg, first)).remote())
+            self.group.add_gang()
+            self.ranks = self.group.actors()
+            try:
+                self.wait([r.get_version.remote() for r in self.ranks], "starting", cfg.sync.timeout_s + 600)
+                break
+            except RoleFailure:
+                if attempt == START_ATTEMPTS:
+                    raise
+                print(f"{self.failed}; starting the learner's ranks again ({attempt} of {START_ATTEMPTS - 1})", flush=True)
+                self.failed = None
+                for name in list(self.group.members):
+                    self.group.remove(name)  # the gang's placement group stays reserved
         self._refs, self._t0 = None, 0.0
 
     def _fail(self, rank: int, what: str, cause: str) -> NoReturn:
