@@ -22,8 +22,18 @@ import pytest
 TIERS = ("ray", "subprocess", "slow")
 
 
+# The longest files first (measured on the 2-core machine: several minutes each): `make test`
+# runs two processes that take a file at a time, so the long ones start at once and the short
+# ones fill in around them instead of one long file running alone at the end.
+LONGEST_FIRST = ("test_jobs_cli.py", "test_multinode.py", "test_ray_runtime.py", "test_faults.py",
+                 "test_zimage_backend.py", "test_sd3_backend.py", "test_start_faults.py", "test_scale_sim.py",
+                 "test_shapesbench.py", "test_scale_capacity.py", "test_graceful_stop.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
