@@ -60,6 +60,16 @@ def write_config(tmp_path):
     return _write
 
 
+def ipv6_loopback() -> bool:
+    """This machine can bind ::1 (containers often cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

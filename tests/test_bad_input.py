@@ -22,7 +22,7 @@ from danceopd import shapes_world as sw
 from danceopd.config import Config, apply_overrides, config_from_dict
 from danceopd.validate import validate
 from services.cli import app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ipv6_loopback
 
 runner = CliRunner()
 CONFIGS = ("demo.yaml", "cluster.yaml")
@@ -278,18 +278,7 @@ def test_remote_job_skips_the_folders_it_writes(demo, monkeypatch):
     assert res.exit_code == 0, res.output
 
 
-def _ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.parametrize("key", ["host", "metrics_host"])
 @pytest.mark.parametrize("value", ["::1", "[::1]", "::"])
 def test_ipv6_hosts_work(demo, key, value):

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.control import api
 from services.control.api import ControlServer, control_url, parse_scale_request, resolve_token
 from services.control.ctl import ctl_request
-from tests.conftest import cfg_for, free_port
+from tests.conftest import cfg_for, free_port, ipv6_loopback
 
 TOKEN = "s3cret-token"
 
@@ -321,16 +321,7 @@ def test_a_client_that_never_sends_a_whole_request_is_dropped_and_connections_ar
         server.stop()
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 @pytest.mark.parametrize("host", ["::1", "::"])
 def test_an_ipv6_bind_works(host):
     server = ControlServer(host=host, token=TOKEN, status_fn=lambda: {"state": "running"}, scale_fn=lambda **kw: {},

@@ -20,6 +20,20 @@ from tests.test_ray_runtime import assert_accounting_closes
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def run_alongside(loop, faults, pids: list):
+    """Run the job while `faults` runs in a thread; then end (exactly) the processes it hit."""
+    t = threading.Thread(target=faults, daemon=True)
+    t.start()
+    try:
+        return loop.run()
+    finally:
+        loop.shutdown()
+        t.join(timeout=10)
+        for pid in pids:
+            if isinstance(pid, int):
+                reap(pid)
+
+
 def starting_process(group, name: str, timeout_s: float = 60.0) -> int:
     """The pid of pending member `name` once the fleet saw its constructor begin."""
     import ray._private.state as gcs
@@ -66,15 +80,7 @@ def test_members_that_die_or_hang_while_starting_are_restarted(ray_local, sim_ra
             time.sleep(0.01)
         loop.request_stop("test")
 
-    t = threading.Thread(target=faults, daemon=True)
-    t.start()
-    try:
-        summary = loop.run()
-    finally:
-        loop.shutdown()
-        t.join(timeout=10)
-        for pid in pids:
-            reap(pid)
+    summary = run_alongside(loop, faults, pids)
     assert len(pids) == 2, "a fault was never injected"
     assert loop.stopped_by == "test", "the job ended before the faults' thread was done"
     acct = summary["accounting"]
@@ -110,15 +116,7 @@ def test_router_and_rollout_worker_killed_together(ray_local, sim_raw, tmp_path)
             time.sleep(0.005)
         pids.append(time.perf_counter() - t0)
 
-    t = threading.Thread(target=faults, daemon=True)
-    t.start()
-    try:
-        summary = loop.run()
-    finally:
-        loop.shutdown()
-        t.join(timeout=10)
-        for pid in pids[:2]:
-            reap(pid)
+    summary = run_alongside(loop, faults, pids)
     assert len(pids) == 3, "the faults were never injected or never recovered"
     assert summary["steps"] == cfg.learner.steps
     acct = summary["accounting"]

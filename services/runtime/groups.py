@@ -46,16 +46,22 @@ def mark_started() -> None:
     process boot or a node busy starting many workers is not counted as a hung start."""
     from ray.experimental.internal_kv import _internal_kv_put
 
-    _internal_kv_put(ray.get_runtime_context().get_actor_id(), b"1", namespace=START_NS)
+    try:
+        _internal_kv_put(ray.get_runtime_context().get_actor_id(), b"1", namespace=START_NS)
+    except Exception:  # noqa: BLE001 — a busy GCS must not fail the start: the deadline then never runs
+        pass
 
 
 def _began(actor) -> bool:
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
 
     key = actor._actor_id.hex()
-    if _internal_kv_get(key, namespace=START_NS) is None:
+    try:
+        if _internal_kv_get(key, namespace=START_NS) is None:
+            return False
+        _internal_kv_del(key, namespace=START_NS)
+    except Exception:  # noqa: BLE001 — a busy GCS: look again at the next poll
         return False
-    _internal_kv_del(key, namespace=START_NS)
     return True
 
 
