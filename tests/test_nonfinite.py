@@ -139,10 +139,12 @@ def test_ray_teacher_nan_is_dropped_counted_and_exported(ray_local, sim_raw, tmp
     assert_accounting_closes(acct)
     assert acct["dropped"]["nonfinite"] == 2 * cfg.rollout.batch_size and acct["lost"] == 0
     assert sum(summary["nonfinite"]["teacher"].values()) == 2 and status["nonfinite"] == summary["nonfinite"]
-    counted = {x.labels["route"]: x.value for x in served
+    counted = {(x.labels["role"], x.labels["route"]): x.value for x in served
                if x.name == "danceopd_nonfinite_total" and x.labels["run_id"] == loop.run_id}
-    assert counted == summary["nonfinite"]["teacher"]
-    assert all(x.labels["role"] == "teacher" for x in served if x.name == "danceopd_nonfinite_total")
+    routes = [r.name for r in cfg.routing.routes]  # every series exists from the start, at 0
+    assert counted == {(role, r): summary["nonfinite"].get(role, {}).get(r, 0) for role in ("teacher", "learner")
+                       for r in routes}
+    assert sum(v for (role, _), v in counted.items() if role == "teacher") == 2
     (dropped,) = [x.value for x in served if x.name == "danceopd_dropped_samples_total"
                   and x.labels == {"job": cfg.job.name, "run_id": loop.run_id, "reason": "nonfinite"}]
     assert dropped == 2 * cfg.rollout.batch_size

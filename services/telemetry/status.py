@@ -61,6 +61,9 @@ class Telemetry:
         for role in ROLES:
             for name in ("danceopd_restarts", "danceopd_failures"):
                 self.metrics.inc(name, 0, role=role)  # the series exist from the start
+        for route in cfg.routing.routes:  # so does each route's NaN/Inf count: a rate of 0, not "no data"
+            for role in ("teacher", "learner"):
+                self.metrics.inc("danceopd_nonfinite", 0, role=role, route=route.name)
         token = resolve_token(cfg.control.token_env)
         status_fn, scale_fn, stop_fn = control_fns
         self.control = ControlServer(cfg.control.host, cfg.control.port, token, status_fn, scale_fn, stop_fn,
