@@ -95,6 +95,19 @@ class Fault(threading.Thread):
             time.sleep(0.005)
 
 
+def fails_with(loop, fault) -> tuple[str, float]:
+    """Run a job `fault` must end: its one line, and seconds from the fault."""
+    fault.start()
+    try:
+        with pytest.raises(RoleFailure) as err:
+            loop.run()
+        return str(err.value), time.perf_counter() - fault.t_fault
+    finally:
+        loop.shutdown()
+        fault.join(timeout=5)
+        reap(fault.pid)
+
+
 def run_with_fault(cfg, pick, role, sig=signal.SIGKILL, at_step=4):
     loop = TrainLoop(cfg, "ray", show_progress=False)
     fault = Fault(loop, pick, role, sig, at_step)
@@ -232,15 +245,7 @@ def test_killed_learner_rank_fails_fast_naming_it_and_resume_finishes(ray_local,
                 checkpoint__keep=5, learner__steps=12)
     loop = TrainLoop(cfg, "ray", show_progress=False)
     fault = Fault(loop, lambda lp: lp.learner.ranks[1], "learner", at_step=7)
-    fault.start()
-    try:
-        with pytest.raises(RoleFailure) as err:
-            loop.run()
-        failed_after = time.perf_counter() - fault.t_fault
-    finally:
-        loop.shutdown()
-        fault.join(timeout=5)
-    msg = str(err.value)
+    msg, failed_after = fails_with(loop, fault)
     assert msg.startswith("learner learner-1: ") and "died" in msg and "\n" not in msg, msg
     assert failed_after < 60, failed_after  # not the collective's timeout
     assert loop.status()["state"] == "failed"
@@ -304,16 +309,7 @@ def test_hung_learner_rank_is_named_not_rank_0_blocked_waiting_for_it(ray_local,
                 deadlines__learner_step_s=deadline_s, sync__timeout_s=deadline_s)
     loop = TrainLoop(cfg, "ray", show_progress=False)
     fault = Fault(loop, lambda lp: lp.learner.ranks[1], "learner", signal.SIGSTOP)
-    fault.start()
-    try:
-        with pytest.raises(RoleFailure) as err:
-            loop.run()
-        failed_after = time.perf_counter() - fault.t_fault
-    finally:
-        loop.shutdown()
-        fault.join(timeout=5)
-        reap(fault.pid)
-    msg = str(err.value)
+    msg, failed_after = fails_with(loop, fault)
     assert msg.startswith("learner learner-1: ") and "hung: no answer to a liveness probe" in msg and "\n" not in msg, msg
     assert failed_after < deadline_s + PROBE_S + 10, failed_after
     assert loop.status()["state"] == "failed"

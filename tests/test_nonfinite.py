@@ -105,15 +105,20 @@ def test_teacher_nan_for_two_calls_drops_two_batches_and_the_job_finishes(sim_ra
     assert loop.status()["nonfinite"] == summary["nonfinite"]
 
 
-def test_teacher_always_nan_ends_the_job_in_one_line_naming_teacher_and_route(sim_raw, tmp_path):
-    cfg = one_teacher(sim_raw, tmp_path, "nan-always", backend__teacher_nan_from=3)
-    loop = TrainLoop(cfg, "local", show_progress=False)
+def failure_of(loop) -> str:
+    """Run a job that must end in a RoleFailure; its one line."""
     try:
         with pytest.raises(RoleFailure) as err:
             loop.run()
     finally:
         loop.shutdown()
-    msg = str(err.value)
+    return str(err.value)
+
+
+def test_teacher_always_nan_ends_the_job_in_one_line_naming_teacher_and_route(sim_raw, tmp_path):
+    cfg = one_teacher(sim_raw, tmp_path, "nan-always", backend__teacher_nan_from=3)
+    loop = TrainLoop(cfg, "local", show_progress=False)
+    msg = failure_of(loop)
     route = next(iter(loop.pipe.nonfinite["teacher"]))
     assert msg == (f"teacher teacher (route {route}): 3 batches in a row with NaN/Inf in the answer, each dropped "
                    "(learner.max_nonfinite_steps=3)"), msg
@@ -283,12 +288,7 @@ def test_learner_nan_in_a_row_ends_the_job_naming_the_route(sim_raw, tmp_path, m
     cfg = one_teacher(sim_raw, tmp_path, "skip-always", learner__max_nonfinite_steps=2, checkpoint__every=1)
     poison_loss(monkeypatch, set(range(5, 10**6)))  # every step from the third on
     loop = TrainLoop(cfg, "local", show_progress=False)
-    try:
-        with pytest.raises(RoleFailure) as err:
-            loop.run()
-    finally:
-        loop.shutdown()
-    msg = str(err.value)
+    msg = failure_of(loop)
     route = next(iter(loop.pipe.nonfinite["learner"]))
     assert msg == (f"learner (route {route}): 2 steps in a row with NaN/Inf in the loss, each skipped "
                    "(learner.max_nonfinite_steps=2)"), msg
