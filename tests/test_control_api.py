@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.control import api
-from services.control.api import ControlServer, control_url, parse_scale_request, resolve_token
+from services.control import api, registry
+from services.control.api import ControlServer
 from services.control.ctl import ctl_request
+from services.control.requests import control_url, parse_scale_request, resolve_token
 from tests.conftest import cfg_for, free_port, ipv6_loopback
 
 TOKEN = "s3cret-token"
@@ -402,8 +403,8 @@ def telemetry(toy_raw, tmp_path, monkeypatch):
     from services.telemetry.status import Telemetry
 
     registered = {}
-    monkeypatch.setattr(api, "register", lambda job, url, token: registered.update(job=job, url=url, token=token))
-    monkeypatch.setattr(api, "unregister", lambda job: registered.clear())
+    monkeypatch.setattr(registry, "register", lambda job, url, token: registered.update(job=job, url=url, token=token))
+    monkeypatch.setattr(registry, "unregister", lambda job: registered.clear())
     monkeypatch.setenv("DANCEOPD_CONTROL_TOKEN", TOKEN)
     ctl_port = free_port()
     cfg = cfg_for(toy_raw, tmp_path, "run", control__host="127.0.0.1", control__port=ctl_port,

@@ -526,7 +526,8 @@ STUB_DRIVER = textwrap.dedent("""
     # the helper job and the HTTP/token path; it is not a stand-in for the real controller.
     import json, sys, threading
     import ray
-    from services.control.api import ControlServer, lookup, register
+    from services.control.api import ControlServer
+    from services.control.registry import lookup, register
 
     name, address = sys.argv[1], sys.argv[2]
     fleet = {"rollout": 1}

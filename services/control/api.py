@@ -1,4 +1,4 @@
-"""The controller's control API: a tiny HTTP server plus a cluster-wide registry.
+"""The controller's control API: a tiny HTTP server.
 
 Endpoints (JSON in, JSON out; every error body is one line: {"error": "..."}):
 
@@ -26,12 +26,8 @@ helper job on the head, over loopback. The controller's Prometheus /metrics is a
 server on `control.metrics_host`, the one address a cluster opens (0.0.0.0 in
 configs/cluster.yaml), so scraping never exposes this API.
 
-Registry: `register(job_name, url, token)` creates a small named Ray actor
-("danceopd-control:<job>", namespace "danceopd"). It is NOT detached, so it dies with the
-driver that created it (the controller) and a crashed job never leaves a stale entry. Anyone
-who can call Ray actors on the cluster can read the token; that is the same trust boundary as
-the cluster itself (Ray token auth protects it). `lookup(job_name)` returns None when nothing
-is registered.
+The cluster-wide registry that lets `danceopd status|scale|stop` find this server is
+`services.control.registry`; what a request may hold, `services.control.requests`.
 """
 
 from __future__ import annotations
@@ -41,14 +37,14 @@ import hmac
 import io
 import json
 import logging
-import os
 import queue
 import re
-import secrets
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
+
+from services.control.requests import BadRequest, TooLarge, control_url, parse_scale_request, stall
 
 log = logging.getLogger(__name__)
 
@@ -62,70 +58,6 @@ REQUEST_TIMEOUT_S = 10.0  # a request must arrive whole within this, else 408
 LINGER_S = 1.0  # after the answer, how long what the client still sends is read and dropped
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
 PUBLIC_STATUS_KEYS = ("job", "state", "step", "steps", "last_step_age_s")
-REGISTRY_NAMESPACE = "danceopd"
-_SCALE_KEYS = {"rollout_workers", "teachers"}
-
-
-class BadRequest(ValueError):
-    """A request the API refuses with 400."""
-
-
-class TooLarge(BadRequest):
-    """A body over MAX_BODY_BYTES: 413."""
-
-
-def resolve_token(env_name: str) -> str:
-    """The control token: `$env_name` when set and non-empty, else a fresh random one."""
-    value = os.environ.get(env_name, "").strip()
-    return value or secrets.token_urlsafe(32)
-
-
-def control_url(host: str, port: int) -> str:
-    """URL a process on the same node uses to reach a server bound to (host, port): a
-    wildcard bind (0.0.0.0, ::, '') is reached over loopback."""
-    if host in ("", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host in ("::", "[::]"):  # an IPv6 wildcard bind may take IPv6 only
-        host = "::1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-def parse_scale_request(body: object) -> tuple[int | None, dict[str, int] | None]:
-    """Check the shape of a /scale body; the controller checks the meaning (routes, bounds)."""
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object like {\"rollout_workers\": 2, \"teachers\": {\"t2i\": 2}}")
-    unknown = sorted(set(body) - _SCALE_KEYS)
-    if unknown:
-        raise BadRequest(f"unknown key {unknown[0]!r} (known: rollout_workers, teachers)")
-    rollout = body.get("rollout_workers")
-    teachers = body.get("teachers")
-    if rollout is None and not teachers:
-        raise BadRequest("nothing to scale: give rollout_workers and/or teachers")
-    if rollout is not None and (isinstance(rollout, bool) or not isinstance(rollout, int)):
-        raise BadRequest(f"rollout_workers: expected an integer, got {rollout!r}")
-    if teachers is not None:
-        if not isinstance(teachers, dict):
-            raise BadRequest("teachers: expected an object {route: replicas}")
-        for route, n in teachers.items():
-            if isinstance(n, bool) or not isinstance(n, int):
-                raise BadRequest(f"teachers.{route}: expected an integer, got {n!r}")
-    return rollout, (dict(teachers) if teachers else None)
-
-
-def stall(st: dict, stall_after_s: float) -> str | None:
-    """Why a status dict counts as stalled, or None: no learner step for more than
-    `stall_after_s`, counted from the last step, or from the job's start (`uptime_s`) before the
-    first. A finished job never stalls."""
-    if st.get("state") == "done":
-        return None
-    age, up = st.get("last_step_age_s"), st.get("uptime_s")
-    if age is not None and float(age) > stall_after_s:
-        return f"no learner step for {float(age):.0f} s (stall threshold {stall_after_s:.0f} s)"
-    if age is None and up is not None and float(up) > stall_after_s:
-        return f"no learner step in the {float(up):.0f} s since the job started (stall threshold {stall_after_s:.0f} s)"
-    return None
 
 
 def _raw_response(code: int, msg: str, headers: dict | None = None) -> bytes:
@@ -442,72 +374,3 @@ class ControlServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# ---- registry (Ray) --------------------------------------------------------------------------
-
-def registry_name(job_name: str) -> str:
-    return f"danceopd-control:{job_name}"
-
-
-_REGISTERED: dict[str, object] = {}  # job -> actor handle; a non-detached actor lives while referenced
-
-
-def _registry_actor_class():
-    import ray
-
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class ControlRegistry:
-        def __init__(self, job_name: str, url: str, token: str, node_ip: str, pid: int):
-            self.info = {"job": job_name, "url": url, "token": token, "node_ip": node_ip, "pid": pid}
-
-        def get(self) -> dict:
-            return dict(self.info)
-
-    return ControlRegistry
-
-
-def register(job_name: str, url: str, token: str):
-    """Publish this job's control endpoint on the Ray cluster the process is connected to.
-    Raises ValueError when a live job already registered the same name."""
-    import ray
-
-    name = registry_name(job_name)
-    try:
-        ray.get_actor(name, namespace=REGISTRY_NAMESPACE)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"job.name {job_name!r}: another running job already registered that name "
-                         f"(actor {name!r}); give this job another job.name")
-    node_ip = ray.util.get_node_ip_address()
-    try:
-        handle = _registry_actor_class().options(name=name, namespace=REGISTRY_NAMESPACE, lifetime=None).remote(
-            job_name, url, token, node_ip, os.getpid())
-    except ValueError as e:  # lost a race with another job of the same name
-        raise ValueError(f"job.name {job_name!r}: another running job already registered that name ({e})") from None
-    ray.get(handle.get.remote())  # created and reachable before anyone is told to look
-    _REGISTERED[job_name] = handle
-    return handle
-
-
-def unregister(job_name: str) -> None:
-    import ray
-
-    handle = _REGISTERED.pop(job_name, None)
-    if handle is not None:
-        ray.kill(handle)
-
-
-def lookup(job_name: str, timeout_s: float = 30.0) -> dict | None:
-    """{job, url, token, node_ip, pid} of a registered job, or None when none is registered."""
-    import ray
-
-    try:
-        handle = ray.get_actor(registry_name(job_name), namespace=REGISTRY_NAMESPACE)
-    except ValueError:
-        return None
-    try:
-        return ray.get(handle.get.remote(), timeout=timeout_s)
-    except ray.exceptions.RayActorError:
-        return None  # the owning driver just exited

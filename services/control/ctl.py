@@ -78,7 +78,7 @@ def ctl_main(job_name: str, action: str, rollout_workers: int | None = None,
             raise CtlError(f"unknown action {action!r} ({', '.join(ACTIONS)})")
         import ray
 
-        from services.control.api import lookup
+        from services.control.registry import lookup
 
         ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
         try:
@@ -103,7 +103,7 @@ def _loopback(url: str) -> str:
     """A controller bound to a wildcard address (0.0.0.0 on a cluster head) is called over loopback."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from services.control.api import control_url
+    from services.control.requests import control_url
 
     parts = urlsplit(url)
     if parts.hostname in ("0.0.0.0", "::", "") and parts.port:

@@ -13,7 +13,7 @@ loopback on the head by default, and the only port a user is assumed to reach is
 (8265). So the CLI submits a short helper job whose entrypoint is the hidden
 `danceopd ctl JOB_NAME status|scale|stop ...`. The helper runs on the head, joins the cluster
 (`ray.init(address="auto")`), finds the controller's endpoint and token in the registry
-(`services.control.api.lookup`), calls the control API over loopback and prints one JSON answer
+(`services.control.registry.lookup`), calls the control API over loopback and prints one JSON answer
 between markers. The CLI waits for the helper, parses that answer from its logs and deletes
 the helper job. The token never leaves the cluster.
 

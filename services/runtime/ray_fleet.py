@@ -27,11 +27,12 @@ import ray
 
 from router.scoring import TeacherFailure
 from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerActor, TeacherActor, actor_env
+from services.runtime.capacity import autoscaled, fits_now, max_members, most_nodes
 from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup
-from services.runtime.placement import TEACHER_RESTARTS, check_capacity, most_members, role_specs
-from services.runtime.remote import died, has_autoscaler, node_groups
+from services.runtime.placement import TEACHER_RESTARTS, check_capacity, role_specs
+from services.runtime.remote import died
 from services.telemetry.metrics import job_labels
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -71,7 +72,7 @@ class RayFleet:
         mix = make_method(cfg.method).routing == "mix"
         self._teacher_of = {r.name: (frozenset(x.teacher for x in cfg.routing.routes) if mix else frozenset([r.teacher]))
                             for r in cfg.routing.routes}
-        most = self.most_nodes()
+        most = most_nodes(self.autoscaled())
         if most is not None and all(n >= 0 for _, n in most[0]):  # refuse, before any actor starts, what it never holds
             check_capacity(cfg, [res for res, n in most[0] for _ in range(n)])
         env = {"env_vars": actor_env(cfg)}
@@ -110,34 +111,12 @@ class RayFleet:
             time.sleep(0.02)
 
     def autoscaled(self) -> bool:
-        """Pending members make the cluster add nodes (`autoscale.cluster_autoscaler`)."""
-        mode = self.cfg.autoscale.cluster_autoscaler
-        return mode == "on" or (mode == "auto" and has_autoscaler())
-
-    def most_nodes(self) -> tuple[list[tuple[dict, int]], str] | None:
-        """The most the cluster can ever have, as (resources of a node, how many) and words for
-        messages: without an autoscaler, the nodes alive now; with one, its node groups at their
-        most nodes when it reported them (-1: no bound); else None (unknown: the config's caps
-        are the only bound)."""
-        if not self.autoscaled():
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            return [(res, 1) for res in nodes], f"the {len(nodes)} node(s) of this cluster (no autoscaler)"
-        groups = node_groups()
-        if groups is None:
-            return None
-        words = ", ".join(f"{name} x{'unbounded' if m < 0 else m}" for name, _, m in groups)
-        return [(res, m) for _, res, m in groups], f"the autoscaler's node groups at their most ({words})"
+        return autoscaled(self.cfg.autoscale.cluster_autoscaler)
 
     def max_members(self, role: str) -> tuple[int, str] | None:
         """How many members of `role` the cluster can ever hold with nothing else on it (None:
         no bound known)."""
-        most = self.most_nodes()
-        if most is None:
-            return None
-        bundle = self.specs[role].bundle
-        if any(n < 0 and most_members(bundle, [res]) for res, n in most[0]):
-            return None  # a group that fits it has no bound
-        return most_members(bundle, [res for res, n in most[0] for _ in range(max(n, 0))]), most[1]
+        return max_members(self.specs[role].bundle, most_nodes(self.autoscaled()))
 
     def _groups_flat(self) -> list[ActorGroup]:
         return [self.rollout, *self.teachers.values(), self.scorer]
@@ -382,11 +361,7 @@ class RayFleet:
             return False
         if self.autoscaled():
             return True  # a pending member is the autoscaler's cue to add a node
-        need = self.specs["rollout"].bundle
-        from ray._private.state import available_resources_per_node
-
-        return any(all(free.get(k, 0.0) >= v for k, v in need.items())
-                   for free in available_resources_per_node().values())
+        return fits_now(self.specs["rollout"].bundle)
 
     def scale(self, rollout_workers: int | None, teachers: dict) -> list:
         """Growing never waits for the cluster: new workers are pending until placed (`poll`

@@ -42,7 +42,9 @@ class Telemetry:
             self._serve(control_fns)
 
     def _serve(self, control_fns) -> None:
-        from services.control.api import ControlServer, register, resolve_token
+        from services.control.api import ControlServer
+        from services.control.registry import register
+        from services.control.requests import resolve_token
         from services.telemetry.metrics import ControllerMetrics, controller_port, job_labels
 
         cfg = self.cfg
@@ -239,7 +241,7 @@ class Telemetry:
         if self.board is not None:
             self.board.close()
         if self.control is not None:
-            from services.control.api import unregister
+            from services.control.registry import unregister
 
             unregister(self.cfg.job.name)
             self.control.stop()
