@@ -29,6 +29,7 @@ import torch
 from danceopd import pictures
 from danceopd.backends import make_backend
 from danceopd.backends.base import Row
+from danceopd.device import model_device
 from danceopd.flow import guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
 
@@ -45,17 +46,18 @@ TOY_SEED = 12345
 def sample(backend, model, rows: list[Row], seeds: list[int], sigmas: torch.Tensor, cfg_scale: float = 1.0) -> torch.Tensor:
     """Deterministic Euler ODE (the rollouts' integrator and grid, with the student's rollout
     guidance) from seeded noise to the clean endpoint, decoded."""
-    return ode_sample(lambda *a: backend.predict(model, *a), backend, rows, seeds, sigmas, cfg_scale)
+    return ode_sample(lambda *a: backend.predict(model, *a), backend, rows, seeds, sigmas, cfg_scale, model_device(model))
 
 
 @torch.no_grad()
-def ode_sample(field, backend, rows: list[Row], seeds: list[int], sigmas: torch.Tensor, cfg_scale: float = 1.0) -> torch.Tensor:
-    """Any velocity field `field(z, sigma, cond)` (a student's or a teacher's) integrated from the
-    rows' seeded noise, decoded."""
-    cond = backend.encode(rows)
+def ode_sample(field, backend, rows: list[Row], seeds: list[int], sigmas: torch.Tensor, cfg_scale: float = 1.0,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Any velocity field `field(z, sigma, cond)` (a student's or a teacher's) integrated on
+    `device` (its model's) from the rows' seeded noise, decoded, on the host."""
+    cond = backend.conditions_on(backend.encode(rows), device)
     traj = integrate(lambda z, sig, active: guided_velocity(field, backend.null_cond, z, sig, cond[active], cfg_scale),
-                     backend.noise(seeds), sigmas)
-    return backend.decode(traj.states[-1])
+                     backend.noise(seeds).to(device), sigmas)
+    return backend.decode(traj.states[-1]).cpu()
 
 
 def toy_route_errors(cfg: Config, backend, model, n: int = TOY_SAMPLES, seed: int = TOY_SEED) -> dict[str, float]:
@@ -153,7 +155,7 @@ class Evaluator:
                     field.use(route.adapter)
                 scale = route.cfg_scale if route.cfg_scale is not None else self.cfg.method.teacher_cfg_scale
                 self._teacher[route.name] = ode_sample(field.velocity, self.backend, self.rows[route.name],
-                                                       self.seeds[route.name], self.sigmas, scale)
+                                                       self.seeds[route.name], self.sigmas, scale, self.backend.device)
         return self._teacher
 
     def ground_truth(self) -> dict[str, tuple[list[int], torch.Tensor]]:

@@ -178,6 +178,10 @@ def integrate(
     so a caller can pick their conditions). Sample b takes steps 0 .. until[b] - 1 and so reaches
     state until[b] (default: the clean endpoint, N steps); a finished sample leaves the active
     batch, so a batch costs sum(until) evaluations, not B * max(until).
+
+    The trajectory stays on z's device: the sigmas and every step's active rows go there once,
+    before the first step, so a GPU rollout makes no host round trip per step (``active`` as the
+    field and ``noise`` see it stays on the host, where a caller's conditions are).
     """
     n = len(sigmas) - 1
     b = z.shape[0]
@@ -187,12 +191,13 @@ def integrate(
     if eta is not None and noise is None:
         raise ValueError("integrate: an SDE rollout (eta set) needs a noise function")
     z = z.float()
+    actives = [torch.nonzero(until > i).squeeze(1) for i in range(int(until.max()))]
+    sig_all = sigmas.to(device=z.device, dtype=torch.float32)
+    rows_all = torch.cat(actives).to(z.device).split([len(a) for a in actives]) if actives else []
     states, velocities, nfe = [z], [], 0
-    for i in range(int(until.max())):
-        active = torch.nonzero(until > i).squeeze(1)
-        sig = sigmas[i].to(device=z.device, dtype=torch.float32).expand(len(active))
-        sig_next = sigmas[i + 1].to(device=z.device, dtype=torch.float32).expand(len(active))
-        za = z[active]
+    for i, (active, rows) in enumerate(zip(actives, rows_all)):
+        sig, sig_next = sig_all[i].expand(len(active)), sig_all[i + 1].expand(len(active))
+        za = z[rows]
         v = field(za, sig, active).float()
         nfe += len(active)
         if eta is None:
@@ -200,9 +205,9 @@ def integrate(
         else:
             z_next, _, _ = sde_step(za, v, sig, sig_next, eta, noise(i, active))
         vel = torch.zeros_like(z)
-        vel[active] = v
+        vel[rows] = v
         z = z.clone()
-        z[active] = z_next
+        z[rows] = z_next
         velocities.append(vel)
         states.append(z)
     return Trajectory(states, velocities, until, nfe)

@@ -31,6 +31,7 @@ from danceopd.checkpoint import (
     save_torch,
     verify_no_pickle,
 )
+from danceopd.device import peak_gpu_memory_bytes
 from danceopd.methods import make_method
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
@@ -174,7 +175,8 @@ class DeepSpeedLearner:
             self.version += 1
         self.busy_s += time.perf_counter() - t0
         return {"loss": loss_mean, "route_loss": merge_route_losses(gathered),
-                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad}
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad,
+                "peak_gpu_memory_bytes": peak_gpu_memory_bytes()}
 
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         """The trainable state (LoRA adapters only for a LoRA student) as CPU tensors on rank 0,

@@ -15,6 +15,7 @@ import torch
 
 from danceopd.backends import make_backend
 from danceopd.batch import nonfinite
+from danceopd.device import model_device, peak_gpu_memory_bytes
 from danceopd.lora import load_trainable_state_dict, trainable_state_dict
 from danceopd.methods import make_method
 from learner.step import batch_loss, merge_route_losses
@@ -33,6 +34,7 @@ class Learner:
         self.backend = make_backend(cfg)
         self.model = build_student(cfg, self.backend)
         self.model.train()
+        self.device = model_device(self.model)  # each micro-batch moves there once
         self.method = make_method(cfg.method)
         lc = cfg.learner
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -48,7 +50,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         losses, routes, bad = [], [], None
         for rb in micro_batches:
-            loss, per_route, what = batch_loss(self.backend, self.model, self.method, rb)
+            loss, per_route, what = batch_loss(self.backend, self.model, self.method, rb, self.device)
             (loss / len(micro_batches)).backward()
             losses.append(loss.item())
             routes.append(per_route)
@@ -63,7 +65,8 @@ class Learner:
             self.version += 1
         self.busy_s += time.perf_counter() - t0
         return {"loss": sum(losses) / len(losses), "route_loss": merge_route_losses(routes),
-                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad}
+                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad,
+                "peak_gpu_memory_bytes": peak_gpu_memory_bytes()}
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in trainable_state_dict(self.model).items()}

@@ -1,12 +1,15 @@
 """RolloutWorker: an inference copy of the student that turns work orders into RolloutBatches.
 
 Plain class; the Ray runtime deploys it as an actor. Weights change only between batches
-(`set_weights`), so no sample spans two policy versions.
+(`set_weights`), so no sample spans two policy versions. A rollout lives on the student's device
+(a GPU's): the noise goes there once, every Euler step stays there, and the rows of the batch
+come back to the host once, at the end.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 
 from danceopd.backends import make_backend
 from danceopd.batch import batch_schema, make_batch
+from danceopd.device import model_device, peak_gpu_memory_bytes
 from danceopd.flow import forward_noise, guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
 from danceopd.methods import make_method
@@ -31,6 +35,7 @@ class RolloutWorker:
         self.backend = make_backend(cfg)
         self.model = self.backend.build_student(cfg.student_source(), cfg.job.seed)
         self.model.eval()  # trainable flags stay: they define which weights a push carries
+        self.device = model_device(self.model)
         self.version = 0
         self.method = make_method(cfg.method)
         self.schema = batch_schema(self.backend.state_shape, self.backend.cond_dim, sde=self.method.rollout == "sde")
@@ -48,7 +53,7 @@ class RolloutWorker:
         return self.version
 
     def get_stats(self) -> dict:
-        return dict(self.stats)
+        return {**self.stats, "peak_gpu_memory_bytes": peak_gpu_memory_bytes()}
 
     # ---- rollout ------------------------------------------------------------------------
     def _velocity(self, z, sigma, cond):
@@ -69,14 +74,25 @@ class RolloutWorker:
         until = [method.steps_needed(i, n, self.cfg.rollout.early_stop) for i in idx]
         eta = noise = None
         if method.rollout == "sde":
-            eta = self.cfg.method.flowopd_eta
-            gens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
-            noise = lambda i, active: torch.stack([torch.randn(z.shape[1:], generator=gens[a]) for a in active.tolist()])  # noqa: E731
+            eta, noise = self.cfg.method.flowopd_eta, self._sde_noise(seeds, until, z.shape[1:])
+        z, cond = z.to(self.device), self.backend.conditions_on(cond, self.device)
         traj = integrate(lambda za, sig, active: self._velocity(za, sig, cond[active]), z, self.sigmas, until, eta, noise)
         passes = 1 if self.cfg.method.rollout_cfg_scale == 1 else 2
         self.stats["nfe"] += traj.nfe * passes
         self.stats["nfe_full"] += len(seeds) * method.steps_needed(np.arange(n), n, early_stop=False) * passes
         return traj
+
+    def _sde_noise(self, seeds: list[int], until: list[int], shape) -> Callable:
+        """`noise(step, active)` of an SDE rollout: each sample's noise for all its steps, drawn up
+        front from its own generator (the numbers a draw per step would give) and moved to the
+        device once."""
+        gens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
+        drawn = torch.zeros(len(seeds), max(until, default=0), *shape)
+        for b, g in enumerate(gens):
+            for i in range(until[b]):
+                drawn[b, i] = torch.randn(shape, generator=g)
+        drawn = drawn.to(self.device)
+        return lambda i, active: torch.stack([drawn[a, i] for a in active.tolist()])
 
     @torch.no_grad()
     def rollout(self, order: WorkOrder) -> pa.RecordBatch:
@@ -112,22 +128,18 @@ class RolloutWorker:
                 cols["group"].append(it.group)
                 cols["weight"].append(w)
                 if method.rollout == "data":
-                    state = forward_noise(x0[j], z[j], sig[i])
-                    cols["state"].append(state)
+                    cols["state"].append(forward_noise(x0[j], z[j], sig[i]))
                     cols["target"].append(target[j])
-                    cols["next_state"].append(torch.zeros_like(state))
-                    cols["rollout_velocity"].append(torch.zeros_like(state))
-                else:
-                    state = traj.states[i][j]
-                    cols["state"].append(state)
-                    cols["target"].append(torch.zeros_like(state))
-                    sde = method.rollout == "sde"
-                    cols["next_state"].append(traj.states[i + 1][j] if sde else torch.zeros_like(state))
-                    cols["rollout_velocity"].append(traj.velocities[i][j] if sde else torch.zeros_like(state))
+                else:  # the target is the teacher's to fill; next state and velocity only SDE rows carry
+                    cols["state"].append(traj.states[i][j])
+                    if method.rollout == "sde":
+                        cols["next_state"].append(traj.states[i + 1][j])
+                        cols["rollout_velocity"].append(traj.velocities[i][j])
         conds = cond[[j for j in range(len(items)) for _ in idx[j]]]
         n_rows = len(cols["sample_id"])
         for k in ("state", "next_state", "target", "rollout_velocity"):
-            cols[k] = torch.stack(cols[k])
+            # to the host once per column; a column without rows is left to make_batch (zeros)
+            cols[k] = torch.stack(cols[k]).cpu() if cols[k] else None
         cols["cond"] = conds
         cols["policy_version"] = [self.version] * n_rows
         cols["ticket"] = [order.ticket] * n_rows

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from danceopd.backends import make_backend
+from danceopd.device import peak_gpu_memory_bytes
 from danceopd.flow import cfg_combine
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -50,4 +51,4 @@ class Teacher:
         return v.float().numpy()
 
     def get_stats(self) -> dict:
-        return dict(self.stats)
+        return {**self.stats, "peak_gpu_memory_bytes": peak_gpu_memory_bytes()}

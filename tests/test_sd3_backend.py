@@ -398,3 +398,27 @@ def test_sample_command_on_a_lora_checkpoint_with_a_new_prompt(sd3_raw, tmp_path
     from PIL import Image
 
     assert Image.open(pngs[0]).size[0] >= 32  # decoded pixels at the bucket, not latents
+
+
+def test_a_rollout_reads_the_condition_cache_once_not_per_euler_step(sd3_raw, tmp_path, monkeypatch):
+    """The text embeddings a rollout's transformer reads are gathered (and, on a GPU, copied to
+    it) once per rollout: N and 2N steps read the cache as often."""
+    from danceopd.dataset import Dataset
+    from danceopd.work import WorkItem, WorkOrder
+    from rollout_workers.worker import RolloutWorker
+
+    reads = []
+    real = cc.ConditionCache.get
+    monkeypatch.setattr(cc.ConditionCache, "get", lambda self, idx, field: reads.append(field) or real(self, idx, field))
+    counts = []
+    for n in (4, 8):
+        raw = {**sd3_raw, "method": {**sd3_raw["method"], "rollout_steps": n}, "rollout": {**sd3_raw["rollout"], "early_stop": False}}
+        cfg, backend = make(raw, tmp_path)
+        backend.build_cache()
+        worker = RolloutWorker(cfg)
+        rows = Dataset.load(cfg.resolve(cfg.data.path)).rows[:3]
+        order = WorkOrder(0, tuple(WorkItem(i, "t2i_cfg", r, 10 + i, i) for i, r in enumerate(rows)))
+        reads.clear()
+        worker.rollout(order)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] > 0, f"cache reads grow with the steps: {counts}"

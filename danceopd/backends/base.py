@@ -50,6 +50,7 @@ class Backend(ABC):
     sigma_grid: str = "sd3"  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS), method.sigma_grid=auto
     supports_source_image: bool = True  # rows may carry a source image (edit routes)
     write_tiny: Callable[..., Path] | None = None  # writes a tiny random pipeline folder (`danceopd make-tiny`)
+    device = torch.device("cpu")  # where the models it builds live (latent backends: the GPU, when there is one)
 
     @property
     @abstractmethod
@@ -68,6 +69,11 @@ class Backend(ABC):
     @abstractmethod
     def null_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """Drop the text of each condition and keep the source image (CFG's unconditional branch)."""
+
+    def conditions_on(self, cond: torch.Tensor, device) -> torch.Tensor:
+        """Conditions as a model on `device` reads them: a rollout moves them there once, before
+        its first step, not at every step."""
+        return cond.to(device)
 
     @abstractmethod
     def build_student(self, init: str, seed: int) -> nn.Module:

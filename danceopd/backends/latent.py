@@ -116,6 +116,7 @@ class LatentBackend(Backend):
         self._extra: list[dict[str, torch.Tensor]] = []  # rows encoded on demand (not dataset rows)
         self._extra_index: dict[str, int] = {}
         self._vae = None
+        self._on_device: tuple[tuple, dict[str, torch.Tensor]] | None = None  # the last gather, see predict
         self._read_configs()
 
     # ---- configs (no weights) ------------------------------------------------------------------
@@ -256,7 +257,7 @@ class LatentBackend(Backend):
             cc.build(path, fp, uids, encode, batch_size=8, progress=progress)
         finally:
             self._free_encoders()
-        self._cache, self._extra, self._extra_index = None, [], {}
+        self._cache, self._extra, self._extra_index, self._on_device = None, [], {}, None
         return path, True
 
     # ---- Backend contract -----------------------------------------------------------------------
@@ -284,6 +285,9 @@ class LatentBackend(Backend):
 
     def null_cond(self, cond):
         return cc.null_handles(cond)
+
+    def conditions_on(self, cond, device):
+        return cond  # handles stay on the host: predict reads the cache with them (`device_fields`)
 
     def check_row(self, row: Row, needs_target: bool = False, teachers: tuple[TeacherField, ...] = ()) -> None:
         # Rows are checked by reading their images here; encoders run only when the cache is built.
@@ -316,9 +320,18 @@ class LatentBackend(Backend):
 
     text_fields: tuple[str, ...] = ()
 
+    def device_fields(self, cond: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """`gather`, with its last answer kept on the device: a rollout asks for the same rows at
+        every Euler step, and megabytes of text embeddings read and copied to the GPU per step
+        would be a host round trip per step. Keyed by the handles' values (3 floats a row)."""
+        key = (str(device), tuple(cond.reshape(-1).tolist()))
+        if self._on_device is None or self._on_device[0] != key:
+            self._on_device = (key, self.gather(cond, device))
+        return dict(self._on_device[1])
+
     def predict(self, model, z, sigma, cond):
         dev = next(model.parameters()).device
-        fields = self.gather(cond, dev)
+        fields = self.device_fields(cond, dev)
         timestep = (1000.0 * sigma.reshape(-1).float()).to(dev).expand(z.shape[0])
         # bf16 autocast where configured (GPU); whatever the transformer computes in, the velocity
         # the integrator, the router and the losses see is fp32.

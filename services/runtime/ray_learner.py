@@ -135,7 +135,8 @@ class RayLearner:
             return None
         results = ray.get(self._refs)
         self._refs = None
-        return results[0]
+        peak = max(r.get("peak_gpu_memory_bytes", 0) for r in results)  # the fullest rank's GPU
+        return {**results[0], "peak_gpu_memory_bytes": peak}
 
     def export_ref(self):
         """Ref to rank 0's gathered weights, and the other ranks' refs (ZeRO-3 gathers on all)."""

@@ -222,11 +222,26 @@ class Telemetry:
                  "nfe": sum(x.get("nfe", 0) for x in busy.get("rollout", [])),
                  "nfe_full": sum(x.get("nfe_full", 0) for x in busy.get("rollout", [])), "mode": st.mode,
                  "stopped_by": st.stopped_by}
+        extra.update(self._per_role(st, busy, wall_s))
         extra["plots"] = [str(p) for p in write_curves(self.cfg.output_path)]
         if self.board is not None:
             self.board.idle(st.step, idle)
             extra["tensorboard"] = str(self.board.folder)
         return self.log.finish(st.last_checkpoint, extra=extra)
+
+    def _per_role(self, st, busy: dict, wall_s: float) -> dict:
+        """summary.json's figures per role, beside the learner's `samples_per_s`: rollout samples
+        and teacher rows per second of the job, the learner's mean step, and the peak GPU memory
+        each role's process allocated (its fullest member; 0 without CUDA; --mode local: one
+        process holds every role)."""
+        wall = max(wall_s, 1e-9)
+        steps = max(st.step - self.log.start_step, 1)
+        peak = {role: max(x["peak_gpu_memory_bytes"] for x in stats) for role, stats in busy.items()
+                if stats and all("peak_gpu_memory_bytes" in x for x in stats)}  # the roles that hold models
+        peak["learner"] = self.log.last.get("peak_gpu_memory_bytes", 0)
+        return {"rollout_samples_per_s": round(sum(x.get("samples", 0) for x in busy.get("rollout", [])) / wall, 3),
+                "teacher_rows_per_s": round(sum(x.get("rows", 0) for x in busy.get("teacher", [])) / wall, 3),
+                "learner_step_seconds_mean": round(st.learner_busy_s / steps, 4), "peak_gpu_memory_bytes": peak}
 
     def _headlines(self, i: int) -> dict[str, float] | None:
         """{route: headline metric} of the first (i=0) or last (i=-1) evaluation."""
