@@ -14,7 +14,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup constraints demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick clean
+.PHONY: setup constraints demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick gpu-pack clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ bench-table: setup
 
 bench-table-quick: setup
 	$(BIN)/python bench/shapesbench.py --quick
+
+# The offline pack of bench/gpu_check.sh for a GPU machine without a registry (Ray, diffusers,
+# DeepSpeed, pydantic and their needs beyond the GPU image, for cp312): .gpu-pack/danceopd-gpu-pack.tar.xz
+gpu-pack: setup
+	$(BIN)/python bench/gpu_pack.py
 
 clean:
 	rm -rf runs .pytest_cache
