@@ -74,7 +74,17 @@ class _Placed(_Strict):
 class JobConfig(_Strict):
     name: str = Field("danceopd", min_length=1, max_length=128, pattern=r"^\S+$", description="Job name; used for Ray job ids, metrics labels and logs.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of everything: routes, data sampling, noise, model init.")
-    output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd).")
+    output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd), or to object storage: s3://bucket/path, gs://bucket/path or file:///path (README: checkpoints on S3/GCS).")
+    local_dir: str = Field("", description="With an object-storage job.output_dir: the local folder the job stages in (checkpoints before upload and after download, metrics.jsonl, TensorBoard, sample grids); empty: danceopd-staging-<hash of the URI> in the system temp dir.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        if "://" in v:
+            from danceopd.storage import check_uri
+
+            check_uri(v)
+        return v
 
 
 # ---- backends: one section per model family (a union on `backend.name`) ---------------------
@@ -483,6 +493,10 @@ class Config(_Strict):
 
     @property
     def output_path(self) -> Path:
+        if "://" in self.job.output_dir:  # object storage: the job works in a local staging folder
+            from danceopd.storage import staging_dir
+
+            return staging_dir(self.job.output_dir, self.job.local_dir)
         p = Path(self.job.output_dir).expanduser()
         return p if p.is_absolute() else Path.cwd() / p
 

@@ -233,7 +233,7 @@ def validate(cfg: Config, local_paths: bool = True, cluster_paths=()) -> Dataset
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
                           "samples made between pushes would all be stale")
     if local_paths:
-        _writable_dir(cfg.output_path, "job.output_dir")
+        _writable_dir(cfg.output_path, "job.local_dir" if "://" in cfg.job.output_dir else "job.output_dir")
         if cfg.replay.spill_dir:
             _writable_dir(cfg.resolve(cfg.replay.spill_dir), "replay.spill_dir")
     dataset = None if "data.path" in remote else _named("data.path", Dataset.load, cfg.resolve(cfg.data.path))

@@ -32,6 +32,7 @@ from danceopd.checkpoint import (
     verify_no_pickle,
 )
 from danceopd.methods import make_method
+from danceopd.storage import reading, writing
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
@@ -205,34 +206,40 @@ class DeepSpeedLearner:
         """The learner state a resume needs, in non-pickle files (not DeepSpeed's checkpoint, whose
         loader unpickles): rank 0 writes the trainable weights (safetensors) and engine.json; every
         rank writes its optimizer partition as tensors and plain values (optimizer-rankNNN.pt).
-        Collective (the weights are gathered under ZeRO-3)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        Collective (the weights are gathered under ZeRO-3). `folder` may be an object-storage
+        URI: each rank uploads its own files there, from whichever node it runs on."""
         weights = self.export_weights()
-        save_torch(folder / optimizer_file(self.rank), _plain_state(self.engine.optimizer.state_dict()))
-        if self.rank == 0:
-            eng = self.engine
-            save_tensors(folder / "weights.safetensors", weights)
-            save_json(folder / "engine.json", {"version": self.version, "world_size": self.world_size,
-                                               "zero_stage": self.cfg.learner.zero_stage,
-                                               **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
+        with writing(folder) as local:
+            local.mkdir(parents=True, exist_ok=True)
+            save_torch(local / optimizer_file(self.rank), _plain_state(self.engine.optimizer.state_dict()))
+            if self.rank == 0:
+                eng = self.engine
+                save_tensors(local / "weights.safetensors", weights)
+                save_json(local / "engine.json", {"version": self.version, "world_size": self.world_size,
+                                                  "zero_stage": self.cfg.learner.zero_stage,
+                                                  **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
 
     def load_checkpoint(self, folder: str) -> int:
         """Restore what save_checkpoint wrote (exactly: weights, optimizer partitions, counters).
         Every file is read weights-only; a file holding pickled objects is refused on every rank
-        before any collective call, so no rank is left waiting. Collective."""
-        folder = Path(folder)
-        if not (folder / "engine.json").is_file():
+        before any collective call, so no rank is left waiting. Collective. `folder` may be an
+        object-storage URI: each rank downloads only the files it reads (the driver checked every
+        rank's for pickle in its own copy before the run started)."""
+        with reading(folder, ["engine.json", "weights.safetensors", optimizer_file(self.rank)]) as local:
+            return self._load_checkpoint(local, folder)
+
+    def _load_checkpoint(self, local: Path, folder: str) -> int:
+        if not (local / "engine.json").is_file():
             raise FileNotFoundError(f"no DeepSpeed learner state under {folder} (engine.json)")
-        meta = load_json(folder / "engine.json")
+        meta = load_json(local / "engine.json")
         want = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage}
         got = {k: meta.get(k) for k in want}
         if got != want:
             raise ValueError(f"{folder}: the learner state was written with {got}, this run has {want}; resume "
                              "with the same learner.world_size and learner.zero_stage")
-        verify_no_pickle(folder)  # all ranks' files, so all ranks refuse together
-        state = load_torch(folder / optimizer_file(self.rank))
-        self.load_weights(load_tensors(folder / "weights.safetensors"))
+        verify_no_pickle(local)  # all ranks' files (a URI's: this rank's), so all ranks refuse together
+        state = load_torch(local / optimizer_file(self.rank))
+        self.load_weights(load_tensors(local / "weights.safetensors"))
         opt = self.engine.optimizer
         if self.cfg.learner.zero_stage == 0:
             opt.load_state_dict(state)  # the client torch optimizer itself

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -67,14 +68,14 @@ def train(
     progress: bool = typer.Option(True, help="Show the live progress line."),
 ):
     """Run a training job."""
-    from danceopd.run_lock import RunLock
+    from danceopd.run_lock import lock_for
     from services.checkpoints import finished, prepare_output
     from services.telemetry.progress import print_summary
 
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
         fail(f"--mode: {mode!r} is not one of ray, local")
-    lock = RunLock(cfg.output_path)
+    lock = lock_for(cfg)  # a file, or an object on object storage
     try:  # one run per folder; a dead run's lock is taken over only to continue or replace its run
         lock.acquire(takeover=bool(resume or overwrite))
     except (ValueError, OSError) as e:  # RunLocked is a ValueError
@@ -90,7 +91,8 @@ def train(
             err.print(f"--resume: {done}", highlight=False, soft_wrap=True)
             return
         if resume and ckpt is None:
-            err.print(f"--resume auto: no checkpoint of this run in {cfg.output_path}, starting fresh")
+            where = cfg.job.output_dir if "://" in cfg.job.output_dir else cfg.output_path
+            err.print(f"--resume auto: no checkpoint of this run in {where}, starting fresh")
         from services.loop import train as run_job
         from services.runtime.failures import RoleFailure
 
@@ -118,6 +120,10 @@ def error_log(cfg: Config, e: BaseException) -> Path:
     path = cfg.output_path / "error.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(e)))
+    from danceopd.remote_checkpoint import push
+
+    with contextlib.suppress(Exception):  # the job failed already: its one line matters more
+        push(cfg, "error.log", "metrics.jsonl")
     return path
 
 

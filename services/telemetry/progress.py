@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from danceopd.remote_checkpoint import push
+
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
 
@@ -87,6 +89,7 @@ class JobLog:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
+        push(self.cfg, "metrics.jsonl")  # object storage: no append there, the whole file at the end
 
     def finish(self, checkpoint: str | None, extra: dict | None = None) -> dict:
         if self.progress is not None:
@@ -105,6 +108,7 @@ class JobLog:
         }
         summary.update(extra or {})
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        push(self.cfg, "metrics.jsonl", "summary.json")
         return summary
 
 
