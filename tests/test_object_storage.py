@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from danceopd.checkpoint import save_json, save_tensors
 from danceopd.remote_checkpoint import RemoteOutput
 from danceopd.run_lock import LOCK_FILE, ObjectRunLock, RunLocked
-from danceopd.storage import ORIGIN, open_store
+from danceopd.storage import ORIGIN, address, open_store
 from services.cli import app
 
 HOST = socket.gethostname()
@@ -93,7 +93,8 @@ def check_checkpoints(uri: str, steps: list[int], run_id: str) -> None:
         files = store.files(f"checkpoints/{name}")
         record = json.loads(store.read(f"checkpoints/{name}/COMPLETE"))
         assert record["files"] == {k: v for k, v in files.items() if k != "COMPLETE"}
-        assert {"model.safetensors", "state.json", "config.yaml", "learner/optimizer.pt"} <= record["files"].keys()
+        assert {"model.safetensors", "state.json", "config.yaml"} <= record["files"].keys()
+        assert any(k.startswith("learner/") for k in record["files"])  # the learner's own state
         assert read_json(uri, f"checkpoints/{name}/state.json")["run_id"] == run_id
         assert ORIGIN not in files
 
@@ -263,7 +264,9 @@ def test_a_reader_never_sees_a_checkpoint_before_all_its_objects(tmp_path, monke
         write_remote_checkpoint(remote, 3, "r1")
     monkeypatch.undo()
     assert remote.checkpoints() == ["step-00000001", "step-00000002"] and "step-00000003" in remote.prefixes()
-    assert RemoteOutput(uri, tmp_path / "after").resolve("auto", "r1").name == "step-00000002"
+    copy = RemoteOutput(uri, tmp_path / "after").resolve("auto", "r1")
+    assert copy.name == "step-00000002"
+    assert address(copy / "learner") == f"{uri}/checkpoints/step-00000002/learner"  # where Ray ranks load from
     assert "skipping step-00000003, it is incomplete" in capsys.readouterr().err
 
 
@@ -310,6 +313,11 @@ def test_ray_learner_ranks_upload_their_own_files_and_complete_lists_them(toy_ra
     record = read_json(uri, "checkpoints/step-00000003/COMPLETE")["files"]
     assert {f"learner/{n}" for n in checkpoint_files(2)} <= record.keys()
 
+    copy = RemoteOutput(uri, tmp_path / "resume").resolve("auto", "r1")  # what a resume downloads
+    learner._all = lambda method, folder: given.append((method, folder))
+    learner.load(copy / "learner", {})
+    assert given[-1] == ("load_checkpoint", f"{uri}/checkpoints/step-00000003/learner")  # not the driver's copy
+
 
 @pytest.mark.ray
 def test_a_deepspeed_rank_saves_to_and_resumes_from_a_uri(ray_local, toy_raw, tmp_path):
@@ -325,8 +333,41 @@ def test_a_deepspeed_rank_saves_to_and_resumes_from_a_uri(ray_local, toy_raw, tm
             step_all(ray_local, [rank], [[micro]])
         ray_local.get(rank.save_checkpoint.remote(uri))
         assert sorted(objects(uri)) == sorted(checkpoint_files(1))
+        assert address(tmp_path) == str(tmp_path)  # a plain folder (no ORIGIN): the path itself, as before
         nxt = step_all(ray_local, [rank], [[micro]])
         assert ray_local.get(rank.load_checkpoint.remote(uri)) == 2  # downloaded by the rank, exact
         assert step_all(ray_local, [rank], [[micro]]) == nxt
     finally:
         close(ray_local, [rank])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_mode_run_on_a_uri_resumes_every_rank_from_it(ray_local, toy_raw, tmp_path):
+    """Two DeepSpeed ranks checkpoint to a file:// URI (each its own optimizer partition) and a
+    run with another staging folder resumes them all from there."""
+    from services.checkpoints import prepare_output
+    from services.loop import train
+    from tests.conftest import cfg_for
+
+    uri = f"file://{tmp_path}/store/run"
+
+    def cfg(steps: int, staging: str):
+        c = cfg_for(toy_raw, tmp_path, "unused", learner__steps=steps, learner__world_size=2, checkpoint__every=2,
+                    checkpoint__keep=2, eval__enabled=False)
+        c.job.output_dir, c.job.local_dir = uri, str(tmp_path / staging)
+        return c
+
+    first = cfg(4, "staging")
+    _, rid = prepare_output(first, None)
+    train(first, mode="ray", show_progress=False, run_id=rid)
+    record = read_json(uri, "checkpoints/step-00000004/COMPLETE")["files"]
+    assert {"learner/optimizer-rank000.pt", "learner/optimizer-rank001.pt", "learner/engine.json"} <= record.keys()
+
+    second = cfg(6, "elsewhere")
+    ckpt, rid2 = prepare_output(second, "auto")
+    assert rid2 == rid and ckpt == tmp_path / "elsewhere" / ".downloads" / "step-00000004"
+    summary = train(second, mode="ray", resume_from=ckpt, show_progress=False, run_id=rid2)
+    assert summary["steps"] == 6 and steps_logged(uri) == [1, 2, 3, 4, 5, 6]
+    check_checkpoints(uri, [4, 6], rid)
+    assert read_json(uri, "checkpoints/step-00000006/state.json")["version"] == 6
