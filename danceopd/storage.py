@@ -79,18 +79,29 @@ class Store:
             return None
 
     def write(self, name: str, data: bytes) -> None:
-        """One object, whole or not at all: an object store makes it visible at close (a put); a
-        local folder gets a temporary file renamed over it."""
+        """One object, whole or not at all (as `upload`)."""
+        def put(dest: str) -> None:
+            with self.fs.open_output_stream(dest) as f:
+                f.write(data)
+
+        self._whole(name, put)
+
+    def upload(self, local: Path, name: str) -> None:
+        """The file `local` as object `name`, whole or not at all: an object store makes an
+        object visible when its upload completes; a local folder gets a temporary file renamed
+        over it."""
+        self._whole(name, lambda dest: pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(),
+                                                       destination_filesystem=self.fs))
+
+    def _whole(self, name: str, put) -> None:
         path = self._p(name)
-        if self.local:
-            self.fs.create_dir(posixpath.dirname(path))
-            tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
-        else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+        if not self.local:
+            put(path)
+            return
+        self.fs.create_dir(posixpath.dirname(path))
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        put(tmp)
+        self.fs.move(tmp, path)
 
     def stat(self, name: str) -> tuple[int, float] | None:
         """(size, modification time in epoch seconds) of an object, or None if there is none."""
@@ -112,13 +123,6 @@ class Store:
     def delete_prefix(self, prefix: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_dir(self._p(prefix))
-
-    def upload(self, local: Path, name: str) -> None:
-        if self.local:  # the same rule as write: never a torn file under its final name
-            self.write(name, Path(local).read_bytes())
-            return
-        pafs.copy_files(str(local), self._p(name), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
 
     def download(self, name: str, local: Path) -> bool:
         """Copy object `name` to the file `local`; False if there is no such object."""

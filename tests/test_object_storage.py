@@ -235,13 +235,12 @@ def test_a_reader_never_sees_a_checkpoint_before_all_its_objects(tmp_path, monke
         got = reader.resolve("auto", "r1")
         seen.append(got.name if got else "none")
 
-    real_write = store.write
+    for method in ("upload", "write"):  # after every object the upload writes
+        def spy(*a, _real=getattr(store, method), **k):
+            _real(*a, **k)
+            reader_sees()
 
-    def spy(*a, **k):  # a file:// store uploads through `write` too: every object it writes
-        real_write(*a, **k)
-        reader_sees()
-
-    monkeypatch.setattr(store, "write", spy)
+        monkeypatch.setattr(store, method, spy)
     write_remote_checkpoint(remote, 2, "r1")
     assert seen == ["step-00000001"] * 3 + ["step-00000002"]  # three files, then COMPLETE
     skipped = capsys.readouterr().err.splitlines()  # a reader mid-upload names the prefix it skips
