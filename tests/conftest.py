@@ -32,6 +32,18 @@ def cfg_for(raw: dict, tmp_path: Path, out: str, **over):
     return config_from_dict(raw, base_dir=tmp_path)
 
 
+def lean(raw: dict) -> dict:
+    """`raw` with one teacher (named `teacher`) serving every route and evaluation off: in Ray mode two teacher
+    actors and the evaluator fewer (each a process importing torch), for the tests whose subject
+    is the runtime, not the teachers' number or the evaluation."""
+    raw = copy.deepcopy(raw)
+    raw["teachers"] = [dict(raw["teachers"][0], name="teacher")]
+    for route in raw["routing"]["routes"]:
+        route["teacher"] = "teacher"
+    raw.setdefault("eval", {})["enabled"] = False
+    return raw
+
+
 @pytest.fixture
 def toy_raw(tmp_path) -> dict:
     """The toy config as a dict, with its dataset copied next to a config path in tmp_path."""
