@@ -81,6 +81,24 @@ def checkpoint_files(world_size: int) -> list[str]:
     return [*(optimizer_file(r) for r in range(world_size)), "weights.safetensors", "engine.json"]
 
 
+
+def import_deepspeed():
+    """`import deepspeed` without its autotuner's `import mlflow`: DeepSpeed imports mlflow at
+    import time only to log autotuning runs, which this learner never starts; with mlflow
+    installed (`danceopd[tracking]`) that is seconds per learner rank and a `uname` subprocess.
+    The driver's tracker (services/telemetry) imports mlflow itself, in its own process."""
+    import sys
+
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's has_mlflow = False
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
 class DeepSpeedLearner:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -95,7 +113,7 @@ class DeepSpeedLearner:
             # Pin the CPU accelerator before deepspeed is imported: its auto-detection runs at
             # import time and would probe for CUDA/XPU/NPU stacks.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed  # lazily: the driver that wraps this class never loads DeepSpeed
+        deepspeed = import_deepspeed()  # lazily: the driver that wraps this class never loads DeepSpeed
 
         self._ds = deepspeed
         deepspeed.utils.logger.setLevel(logging.WARNING)
