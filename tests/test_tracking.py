@@ -100,7 +100,6 @@ def mlflow_run(store, experiment: str, run_name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.subprocess  # importing mlflow runs `uname -p` (platform.platform(), for its telemetry schema)
 def test_local_run_logs_the_same_scalars_and_grids_to_mlflow_and_tensorboard(toy_raw, tmp_path):
     store = tmp_path / "mlruns"
     cfg = cfg_for(toy_raw, tmp_path, "run", learner__steps=6, checkpoint__every=3, eval__every=3,
@@ -149,7 +148,6 @@ def test_local_run_logs_the_same_scalars_and_grids_to_mlflow_and_tensorboard(toy
 
 
 @pytest.mark.slow
-@pytest.mark.subprocess  # importing mlflow runs `uname -p`
 def test_a_tracker_that_fails_mid_job_is_dropped_with_one_line(toy_raw, tmp_path):
     cfg = cfg_for(toy_raw, tmp_path, "gone", logging__tensorboard=True, logging__mlflow_uri=str(tmp_path / "mlruns"))
     console = Console(record=True, width=300)

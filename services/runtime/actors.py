@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 
 
 def actor_env(cfg: Config) -> dict:
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # MLflow, where installed, is imported by deepspeed: it reports no usage from our actors either.
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
     return env
