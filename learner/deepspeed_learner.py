@@ -32,6 +32,7 @@ from danceopd.checkpoint import (
     verify_no_pickle,
 )
 from danceopd.methods import make_method
+from danceopd.profiling import CallProfiler
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
@@ -134,11 +135,21 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg))
         self.version = 0
         self.busy_s = 0.0
+        # `logging.profile_steps`: rank 0 traces a few steps (its result carries them to the driver)
+        self.profiler = CallProfiler(cfg.logging.profile_steps if rank == 0 else 0)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
+        """`_train_step`, traced on rank 0 when it is one of `logging.profile_steps` (`traces`)."""
+        with self.profiler(f"learner-rank{self.rank}-step{self.version + 1:06d}"):
+            result = self._train_step(micro_batches)
+        if traces := self.profiler.take():
+            result["traces"] = traces
+        return result
+
+    def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
         same count on every rank); loss and route losses are averaged over all ranks.
 

@@ -65,12 +65,15 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a job.output_dir that holds another run: its checkpoints and metrics move to job.output_dir/.overwritten-<time>/."),
     set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
+    profile: int | None = typer.Option(None, "--profile", min=0, help="Record torch.profiler traces of this many learner steps and rollout batches (after a warm-up) into job.output_dir/profile/ (sets logging.profile_steps)."),
 ):
     """Run a training job."""
     from danceopd.run_lock import RunLock
     from services.checkpoints import finished, prepare_output
     from services.telemetry.progress import print_summary
 
+    if profile is not None:
+        set_ = [*(set_ or []), f"logging.profile_steps={profile}"]
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
         fail(f"--mode: {mode!r} is not one of ray, local")
