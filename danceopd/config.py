@@ -375,8 +375,33 @@ class EvalConfig(_Placed):
     timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="The end of the job waits this long for the final evaluation, then finishes without it.")
 
 
+_TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "databricks")
+
+
 class LoggingConfig(_Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to job.output_dir/tensorboard: losses, eval metrics, throughput, lag, idle ratios, and the sample grids as images.")
+    mlflow_uri: str | None = Field(None, description="Also log to an MLflow run (the same scalars as TensorBoard, the sample grids as artifacts, the flattened config as params): a file store folder or `file://` URI (a relative folder is taken from the current one, like job.output_dir), or an `http(s)://` tracking server (credentials from MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD). Needs `pip install 'danceopd[tracking]'`. None = off.")
+    mlflow_experiment: str | None = Field(None, min_length=1, max_length=256, description="MLflow experiment of the run (created if missing); None = job.name. The run is named by the job's run_id, and a resumed run continues it.")
+    wandb: bool | str = Field(False, description="Also log to Weights & Biases: true (project = job.name) or a project name. Used only where the `wandb` package is installed (never by setup) and WANDB_API_KEY is set; otherwise one warning line and the job goes on without it.")
+    profile_steps: int = Field(0, ge=0, le=100, description="Record torch.profiler Chrome traces of this many learner steps (rank 0) and rollout batches (worker rollout-0), each after one warm-up call, into job.output_dir/profile/ (`danceopd train --profile N` sets it); 0 = off.")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", v)
+        if scheme and scheme.group(1).split("+")[0].lower() not in _TRACKING_SCHEMES:
+            raise ValueError(f"{v!r}: not a tracking URI MLflow serves ({', '.join(s + '://' for s in _TRACKING_SCHEMES)}) "
+                             "nor a folder")
+        return v
+
+    @field_validator("wandb")
+    @classmethod
+    def _wandb_project(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"{v!r} is not a W&B project name (letters, digits, `_`, `-`, `.`)")
+        return v
 
 
 class Config(_Strict):

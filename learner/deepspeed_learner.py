@@ -32,6 +32,7 @@ from danceopd.checkpoint import (
     verify_no_pickle,
 )
 from danceopd.methods import make_method
+from danceopd.profiling import CallProfiler
 from danceopd.storage import reading, writing
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
@@ -82,6 +83,24 @@ def checkpoint_files(world_size: int) -> list[str]:
     return [*(optimizer_file(r) for r in range(world_size)), "weights.safetensors", "engine.json"]
 
 
+
+def import_deepspeed():
+    """`import deepspeed` without its autotuner's `import mlflow`: DeepSpeed imports mlflow at
+    import time only to log autotuning runs, which this learner never starts; with mlflow
+    installed (`danceopd[tracking]`) that is seconds per learner rank and a `uname` subprocess.
+    The driver's tracker (services/telemetry) imports mlflow itself, in its own process."""
+    import sys
+
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's has_mlflow = False
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
 class DeepSpeedLearner:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -96,7 +115,7 @@ class DeepSpeedLearner:
             # Pin the CPU accelerator before deepspeed is imported: its auto-detection runs at
             # import time and would probe for CUDA/XPU/NPU stacks.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed  # lazily: the driver that wraps this class never loads DeepSpeed
+        deepspeed = import_deepspeed()  # lazily: the driver that wraps this class never loads DeepSpeed
 
         self._ds = deepspeed
         deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -117,11 +136,21 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg))
         self.version = 0
         self.busy_s = 0.0
+        # `logging.profile_steps`: rank 0 traces a few steps (its result carries them to the driver)
+        self.profiler = CallProfiler(cfg.logging.profile_steps if rank == 0 else 0)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
+        """`_train_step`, traced on rank 0 when it is one of `logging.profile_steps` (`traces`)."""
+        with self.profiler(f"learner-rank{self.rank}-step{self.version + 1:06d}"):
+            result = self._train_step(micro_batches)
+        if traces := self.profiler.take():
+            result["traces"] = traces
+        return result
+
+    def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
         same count on every rank); loss and route losses are averaged over all ranks.
 

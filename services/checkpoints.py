@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 
 SCHEMA = 3
 MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE, "samples", "plots", "tensorboard",
-         "error.log")  # what --overwrite moves aside
+         "error.log", "profile")  # what --overwrite moves aside
 
 
 def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:

@@ -163,5 +163,11 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         console.print(f"  curves: {', '.join(summary['plots'])}", highlight=False, soft_wrap=True)
     if summary.get("tensorboard"):
         console.print(f"  tensorboard: tensorboard --logdir {summary['tensorboard']}", highlight=False, soft_wrap=True)
+    if summary.get("profile"):
+        console.print(f"  profile: {len(summary['profile'])} Chrome traces in {Path(summary['profile'][0]).parent} "
+                      "(open in https://ui.perfetto.dev)", highlight=False, soft_wrap=True)
+    if summary.get("mlflow"):
+        ml = summary["mlflow"]
+        console.print(f"  mlflow: run {ml['run_id']} (experiment {ml['experiment_id']}) at {ml['uri']}", highlight=False, soft_wrap=True)
     if summary.get("checkpoint"):
         console.print(f"  checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
