@@ -89,8 +89,10 @@ def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> 
         held = _held(out, remote)
         where = remote.uri if remote is not None else out
         if held and not overwrite:
+            other = ("give the new run another job.output_dir" if remote is not None else
+                     "--overwrite to move it aside (to .overwritten-<time>/) and start a new run")
             raise CheckpointError(f"job.output_dir {where} holds {held}: pass --resume auto to continue that run, "
-                                  "or --overwrite to move it aside (to .overwritten-<time>/) and start a new run")
+                                  f"or {other}")
         if held and remote is not None:  # no rename there: moving a run aside would copy every object
             raise CheckpointError(f"--overwrite: job.output_dir {where} is object storage, where moving {held} aside "
                                   "means copying it; give the new run another job.output_dir, or delete the old run's "
