@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from danceopd.storage import address, is_uri, open_store
+
 PREFIX = "step-"
 RUN_FILE = "run.json"
 
@@ -79,6 +81,9 @@ def require(folder: Path, names: list[str]) -> None:
     """Every file in `names` (relative to `folder`) is there, or a CheckpointError naming the
     missing ones: raised inside `atomic_checkpoint`, so no COMPLETE is written."""
     missing = [n for n in names if not (Path(folder) / n).is_file()]
+    if missing and is_uri(where := address(folder)):  # a staging copy: learner ranks upload their own files
+        there = open_store(where).files()
+        missing = [n for n in missing if n not in there]
     if missing:
         name = Path(folder).name.removeprefix(".tmp-")
         raise CheckpointError(f"checkpoint {name}: {', '.join(missing)} missing after the save, so it is "
@@ -157,7 +162,8 @@ def prune(output_dir: Path, keep: int, run_id: str, written: Path) -> None:
 def resolve_resume(output_dir: Path, resume: str | None, run_id: str | None = None) -> Path | None:
     """`auto`: the newest undamaged checkpoint of run `run_id` in output_dir (of any run if
     `run_id` is None; None if there is none), saying in one line on stderr each damaged one it
-    skips and why. Else a folder, which must be complete and undamaged."""
+    skips and why. Else a folder, which must be complete and undamaged, or the URI of one on object
+    storage (danceopd.remote_checkpoint), downloaded under output_dir."""
     if resume is None:
         return None
     if resume == "auto":
@@ -168,6 +174,10 @@ def resolve_resume(output_dir: Path, resume: str | None, run_id: str | None = No
             elif run_id is None or checkpoint_run_id(path) == run_id:
                 return path
         return None
+    if is_uri(resume):  # object storage: a downloaded copy, checked as a local one
+        from danceopd.remote_checkpoint import DOWNLOADS, fetch_uri
+
+        return fetch_uri(resume, Path(output_dir) / DOWNLOADS)
     path = Path(resume)
     if not (path / "COMPLETE").exists():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")

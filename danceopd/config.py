@@ -74,7 +74,17 @@ class _Placed(_Strict):
 class JobConfig(_Strict):
     name: str = Field("danceopd", min_length=1, max_length=128, pattern=r"^\S+$", description="Job name; used for Ray job ids, metrics labels and logs.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of everything: routes, data sampling, noise, model init.")
-    output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd).")
+    output_dir: str = Field("runs/danceopd", min_length=1, description="Checkpoints and logs go here (relative to the cwd), or to object storage: s3://bucket/path, gs://bucket/path or file:///path (README: checkpoints on S3/GCS).")
+    local_dir: str = Field("", description="With an object-storage job.output_dir: the local folder the job stages in (checkpoints before upload and after download, metrics.jsonl, TensorBoard, sample grids); empty: danceopd-staging-<hash of the URI> in the system temp dir.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        if "://" in v:
+            from danceopd.storage import check_uri
+
+            check_uri(v)
+        return v
 
 
 # ---- backends: one section per model family (a union on `backend.name`) ---------------------
@@ -365,8 +375,33 @@ class EvalConfig(_Placed):
     timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="The end of the job waits this long for the final evaluation, then finishes without it.")
 
 
+_TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "databricks")
+
+
 class LoggingConfig(_Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to job.output_dir/tensorboard: losses, eval metrics, throughput, lag, idle ratios, and the sample grids as images.")
+    mlflow_uri: str | None = Field(None, description="Also log to an MLflow run (the same scalars as TensorBoard, the sample grids as artifacts, the flattened config as params): a file store folder or `file://` URI (a relative folder is taken from the current one, like job.output_dir), or an `http(s)://` tracking server (credentials from MLFLOW_TRACKING_TOKEN / _USERNAME / _PASSWORD). Needs `pip install 'danceopd[tracking]'`. None = off.")
+    mlflow_experiment: str | None = Field(None, min_length=1, max_length=256, description="MLflow experiment of the run (created if missing); None = job.name. The run is named by the job's run_id, and a resumed run continues it.")
+    wandb: bool | str = Field(False, description="Also log to Weights & Biases: true (project = job.name) or a project name. Used only where the `wandb` package is installed (never by setup) and WANDB_API_KEY is set; otherwise one warning line and the job goes on without it.")
+    profile_steps: int = Field(0, ge=0, le=100, description="Record torch.profiler Chrome traces of this many learner steps (rank 0) and rollout batches (worker rollout-0), each after one warm-up call, into job.output_dir/profile/ (`danceopd train --profile N` sets it); 0 = off.")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", v)
+        if scheme and scheme.group(1).split("+")[0].lower() not in _TRACKING_SCHEMES:
+            raise ValueError(f"{v!r}: not a tracking URI MLflow serves ({', '.join(s + '://' for s in _TRACKING_SCHEMES)}) "
+                             "nor a folder")
+        return v
+
+    @field_validator("wandb")
+    @classmethod
+    def _wandb_project(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", v):
+            raise ValueError(f"{v!r} is not a W&B project name (letters, digits, `_`, `-`, `.`)")
+        return v
 
 
 class Config(_Strict):
@@ -483,6 +518,10 @@ class Config(_Strict):
 
     @property
     def output_path(self) -> Path:
+        if "://" in self.job.output_dir:  # object storage: the job works in a local staging folder
+            from danceopd.storage import staging_dir
+
+            return staging_dir(self.job.output_dir, self.job.local_dir)
         p = Path(self.job.output_dir).expanduser()
         return p if p.is_absolute() else Path.cwd() / p
 

@@ -77,21 +77,26 @@ def load_trainable_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A copy with every adapter merged into its base layer and the peft wrappers removed: a
     plain model whose predictions equal the LoRA model's (so it saves as a normal folder)."""
+    return merge_in_place(copy.deepcopy(model))
+
+
+def merge_in_place(model: nn.Module) -> nn.Module:
+    """`merged_copy` without the copy (`danceopd export`: one model in memory, not two); returns
+    the model, which no longer holds its adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
+    for name, module in list(model.named_modules()):
         if not isinstance(module, BaseTunerLayer) or not name:
             continue
         module.merge()
         parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
+        parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.get_base_layer())
-    if hasattr(out, "peft_config"):  # no adapters left: a later injection starts clean
-        del out.peft_config
-    for p in out.parameters():
+    if hasattr(model, "peft_config"):  # no adapters left: a later injection starts clean
+        del model.peft_config
+    for p in model.parameters():
         p.requires_grad_(True)
-    return out
+    return model
 
 
 # ---- PEFT LoRA folders (adapter_config.json + adapter_model.safetensors) -------------------------

@@ -11,6 +11,10 @@ Creating the file is atomic (O_CREAT | O_EXCL, on any file system), so two runs 
 together cannot both hold it. Taking over a stale lock re-reads it first and removes it only if
 it is still the stale holder's; two takeovers of one stale lock racing within that instant
 remain possible.
+
+On object storage (an s3:// / gs:// / file:// job.output_dir) the lock is an object with the
+same record and the same rules, taken on a best-effort basis: ObjectRunLock says how and where it
+falls short.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class RunLock:
     def __init__(self, output_dir: Path, run_id: str | None = None, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S):
         self.path = Path(output_dir) / LOCK_FILE
+        self.where = str(self.path.parent)  # job.output_dir, as the messages name it
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": time.time(),
                        "token": secrets.token_hex(8)}
@@ -94,12 +99,11 @@ class RunLock:
     def acquire(self, takeover: bool = False) -> RunLock:
         """Hold the lock, or raise RunLocked naming the holder. `takeover`: a stale lock is taken
         over (said in one line on stderr); without it a stale lock is refused too."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while not self._create():
-            holder = read_holder(self.path)
+            holder = self._read()
             if holder is None:
                 continue  # released meanwhile: try again
-            folder = self.path.parent
+            folder = self.where
             why = stale_reason(holder, self.stale_s)
             if why is None:
                 raise RunLocked(f"job.output_dir {folder} is in use by {describe(holder)}: one run per folder; "
@@ -107,15 +111,17 @@ class RunLock:
             if not takeover:
                 raise RunLocked(f"job.output_dir {folder} holds the lock of {describe(holder)}, which is gone "
                                 f"({why}): pass --resume auto to continue that run, or --overwrite to start a new one")
-            if read_holder(self.path) != holder:
+            if self._read() != holder:
                 continue  # someone else took it over or released it: look again
-            self.path.unlink(missing_ok=True)
+            self._remove()
             print(f"run lock: taking over the stale lock of {describe(holder)}: {why}", file=sys.stderr, flush=True)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
 
+    # ---- the lock file: what a lock on another kind of storage replaces (ObjectRunLock) ----------
     def _create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -124,25 +130,38 @@ class RunLock:
             f.write(json.dumps(self.record))
         return True
 
+    def _read(self) -> dict | None:
+        return read_holder(self.path)
+
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(f".{LOCK_FILE}.{self.record['token']}")
+        tmp.write_text(json.dumps(self.record))
+        os.replace(tmp, self.path)  # never absent, never half-written
+
+    def _touch(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:  # removed under us: nothing to refresh
+            pass
+
+    # ---- the run's side --------------------------------------------------------------------------
     def held(self) -> bool:
         """The lock file is still this run's (not released, not taken over as stale)."""
-        holder = read_holder(self.path)
+        holder = self._read()
         return holder is not None and holder.get("token") == self.record["token"]
 
     def set_run_id(self, run_id: str) -> None:
         """Name the run once it is known (prepare_output decides it under the lock)."""
         self.record["run_id"] = run_id
         if self.held():
-            tmp = self.path.with_name(f".{LOCK_FILE}.{self.record['token']}")
-            tmp.write_text(json.dumps(self.record))
-            os.replace(tmp, self.path)  # never absent, never half-written
+            self._rewrite()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            try:
-                os.utime(self.path)
-            except OSError:  # removed under us: nothing to refresh
-                pass
+            self._touch()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock, if it is still this run's (a run whose lock was
@@ -151,10 +170,78 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.held():
-            self.path.unlink(missing_ok=True)
+            self._remove()
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ObjectRunLock(RunLock):
+    """The run lock as an object, `<job.output_dir URI>/run.lock`: best effort.
+
+    pyarrow.fs has no create-if-absent (conditional put), so taking the lock is: see that there
+    is none, write this run's record, wait `settle_s`, read it back and compare tokens; of two
+    runs starting together the later writer wins and the other, reading back the winner's
+    record, is refused. Two runs both win only if one takes longer than `settle_s` between its
+    look and its write. The heartbeat rewrites the object (its modification time, on the store's
+    clock, is the heartbeat) after checking it is still this run's, so a holder that was taken
+    over as stale stops beating instead of clobbering its successor; clocks more than `stale_s`
+    apart between the store and a host misjudge staleness."""
+
+    SETTLE_S = 2.0
+
+    def __init__(self, store, run_id: str | None = None, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
+                 settle_s: float = SETTLE_S):
+        super().__init__(Path("."), run_id, heartbeat_s, stale_s)
+        self.store, self.where, self.settle_s = store, store.uri, settle_s
+
+    def acquire(self, takeover: bool = False) -> RunLock:
+        try:
+            return super().acquire(takeover)
+        except OSError as e:  # no such bucket, no credentials, no route: one line naming the URI
+            text = str(e).strip().splitlines()
+            raise OSError(f"job.output_dir {self.where}: {text[0] if text else type(e).__name__}") from None
+
+    def _create(self) -> bool:
+        if self._read() is not None:
+            return False
+        self._rewrite()
+        time.sleep(self.settle_s)  # a run that looked at the same moment writes meanwhile: the later write wins
+        return self.held()
+
+    def _read(self) -> dict | None:
+        stat, data = self.store.stat(LOCK_FILE), self.store.read(LOCK_FILE)
+        if stat is None or data is None:
+            return None
+        try:
+            holder = json.loads(data)
+            if not isinstance(holder, dict):
+                raise ValueError
+        except ValueError:
+            holder = {}
+        return {**holder, "heartbeat": stat[1]}
+
+    def _remove(self) -> None:
+        self.store.delete(LOCK_FILE)
+
+    def _rewrite(self) -> None:
+        self.store.write(LOCK_FILE, json.dumps(self.record).encode())
+
+    def _touch(self) -> None:
+        try:
+            if self.held():
+                self._rewrite()
+        except OSError:  # the store unreachable for a while: the next beat tries again
+            pass
+
+
+def lock_for(cfg) -> RunLock:
+    """The lock of cfg's job.output_dir: a file, or an object on object storage."""
+    from danceopd.storage import is_uri, open_store
+
+    if is_uri(cfg.job.output_dir):
+        return ObjectRunLock(open_store(cfg.job.output_dir))
+    return RunLock(cfg.output_path)

@@ -11,11 +11,13 @@ must resolve to an address this machine can bind, checked before any dataset or 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
 import socket
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from danceopd.config import Config, ConfigError, LatentBackendConfig
 from danceopd.dataset import Dataset
@@ -23,6 +25,7 @@ from danceopd.dataset import Dataset
 _KEY = re.compile(r"^([a-z_]+)(\.[\w]+)*:")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MLFLOW_MISSING = "logging.mlflow_uri: MLflow is not installed; pip install 'danceopd[tracking]'"
 
 
 def _first_line(err: Exception) -> str:
@@ -73,6 +76,18 @@ def _writable_dir(path: Path, key: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "folder is not writable" if probe == path else f"folder is not writable, so {path} cannot be created"
         raise ConfigError(f"{key}: {probe}: {what}")
+
+
+def _tracking(cfg: Config) -> None:
+    """`logging.mlflow_uri` on the machine that runs the job: MLflow is installed, and a file store
+    (a folder or file:// URI) is a folder this machine can write."""
+    uri = cfg.logging.mlflow_uri
+    if not uri:
+        return
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(MLFLOW_MISSING)
+    if "://" not in uri or uri.startswith("file:"):
+        _writable_dir(Path(unquote(urlparse(uri).path) if "://" in uri else uri).expanduser(), "logging.mlflow_uri")
 
 
 def _is_host(host: str) -> bool:
@@ -233,7 +248,8 @@ def validate(cfg: Config, local_paths: bool = True, cluster_paths=()) -> Dataset
         raise ConfigError(f"sync.max_policy_lag: {cfg.sync.max_policy_lag} is below sync_every-1 = {cfg.sync.sync_every - 1}; "
                           "samples made between pushes would all be stale")
     if local_paths:
-        _writable_dir(cfg.output_path, "job.output_dir")
+        _writable_dir(cfg.output_path, "job.local_dir" if "://" in cfg.job.output_dir else "job.output_dir")
+        _tracking(cfg)
         if cfg.replay.spill_dir:
             _writable_dir(cfg.resolve(cfg.replay.spill_dir), "replay.spill_dir")
     dataset = None if "data.path" in remote else _named("data.path", Dataset.load, cfg.resolve(cfg.data.path))

@@ -33,6 +33,8 @@ from danceopd.checkpoint import (
 )
 from danceopd.device import peak_gpu_memory_bytes
 from danceopd.methods import make_method
+from danceopd.profiling import CallProfiler
+from danceopd.storage import reading, writing
 from learner.learner import build_student
 from learner.step import batch_loss, merge_route_losses
 
@@ -82,6 +84,24 @@ def checkpoint_files(world_size: int) -> list[str]:
     return [*(optimizer_file(r) for r in range(world_size)), "weights.safetensors", "engine.json"]
 
 
+
+def import_deepspeed():
+    """`import deepspeed` without its autotuner's `import mlflow`: DeepSpeed imports mlflow at
+    import time only to log autotuning runs, which this learner never starts; with mlflow
+    installed (`danceopd[tracking]`) that is seconds per learner rank and a `uname` subprocess.
+    The driver's tracker (services/telemetry) imports mlflow itself, in its own process."""
+    import sys
+
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's has_mlflow = False
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
 class DeepSpeedLearner:
     def __init__(self, cfg: Config, rank: int, world_size: int, master_addr: str, master_port: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -96,7 +116,7 @@ class DeepSpeedLearner:
             # Pin the CPU accelerator before deepspeed is imported: its auto-detection runs at
             # import time and would probe for CUDA/XPU/NPU stacks.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed  # lazily: the driver that wraps this class never loads DeepSpeed
+        deepspeed = import_deepspeed()  # lazily: the driver that wraps this class never loads DeepSpeed
 
         self._ds = deepspeed
         deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -117,11 +137,21 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(cfg))
         self.version = 0
         self.busy_s = 0.0
+        # `logging.profile_steps`: rank 0 traces a few steps (its result carries them to the driver)
+        self.profiler = CallProfiler(cfg.logging.profile_steps if rank == 0 else 0)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
+        """`_train_step`, traced on rank 0 when it is one of `logging.profile_steps` (`traces`)."""
+        with self.profiler(f"learner-rank{self.rank}-step{self.version + 1:06d}"):
+            result = self._train_step(micro_batches)
+        if traces := self.profiler.take():
+            result["traces"] = traces
+        return result
+
+    def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the
         same count on every rank); loss and route losses are averaged over all ranks.
 
@@ -207,34 +237,40 @@ class DeepSpeedLearner:
         """The learner state a resume needs, in non-pickle files (not DeepSpeed's checkpoint, whose
         loader unpickles): rank 0 writes the trainable weights (safetensors) and engine.json; every
         rank writes its optimizer partition as tensors and plain values (optimizer-rankNNN.pt).
-        Collective (the weights are gathered under ZeRO-3)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        Collective (the weights are gathered under ZeRO-3). `folder` may be an object-storage
+        URI: each rank uploads its own files there, from whichever node it runs on."""
         weights = self.export_weights()
-        save_torch(folder / optimizer_file(self.rank), _plain_state(self.engine.optimizer.state_dict()))
-        if self.rank == 0:
-            eng = self.engine
-            save_tensors(folder / "weights.safetensors", weights)
-            save_json(folder / "engine.json", {"version": self.version, "world_size": self.world_size,
-                                               "zero_stage": self.cfg.learner.zero_stage,
-                                               **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
+        with writing(folder) as local:
+            local.mkdir(parents=True, exist_ok=True)
+            save_torch(local / optimizer_file(self.rank), _plain_state(self.engine.optimizer.state_dict()))
+            if self.rank == 0:
+                eng = self.engine
+                save_tensors(local / "weights.safetensors", weights)
+                save_json(local / "engine.json", {"version": self.version, "world_size": self.world_size,
+                                                  "zero_stage": self.cfg.learner.zero_stage,
+                                                  **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
 
     def load_checkpoint(self, folder: str) -> int:
         """Restore what save_checkpoint wrote (exactly: weights, optimizer partitions, counters).
         Every file is read weights-only; a file holding pickled objects is refused on every rank
-        before any collective call, so no rank is left waiting. Collective."""
-        folder = Path(folder)
-        if not (folder / "engine.json").is_file():
+        before any collective call, so no rank is left waiting. Collective. `folder` may be an
+        object-storage URI: each rank downloads only the files it reads (the driver checked every
+        rank's for pickle in its own copy before the run started)."""
+        with reading(folder, ["engine.json", "weights.safetensors", optimizer_file(self.rank)]) as local:
+            return self._load_checkpoint(local, folder)
+
+    def _load_checkpoint(self, local: Path, folder: str) -> int:
+        if not (local / "engine.json").is_file():
             raise FileNotFoundError(f"no DeepSpeed learner state under {folder} (engine.json)")
-        meta = load_json(folder / "engine.json")
+        meta = load_json(local / "engine.json")
         want = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage}
         got = {k: meta.get(k) for k in want}
         if got != want:
             raise ValueError(f"{folder}: the learner state was written with {got}, this run has {want}; resume "
                              "with the same learner.world_size and learner.zero_stage")
-        verify_no_pickle(folder)  # all ranks' files, so all ranks refuse together
-        state = load_torch(folder / optimizer_file(self.rank))
-        self.load_weights(load_tensors(folder / "weights.safetensors"))
+        verify_no_pickle(local)  # all ranks' files (a URI's: this rank's), so all ranks refuse together
+        state = load_torch(local / optimizer_file(self.rank))
+        self.load_weights(load_tensors(local / "weights.safetensors"))
         opt = self.engine.optimizer
         if self.cfg.learner.zero_stage == 0:
             opt.load_state_dict(state)  # the client torch optimizer itself

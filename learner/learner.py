@@ -18,6 +18,7 @@ from danceopd.batch import nonfinite
 from danceopd.device import model_device, peak_gpu_memory_bytes
 from danceopd.lora import load_trainable_state_dict, trainable_state_dict
 from danceopd.methods import make_method
+from danceopd.profiling import CallProfiler
 from learner.step import batch_loss, merge_route_losses
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -41,11 +42,20 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay)
         self.version = 0
         self.busy_s = 0.0
+        self.profiler = CallProfiler(cfg.logging.profile_steps)
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over `grad_accum` micro-batches (the mean of their losses). A step
         whose prediction, loss or gradient norm holds NaN/Inf is skipped: no optimizer step, the
-        weights, optimizer state and version untouched; `skipped` names what was non-finite."""
+        weights, optimizer state and version untouched; `skipped` names what was non-finite.
+        `traces`: the step's profiler trace, when it was one of `logging.profile_steps`."""
+        with self.profiler(f"learner-rank0-step{self.version + 1:06d}"):
+            result = self._train_step(micro_batches)
+        if traces := self.profiler.take():
+            result["traces"] = traces
+        return result
+
+    def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         losses, routes, bad = [], [], None

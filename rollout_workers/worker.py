@@ -22,6 +22,7 @@ from danceopd.device import model_device, peak_gpu_memory_bytes
 from danceopd.flow import forward_noise, guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
 from danceopd.methods import make_method
+from danceopd.profiling import CallProfiler
 from danceopd.work import WorkOrder
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -42,6 +43,8 @@ class RolloutWorker:
         self.sigmas = job_sigmas(cfg, self.backend)
         # nfe_full: what the same samples would cost without stopping each at its last needed state
         self.stats = {"batches": 0, "samples": 0, "nfe": 0, "nfe_full": 0, "busy_s": 0.0}
+        # `logging.profile_steps`: worker 0 traces a few batches (the meta carries them to the driver)
+        self.profiler = CallProfiler(cfg.logging.profile_steps if worker_id == "rollout-0" else 0)
 
     # ---- weights ------------------------------------------------------------------------
     def set_weights(self, state_dict: dict, version: int) -> int:
@@ -94,8 +97,12 @@ class RolloutWorker:
         drawn = drawn.to(self.device)
         return lambda i, active: torch.stack([drawn[a, i] for a in active.tolist()])
 
-    @torch.no_grad()
     def rollout(self, order: WorkOrder) -> pa.RecordBatch:
+        with self.profiler(f"{self.worker_id}-batch{self.stats['batches'] + 1:06d}"):
+            return self._rollout(order)
+
+    @torch.no_grad()
+    def _rollout(self, order: WorkOrder) -> pa.RecordBatch:
         t0 = time.perf_counter()
         method, n, sig = self.method, self.cfg.method.rollout_steps, self.sigmas
         items = order.items

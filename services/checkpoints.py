@@ -19,6 +19,10 @@
 damage says why it skips one); a run whose checkpoint is at learner.steps is finished (`finished`).
 Resuming with the other mode carries the weights, routes, data cursor and step over; the
 optimizer state belongs to one learner kind and restarts (said in one line).
+
+A job.output_dir on object storage (s3://, gs://, file://) keeps this layout under its URI; the
+job stages in a local folder (cfg.output_path) and danceopd.remote_checkpoint uploads, COMPLETE
+last, and downloads to resume.
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ from danceopd.checkpoint import (
     write_run,
 )
 from danceopd.config import dump_config
+from danceopd.remote_checkpoint import push, remote_output
+from danceopd.storage import address
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
 
 SCHEMA = 3
 MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE, "samples", "plots", "tensorboard",
-         "error.log")  # what --overwrite moves aside
+         "error.log", "profile")  # what --overwrite moves aside
 
 
 def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> tuple[Path | None, str]:
@@ -66,9 +72,13 @@ def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> 
     out = cfg.output_path
     if resume and overwrite:
         raise CheckpointError("--resume and --overwrite: give one (continue the run, or start a new one)")
+    remote = remote_output(cfg)
+    if remote is not None:
+        remote.start()  # the store's run.json and metrics.jsonl into the staging folder
     if resume:
         try:
-            ckpt = resolve_resume(out, resume, (read_run(out) or {}).get("run_id"))
+            rid = (read_run(out) or {}).get("run_id")
+            ckpt = remote.resolve(resume, rid) if remote is not None else resolve_resume(out, resume, rid)
         except FileNotFoundError as e:
             raise CheckpointError(str(e)) from None
         if ckpt is not None:
@@ -76,10 +86,17 @@ def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> 
         # --resume auto with no (undamaged) checkpoint of the run yet (e.g. a retried job that died
         # before its first): a fresh start; metrics.jsonl restarts with it (JobLog truncates to step 0).
     else:
-        held = _held(out)
+        held = _held(out, remote)
+        where = remote.uri if remote is not None else out
         if held and not overwrite:
-            raise CheckpointError(f"job.output_dir {out} holds {held}: pass --resume auto to continue that run, "
-                                  "or --overwrite to move it aside (to .overwritten-<time>/) and start a new run")
+            other = ("give the new run another job.output_dir" if remote is not None else
+                     "--overwrite to move it aside (to .overwritten-<time>/) and start a new run")
+            raise CheckpointError(f"job.output_dir {where} holds {held}: pass --resume auto to continue that run, "
+                                  f"or {other}")
+        if held and remote is not None:  # no rename there: moving a run aside would copy every object
+            raise CheckpointError(f"--overwrite: job.output_dir {where} is object storage, where moving {held} aside "
+                                  "means copying it; give the new run another job.output_dir, or delete the old run's "
+                                  "objects first")
         if held:
             aside = out / f".overwritten-{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir()
@@ -89,16 +106,19 @@ def prepare_output(cfg: Config, resume: str | None, overwrite: bool = False) -> 
             print(f"--overwrite: moved {held} to {aside}", file=sys.stderr, flush=True)
     run_id = new_run_id()
     write_run(out, run_id)
+    push(cfg, RUN_FILE)
     return None, run_id
 
 
-def _held(out: Path) -> str | None:
-    """What another run left in `out` (its checkpoints, its metrics), or None."""
-    found = list_checkpoints(out)
+def _held(out: Path, remote=None) -> str | None:
+    """What another run left in `out` (its checkpoints, its metrics), or None. On object
+    storage, the checkpoints under its URI (`remote`) and its metrics (downloaded into `out`)."""
+    found = [Path(n) for n in remote.checkpoints()] if remote is not None else list_checkpoints(out)
     metrics = out / "metrics.jsonl"
     parts = []
     if found:
-        rid = checkpoint_run_id(found[-1]) or (read_run(out) or {}).get("run_id")
+        last = remote.run_id_of(found[-1].name) if remote is not None else checkpoint_run_id(found[-1])
+        rid = last or (read_run(out) or {}).get("run_id")
         parts.append(f"{len(found)} checkpoint(s) up to {found[-1].name}" + (f" of run {rid}" if rid else ""))
     if metrics.is_file() and metrics.stat().st_size > 0:
         parts.append("metrics.jsonl")
@@ -135,6 +155,7 @@ def run_id_of(cfg: Config, resume_from=None) -> str:
     if not rid:
         rid = new_run_id()
         write_run(cfg.output_path, rid)
+        push(cfg, RUN_FILE)
     return rid
 
 
@@ -146,7 +167,8 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
     bad = nonfinite(**weights)
     if bad:  # never written, so the newest checkpoint (which pruning keeps) is always a finite one
         raise CheckpointError(f"checkpoint of step {state.step}: NaN/Inf in the weights ({bad}); not written")
-    with atomic_checkpoint(cfg.output_path, state.step) as tmp:
+    remote = remote_output(cfg)  # object storage: staged here, uploaded with COMPLETE last
+    with (remote.checkpoint(state.step) if remote else atomic_checkpoint(cfg.output_path, state.step)) as tmp:
         learner_files = learner.save(tmp / "learner")  # every rank's, for the check before COMPLETE
         expected = ["model.safetensors", "state.json", "config.yaml", *(f"learner/{n}" for n in learner_files)]
         save_tensors(tmp / "model.safetensors", weights)
@@ -160,6 +182,10 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
                                        "accounting": state.accounting})
         (tmp / "config.yaml").write_text(dump_config(cfg))  # `danceopd sample` / `eval` rebuild the student from it
         require(tmp, expected)  # a rank's file missing (storage not shared): no COMPLETE
+    if remote is not None:
+        remote.prune(cfg.checkpoint.keep, run_id, state.step)
+        remote.push("metrics.jsonl")  # no append on object storage: the whole file, at every checkpoint
+        return remote.uri_of(checkpoint_dir(cfg.output_path, state.step).name)
     written = checkpoint_dir(cfg.output_path, state.step)
     prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
     return str(written)
@@ -189,5 +215,6 @@ def resume(cfg: Config, path, learner, mode: str) -> Resumed:
         print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {mode} mode: weights, "
               "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
     step = int(state["step"])
-    write_run(cfg.output_path, state["run_id"], resumed_from=str(path), step=step)
+    write_run(cfg.output_path, state["run_id"], resumed_from=address(path), step=step)  # a download: its URI
+    push(cfg, RUN_FILE)
     return Resumed(step, state["run_id"], state["router"], int(state["router"]["next_ticket"]), state.get("accounting", {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -65,16 +66,19 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start a new run in a job.output_dir that holds another run: its checkpoints and metrics move to job.output_dir/.overwritten-<time>/."),
     set_: list[str] | None = SetOpt,
     progress: bool = typer.Option(True, help="Show the live progress line."),
+    profile: int | None = typer.Option(None, "--profile", min=0, help="Record torch.profiler traces of this many learner steps and rollout batches (after a warm-up) into job.output_dir/profile/ (sets logging.profile_steps)."),
 ):
     """Run a training job."""
-    from danceopd.run_lock import RunLock
+    from danceopd.run_lock import lock_for
     from services.checkpoints import finished, prepare_output
     from services.telemetry.progress import print_summary
 
+    if profile is not None:
+        set_ = [*(set_ or []), f"logging.profile_steps={profile}"]
     cfg = load_valid(config, set_)
     if mode not in ("ray", "local"):
         fail(f"--mode: {mode!r} is not one of ray, local")
-    lock = RunLock(cfg.output_path)
+    lock = lock_for(cfg)  # a file, or an object on object storage
     try:  # one run per folder; a dead run's lock is taken over only to continue or replace its run
         lock.acquire(takeover=bool(resume or overwrite))
     except (ValueError, OSError) as e:  # RunLocked is a ValueError
@@ -90,7 +94,8 @@ def train(
             err.print(f"--resume: {done}", highlight=False, soft_wrap=True)
             return
         if resume and ckpt is None:
-            err.print(f"--resume auto: no checkpoint of this run in {cfg.output_path}, starting fresh")
+            where = cfg.job.output_dir if "://" in cfg.job.output_dir else cfg.output_path
+            err.print(f"--resume auto: no checkpoint of this run in {where}, starting fresh")
         from services.loop import train as run_job
         from services.runtime.failures import RoleFailure
 
@@ -118,6 +123,10 @@ def error_log(cfg: Config, e: BaseException) -> Path:
     path = cfg.output_path / "error.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(e)))
+    from danceopd.remote_checkpoint import push
+
+    with contextlib.suppress(Exception):  # the job failed already: its one line matters more
+        push(cfg, "error.log", "metrics.jsonl")
     return path
 
 
@@ -350,6 +359,31 @@ def evaluate_checkpoint(
     typer.echo("route".ljust(width) + "".join(k.rjust(14) for k in names))
     for route, m in result["routes"].items():
         typer.echo(route.ljust(width) + "".join((f"{m[k]:.4f}" if k in m else "-").rjust(14) for k in names))
+
+
+@app.command("export")
+def export_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, of either mode, full or LoRA."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: a diffusers pipeline (sd3, zimage), a model folder (shapes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty."),
+    dtype: str = typer.Option("auto", "--dtype", help="The exported transformer's weights: auto (as the base's), float32, bfloat16, float16."),
+    lora_only: bool = typer.Option(False, "--lora-only", help="A LoRA student on the base: write only OUT/lora, not the merged pipeline."),
+    config: Path | None = CkptConfigOpt,
+    set_: list[str] | None = SetOpt,
+):
+    """Write a checkpoint's student for diffusers: the job's base pipeline with the student's transformer merged in
+    (+ lora/ for a LoRA student), or the student's model folder (shapes). danceopd/export.py."""
+    from danceopd.export import check_checkpoint, export
+
+    try:
+        check_checkpoint(checkpoint)
+    except ValueError as e:
+        one_line("export", e)
+    cfg = checkpoint_config(checkpoint, config, set_)
+    try:
+        typer.echo(export(cfg, checkpoint, out, overwrite=overwrite, dtype=dtype, lora_only=lora_only).summary())
+    except Exception as e:  # noqa: BLE001 — a missing base pipeline, a full disk ... one line
+        one_line("export", e)
 
 
 # ---- cluster jobs: submit / status / scale / stop (services/control/jobs.py) ----------------------------

@@ -69,7 +69,7 @@ def job_submit(
     if left:
         err.print(f"note: not on this machine, checked by the job on the cluster: {', '.join(left)}", highlight=False,
                   soft_wrap=True)
-    if not Path(cfg.job.output_dir).expanduser().is_absolute():
+    if "://" not in cfg.job.output_dir and not Path(cfg.job.output_dir).expanduser().is_absolute():
         err.print(f"note: job.output_dir {cfg.job.output_dir!r} is relative: on the cluster it resolves inside the "
                   "job's copy of the working directory; use an absolute path on shared storage", highlight=False)
     if not wait:

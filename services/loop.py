@@ -23,11 +23,12 @@ import time
 from typing import TYPE_CHECKING
 
 from danceopd.dataset import Dataset
+from danceopd.profiling import write_traces
 from router.router import Router
 from services import checkpoints
 from services.pipeline import RolloutPipeline
 from services.runtime.contracts import Elastic, Fleet, LearnerGroup, WeightSync
-from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed, Traced
 from services.runtime.failures import RoleFailure
 from services.signals import StopOnSignal
 from services.state import FleetView, LoopState
@@ -171,6 +172,8 @@ class TrainLoop:
             elif isinstance(ev, Joined):
                 self.pipe.worker_version[ev.worker] = ev.version
                 self.sync.fleet_changed()
+            elif isinstance(ev, Traced):
+                write_traces(self.cfg.output_path, ev.traces)
         if self.cfg.sync.on_stale == "drop" and not self.pipe.in_flight and self.pipe.queued and not self.pipe.can_learn():
             self.pipe.purge()  # stale leftovers block issuing
 
@@ -189,6 +192,7 @@ class TrainLoop:
         if result is None:
             return None
         self.learner_busy_s += time.perf_counter() - self._learn_t0
+        write_traces(self.cfg.output_path, result.pop("traces", {}))  # `logging.profile_steps`
         skipped = result.pop("skipped", None)
         if skipped:  # not a step: the weights did not move and the batches are replaced
             routes = ", ".join(sorted({q.route for q in self.pipe.training}))

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from danceopd.checkpoint import latest_checkpoint
 from services.loop import TrainLoop
 from services.runtime.failures import RoleFailure
-from tests.conftest import cfg_for
+from tests.conftest import cfg_for, lean
 from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = pytest.mark.ray
@@ -34,13 +34,10 @@ ROLES = ("rollout", "teacher", "router")
 def small(sim_raw, tmp_path, name, **over):
     """2 workers, 0.15 s rollouts, lag 1 and two orders per worker: two batches of one worker are
     in flight when it dies, so one death must cost one restart, not two."""
-    one = dict(sim_raw["teachers"][0], name="teacher")  # one teacher serves every route: fewer processes
-    sim_raw = {**sim_raw, "teachers": [one],
-               "routing": {**sim_raw["routing"], "routes": [dict(r, teacher="teacher") for r in sim_raw["routing"]["routes"]]}}
     base = dict(backend__rollout_latency_s=0.15, backend__teacher_latency_s=0.02, backend__learner_latency_s=0.01,
                 rollout__workers=2, rollout__orders_per_worker=2, rollout__max_restarts=1, learner__steps=16,
                 learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8, checkpoint__every=0)
-    return cfg_for(sim_raw, tmp_path, name, **{**base, **over})
+    return cfg_for(lean(sim_raw), tmp_path, name, **{**base, **over})
 
 
 def process_of(actor) -> int:

@@ -604,47 +604,6 @@ def test_control_path_through_helper_jobs(head):
 
 @pytest.mark.ray
 @pytest.mark.subprocess
-@pytest.mark.slow
-def test_submit_runs_the_training_job(head, tmp_path):
-    name = f"submit-{uuid.uuid4().hex[:6]}"
-    out_dir = tmp_path / "run"
-    sets = ["--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=4",
-            "--set", "checkpoint.every=0"]
-    # A config that does not validate never reaches the cluster.
-    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", "--set", "learner.steps=0")
-    assert r.returncode == 2 and "learner.steps" in error_line(r)
-
-    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sid = r.stdout.strip().splitlines()[-1]
-    assert sid.startswith("raysubmit_")
-    info = ray_job_info(head, sid)
-    assert info["metadata"]["danceopd_job"] == name
-    assert info["entrypoint"] == ("danceopd train configs/toy.yaml --address auto --no-progress "
-                                  f"--set job.name={name} --set job.output_dir={out_dir} --set learner.steps=4 "
-                                  "--set checkpoint.every=0")
-    assert info["runtime_env"]["working_dir"].startswith("gcs://")
-
-    if info["status"] in ("PENDING", "RUNNING"):
-        # The same job name may not run twice at once.
-        r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
-        assert r.returncode == 2 and "already running" in error_line(r)
-        # The submission id maps to the job name (the controller may still be starting).
-        r = cli(head, "status", sid, "--address", head.address)
-        assert (r.returncode == 0 and f"job {name} ({sid})" in r.stdout) or \
-            (r.returncode == 2 and f"job {name} ({sid}, Ray job" in error_line(r)), r.stdout + r.stderr
-
-    info = wait_job_end(head, sid)
-    assert info["status"] == "SUCCEEDED", info["message"]
-    assert (out_dir / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
-    r = cli(head, "status", sid, "--address", head.address)
-    assert r.returncode == 0 and f"job {name} ({sid}): Ray job SUCCEEDED, controller not running" in r.stdout
-    r = cli(head, "scale", sid, "--rollout-workers", "2", "--address", head.address)
-    assert r.returncode == 2 and "is not running (Ray job SUCCEEDED)" in error_line(r)
-
-
-@pytest.mark.ray
-@pytest.mark.subprocess
 def test_submit_from_a_laptop_leaves_cluster_paths_to_the_job(head):
     """configs/sd35_medium.yaml submitted from a machine without its /mnt/ folders: accepted, and
     the job fails on the cluster in one line naming the first missing field, before its driver
@@ -690,15 +649,28 @@ def _wait_status(head: RayHead, job: str, pred, what: str, timeout_s: float = 30
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_end_to_end_submit_status_scale_stop(head, tmp_path):
-    """The real controller on the real head: submit a long toy job, watch it, resize its rollout
-    fleet 1 -> 2 -> 1, stop it gracefully: SUCCEEDED with a final checkpoint."""
+    """The real controller on the real head: submit a long toy job (the submission as Ray keeps
+    it; the same name refused while it runs), watch it, resize its rollout fleet 1 -> 2 -> 1,
+    stop it gracefully: SUCCEEDED with a final checkpoint, then a finished job's status and scale."""
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     out_dir = tmp_path / "run"
-    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait",
-            "--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=100000",
-            "--set", "rollout.workers=1", "--set", "checkpoint.every=0", "--set", "sync.max_policy_lag=1")
+    sets = ["--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=100000",
+            "--set", "rollout.workers=1", "--set", "checkpoint.every=0", "--set", "sync.max_policy_lag=1"]
+    # A config that does not validate never reaches the cluster.
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", "--set", "learner.steps=0")
+    assert r.returncode == 2 and "learner.steps" in error_line(r)
+
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     sid = r.stdout.strip().splitlines()[-1]
+    assert sid.startswith("raysubmit_")
+    info = ray_job_info(head, sid)
+    assert info["metadata"]["danceopd_job"] == name
+    assert info["entrypoint"] == "danceopd train configs/toy.yaml --address auto --no-progress " + " ".join(sets)
+    assert info["runtime_env"]["working_dir"].startswith("gcs://")
+    # The same job name may not run twice at once (the controller may still be starting).
+    r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
+    assert r.returncode == 2 and "already running" in error_line(r)
 
     body = _wait_status(head, sid, lambda c: c["step"] > 0, "first learner step")
     assert body["job"] == name and body["ray_status"] == "RUNNING"
@@ -724,7 +696,9 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     assert 0 < final_step < 100000
     assert (ckpts[-1] / "model.safetensors").is_file()
     r = cli(head, "status", sid, "--address", head.address)
-    assert r.returncode == 0 and "Ray job SUCCEEDED, controller not running" in r.stdout
+    assert r.returncode == 0 and f"job {name} ({sid}): Ray job SUCCEEDED, controller not running" in r.stdout
+    r = cli(head, "scale", sid, "--rollout-workers", "2", "--address", head.address)
+    assert r.returncode == 2 and "is not running (Ray job SUCCEEDED)" in error_line(r)
 
 
 @pytest.mark.ray

@@ -26,19 +26,17 @@ from learner.learner import Learner
 from services.loop import TrainLoop
 from services.pipeline import RolloutPipeline
 from services.runtime.failures import RoleFailure
-from tests.conftest import cfg_for
+from tests.conftest import cfg_for, lean
 from tests.test_ray_runtime import assert_accounting_closes
 
 
 def one_teacher(sim_raw, tmp_path, name, **over):
     """The sim job with one teacher serving every route (so "its third call" is one sequence),
     no latencies, no evaluation: milliseconds per step in one process."""
-    one = dict(sim_raw["teachers"][0], name="teacher")
-    raw = {**sim_raw, "teachers": [one],
-           "routing": {**sim_raw["routing"], "routes": [dict(r, teacher="teacher") for r in sim_raw["routing"]["routes"]]}}
+    raw = lean(sim_raw)
     base = dict(backend__rollout_latency_s=0.0, backend__teacher_latency_s=0.0, backend__learner_latency_s=0.0,
                 rollout__workers=1, learner__steps=6, learner__grad_accum=2, sync__max_policy_lag=0,
-                replay__capacity=4, checkpoint__every=0, eval__enabled=False)
+                replay__capacity=4, checkpoint__every=0)
     return cfg_for(raw, tmp_path, name, **{**base, **over})
 
 

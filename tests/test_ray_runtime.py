@@ -1,7 +1,6 @@
 """The distributed runtime on a local Ray cluster: equivalence with the local loop, scale,
 async lag bound, checkpoint/resume and rollout-worker failure."""
 
-import json
 import threading
 import time
 
@@ -11,7 +10,7 @@ import torch
 from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
 from services.loop import TrainLoop, train
 from services.telemetry.progress import read_metrics
-from tests.conftest import cfg_for
+from tests.conftest import cfg_for, lean
 
 pytestmark = pytest.mark.ray
 
@@ -68,7 +67,7 @@ def test_scale_two_workers_two_ranks(ray_local, toy_raw, tmp_path, stage):
 
 def test_async_lag_bound_holds(ray_local, toy_raw, tmp_path):
     """lag 1: rollouts run ahead of the learner, and no consumed sample is older than 1 version."""
-    cfg = cfg_for(toy_raw, tmp_path, "lag1", learner__steps=30, rollout__workers=2, checkpoint__every=0,
+    cfg = cfg_for(lean(toy_raw), tmp_path, "lag1", learner__steps=30, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=1, replay__capacity=8)
     summary = train(cfg, mode="ray", show_progress=False)
     lags = {int(k): v for k, v in summary["replay"]["lag_counts"].items()}
@@ -78,7 +77,7 @@ def test_async_lag_bound_holds(ray_local, toy_raw, tmp_path):
 
 
 def test_drop_mode_never_exceeds_bound(ray_local, toy_raw, tmp_path):
-    cfg = cfg_for(toy_raw, tmp_path, "drop", learner__steps=20, rollout__workers=2, checkpoint__every=0,
+    cfg = cfg_for(lean(toy_raw), tmp_path, "drop", learner__steps=20, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=0, sync__on_stale="drop", replay__capacity=6)
     summary = train(cfg, mode="ray", show_progress=False)
     lags = {int(k) for k in summary["replay"]["lag_counts"]}
@@ -88,11 +87,11 @@ def test_drop_mode_never_exceeds_bound(ray_local, toy_raw, tmp_path):
 
 
 def test_resume_in_ray_mode(ray_local, toy_raw, tmp_path):
-    full = cfg_for(toy_raw, tmp_path, "full", learner__steps=10, checkpoint__every=5, sync__max_policy_lag=0)
+    full = cfg_for(lean(toy_raw), tmp_path, "full", learner__steps=10, checkpoint__every=5, sync__max_policy_lag=0)
     train(full, mode="ray", show_progress=False)
-    part = cfg_for(toy_raw, tmp_path, "part", learner__steps=5, checkpoint__every=5, checkpoint__keep=3)
+    part = cfg_for(lean(toy_raw), tmp_path, "part", learner__steps=5, checkpoint__every=5, checkpoint__keep=3)
     train(part, mode="ray", show_progress=False)
-    resumed = cfg_for(toy_raw, tmp_path, "part", learner__steps=10, checkpoint__every=5, checkpoint__keep=3)
+    resumed = cfg_for(lean(toy_raw), tmp_path, "part", learner__steps=10, checkpoint__every=5, checkpoint__keep=3)
     train(resumed, mode="ray", resume_from=latest_checkpoint(part.output_path), show_progress=False)
     assert [p.name for p in list_checkpoints(part.output_path)] == ["step-00000005", "step-00000010"]
     state = load_json(latest_checkpoint(resumed.output_path) / "state.json")
@@ -108,7 +107,7 @@ def test_resume_in_ray_mode(ray_local, toy_raw, tmp_path):
 def test_killed_rollout_worker_is_restarted(ray_local, toy_raw, tmp_path):
     import ray
 
-    cfg = cfg_for(toy_raw, tmp_path, "kill", learner__steps=40, rollout__workers=2, checkpoint__every=0,
+    cfg = cfg_for(lean(toy_raw), tmp_path, "kill", learner__steps=40, rollout__workers=2, checkpoint__every=0,
                   sync__max_policy_lag=1, rollout__max_restarts=2)
     controller = TrainLoop(cfg, "ray", show_progress=False)
     fleet, old = controller.fleet, {}
@@ -145,8 +144,8 @@ def test_collective_transport_matches_object_store(ray_local, toy_raw, tmp_path)
     """`collective` (gloo broadcast in buckets) delivers the same weights as `object_store`:
     identical runs give identical losses, and every sync is acknowledged and measured."""
     common = dict(learner__steps=6, checkpoint__every=0, sync__max_policy_lag=0, rollout__workers=2)
-    a = cfg_for(toy_raw, tmp_path, "store", **common)
-    b = cfg_for(toy_raw, tmp_path, "coll", **common, sync__transport="collective")
+    a = cfg_for(lean(toy_raw), tmp_path, "store", **common)
+    b = cfg_for(lean(toy_raw), tmp_path, "coll", **common, sync__transport="collective")
     sa = train(a, mode="ray", show_progress=False)
     sb = train(b, mode="ray", show_progress=False)
     for x, y in zip(losses(a), losses(b)):
@@ -157,7 +156,7 @@ def test_collective_transport_matches_object_store(ray_local, toy_raw, tmp_path)
 def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tmp_path):
     """Autoscaling on: with a learner that idles (threshold 0) the controller adds a rollout
     worker, up to the configured maximum, without restarting the learner."""
-    raw = json.loads(json.dumps(toy_raw))
+    raw = lean(toy_raw)
     raw["autoscale"] = {"enabled": True, "min_rollout_workers": 1, "max_rollout_workers": 2,
                         "learner_idle_above": 0.0, "window_steps": 2, "cooldown_steps": 0}
     raw["control"] = {"metrics_port": 0}
@@ -174,10 +173,10 @@ def test_autoscale_grows_rollout_fleet_when_learner_idles(ray_local, toy_raw, tm
 def test_resume_across_modes_carries_weights_routes_and_step(ray_local, toy_raw, tmp_path, capsys, first, second):
     """One checkpoint layout: a run resumes in the other mode with the same weights, route
     cursor and step; the optimizer state (another learner kind) restarts, said in one line."""
-    a = cfg_for(toy_raw, tmp_path, "cross", learner__steps=4, checkpoint__every=4, sync__max_policy_lag=0)
+    a = cfg_for(lean(toy_raw), tmp_path, "cross", learner__steps=4, checkpoint__every=4, sync__max_policy_lag=0)
     train(a, mode=first, show_progress=False)
     ck = latest_checkpoint(a.output_path)
-    b = cfg_for(toy_raw, tmp_path, "cross", learner__steps=7, checkpoint__every=0, sync__max_policy_lag=0)
+    b = cfg_for(lean(toy_raw), tmp_path, "cross", learner__steps=7, checkpoint__every=0, sync__max_policy_lag=0)
     loop = TrainLoop(b, second, resume_from=ck, show_progress=False)
     try:
         assert "the optimizer state restarts" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 
 from services.loop import train
 from services.telemetry.progress import read_metrics
-from tests.conftest import cfg_for
+from tests.conftest import cfg_for, lean
 
 pytestmark = pytest.mark.ray
 
@@ -62,13 +62,11 @@ def test_a_teachers_deadline_counts_service_time_not_the_queue(ray_local, sim_ra
     """One replica serves every route, 0.3 s per ask; 3 batches are routed at once, each asking
     for up to 3 routes: an ask waits behind up to 8 others (2.4 s), far past teacher_s=0.6 s, yet
     each is served within it. A deadline counted from the queue would restart a healthy replica."""
-    one = dict(sim_raw["teachers"][0], name="teacher")
-    raw = {**sim_raw, "teachers": [one],
-           "routing": {**sim_raw["routing"], "max_concurrent_batches": 3,
-                       "routes": [dict(r, teacher="teacher") for r in sim_raw["routing"]["routes"]]}}
+    raw = lean(sim_raw)
+    raw["routing"]["max_concurrent_batches"] = 3
     cfg = cfg_for(raw, tmp_path, "queue", backend__rollout_latency_s=0.0, backend__teacher_latency_s=0.3,
                   backend__learner_latency_s=0.0, rollout__workers=3, learner__steps=4, learner__grad_accum=3,
-                  sync__max_policy_lag=1, replay__capacity=9, deadlines__teacher_s=0.6, eval__enabled=False)
+                  sync__max_policy_lag=1, replay__capacity=9, deadlines__teacher_s=0.6)
     summary = train(cfg, mode="ray", show_progress=False)
     assert summary["steps"] == 4
     assert summary["restarts"]["teacher"] == 0, summary["restarts"]

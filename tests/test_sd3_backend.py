@@ -197,7 +197,7 @@ def test_edit_routes_are_refused_on_sd3(sd3_raw, tmp_path):
 
 @pytest.mark.ray
 def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_local, sd3_raw, tmp_path, tiny_sd3):
-    from danceopd.checkpoint import latest_checkpoint, load_json, load_tensors
+    from danceopd.checkpoint import latest_checkpoint, list_checkpoints, load_json, load_tensors
     from danceopd.lora import load_lora_folder, load_trainable_state_dict
     from services.loop import train
     from tests.conftest import cfg_for
@@ -213,10 +213,10 @@ def test_ray_run_with_cfg_absorption_saves_a_lora_checkpoint_and_resumes(ray_loc
     adapter_bytes = sum(p.numel() * 4 for p in student.parameters() if p.requires_grad)
     assert summary["sync_bytes"] == adapter_bytes  # LoRA-only weight sync: adapter-sized pushes
     assert adapter_bytes * 10 < sum(p.numel() * 4 for p in student.parameters())
-    part = cfg_for(sd3_raw, tmp_path, "part", learner__steps=2, **over)
-    train(part, mode="ray", show_progress=False)
-    resumed = cfg_for(sd3_raw, tmp_path, "part", learner__steps=4, **over)
-    train(resumed, mode="ray", resume_from=latest_checkpoint(part.output_path), show_progress=False)
+    # resumed from the full run's step-2 checkpoint (into a folder of its own): the same step 4
+    step2 = next(p for p in list_checkpoints(full.output_path) if load_json(p / "state.json")["step"] == 2)
+    resumed = cfg_for(sd3_raw, tmp_path, "resumed", learner__steps=4, **over)
+    train(resumed, mode="ray", resume_from=step2, show_progress=False)
     ckpt = latest_checkpoint(resumed.output_path)
     assert load_json(ckpt / "state.json")["step"] == 4
     wa = load_tensors(latest_checkpoint(full.output_path) / "model.safetensors")

@@ -50,6 +50,8 @@ class Backend(ABC):
     sigma_grid: str = "sd3"  # the model family's sigma grid (danceopd.flow.SIGMA_GRIDS), method.sigma_grid=auto
     supports_source_image: bool = True  # rows may carry a source image (edit routes)
     write_tiny: Callable[..., Path] | None = None  # writes a tiny random pipeline folder (`danceopd make-tiny`)
+    exports: str | None = None  # what `danceopd export` writes: "pipeline" (the base pipeline with the student's
+    # transformer), "model" (the student's diffusers model folder), None (the student is no diffusers model)
     device = torch.device("cpu")  # where the models it builds live (latent backends: the GPU, when there is one)
 
     @property

@@ -98,6 +98,7 @@ class LatentBackend(Backend):
     teacher_kinds = ("pretrained",)
     pipeline = True
     condition_cache = True
+    exports = "pipeline"
     transformer_class: str  # the diffusers class of the family's transformer
     default_seq_len: int = 256
     encoder_components: tuple[str, ...] = ()  # pipeline sub-folders whose weights decide the cache

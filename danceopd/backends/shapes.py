@@ -150,6 +150,7 @@ class PretrainedTeacher(TeacherField):
 class ShapesBackend(Backend):
     name = "shapes"
     teacher_kinds = ("oracle", "pretrained")
+    exports = "model"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

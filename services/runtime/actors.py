@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
 
 
 def actor_env(cfg: Config) -> dict:
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    # MLflow, where installed, is imported by deepspeed: it reports no usage from our actors either.
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
     return env
@@ -89,7 +90,10 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
         self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
         wall = max(time.perf_counter() - self.t_start, 1e-9)
         self.metrics.set("danceopd_rollout_idle_ratio", max(0.0, 1 - self.stats["busy_s"] / wall))
-        return {"ticket": order.ticket, "worker": self.worker_id, "version": self.version, "applied": applied}, rb
+        meta = {"ticket": order.ticket, "worker": self.worker_id, "version": self.version, "applied": applied}
+        if traces := self.profiler.take():  # `logging.profile_steps`: worker 0's traces ride on the meta
+            meta["traces"] = traces
+        return meta, rb
 
     def apply_weights(self, refs: list, version: int) -> dict:
         """Fetch the weights by reference and apply them. The ref travels inside a list so Ray

@@ -43,6 +43,14 @@ class Lost:
 
 
 @dataclass(frozen=True)
+class Traced:
+    """Profiler traces a member recorded (`logging.profile_steps`), {file name: Chrome trace
+    JSON bytes}, carried back with its answer: the loop writes them to job.output_dir/profile/."""
+
+    traces: dict
+
+
+@dataclass(frozen=True)
 class Joined:
     """Rollout worker `worker` (new or restarted) holds weights of `version`."""
 

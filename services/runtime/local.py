@@ -16,7 +16,7 @@ from learner.learner import Learner
 from rollout_workers.worker import RolloutWorker
 from router.scoring import InProcessPool, NonFiniteAnswer, Scorer
 from router.teacher import Teacher
-from services.runtime.events import NonFinite, Routed
+from services.runtime.events import NonFinite, Routed, Traced
 from services.weights.state import state_nbytes
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -55,7 +55,10 @@ class LocalFleet:
 
     def submit(self, worker: str, order) -> None:
         try:
-            rb = self.scorer.route(self.worker.rollout(order))
+            rolled = self.worker.rollout(order)
+            if traces := self.worker.profiler.take():
+                self._events.append(Traced(traces))
+            rb = self.scorer.route(rolled)
         except NonFiniteAnswer as e:
             self._events.append(NonFinite(order.ticket, e.teacher, e.route, e.what))
             return

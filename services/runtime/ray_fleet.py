@@ -28,7 +28,7 @@ import ray
 from router.scoring import TeacherFailure
 from services.runtime.actors import RayTeacherPool, RolloutWorkerActor, ScorerActor, TeacherActor, actor_env
 from services.runtime.capacity import autoscaled, fits_now, max_members, most_nodes
-from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed
+from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed, Traced
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup
 from services.runtime.placement import TEACHER_RESTARTS, check_capacity, role_specs
@@ -182,6 +182,8 @@ class RayFleet:
                 f.stage, f.rolled = "route", f.batch
                 self._route(f, now)
                 events.append(RolledOut(f.ticket))
+                if meta.get("traces"):
+                    events.append(Traced(meta["traces"]))
             else:
                 del self.flights[f.ticket]
                 bad = meta.get("nonfinite")  # NaN/Inf in a teacher answer: no batch, the loop drops it

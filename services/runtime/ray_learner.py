@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import ray
 
+from danceopd.storage import address
 from services.runtime.actors import actor_env, free_port, learner_rank_actor
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, on
@@ -172,11 +173,11 @@ class RayLearner:
     def save(self, folder) -> list[str]:
         from learner.deepspeed_learner import checkpoint_files
 
-        self._all("save_checkpoint", str(folder))
+        self._all("save_checkpoint", address(folder))  # on object storage: its URI, each rank uploads its own
         return checkpoint_files(len(self.ranks))
 
     def load(self, folder, weights: dict) -> None:
-        self._all("load_checkpoint", str(folder))
+        self._all("load_checkpoint", address(folder))
 
     def load_weights(self, weights: dict) -> None:
         self._all("load_weights", ray.put(weights))

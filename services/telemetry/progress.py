@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from danceopd.remote_checkpoint import push
+
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
 
@@ -87,6 +89,7 @@ class JobLog:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
+        push(self.cfg, "metrics.jsonl")  # object storage: no append there, the whole file at the end
 
     def finish(self, checkpoint: str | None, extra: dict | None = None) -> dict:
         if self.progress is not None:
@@ -105,6 +108,7 @@ class JobLog:
         }
         summary.update(extra or {})
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        push(self.cfg, "metrics.jsonl", "summary.json")
         return summary
 
 
@@ -159,5 +163,11 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         console.print(f"  curves: {', '.join(summary['plots'])}", highlight=False, soft_wrap=True)
     if summary.get("tensorboard"):
         console.print(f"  tensorboard: tensorboard --logdir {summary['tensorboard']}", highlight=False, soft_wrap=True)
+    if summary.get("profile"):
+        console.print(f"  profile: {len(summary['profile'])} Chrome traces in {Path(summary['profile'][0]).parent} "
+                      "(open in https://ui.perfetto.dev)", highlight=False, soft_wrap=True)
+    if summary.get("mlflow"):
+        ml = summary["mlflow"]
+        console.print(f"  mlflow: run {ml['run_id']} (experiment {ml['experiment_id']}) at {ml['uri']}", highlight=False, soft_wrap=True)
     if summary.get("checkpoint"):
         console.print(f"  checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)

@@ -11,8 +11,10 @@ import collections
 import time
 from typing import TYPE_CHECKING
 
+from danceopd.profiling import PROFILE_DIR
 from services.telemetry.metrics import ROLES
 from services.telemetry.progress import JobLog
+from services.telemetry.trackers import Trackers, eval_scalars, step_scalars
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
@@ -33,11 +35,8 @@ class Telemetry:
         self.nonfinite_reported: collections.Counter = collections.Counter()
         self._status: dict = {"job": cfg.job.name, "step": start_step, "steps": cfg.learner.steps, "workers": {}}
         self.evals: list[dict] = []  # {step, seconds, routes} of every evaluation reported
-        self.board = None
-        if cfg.logging.tensorboard:
-            from services.telemetry.board import Board
-
-            self.board = Board(cfg.output_path / "tensorboard", purge_step=start_step)
+        self.end_status = "KILLED"  # of the trackers' run: FINISHED at summary(), FAILED at failed()
+        self.trackers = Trackers.open(cfg, start_step, run_id, self.console)  # TensorBoard, MLflow, W&B
         if serve:
             self._serve(control_fns)
 
@@ -87,8 +86,7 @@ class Telemetry:
         samples = st.per_step * self.cfg.rollout.batch_size
         new_syncs = st.syncs[self.synced_reported:]
         self.log.step(st.step, metrics, samples=samples, lag=st.lag_last, workers=counts)
-        if self.board is not None:
-            self.board.step(st.step, metrics, self.log.samples_per_s(), st.lag_last, idle, new_syncs)
+        self.trackers.scalars(st.step, step_scalars(metrics, self.log.samples_per_s(), st.lag_last, idle, new_syncs))
         m = self.metrics
         if m is not None:
             m.set("danceopd_learner_step", st.step)
@@ -140,8 +138,9 @@ class Telemetry:
                     m.set("danceopd_eval_metric", value, route=route, metric=name)
             m.set("danceopd_eval_seconds", result["seconds"])
             m.set("danceopd_eval_step", result["step"])
-        if self.board is not None:
-            self.board.evaluated(result)
+        self.trackers.scalars(result["step"], eval_scalars(result))
+        for route, grid in result["grids"].items():
+            self.trackers.image(f"samples/{route}", result["step"], grid)
         self._status["eval"] = self.eval_summary(st)
 
     def eval_summary(self, st, first: bool = False) -> dict | None:
@@ -183,6 +182,7 @@ class Telemetry:
 
     def failed(self, st, error: BaseException) -> None:
         """The job is failing: count it where a scrape or /status can still see it."""
+        self.end_status = "FAILED"
         self._status = {**self._status, "state": "failed", "nonfinite": st.nonfinite,
                         "error": str(error).splitlines()[0] if str(error) else type(error).__name__}
         if self.metrics is not None:
@@ -224,9 +224,14 @@ class Telemetry:
                  "stopped_by": st.stopped_by}
         extra.update(self._per_role(st, busy, wall_s))
         extra["plots"] = [str(p) for p in write_curves(self.cfg.output_path)]
-        if self.board is not None:
-            self.board.idle(st.step, idle)
-            extra["tensorboard"] = str(self.board.folder)
+        self.trackers.scalars(st.step, {f"idle/{role}_job": v for role, v in idle.items()})  # over the whole job
+        if (tb := self.trackers.get("tensorboard")) is not None:
+            extra["tensorboard"] = str(tb.folder)
+        if (ml := self.trackers.get("mlflow")) is not None:
+            extra["mlflow"] = {"uri": ml.uri, "experiment_id": ml.experiment_id, "run_id": ml.run_id}
+        if self.cfg.logging.profile_steps:
+            extra["profile"] = sorted(str(p) for p in (self.cfg.output_path / PROFILE_DIR).glob("*.json"))
+        self.end_status = "FINISHED"
         return self.log.finish(st.last_checkpoint, extra=extra)
 
     def _per_role(self, st, busy: dict, wall_s: float) -> dict:
@@ -253,8 +258,7 @@ class Telemetry:
 
     def close(self) -> None:
         self.log.close()
-        if self.board is not None:
-            self.board.close()
+        self.trackers.close(self.end_status)
         if self.control is not None:
             from services.control.registry import unregister
 
