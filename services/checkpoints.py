@@ -175,9 +175,8 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
         learner_files = learner.save(tmp / "learner")  # every rank's, for the check before COMPLETE
         expected = ["model.safetensors", "state.json", "config.yaml", *(f"learner/{n}" for n in learner_files)]
         save_tensors(tmp / "model.safetensors", weights)
-        ema = learner.export_ema()
-        if ema is not None:
-            save_tensors(tmp / EMA_FILE, ema)
+        if cfg.learner.ema_decay is not None:
+            save_tensors(tmp / EMA_FILE, learner.export_ema())
             expected.append(EMA_FILE)
         if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
             from danceopd.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_lora_folder
