@@ -296,6 +296,19 @@ class LearnerConfig(_Placed):
     num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per learner rank.")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: nccl with GPUs, else gloo).")
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description="Ray placement strategy of the learner gang (one placement group of world_size bundles); STRICT_PACK keeps every rank on one node (in-node NCCL).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: the learner's forward runs under bf16 autocast (the loss, rollout states, velocities and log-probs stay fp32); DeepSpeed ZeRO-1..3 also run DeepSpeed's bf16 mode (bf16 working weights and gradients, fp32 master weights and AdamW states), ZeRO-0 and the local learner keep fp32 weights. `fp32`: no autocast (sd3/zimage on a GPU still compute the transformer in backend.dtype).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning rate over the steps after the warm-up: `constant` (lr), or a `cosine` / `linear` decay from lr to min_lr, reached at step learner.steps.")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Linear warm-up: step n (1-based) of the first warmup_steps uses lr * n / warmup_steps; 0 = none.")
+    min_lr: float = Field(0.0, ge=0, le=1, description="Learning rate the cosine / linear schedule ends at (the last step's); unused by `constant`.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the trainable weights (fp32; after each applied step ema = decay * ema + (1 - decay) * weights, starting from the initial weights), saved as ema.safetensors in every checkpoint; None = off. eval.weights picks it for evaluation and `danceopd sample`.")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> LearnerConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"learner.warmup_steps: {self.warmup_steps} is above learner.steps={self.steps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"learner.min_lr: {self.min_lr:g} is above learner.lr={self.lr:g} (the schedule decays from lr to it)")
+        return self
 
 
 class SyncConfig(_Strict):
@@ -373,6 +386,7 @@ class EvalConfig(_Placed):
     num_cpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="CPUs of the evaluator actor (Ray mode).")
     num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs of the evaluator actor (Ray mode).")
     timeout_s: float = Field(600.0, gt=0, le=MAX_TIMEOUT_S, description="The end of the job waits this long for the final evaluation, then finishes without it.")
+    weights: Literal["online", "ema"] = Field("online", description="Which student weights evaluation and `danceopd sample` / `danceopd eval` use: `online` (the trained weights, which the rollouts use too) or `ema` (the moving average kept with learner.ema_decay; a checkpoint's ema.safetensors).")
 
 
 _TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "databricks")
@@ -492,6 +506,8 @@ class Config(_Strict):
             # Spilling does not help: the learner takes a whole step from the queue at once.
             raise ValueError(f"replay.capacity: {self.replay.capacity} is below the batches one learner step needs "
                              f"(learner.world_size x grad_accum = {per_step})")
+        if self.eval.weights == "ema" and self.learner.ema_decay is None:
+            raise ValueError("eval.weights: `ema` needs learner.ema_decay (no moving average is kept without it)")
         if self.learner.dist_backend == "nccl" and self.learner.num_gpus < 1:
             raise ValueError("learner.dist_backend: nccl needs a whole GPU per rank (learner.num_gpus >= 1)")
         resources = [("rollout", self.rollout), ("learner", self.learner), ("eval", self.eval)]

@@ -1,10 +1,24 @@
 """DeepSpeedLearner: one learner rank of a ZeRO data-parallel group (plain class; the Ray runtime
 wraps it with `ray.remote`, one actor per rank).
 
-Same interface and the same loss (`learner.step.batch_loss`) as the plain `Learner`; at world
-size 1 it reproduces the plain learner's losses and weights (ZeRO-0 bit for bit, ZeRO-1..3 to
-float rounding of the grad clip). Every method except `get_version`/`set_version` is
+Same interface, the same loss (`learner.step.batch_loss`) and lr schedule (`learner.schedule`)
+as the plain `Learner`; at world size 1 in fp32 it reproduces the plain learner's losses and
+weights (ZeRO-0 bit for bit, ZeRO-1..3 to float rounding of the grad clip). Every method except
+`get_version`/`set_version` and the EMA's (`export_ema`/`load_ema`: rank 0's alone) is
 collective: all ranks call it (train_step: each with its own micro-batches).
+
+`learner.precision: bf16`: the forward runs under bf16 autocast on every stage; ZeRO-1..3 also run
+DeepSpeed's bf16 mode (bf16 working weights and gradients, fp32 master weights and AdamW states
+in the ZeRO optimizer; on CPU too: DeepSpeed's CPU accelerator supports it). ZeRO-0 keeps fp32
+weights and autocasts only, as the plain learner does: DeepSpeed's ZeRO-0 bf16 wraps the optimizer
+in its fp16-style optimizer, whose clipping and skips would bypass this learner's own (below).
+Exported weights are fp32 either way.
+
+EMA (`learner.ema_decay`): rank 0 alone keeps it, in fp32 on the weights' device, of the full
+trainable weights after each applied step (ZeRO-3 gathers them for it, as an export does; under
+bf16 it averages the bf16 working weights). Simplest correct: no per-rank partitions to
+reassemble for evaluation or checkpoints; the cost is one fp32 copy of the trainable weights on
+rank 0 (small for a LoRA student).
 """
 
 from __future__ import annotations
@@ -35,7 +49,9 @@ from danceopd.device import peak_gpu_memory_bytes
 from danceopd.methods import make_method
 from danceopd.profiling import CallProfiler
 from danceopd.storage import reading, writing
+from learner.ema import Ema
 from learner.learner import build_student
+from learner.schedule import lr_at, set_lr
 from learner.step import batch_loss, merge_route_losses
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
@@ -57,6 +73,12 @@ def _plain_state(sd: dict) -> dict:
     return sd
 
 
+def ds_bf16(lc) -> bool:
+    """DeepSpeed's own bf16 mode: `learner.precision: bf16` at ZeRO-1..3 (ZeRO-0 autocasts on
+    fp32 weights; module docstring)."""
+    return lc.precision == "bf16" and lc.zero_stage > 0
+
+
 def _ds_config(cfg: Config) -> dict:
     lc = cfg.learner
     return {
@@ -65,10 +87,9 @@ def _ds_config(cfg: Config) -> dict:
         # ZeRO-0 reports no grad norm for fp32 (the client optimizer has none), so there the
         # learner clips itself with torch's clip_grad_norm_, exactly as the plain Learner does.
         "gradient_clipping": lc.grad_clip if lc.zero_stage > 0 else 0.0,
-        # fp32 everywhere: CPU has no fp16/bf16 training path and fp32 keeps parity with the
-        # local loop; bf16 on GPU would need a config switch that does not exist yet.
+        # fp16 never (it needs loss scaling); bf16 from learner.precision (ds_bf16).
         "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": ds_bf16(lc)},
         "zero_optimization": {"stage": lc.zero_stage},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -139,6 +160,10 @@ class DeepSpeedLearner:
         self.busy_s = 0.0
         # `logging.profile_steps`: rank 0 traces a few steps (its result carries them to the driver)
         self.profiler = CallProfiler(cfg.logging.profile_steps if rank == 0 else 0)
+        self.ema = None  # rank 0's, with learner.ema_decay (module docstring)
+        if lc.ema_decay is not None:
+            start = self.export_weights()  # collective under ZeRO-3
+            self.ema = Ema(lc.ema_decay, start) if self.rank == 0 else None
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
@@ -166,13 +191,16 @@ class DeepSpeedLearner:
         if n != gas:
             raise ValueError(f"train_step: {n} micro-batches, but learner.grad_accum={gas} (DeepSpeed scales by and steps at grad_accum)")
         t0 = time.perf_counter()
-        eng, dev, stage = self.engine, self.engine.device, self.cfg.learner.zero_stage
+        lc = self.cfg.learner
+        eng, dev, stage = self.engine, self.engine.device, lc.zero_stage
+        lr = lr_at(lc, self.version + 1)  # every rank has the same version
+        set_lr(eng.optimizer, lr)
         losses, routes, bad = [], [], None
         for i, rb in enumerate(micro_batches):
             # Set the boundary explicitly so an earlier failed step can never leave DeepSpeed's
             # micro-step counter out of phase with our micro-batches.
             eng.set_gradient_accumulation_boundary(i == n - 1)
-            loss, per_route, what = batch_loss(self.backend, eng, self.method, rb, dev)
+            loss, per_route, what = batch_loss(self.backend, eng, self.method, rb, dev, lc.precision)
             eng.backward(loss)  # DeepSpeed divides by grad_accum, like the plain Learner's 1/n
             losses.append(loss.item())
             routes.append(per_route)
@@ -186,7 +214,7 @@ class DeepSpeedLearner:
         loss_mean = totals[0].item() / self.world_size
         bad = "prediction" if totals[1] else "loss" if totals[2] or nonfinite(loss=loss_mean) else None
         if stage == 0:
-            clip = self.cfg.learner.grad_clip  # grads are all-reduced by now (boundary)
+            clip = lc.grad_clip  # grads are all-reduced by now (boundary)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), clip if clip > 0 else float("inf"))
             bad = bad or nonfinite(grad_norm=grad_norm)
             if bad:
@@ -203,20 +231,40 @@ class DeepSpeedLearner:
             gathered = [merge_route_losses(routes)]
         if not bad:
             self.version += 1
+            if lc.ema_decay is not None:
+                self._update_ema()
         self.busy_s += time.perf_counter() - t0
         return {"loss": loss_mean, "route_loss": merge_route_losses(gathered),
-                "grad_norm": float(grad_norm), "lr": self.cfg.learner.lr, "version": self.version, "skipped": bad,
+                "grad_norm": float(grad_norm), "lr": lr, "version": self.version, "skipped": bad,
                 "peak_gpu_memory_bytes": peak_gpu_memory_bytes()}
 
+    def _update_ema(self) -> None:
+        """Rank 0's EMA of the full trainable weights; collective under ZeRO-3 (the gather)."""
+        params = self._trainable()
+        with self._ds.zero.GatheredParameters(list(params.values()), modifier_rank=None,
+                                              enabled=self.cfg.learner.zero_stage == 3):
+            if self.rank == 0:
+                self.ema.update(params)
+
+    def export_ema(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0's EMA as CPU tensors; None on other ranks and without learner.ema_decay."""
+        return self.ema.export() if self.ema is not None else None
+
+    def load_ema(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace rank 0's EMA (a checkpoint's, or the weights it restarts from)."""
+        if self.ema is not None:
+            self.ema.load(state)
+
     def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """The trainable state (LoRA adapters only for a LoRA student) as CPU tensors on rank 0,
-        None elsewhere. Collective: under ZeRO-3 every rank takes part in the gather."""
+        """The trainable state (LoRA adapters only for a LoRA student) as fp32 CPU tensors on rank
+        0 (under bf16: the working weights, exactly representable), None elsewhere. Collective:
+        under ZeRO-3 every rank takes part in the gather."""
         params = self._trainable()
         with self._ds.zero.GatheredParameters(list(params.values()), modifier_rank=None,
                                               enabled=self.cfg.learner.zero_stage == 3):
             if self.rank != 0:
                 return None
-            return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+            return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in params.items()}
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Set the trainable weights (a checkpoint of another learner kind: no optimizer state).
@@ -248,6 +296,7 @@ class DeepSpeedLearner:
                 save_tensors(local / "weights.safetensors", weights)
                 save_json(local / "engine.json", {"version": self.version, "world_size": self.world_size,
                                                   "zero_stage": self.cfg.learner.zero_stage,
+                                                  "precision": self.cfg.learner.precision,
                                                   **{k: int(getattr(eng, k)) for k in ENGINE_COUNTERS}})
 
     def load_checkpoint(self, folder: str) -> int:
@@ -262,12 +311,13 @@ class DeepSpeedLearner:
     def _load_checkpoint(self, local: Path, folder: str) -> int:
         if not (local / "engine.json").is_file():
             raise FileNotFoundError(f"no DeepSpeed learner state under {folder} (engine.json)")
-        meta = load_json(local / "engine.json")
-        want = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage}
+        meta = {"precision": "fp32", **load_json(local / "engine.json")}  # older ones: fp32, unrecorded
+        want = {"world_size": self.world_size, "zero_stage": self.cfg.learner.zero_stage,
+                "precision": self.cfg.learner.precision}
         got = {k: meta.get(k) for k in want}
         if got != want:
             raise ValueError(f"{folder}: the learner state was written with {got}, this run has {want}; resume "
-                             "with the same learner.world_size and learner.zero_stage")
+                             "with the same learner.world_size, learner.zero_stage and learner.precision")
         verify_no_pickle(local)  # all ranks' files (a URI's: this rank's), so all ranks refuse together
         state = load_torch(local / optimizer_file(self.rank))
         self.load_weights(load_tensors(local / "weights.safetensors"))

@@ -4,6 +4,8 @@
                                         carried over a resume), resumed_from, step
     output_dir/checkpoints/step-00000050/
         model.safetensors   the trainable weights (LoRA adapters only for a LoRA student)
+        ema.safetensors     with learner.ema_decay: their moving average (fp32), which `eval.weights:
+                            ema` evaluates and samples; either mode's resume restores it
         lora/               a LoRA student's adapter as a PEFT LoRA folder (adapter_config.json +
                             adapter_model.safetensors): `student.init_lora` / a teacher's `lora` take it
         learner/            the learner's own state, no pickle anywhere: `torch-adamw` (local mode)
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
 
 SCHEMA = 3
+EMA_FILE = "ema.safetensors"
 MOVED = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE, "samples", "plots", "tensorboard",
          "error.log", "profile")  # what --overwrite moves aside
 
@@ -172,6 +175,9 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
         learner_files = learner.save(tmp / "learner")  # every rank's, for the check before COMPLETE
         expected = ["model.safetensors", "state.json", "config.yaml", *(f"learner/{n}" for n in learner_files)]
         save_tensors(tmp / "model.safetensors", weights)
+        if cfg.learner.ema_decay is not None:
+            save_tensors(tmp / EMA_FILE, learner.export_ema())
+            expected.append(EMA_FILE)
         if cfg.student.lora.enabled:  # also as a PEFT LoRA folder, for diffusers/peft inference
             from danceopd.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_lora_folder
 
@@ -189,6 +195,17 @@ def save(cfg: Config, state, learner, router_state: dict) -> str:
     written = checkpoint_dir(cfg.output_path, state.step)
     prune(cfg.output_path, cfg.checkpoint.keep, run_id, written)
     return str(written)
+
+
+def student_weights(cfg: Config, ckpt: Path) -> Path:
+    """The weights file of checkpoint `ckpt` that `eval.weights` picks (`danceopd sample` / `eval`)."""
+    if cfg.eval.weights == "online":
+        return Path(ckpt) / "model.safetensors"
+    path = Path(ckpt) / EMA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: eval.weights is `ema`, but the checkpoint holds no {EMA_FILE} (trained without "
+                              "learner.ema_decay); pass --set eval.weights=online")
+    return path
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,13 @@ def resume(cfg: Config, path, learner, mode: str) -> Resumed:
         learner.load_weights(weights)
         print(f"resume: a {state['mode']}-mode checkpoint ({state['learner']} learner) in {mode} mode: weights, "
               "routes, data cursor and step carry over; the optimizer state restarts", file=sys.stderr, flush=True)
+    if cfg.learner.ema_decay is not None:
+        if (path / EMA_FILE).is_file():
+            learner.load_ema(load_tensors(path / EMA_FILE))
+        else:
+            learner.load_ema(weights)
+            print(f"resume: {path.name} holds no {EMA_FILE} (trained without learner.ema_decay): the EMA starts "
+                  "from its weights", file=sys.stderr, flush=True)
     step = int(state["step"])
     write_run(cfg.output_path, state["run_id"], resumed_from=address(path), step=step)  # a download: its URI
     push(cfg, RUN_FILE)

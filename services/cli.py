@@ -301,6 +301,7 @@ def sample_images(
     from danceopd.evaluate import load_student, sample
     from danceopd.flow import job_sigmas
     from danceopd.pictures import save_png, to_rgb
+    from services.checkpoints import student_weights
 
     cfg = checkpoint_config(checkpoint, config, set_)
     try:
@@ -318,7 +319,7 @@ def sample_images(
     row = Row(uid="cli-sample", task=r.task, prompt=prompt, source_image=source and source.resolve())
     seeds = [seed + i for i in range(n)]
     try:
-        backend, model = load_student(cfg, checkpoint / "model.safetensors")
+        backend, model = load_student(cfg, student_weights(cfg, checkpoint))
         images = sample(backend, model, [row] * n, seeds, job_sigmas(cfg, backend), cfg.method.rollout_cfg_scale)
         files = [save_png(to_rgb(x), out / f"{route}-{i:03d}.png").name for i, x in enumerate(images)]
     except Exception as e:  # noqa: BLE001 — bad prompt, source image, model folder ... one line
@@ -340,11 +341,13 @@ def evaluate_checkpoint(
     from danceopd.checkpoint import load_json, load_tensors
     from danceopd.evaluate import Evaluator
     from danceopd.pictures import save_png
+    from services.checkpoints import student_weights
 
     cfg = checkpoint_config(checkpoint, config, set_)
     try:
         step = int(load_json(checkpoint / "state.json").get("step", -1)) if (checkpoint / "state.json").is_file() else -1
-        result = Evaluator(cfg).evaluate(load_tensors(checkpoint / "model.safetensors"), step)
+        weights = load_tensors(student_weights(cfg, checkpoint))  # before the evaluator builds anything
+        result = Evaluator(cfg).evaluate(weights, step)
     except Exception as e:  # noqa: BLE001 — data, model folder, weights of another config ... one line
         one_line("eval", e)
     for route, grid in result["grids"].items() if out else ():

@@ -92,6 +92,13 @@ class LearnerGroup(Protocol):
     def export(self) -> dict:
         """The trainable weights (ZeRO-3: gathered), as tensors in this process."""
 
+    def export_ema(self) -> dict | None:
+        """The EMA of the trainable weights (learner.ema_decay), as tensors in this process; None
+        when off."""
+
+    def load_ema(self, state: dict) -> None:
+        """Replace the EMA (a checkpoint's, or the weights it restarts from); nothing when off."""
+
     def save(self, folder) -> list[str]:
         """Write this learner kind's own state into `folder`; return the names of the files a
         complete save holds there (every rank's), which the checkpoint checks before COMPLETE."""

@@ -118,6 +118,12 @@ class LocalLearner:
     def export(self) -> dict[str, torch.Tensor]:
         return self.learner.export_weights()
 
+    def export_ema(self) -> dict[str, torch.Tensor] | None:
+        return self.learner.export_ema()
+
+    def load_ema(self, state: dict) -> None:
+        self.learner.load_ema(state)
+
     def save(self, folder) -> list[str]:
         folder.mkdir(parents=True, exist_ok=True)
         save_torch(folder / "optimizer.pt", self.learner.optimizer_state())
@@ -181,6 +187,7 @@ class LocalEvaluation:
         from danceopd.evaluate import Evaluator
 
         self.evaluator = Evaluator(cfg)
+        self.ema = cfg.eval.weights == "ema"
         self.done: list[dict] = []
         self.skipped, self.failed = 0, None
 
@@ -188,7 +195,8 @@ class LocalEvaluation:
         if self.failed:
             return
         try:
-            self.done.append(self.evaluator.evaluate(learner.export(), step))
+            weights = learner.export_ema() if self.ema else learner.export()
+            self.done.append(self.evaluator.evaluate(weights, step))
         except Exception as e:  # noqa: BLE001 — evaluation is not worth the job
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"evaluation failed at step {step}, evaluation stops: {self.failed}", flush=True)

@@ -166,6 +166,16 @@ class RayLearner:
         refs = [r.export_weights.remote() for r in self.ranks]
         return self.wait(refs, "exporting weights", self.cfg.sync.timeout_s)[0]
 
+    def export_ema_ref(self):
+        """Ref to rank 0's EMA (it alone keeps one; not a collective)."""
+        return self.ranks[0].export_ema.remote()
+
+    def export_ema(self) -> dict | None:
+        return self.wait([self.export_ema_ref()], "exporting the EMA", self.cfg.sync.timeout_s)[0]
+
+    def load_ema(self, state: dict) -> None:
+        self.wait([self.ranks[0].load_ema.remote(state)], "loading the EMA", self.cfg.deadlines.learner_step_s)
+
     def _all(self, method: str, *args, timeout: float | None = None) -> list:
         refs = [getattr(r, method).remote(*args) for r in self.ranks]
         return self.wait(refs, method.replace("_", " "), timeout or self.cfg.deadlines.learner_step_s)
@@ -209,13 +219,15 @@ class RayEvaluation:
         spec = role_specs(cfg)["evaluator"]
         opts = {**spec.actor_options(in_group=False), "runtime_env": {"env_vars": actor_env(cfg)}}
         self.actor = ray.remote(Evaluator).options(**opts).remote(cfg)
+        self.ema = cfg.eval.weights == "ema"
         self.running = self.waiting = None  # (step, ref of its result) / (step, ref of its weights)
         self.skipped, self.failed = 0, None
 
     def submit(self, step: int, learner: RayLearner) -> None:
         if self.failed:
             return
-        weights, _ = learner.export_ref()  # queued on the ranks before their next step
+        # queued on the ranks (rank 0 alone for the EMA) before their next step
+        weights = learner.export_ema_ref() if self.ema else learner.export_ref()[0]
         if self.running is None:
             self.running = (step, self.actor.evaluate.remote(weights, step))
         else:
