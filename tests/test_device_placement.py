@@ -139,9 +139,9 @@ def test_the_learner_moves_each_micro_batch_to_the_models_device(toy_raw, tmp_pa
     seen = []
     real = plain.batch_loss
 
-    def spy(backend, model, method, batch, device=None):
+    def spy(backend, model, method, batch, device=None, *rest):
         seen.append(device)
-        return real(backend, model, method, batch, device)
+        return real(backend, model, method, batch, device, *rest)
 
     monkeypatch.setattr(plain, "batch_loss", spy)
     lrn = plain.Learner(cfg)
