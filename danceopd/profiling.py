@@ -44,6 +44,15 @@ class CallProfiler:
             prof.export_chrome_trace(str(path))
             self.traces[f"{name}.json"] = path.read_bytes()
 
+    def step(self, name: str, fn, *args) -> dict:
+        """`fn(*args)`, a dict of results, recorded as `name` when profiled; its trace rides in
+        the result as `traces` (a learner step's metrics go back to the driver anyway)."""
+        with self(name):
+            result = fn(*args)
+        if traces := self.take():
+            result["traces"] = traces
+        return result
+
     def take(self) -> dict[str, bytes]:
         """The traces recorded since the last take (usually none)."""
         out, self.traces = self.traces, {}

@@ -170,11 +170,7 @@ class DeepSpeedLearner:
 
     def train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """`_train_step`, traced on rank 0 when it is one of `logging.profile_steps` (`traces`)."""
-        with self.profiler(f"learner-rank{self.rank}-step{self.version + 1:06d}"):
-            result = self._train_step(micro_batches)
-        if traces := self.profiler.take():
-            result["traces"] = traces
-        return result
+        return self.profiler.step(f"learner-rank{self.rank}-step{self.version + 1:06d}", self._train_step, micro_batches)
 
     def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         """One optimizer step over this rank's micro-batches (`learner.grad_accum` of them, the

@@ -56,11 +56,7 @@ class Learner:
         whose prediction, loss or gradient norm holds NaN/Inf is skipped: no optimizer step, the
         weights, optimizer state and version untouched; `skipped` names what was non-finite.
         `traces`: the step's profiler trace, when it was one of `logging.profile_steps`."""
-        with self.profiler(f"learner-rank0-step{self.version + 1:06d}"):
-            result = self._train_step(micro_batches)
-        if traces := self.profiler.take():
-            result["traces"] = traces
-        return result
+        return self.profiler.step(f"learner-rank0-step{self.version + 1:06d}", self._train_step, micro_batches)
 
     def _train_step(self, micro_batches: list[pa.RecordBatch]) -> dict:
         t0 = time.perf_counter()
