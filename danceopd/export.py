@@ -97,8 +97,10 @@ def base_dtype(transformer: Path) -> str:
 
 
 def export(cfg: Config, checkpoint: Path, out: Path, overwrite: bool = False, dtype: str = "auto",
-           lora_only: bool = False) -> Exported:
-    """Write `checkpoint`'s student (trained with `cfg`) to `out`. Checks first, then loads."""
+           lora_only: bool = False, weights: Path | None = None) -> Exported:
+    """Write `checkpoint`'s student (trained with `cfg`) to `out`. Checks first, then loads.
+    `weights`: the checkpoint's weights file to export (default model.safetensors; the CLI passes
+    the one `eval.weights` picks, ema.safetensors for `ema`)."""
     from danceopd.backends import backend_class, backends_where
     from danceopd.backends.latent import read_json
 
@@ -135,7 +137,7 @@ def export(cfg: Config, checkpoint: Path, out: Path, overwrite: bool = False, dt
     from danceopd.evaluate import load_student
     from danceopd.lora import has_lora, merge_in_place
 
-    _, model = load_student(cfg, checkpoint / "model.safetensors")
+    _, model = load_student(cfg, weights or checkpoint / "model.safetensors")
     state = load_json(checkpoint / "state.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{secrets.token_hex(3)}"

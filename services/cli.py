@@ -377,6 +377,7 @@ def export_checkpoint(
     """Write a checkpoint's student for diffusers: the job's base pipeline with the student's transformer merged in
     (+ lora/ for a LoRA student), or the student's model folder (shapes). danceopd/export.py."""
     from danceopd.export import check_checkpoint, export
+    from services.checkpoints import student_weights
 
     try:
         check_checkpoint(checkpoint)
@@ -384,7 +385,9 @@ def export_checkpoint(
         one_line("export", e)
     cfg = checkpoint_config(checkpoint, config, set_)
     try:
-        typer.echo(export(cfg, checkpoint, out, overwrite=overwrite, dtype=dtype, lora_only=lora_only).summary())
+        weights = student_weights(cfg, checkpoint)  # `--set eval.weights=ema`: the EMA
+        typer.echo(export(cfg, checkpoint, out, overwrite=overwrite, dtype=dtype, lora_only=lora_only,
+                          weights=weights).summary())
     except Exception as e:  # noqa: BLE001 — a missing base pipeline, a full disk ... one line
         one_line("export", e)
 

@@ -101,6 +101,30 @@ def test_shapes_export_is_the_student_model_folder(shapes_cfg, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_weights_ema_exports_the_checkpoints_ema(shapes_cfg, tmp_path):
+    """`--set eval.weights=ema` exports ema.safetensors (here the weights before the learner moved
+    them: its EMA was never updated), not the online model.safetensors."""
+    from diffusers import SD3Transformer2DModel
+
+    from danceopd.backends import make_backend
+
+    cfg = shapes_cfg.model_copy(update={"learner": shapes_cfg.learner.model_copy(update={"ema_decay": 0.9})})
+    ckpt, student = save_checkpoint(cfg)
+    assert (ckpt / "ema.safetensors").is_file()
+    res = cli(ckpt, "--out", tmp_path / "ema", "--set", "eval.weights=ema")
+    assert res.exit_code == 0, res.output
+    backend = make_backend(cfg)
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "ema", use_safetensors=True).eval()
+    g = torch.Generator().manual_seed(3)
+    z, sigma = torch.randn(2, *backend.state_shape, generator=g), torch.tensor([0.7, 0.2])
+    cond = torch.rand(2, backend.cond_dim, generator=g)
+    with torch.no_grad():
+        ema = backend.predict(backend.build_student("random", cfg.job.seed).eval(), z, sigma, cond)
+        assert (backend.predict(student, z, sigma, cond) - ema).abs().max() > 1e-2
+        torch.testing.assert_close(backend.predict(loaded, z, sigma, cond), ema, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_out_is_refused_when_not_empty_replaced_with_overwrite_and_never_half_written(shapes_cfg, tmp_path, monkeypatch):
     from diffusers import SD3Transformer2DModel
 
