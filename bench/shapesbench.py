@@ -10,12 +10,15 @@
    (a) t2i_edit:    routes t2i + local_edit + global_edit, student initialised from the T2I teacher;
    (b) local_global: routes local_edit + global_edit,     student initialised from the local teacher;
    methods sft (naive multi-task, same init and data), offpolicy, diffusionopd, flowopd, danceopd,
+   variant rows on every seed (off-policy with uniform states, FlowOPD with our KL gradient),
    plus ablations (softmix, K, query bias, route granularity, initialisation);
 4. two budgets from one run: equal learner updates (the checkpoint at `updates`) and equal wall
    clock (DanceOPD's training seconds for `updates` updates, same setting and seed: a slower method
    is read at its last checkpoint within that time, a faster one is resumed until it spends it);
 5. metrics (danceopd/shapes_metrics.py) on the held-out split, from the same noise for every model;
-6. bench/results/shapesbench{,-quick}.{md,json} and PNG curves, bars and sample grids.
+6. bench/results/shapesbench{,-quick}.{md,json} and PNG curves, bars and sample grids; the claims
+   judged on per-seed paired differences (bench/verdicts.py). `--report-only JSON` recomputes the
+   report from a results JSON; `--list` prints the plan's rows without training.
 
 Every training job goes through services/loop.py `train(cfg, mode="local")`.
 """
@@ -41,12 +44,28 @@ sys.path.insert(0, str(ROOT))
 
 from danceopd import shapes_metrics as sm  # noqa: E402
 from danceopd import shapes_world as sw  # noqa: E402
-from danceopd.methods import METHODS  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+import verdicts  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MAIN = ("sft", "offpolicy", "diffusionopd", "flowopd", "danceopd")
-LABEL = {"sft": "naive multi-task (sft)", "offpolicy": "off-policy", "diffusionopd": "DiffusionOPD",
-         "flowopd": "FlowOPD", "danceopd": "DanceOPD"}
+LABEL = {"sft": "naive multi-task (sft)", "offpolicy": "off-policy (low_t, K = 1)", "diffusionopd": "DiffusionOPD",
+         "flowopd": "FlowOPD (reference estimator)", "danceopd": "DanceOPD"}
+# The method section of each main row beyond name and K = 1. sft noises dataset images at uniformly
+# drawn grid states (plain flow matching); off-policy queries its forward-noised dataset images by
+# DanceOPD's rule, as the reference's offline path does (its `query_indices` with training.k and
+# training.query_bias, defaults 1 and low_t); FlowOPD is the reference's estimator (the row's own
+# detached reward as its advantage, no baseline); the rollout methods query low_t states.
+MAIN_METHOD = {"sft": {"query_bias": "uniform"}, "offpolicy": {"query_bias": "low_t"},
+               "flowopd": {"flowopd_estimator": "per_step_detached", "flowopd_groups": 1, "flowopd_all_states": True}}
+SHORT = {"offpolicy+uniform": "offpolicy (uniform)", "flowopd": "flowopd (ref.)", "flowopd+kl_gradient": "flowopd (KL)",
+         "flowopd+kl_gradient_old_scale": "flowopd (KL, old)"}  # bar-chart tick labels
+# Variant rows: trained on every main seed (paired with DanceOPD), labelled in the table.
+VARIANTS = {"offpolicy+uniform": ("off-policy, uniform states (variant)", {"query_bias": "uniform"}),
+            "flowopd+kl_gradient": ("FlowOPD (KL gradient, ours)", {"flowopd_estimator": "kl_gradient", "flowopd_groups": 1}),
+            # only in results recomputed from runs made before the 2 sigma_t^2 reward scale
+            "flowopd+kl_gradient_old_scale": ("FlowOPD (KL gradient, ours; old 1/σ_t² reward scale)", None)}
 SETTINGS = {
     "t2i_edit": {"tasks": ("t2i", "local_edit", "global_edit"), "weights": (0.5, 0.25, 0.25),
                  "anchor": "t2i", "other": "local_edit", "title": "(a) T2I + Edit fusion, student from the T2I teacher"},
@@ -94,6 +113,7 @@ class Plan:
     updates: int = 250  # the equal-updates budget of every student
     seeds: tuple = (0, 1, 2)
     ablation_seeds: tuple = (0,)
+    variants: tuple = ("offpolicy+uniform", "flowopd+kl_gradient")
     ablations: tuple = ("softmix", "k4", "kall", "mid_t", "high_t", "uniform", "sample_routes", "other_init")
     settings: tuple = ("t2i_edit", "local_global")
     grid_rows: int = 6
@@ -144,13 +164,13 @@ def teacher_cfg(plan: Plan, root: Path, task: str) -> dict:
 
 
 def variant(setting: str, method: str, ablation: str | None) -> dict:
-    """The method section and routing/init changes of one row."""
-    # data methods (sft, offpolicy) noise dataset images at uniformly drawn grid states, as plain flow
-    # matching does; the rollout methods query the paper's default low_t states
-    m = {"name": "softmix" if ablation == "softmix" else method, "k": 1,
-         "query_bias": "uniform" if METHODS[method].rollout == "data" else "low_t"}
+    """The method section and routing/init changes of one row (`ablation`: a danceopd ablation or
+    the variant of a main row, see VARIANTS)."""
+    m = {"name": "softmix" if ablation == "softmix" else method, "k": 1, "query_bias": "low_t", **MAIN_METHOD.get(method, {})}
     change = {}
-    if ablation == "k4":
+    if f"{method}+{ablation}" in VARIANTS:
+        m.update(VARIANTS[f"{method}+{ablation}"][1])
+    elif ablation == "k4":
         m["k"] = 4
     elif ablation == "kall":
         m["k"] = "all"
@@ -173,8 +193,8 @@ def student_cfg(plan: Plan, root: Path, setting: str, method: str, ablation: str
                                   "requires_source_image": t != "t2i"} for t, w in zip(s["tasks"], s["weights"])]}
     raw["student"] = {"init": str(root / "teachers" / v.get("init", s["anchor"]))}
     m = v["method"]
-    raw["method"] = {"name": m["name"], "rollout_steps": plan.rollout_steps, "shift": plan.shift,
-                     "k": plan.rollout_steps if m["k"] == "all" else m["k"], "query_bias": m["query_bias"]}
+    raw["method"] = {**m, "rollout_steps": plan.rollout_steps, "shift": plan.shift,
+                     "k": plan.rollout_steps if m["k"] == "all" else m["k"]}
     raw["checkpoint"] = {"every": max(1, plan.updates // 10), "keep": 100000}
     return raw
 
@@ -255,13 +275,19 @@ class Scorer:
             m = sm.score_global(x, self.sources[task], prompts)
         return {k: round(float(v), 5) for k, v in m.items()}
 
-    def evaluate(self, raw: dict, model, tasks) -> tuple[dict, dict]:
+    def outcomes(self, task: str, x: torch.Tensor) -> str:
+        """Per held-out prompt, in the split's order: "1" right (t2i: every determined attribute;
+        edits: the exact target scene), "0" not."""
+        return "".join(map(str, sm.per_prompt(task, x, self.sources[task], [r.prompt for r in self.rows[task]])))
+
+    def evaluate(self, raw: dict, model, tasks) -> tuple[dict, dict, dict]:
+        """Scores, sample grids and per-prompt outcomes of `model` on each task."""
         model.eval()
-        scores, samples = {}, {}
+        scores, samples, outcomes = {}, {}, {}
         for t in tasks:
             x = self.sample(raw, model, t)
-            scores[t], samples[t] = self.score(t, x), x[: self.plan.grid_rows]
-        return scores, samples
+            scores[t], samples[t], outcomes[t] = self.score(t, x), x[: self.plan.grid_rows], self.outcomes(t, x)
+        return scores, samples, outcomes
 
 
 def load_ckpt_model(raw: dict, path: Path):
@@ -339,8 +365,9 @@ def teacher_job(plan: Plan, root: Path, task: str) -> tuple[dict, torch.Tensor]:
         shutil.rmtree(folder)
     make_backend(cfg).save_student(model, folder)
     seconds = time.perf_counter() - t0
-    scores, x = scorer_for(plan, root).evaluate(raw, model, (task,))
-    rec = {"key": key, "scores": scores[task], "steps": steps_of(plan, task), "train_s": round(summary["wall_s"], 2),
+    scores, x, outcomes = scorer_for(plan, root).evaluate(raw, model, (task,))
+    rec = {"key": key, "scores": scores[task], "outcomes": outcomes[task], "steps": steps_of(plan, task),
+           "train_s": round(summary["wall_s"], 2),
            "seconds": round(seconds, 1), "params": n_params(model), "folder": str(folder), "loss": losses(cfg.output_path)}
     np.save(grid, x[task].numpy())
     meta.write_text(json.dumps(rec))  # written last: a half-trained teacher is never taken as cached
@@ -378,10 +405,11 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
             run_train(raw, resume=ckpt(out, u), steps=wall_step)
     rec["budget_s"] = round(budget_s, 2)
     rec["updates"] = {"equal_updates": u, "equal_wall_clock": wall_step}
-    rec["scores"], samples = {}, {}
+    rec["method_cfg"] = raw["method"]  # what this row ran, for the record
+    rec["scores"], rec["outcomes"], samples = {}, {}, {}
     for budget, step in rec["updates"].items():
         model = load_ckpt_model(raw, ckpt(out, step))
-        rec["scores"][budget], samples[budget] = scorer.evaluate(raw, model, tasks)
+        rec["scores"][budget], samples[budget], rec["outcomes"][budget] = scorer.evaluate(raw, model, tasks)
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # tens of MB per run; the scores are kept
     log(f"{setting} {method} {ablation or ''} s{seed}: updates {rec['updates']} {rec['scores']['equal_updates']} "
@@ -446,7 +474,9 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
     scorer = scorer_for(plan, root)
     res = {"plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(plan).items()},
            "machine": {"cpus": os.cpu_count(), "jobs": jobs, "python": platform.python_version(), "torch": torch.__version__},
-           "teachers": {}, "runs": []}
+           "teachers": {}, "runs": [],
+           # the held-out prompts in the order of every record's per-prompt outcomes (same noise: eval_seed)
+           "heldout": {t: [r.prompt for r in rows] for t, rows in scorer.rows.items()}}
     grids: dict = {"teachers": {}}
     pool = Jobs(jobs, threads)
     # One queue of jobs. A setting starts as soon as its own teachers are trained (setting (b) does
@@ -476,9 +506,8 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
                 if ablation is None and seed == plan.seeds[0]:
                     grids.setdefault(setting, {})[method] = x
                 if method == "danceopd" and ablation is None:
-                    rows = [(m, None) for m in MAIN if m != "danceopd"]
-                    if seed in plan.ablation_seeds:
-                        rows += [("danceopd", ab) for ab in plan.ablations]
+                    rows = [(m, ab) for s, m, ab, sd in plan_jobs(plan)
+                            if (s, sd) == (setting, seed) and (m, ab) != ("danceopd", None)]
                     for m, ab in rows:
                         pending[pool.submit(run_student, plan, root, setting, m, ab, seed, rec["budget_s"])] = (
                             "student", setting, m, ab, seed)
@@ -498,19 +527,23 @@ COLUMNS = [("t2i", "fd", "T2I FD ↓"), ("t2i", "acc", "T2I acc ↑"), ("local_e
            ("global_edit", "success", "global success ↑")]
 
 
+def row_key(r: dict) -> str:
+    """A run's table row: its method, or method+variant / danceopd+ablation."""
+    return r["method"] if r["ablation"] is None else f"{r['method']}+{r['ablation']}"
+
+
 def aggregate(runs: list[dict], budget: str) -> dict:
-    """{(setting, row): {"task.metric": (mean, std, n), "updates": ..., "s_per_update": ...}}"""
+    """{(setting, row): {"task.metric": (mean, sample std, n), "updates": ..., "s_per_update": ...}}"""
     groups: dict = {}
     for r in runs:
-        row = r["method"] if r["ablation"] is None else f"danceopd+{r['ablation']}"
-        groups.setdefault((r["setting"], row), []).append(r)
+        groups.setdefault((r["setting"], row_key(r)), []).append(r)
     out = {}
     for key, rs in groups.items():
         agg = {}
         for task, metric, _ in COLUMNS + [("global_edit", "rmse", "")]:
             vals = [r["scores"][budget][task][metric] for r in rs if task in r["scores"][budget]]
             if vals:
-                agg[f"{task}.{metric}"] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+                agg[f"{task}.{metric}"] = (float(np.mean(vals)), verdicts.sample_std(vals), len(vals))
         agg["updates"] = float(np.mean([r["updates"][budget] for r in rs]))
         agg["s_per_update"] = float(np.mean([r["s_per_update"] for r in rs]))
         out[key] = agg
@@ -524,13 +557,20 @@ def _fmt(v, prec=3) -> str:
     return f"{mean:.{prec}f} ± {std:.{prec}f}" if n > 1 else f"{mean:.{prec}f}"
 
 
+def main_rows(plan: Plan) -> list[str]:
+    """The main rows, each followed by its variants."""
+    return [r for m in MAIN for r in [m] + [v for v in plan.variants if v.split("+", 1)[0] == m]]
+
+
 def rows_of(plan: Plan) -> list[str]:
-    return list(MAIN) + [f"danceopd+{a}" for a in plan.ablations]
+    return main_rows(plan) + [f"danceopd+{a}" for a in plan.ablations]
 
 
 def row_label(row: str) -> str:
     if row in LABEL:
         return LABEL[row]
+    if row in VARIANTS:
+        return VARIANTS[row][0]
     ab = row.split("+", 1)[1]
     return {"softmix": "ablation: soft mixture of teachers", "k4": "ablation: K = 4", "kall": "ablation: K = all (N)",
             "mid_t": "ablation: query bias mid_t", "high_t": "ablation: query bias high_t",
@@ -566,52 +606,118 @@ def edit_score(a: dict) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def verdict_of(ours: float, theirs: float, n: int = 0) -> str:
-    """HELD / DID NOT HOLD when the rates differ by more than twice their binomial standard error
-    over n evaluated samples (n = 0: any difference), else NOT SHOWN."""
-    se = float(np.sqrt(max(ours * (1 - ours) + theirs * (1 - theirs), 1.0 / max(n, 1)) / n)) if n else 0.0
-    if abs(ours - theirs) <= 2 * se:
-        return f"NOT SHOWN (difference within 2 standard errors, ±{2 * se:.3f})" if n else "NOT SHOWN (tie)"
-    return "HELD" if ours > theirs else "DID NOT HOLD"
+# ---- the claims ------------------------------------------------------------------------------------
+
+# Stated before any run: "beats" claims hold when the difference's interval lies above 0 and are
+# refuted below 0 or inside +-EQUIVALENCE (2 % of edit success: 5 of the 256 edit prompts of a
+# full run); "keeps T2I close" holds when DanceOPD's accuracy is above the teacher's minus 5 points.
+BEATS_MARGIN, EQUIVALENCE, T2I_MARGIN = 0.0, 0.02, -0.05
 
 
-def claims(plan: Plan, res: dict) -> list[str]:
+def edit_rate(scores: dict) -> float:
+    """One run's mean edit success at one budget (the per-seed value of edit_score)."""
+    return float(np.mean([scores[t]["success"] for t in ("local_edit", "global_edit") if t in scores]))
+
+
+def per_seed(res: dict, setting: str, row: str, budget: str, value) -> dict:
+    return {r["seed"]: value(r["scores"][budget]) for r in res["runs"] if r["setting"] == setting and row_key(r) == row}
+
+
+def paired(ours: dict, theirs: dict) -> tuple[list, list[float]]:
+    seeds = sorted(set(ours) & set(theirs))
+    return seeds, [ours[s] - theirs[s] for s in seeds]
+
+
+def claim_specs(res: dict, setting: str, budget: str) -> list[tuple]:
+    """The paper's claims in one setting at one budget: (Claim, the row compared with, text)."""
+    agg = aggregate(res["runs"], budget)
+    rows = {row for (s, row) in agg if s == setting}
+    if "danceopd" not in rows:
+        return []
+    dance, e_d = per_seed(res, setting, "danceopd", budget, edit_rate), edit_score(agg[(setting, "danceopd")])
+    specs = []
+    off = next((r for r in ("offpolicy", "offpolicy+uniform") if r in rows), None)  # the variant: older results
+    for name, row in (("naive multi-task", "sft"), ("off-policy", off)):
+        if row in rows:
+            seeds, d = paired(dance, per_seed(res, setting, row, budget, edit_rate))
+            specs.append((verdicts.Claim(f"DanceOPD beats {name} on editing (mean edit success), vs {row_label(row)}",
+                                         d, seeds, BEATS_MARGIN, EQUIVALENCE), row,
+                          f"{e_d:.3f} vs {edit_score(agg[(setting, row)]):.3f}"))
+    opd = sorted(r for r in rows if r.split("+", 1)[0] in ("diffusionopd", "flowopd"))
+    if opd:
+        best = max(opd, key=lambda r: edit_score(agg[(setting, r)]))
+        e_b = edit_score(agg[(setting, best)])
+        rel = f"{(e_d - e_b) / e_b * 100:+.1f} %" if e_b > 0 else "relative change undefined"
+        seeds, d = paired(dance, per_seed(res, setting, best, budget, edit_rate))
+        specs.append((verdicts.Claim(f"DanceOPD beats the best OPD baseline ({row_label(best)}) on editing "
+                                     "(paper: +8.1 % / +16.1 % GEdit)", d, seeds, BEATS_MARGIN, EQUIVALENCE), best,
+                      f"{e_d:.3f} vs {e_b:.3f} ({rel})"))
+    if "t2i" in SETTINGS[setting]["tasks"] and "t2i" in res["teachers"]:
+        ts, d = res["teachers"]["t2i"]["scores"], agg[(setting, "danceopd")]
+        acc = per_seed(res, setting, "danceopd", budget, lambda sc: sc["t2i"]["acc"])
+        seeds = sorted(acc)
+        weak = f" (against a T2I teacher that is itself weak: acc {ts['acc']:.3f} < 0.5)" if ts["acc"] < 0.5 else ""
+        nv, ov = agg.get((setting, "sft")), agg.get((setting, off))
+        specs.append((verdicts.Claim("DanceOPD keeps T2I close to the single-task teacher (accuracy at most 5 points "
+                                     f"below; the teacher is one model, scored on the same prompts and noise){weak}",
+                                     [acc[s] - ts["acc"] for s in seeds], seeds, T2I_MARGIN, None), "teacher",
+                      f"acc {d['t2i.acc'][0]:.3f} vs teacher {ts['acc']:.3f}; FD {d['t2i.fd'][0]:.2f} vs teacher {ts['fd']:.2f}"
+                      + (f"; naive FD {nv['t2i.fd'][0]:.2f}, off-policy FD {ov['t2i.fd'][0]:.2f}" if nv and ov else "")))
+    return specs
+
+
+def claims(plan: Plan, res: dict) -> list[dict]:
+    """Every claim's verdict; the claims of one setting, both budgets, are one Holm family."""
     out = []
-    teach = res["teachers"]
-    for budget in ("equal_updates", "equal_wall_clock"):
-        n_main = plan.n_heldout * len(plan.seeds)
-        agg = aggregate(res["runs"], budget)
-        for setting in plan.settings:
-            g = lambda row, s=setting, a=agg: a.get((s, row))  # noqa: E731
-            d, naive, off = g("danceopd"), g("sft"), g("offpolicy")
-            if d is None:
-                continue
-            where = f"[{setting}, {budget.replace('_', ' ')}, init {SETTINGS[setting]['anchor']} teacher]"
-            e_d = edit_score(d)
-            for name, other in (("naive multi-task", naive), ("off-policy", off)):
-                if other is None:
-                    continue
-                e_o = edit_score(other)
-                verdict = verdict_of(e_d, e_o, n_main)
-                out.append(f"- {where} DanceOPD beats {name} on editing (mean edit success): {verdict} — "
-                           f"{e_d:.3f} vs {e_o:.3f}.")
-            opd = [(r, edit_score(g(r))) for r in ("diffusionopd", "flowopd") if g(r) is not None]
-            if opd:
-                best, e_b = max(opd, key=lambda x: x[1])
-                rel = f"{(e_d - e_b) / e_b * 100:+.1f} %" if e_b > 0 else "relative change undefined"
-                out.append(f"- {where} DanceOPD beats the best OPD baseline ({best}) on editing (paper: +8.1 % / +16.1 % "
-                           f"GEdit): {verdict_of(e_d, e_b, n_main)} — {e_d:.3f} vs {e_b:.3f} ({rel}).")
-            if "t2i.fd" in d and "t2i" in teach:
-                ts = teach["t2i"]["scores"]
-                fd_d, acc_d = d["t2i.fd"][0], d["t2i.acc"][0]
-                close = acc_d >= ts["acc"] - 0.05
-                verdict = ("HELD" if close else "DID NOT HOLD") + (
-                    f" (against a T2I teacher that is itself weak: acc {ts['acc']:.3f} < 0.5)" if ts["acc"] < 0.5 else "")
-                out.append(f"- {where} DanceOPD keeps T2I close to the single-task teacher (accuracy within 5 points): "
-                           f"{verdict} — acc {acc_d:.3f} vs teacher {ts['acc']:.3f}; "
-                           f"FD {fd_d:.2f} vs teacher {ts['fd']:.2f}"
-                           + (f"; naive FD {naive['t2i.fd'][0]:.2f}, off-policy FD {off['t2i.fd'][0]:.2f}." if naive and off else "."))
+    for setting in plan.settings:
+        specs = [(budget, *spec) for budget in ("equal_updates", "equal_wall_clock") for spec in claim_specs(res, setting, budget)]
+        for (budget, _, row, means), v in zip(specs, verdicts.judge([c for _, c, _, _ in specs])):
+            out.append({**v, "setting": setting, "budget": budget, "versus": row, "means": means, "family": len(specs)})
     return out
+
+
+def claim_line(c: dict) -> str:
+    where = f"[{c['setting']}, {c['budget'].replace('_', ' ')}, init {SETTINGS[c['setting']]['anchor']} teacher]"
+    if c["ci"] is None:
+        stats = "per-seed difference " + " / ".join(f"{d:+.3f}" for d in c["diffs"])
+    else:
+        stats = (f"per-seed differences {' / '.join(f'{d:+.3f}' for d in c['diffs'])} (seeds "
+                 f"{', '.join(map(str, c['seeds']))}), mean {c['mean']:+.3f}, sd {c['sd']:.3f}; "
+                 f"{c['level'] * 100:.2f} % interval [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]; "
+                 f"p {c['p']:.3f}, Holm {c['p_holm']:.3f}")
+    return f"- {where} {c['claim']}: **{c['outcome'].upper()}** ({c['why']}) — {c['means']}; {stats}."
+
+
+def rule_lines(plan: Plan, res: dict) -> list[str]:
+    families = {c["family"] for c in res["claims"]}
+    return [
+        "Each claim is judged on per-seed paired differences: DanceOPD and the row it is compared with are "
+        f"trained with the same seeds ({', '.join(map(str, plan.seeds))}) and scored on the same held-out prompts "
+        "from the same noise, so each seed gives one difference d_s (ours − theirs). Over the seeds: the mean, "
+        "the sample standard deviation (n − 1), and a two-sided Student-t interval with n − 1 degrees of freedom "
+        f"(not a normal approximation). The claims of one setting (both budgets) form a family, corrected with "
+        f"Holm's step-down at α = {verdicts.ALPHA}: ordered by their paired-t p-values (of a mean difference equal "
+        "to min(margin, 0)), the i-th smallest "
+        "(i = 0, 1, …) gets α / (m − i) while every smaller one was rejected at its level, α / m after the first "
+        "that was not, and its interval is the 1 − αᵢ interval. Outcomes:",
+        "",
+        f"- **held**: the interval's lower bound is above the margin (\"beats\": {BEATS_MARGIN:g}; \"keeps T2I "
+        f"close\": {T2I_MARGIN:+g}, i.e. accuracy at most 5 points below the teacher's);",
+        f"- **refuted**: the upper bound is below min(margin, 0), or (\"beats\" claims) the whole interval lies "
+        f"inside the equivalence band ±{EQUIVALENCE:g} of mean edit success, stated before the run;",
+        "- **inconclusive**: anything else, and every claim with fewer than two seeds (no interval).",
+        "",
+        *([f"With {n} seeds the first claim of a family of m is held only if its mean difference exceeds "
+           + ", ".join(f"{verdicts.t_ppf(1 - verdicts.ALPHA / (2 * m), n - 1):.1f} (m = {m})" for m in sorted(families))
+           + " standard errors (sd / √n): more seeds decide more.", ""] if (n := len(plan.seeds)) > 1 and families else []),
+        "Table cells are mean ± sample std over the seeds (one seed: the value). "
+        + ("Per-prompt outcomes (1 right, 0 not) of every row, seed and budget are in the JSON (`runs[].outcomes`, "
+           "prompts in `heldout`), so the per-seed rates and every verdict can be recomputed: "
+           if all("outcomes" in r for r in res["runs"]) else
+           "These results hold per-seed rates (`runs[].scores`) but no per-prompt outcomes (see the note above); "
+           "every verdict can be recomputed from the rates: ")
+        + "`bench/shapesbench.py --report-only JSON`.",
+    ]
 
 
 def calibration(plan: Plan, res: dict) -> list[str]:
@@ -648,6 +754,27 @@ def calibration(plan: Plan, res: dict) -> list[str]:
     return lines
 
 
+def method_lines(plan: Plan) -> list[str]:
+    """What the off-policy and FlowOPD rows run, and where they follow the reference trainer."""
+    rows = set(main_rows(plan))
+    return [
+        "- off-policy (`offpolicy`): no rollout; the dataset's target image forward-noised to K = 1 grid state per "
+        "example drawn by DanceOPD's rule (`low_t`, Beta(5, 2)), as the reference's offline path queries its states"
+        + ("; the variant row draws them uniformly" if "offpolicy+uniform" in rows else "")
+        + ". T2I endpoint: ours is the prompt's data image. The reference trainer (worldbench/DanceOPD: `compute_loss` "
+        "in `danceopd/backends/sd35_diffusers.py` and `zimage_diffsynth.py`, branch `state_source == \"offline\"`) "
+        "forward-noises a random Gaussian latent for T2I rows (edit rows: the encoded target image), so its T2I "
+        "off-policy states hold no image of the prompt.",
+        "- FlowOPD (`flowopd`): SDE rollout (η 0.7) trained on all N transitions; reward −‖μ_θ − μ_T‖² / (2σ_t²) per "
+        "transition, σ_t = η√(σ/(1 − σ)) the SDE's diffusion coefficient (the reference's `clipped_policy_loss` in "
+        "`danceopd/core/flowopd.py`), clamped to ±5, no baseline (`flowopd_groups` 1), PPO clip 1e-4. The reference "
+        "estimator (`flowopd_estimator: per_step_detached`): a row's own detached reward is its advantage, whose "
+        "expected on-policy gradient is zero."
+        + (" The KL gradient (ours, `kl_gradient`): the pathwise KL term plus the reward-to-go surrogate, whose "
+           "expected update descends E[Σ KL] (tests/test_methods.py)." if "flowopd+kl_gradient" in rows else ""),
+    ]
+
+
 def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "shapesbench" if plan.name == "full" else f"shapesbench-{plan.name}"
@@ -662,11 +789,12 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
     md = [f"# ShapesBench — the paper's method comparison ({plan.name} run)", "",
           f"Generated by `bench/shapesbench.py{'' if plan.name == 'full' else ' --' + plan.name}` "
           f"in {res['seconds'] / 60:.1f} min on {res['machine']['cpus']} CPU cores shared with other jobs "
-          f"(main rows: {len(plan.seeds)} seed(s), mean ± std; {plan.n_heldout} held-out samples per task). Regenerate: `make bench-table` (full) or "
+          f"(main rows: {len(plan.seeds)} seed(s), mean ± sample std; {plan.n_heldout} held-out samples per task). Regenerate: `make bench-table` (full) or "
           "`.venv/bin/python bench/shapesbench.py --quick`."
           + (" Teachers reused from the work folder's cache (same plan and code), so their training time is not in "
              "this total: " + ", ".join(f"{t} {v['train_s'] / 60:.1f} min" for t, v in p.items() if v.get("reused"))
              + " of one core each." if any(v.get("reused") for v in p.values()) else ""), "",
+          *([res["recomputed"], ""] if res.get("recomputed") else []),
           "## World, models and budgets", "",
           f"- world: {plan.image_size}×{plan.image_size} RGB, one shape (4 kinds × 8 colours × 3×3 cells) on one of 8 "
           f"backgrounds; {plan.partial_t2i:.0%} of t2i prompts leave {' and/or '.join(plan.t2i_free)} free; "
@@ -688,15 +816,17 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "in process and its clock is the process's CPU time, which the other jobs on this shared machine do not "
           "inflate; elapsed seconds are in the JSON as wall_s); slower methods are read at their last checkpoint "
           "within it (checkpoints every tenth of the updates), faster ones resumed until they spend it. Naive "
-          "multi-task `sft` starts from the same teacher and trains on the same mixture of tasks' data. Data methods "
-          "(`sft`, `offpolicy`) noise dataset images at grid states drawn uniformly (plain flow matching); rollout "
-          "methods query the paper's default `low_t` states, K = 1.",
-          f"- seeds: main rows {list(plan.seeds)} (mean ± std), ablations {list(plan.ablation_seeds)}.",
+          "multi-task `sft` starts from the same teacher and trains on the same mixture of tasks' data, noised at "
+          "grid states drawn uniformly (plain flow matching); rollout methods query the paper's default `low_t` "
+          "states, K = 1.",
+          *method_lines(plan),
+          f"- seeds: main and variant rows {list(plan.seeds)} (mean ± sample std), ablations {list(plan.ablation_seeds)}.",
           "- metrics (danceopd/shapes_metrics.py): T2I FD = Fréchet distance in the 64-d features of a fixed attribute "
           "classifier (seed 0, saved under bench/results/shapes_features/) to the held-out ground-truth images; T2I acc = "
           "every attribute the prompt determines, parsed from pixels; local success = the decoded image is exactly the "
           "target scene; preservation = pixels outside the edited objects kept; global distance = LPIPS's formula on the "
           "fixed classifier (0 = identical); global success = exact target scene.", "",
+          "## How the claims are judged", "", *rule_lines(plan, res), "",
           "## Calibration", "", *res["calibration"], "",
           "What limits the teachers: kind is the hardest attribute (a shape is "
           f"{sw._box_side(plan.image_size)} px wide at {plan.image_size} px, where a circle is a square less its four corners); "
@@ -715,7 +845,11 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
     md += ["## Which of the paper's claims held on ShapesBench", "",
            "Paper: single-task teacher FID 16.10 / CLIP 82.4 % / LPIPS 0.125; naive multi-task 19.85 / 72.1 % / 0.180; "
            "off-policy 18.42 / 74.2 % / 0.155; DanceOPD 16.82 / 89.4 % / 0.118; +8.1 % and +16.1 % GEdit over the best "
-           "OPD baseline. Measured here:", "", *res["claims"], "",
+           "OPD baseline. Measured here (the rule: [How the claims are judged](#how-the-claims-are-judged)):", "",
+           *map(claim_line, res["claims"]), "",
+           *(["The verdicts these runs had before this rule (a difference beyond two binomial standard errors "
+              "of the samples pooled over seeds: held / did not hold, else not shown):", "",
+              *res["claims_v1"], ""] if res.get("claims_v1") else []),
            "## Figures", "", *[f"- `{p}`" for p in sorted({str(p.relative_to(out_dir)) for p in pictures_out}
                                                            | set(res.get("figures", [])))], ""]
     (out_dir / f"{stem}.md").write_text("\n".join(md))
@@ -739,7 +873,7 @@ def plots(plan: Plan, res: dict, grids: dict, scorer: Scorer, fig_dir: Path) -> 
                 s, v = zip(*r["loss"]) if r["loss"] else ((), ())
                 k = max(1, len(v) // 40)
                 vv = np.convolve(v, np.ones(k) / k, mode="valid") if v else v
-                ax.plot(s[: len(vv)], vv, label=r["method"] if r["ablation"] is None else f"+{r['ablation']}",
+                ax.plot(s[: len(vv)], vv, label=row_key(r),
                         lw=1.5 if r["ablation"] is None else 0.8, ls="-" if r["ablation"] is None else "--")
         ax.set_yscale("log")
         ax.set_xlabel("learner update")
@@ -771,18 +905,19 @@ def plots(plan: Plan, res: dict, grids: dict, scorer: Scorer, fig_dir: Path) -> 
         cols = [c for c in COLUMNS if c[0] in SETTINGS[setting]["tasks"]]
         fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4))
         for ax, (task, metric, title) in zip(np.atleast_1d(axes), cols):
-            names = ["teacher"] + list(MAIN)
+            present = {row for (s, row) in aggregate(res["runs"], "equal_updates") if s == setting}
+            names = ["teacher"] + [r for r in main_rows(plan) if r in present]
             x = np.arange(len(names))
             for j, budget in enumerate(("equal_updates", "equal_wall_clock")):
                 agg = aggregate(res["runs"], budget)
                 means, stds = [res["teachers"][task]["scores"][metric]], [0.0]
-                for m in MAIN:
+                for m in names[1:]:
                     v = agg.get((setting, m), {}).get(f"{task}.{metric}", (np.nan, 0, 0))
                     means.append(v[0])
                     stds.append(v[1])
                 ax.bar(x + (j - 0.5) * 0.38, means, 0.38, yerr=stds, label=budget.replace("_", " "), capsize=2)
             ax.set_xticks(x)
-            ax.set_xticklabels(names, rotation=60, fontsize=7)
+            ax.set_xticklabels([SHORT.get(n, n) for n in names], rotation=60, fontsize=7)
             ax.set_title(title, fontsize=9)
         np.atleast_1d(axes)[0].legend(fontsize=6)
         fig.suptitle(SETTINGS[setting]["title"], fontsize=9)
@@ -817,8 +952,10 @@ def parse_args(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
     ap.add_argument("--work", type=Path, default=None, help="working folder (data, teachers, runs)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="only rewrite the Markdown, curves and bars from a results JSON (sample grids stay as they are)")
+    ap.add_argument("--report-only", "--render", dest="render", type=Path, default=None, metavar="JSON",
+                    help="no training: recompute the claims and rewrite the Markdown, curves and bars (and the JSON, "
+                         "its claims recomputed) from a results JSON; sample grids stay as they are")
+    ap.add_argument("--list", action="store_true", help="print the plan's training jobs (rows, seeds, method sections) and exit")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per job (1: on a small shared machine more threads spin against each other)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -851,13 +988,64 @@ def plan_from(args) -> Plan:
     unknown = set(plan.settings) - set(SETTINGS)
     if unknown:
         raise SystemExit(f"error: --set settings: unknown setting {sorted(unknown)[0]!r} (known: {', '.join(SETTINGS)})")
+    runnable = [v for v, (_, m) in VARIANTS.items() if m is not None]
+    unknown = set(plan.variants) - set(runnable)
+    if unknown:
+        raise SystemExit(f"error: --set variants: unknown variant {sorted(unknown)[0]!r} (known: {', '.join(runnable)})")
     return plan
+
+
+def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
+    """Every student job of the plan: (setting, method, variant or ablation, seed)."""
+    jobs = []
+    for setting in plan.settings:
+        for seed in plan.seeds:
+            jobs += [(setting, m, None, seed) for m in MAIN]
+            jobs += [(setting, *v.split("+", 1), seed) for v in plan.variants]
+            if seed in plan.ablation_seeds:
+                jobs += [(setting, "danceopd", a, seed) for a in plan.ablations]
+    return jobs
+
+
+def list_plan(plan: Plan) -> None:
+    print(f"ShapesBench {plan.name}: teachers {', '.join(f'{t} {steps_of(plan, t)}' for t in sw.TASKS)} updates; "
+          f"students {plan.updates} updates of {plan.batch}")
+    root = Path("WORK")
+    for setting, method, ab, seed in plan_jobs(plan):
+        raw = student_cfg(plan, root, setting, method, ab, seed, root / "out")
+        row = method if ab is None else f"{method}+{ab}"
+        extra = ", ".join([f"{k} {v}" for k, v in raw["method"].items() if k not in ("rollout_steps", "shift")]
+                          + [f"routes per {raw['routing']['granularity']}", f"init {Path(raw['student']['init']).name}"])
+        print(f"{setting:13s} seed {seed}  {row_label(row):45s} {extra}")
+
+
+def upgrade(res: dict) -> dict:
+    """Results written before variant rows and per-prompt outcomes (their plan has no `variants`):
+    name their rows by what those runs ran and keep their verdicts for comparison."""
+    if "variants" in res["plan"]:
+        return res
+    for r in res["runs"]:
+        if r["ablation"] is None and r["method"] == "offpolicy":
+            r["ablation"] = "uniform"  # it drew its states uniformly (query_bias: uniform for data methods)
+        elif r["ablation"] is None and r["method"] == "flowopd":
+            r["ablation"] = "kl_gradient_old_scale"  # the default estimator then, reward over sigma_t^2
+    res["plan"]["variants"] = ["offpolicy+uniform", "flowopd+kl_gradient_old_scale"]
+    res["claims_v1"] = res.pop("claims", [])
+    res["recomputed"] = (
+        "**Recomputed** with `--report-only` from the results JSON of an earlier run: no model was retrained. Those "
+        "runs predate three changes, so this report shows them as what they ran: their off-policy row drew its "
+        "states uniformly (shown as the variant `off-policy, uniform states`; the main row with DanceOPD's `low_t` "
+        "rule comes with the next full run), their FlowOPD row was our KL-gradient estimator with the old reward "
+        "scale 1/σ_t² (the reference's 1/(2σ_t²) and its estimator's row come with the next run), and they recorded "
+        "per-seed rates but not per-prompt outcomes, so the verdicts use the per-seed rates; per-prompt outcomes "
+        "come with the next run of the benchmark.")
+    return res
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render is not None:
-        res = json.loads(args.render.read_text())
+        res = upgrade(json.loads(args.render.read_text()))
         plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["plan"].items()})
         stem = "shapesbench" if plan.name == "full" else f"shapesbench-{plan.name}"
         old = (args.out / stem)
@@ -865,6 +1053,9 @@ def main(argv=None) -> int:
         write_outputs(plan, res, None, None, args.out)
         return 0
     plan = plan_from(args)
+    if args.list:
+        list_plan(plan)
+        return 0
     for flag in ("threads", "jobs"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag} {getattr(args, flag)}: must be at least 1")

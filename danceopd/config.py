@@ -265,10 +265,10 @@ class MethodConfig(_Strict):
     uniform_dt: bool = Field(True, description="diffusionopd: the reference's constant weights 0.5/N^2 (true) or dt^2/2 on the shifted grid (false).")
     flowopd_eta: float = Field(0.7, gt=0, le=10, description="flowopd: SDE noise level eta.")
     flowopd_clip: float = Field(1e-4, gt=0, le=1, description="flowopd: PPO ratio clip epsilon.")
-    flowopd_groups: int = Field(1, ge=1, le=65536, description="flowopd: rollouts per prompt; >1 normalises advantages within the group.")
+    flowopd_groups: int = Field(1, ge=1, le=65536, description="flowopd: rollouts per prompt; >1 normalises advantages within (group, timestep): ours, off by default (the reference has no baseline).")
     flowopd_all_states: bool = Field(True, description="flowopd: train on all N transitions (else K).")
     flowopd_estimator: Literal["kl_gradient", "per_step_detached"] = Field("kl_gradient", description="flowopd: `kl_gradient` descends E[sum KL] (pathwise KL term + reward-to-go surrogate); `per_step_detached` is the reference's form (a row's own detached reward as its advantage), whose expected on-policy gradient is zero.")
-    flowopd_reward_scale: Literal["variance", "step_variance"] = Field("variance", description="flowopd: divide the squared mean difference by the SDE's sigma_t^2 (`variance`, reference) or by 2 sigma_t^2 dt (`step_variance`: the exact Gaussian KL of a step).")
+    flowopd_reward_scale: Literal["variance", "step_variance"] = Field("variance", description="flowopd: divide the squared mean difference by 2 sigma_t^2, sigma_t the SDE's diffusion coefficient (`variance`, reference), or by 2 sigma_t^2 dt, the step's variance (`step_variance`: the exact Gaussian KL of a step).")
     flowopd_adv_clamp: float = Field(5.0, gt=0, description="flowopd: advantages are clamped to +-this (reference: 5).")
 
 

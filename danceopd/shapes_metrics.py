@@ -201,6 +201,16 @@ def score_global(images, sources, prompts: list[str]) -> dict[str, float]:
             "rmse": sw.image_distance(x.numpy(), truth)}
 
 
+def per_prompt(task: str, images, sources, prompts: list[str]) -> list[int]:
+    """1 or 0 per image: t2i every attribute its prompt determines right (what `acc` averages),
+    edits the decoded image is exactly the target scene (what `success` averages)."""
+    x = _tensor(images).numpy()
+    if task == "t2i":
+        return [int(sw.attribute_accuracy(i[None], [p])["all"] == 1.0) for i, p in zip(x, prompts, strict=True)]
+    targets = [sw.target_scene(p, np.asarray(s, np.float32)) for p, s in zip(prompts, sources, strict=True)]
+    return [int(_decoded_is(i, t)) for i, t in zip(x, targets, strict=True)]
+
+
 # ---- adapters for the paper's real metrics ----------------------------------------------------------
 
 class RealMetricError(RuntimeError):

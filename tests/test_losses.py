@@ -106,15 +106,36 @@ def test_flowopd_advantages_without_baseline_are_nonpositive_and_groups_compare_
             assert abs(adv[sel].mean().item()) < 1e-5 and adv[sel].abs().max() > 0.5
 
 
+def _reference_reward(batch, eta: float, per_dt: bool) -> torch.Tensor:
+    """The reference trainer's FlowOPD reward, row by row in float64 from its formulas
+    (worldbench/DanceOPD danceopd/core/flowopd.py: `sde_step` gives the transition mean and
+    diffusion_std = eta sqrt(sigma / (1 - sigma)), sigma in the denominator replaced by sigma_next
+    at sigma = 1; `clipped_policy_loss` gives -mean((mu_s - mu_T)^2) / (2 diffusion_std^2)).
+    per_dt: also divide by the step's dt (our `step_variance`: the exact Gaussian KL of the step)."""
+    out = []
+    for i in range(len(batch["sigma"])):
+        s, sn = float(batch["sigma"][i]), float(batch["sigma_next"][i])
+        d2 = eta**2 * s / (1 - (sn if s >= 1 else s))  # diffusion_std^2
+        dt = sn - s  # negative
+        # mu = z (1 + d2 / (2s) dt) + v (1 + d2 (1 - s) / (2s)) dt: the state term cancels
+        dmu = (batch["rollout_velocity"][i].double() - batch["target"][i].double()) * (1 + d2 * (1 - s) / (2 * s)) * dt
+        out.append(-(dmu**2).mean() / (2 * d2 * (-dt if per_dt else 1.0)))
+    return torch.stack(out)
+
+
 def test_flowopd_reward_scale_and_clamp():
-    """`variance` divides by sigma_t^2 = std^2 / dt (reference), `step_variance` by 2 std^2; the
-    advantage is clamped to +-flowopd_adv_clamp."""
+    """`variance` is the reference's reward: the squared mean difference over 2 sigma_t^2
+    (sigma_t the SDE's diffusion coefficient); `step_variance` over 2 sigma_t^2 dt. Both against
+    the formula written out above, not against each other; the advantage is clamped to
+    +-flowopd_adv_clamp."""
     batch = make_batch()
+    assert float(batch["sigma"][0]) == 1.0  # the sigma = 1 guard is exercised too
     per_step = dict(name="flowopd", flowopd_estimator="per_step_detached", flowopd_adv_clamp=1e9)
     r_var = flowopd_terms(MethodConfig(**per_step), batch["rollout_velocity"], batch)["advantage"]
     r_step = flowopd_terms(MethodConfig(**per_step, flowopd_reward_scale="step_variance"), batch["rollout_velocity"], batch)["advantage"]
-    dt = batch["sigma"] - batch["sigma_next"]
-    assert torch.allclose(r_var, r_step * 2 * dt, rtol=1e-4)
+    eta = MethodConfig().flowopd_eta
+    torch.testing.assert_close(r_var.double(), _reference_reward(batch, eta, per_dt=False), rtol=1e-4, atol=0)
+    torch.testing.assert_close(r_step.double(), _reference_reward(batch, eta, per_dt=True), rtol=1e-4, atol=0)
     clamped = flowopd_terms(MethodConfig(name="flowopd", flowopd_estimator="per_step_detached", flowopd_adv_clamp=0.01),
                             batch["rollout_velocity"], batch)["advantage"]
     assert torch.allclose(clamped, r_var.clamp(-0.01, 0.01)) and (r_var < -0.01).any()

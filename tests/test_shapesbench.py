@@ -368,3 +368,123 @@ def test_bench_workers_die_with_the_benchmark(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---- rows, per-prompt outcomes, verdicts ---------------------------------------------------------
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapesbench
+
+    return shapesbench
+
+
+def test_plan_rows_follow_the_reference_and_label_ours(capsys):
+    """Off-policy's main row queries DanceOPD's low_t K = 1 states (uniform: a variant row);
+    FlowOPD's main row is the reference estimator, our KL gradient a labelled variant; both
+    variants run on every main seed (paired with DanceOPD), in the full and the quick plan."""
+    from danceopd.config import config_from_dict
+
+    sb = _bench()
+    for plan in sb.PRESETS.values():
+        jobs = sb.plan_jobs(plan)
+        for setting in plan.settings:
+            for seed in plan.seeds:
+                rows = {(m, ab): sb.student_cfg(plan, Path("/w"), setting, m, ab, seed, Path("/w/o"))
+                        for s, m, ab, sd in jobs if (s, sd) == (setting, seed)}
+                method = {k: raw["method"] for k, raw in rows.items()}
+                assert {k: v for k, v in method[("offpolicy", None)].items() if k in ("name", "k", "query_bias")} == \
+                    {"name": "offpolicy", "k": 1, "query_bias": "low_t"}
+                assert method[("offpolicy", "uniform")]["query_bias"] == "uniform"
+                assert method[("sft", None)]["query_bias"] == "uniform"
+                assert method[("flowopd", None)]["flowopd_estimator"] == "per_step_detached"
+                assert method[("flowopd", "kl_gradient")]["flowopd_estimator"] == "kl_gradient"
+                for key in (("flowopd", None), ("flowopd", "kl_gradient")):  # no baseline, all transitions
+                    assert method[key]["flowopd_groups"] == 1 and method[key]["flowopd_all_states"] is True
+                for raw in rows.values():
+                    config_from_dict(raw)  # every job's config is valid
+        assert plan.variants == ("offpolicy+uniform", "flowopd+kl_gradient")
+        order = sb.rows_of(plan)
+        assert order[:7] == ["sft", "offpolicy", "offpolicy+uniform", "diffusionopd", "flowopd", "flowopd+kl_gradient",
+                             "danceopd"]
+    assert sb.row_label("flowopd") == "FlowOPD (reference estimator)"
+    assert sb.row_label("flowopd+kl_gradient") == "FlowOPD (KL gradient, ours)"
+    assert "low_t" in sb.row_label("offpolicy") and "variant" in sb.row_label("offpolicy+uniform")
+    assert sb.main(["--quick", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "FlowOPD (reference estimator)" in out and "flowopd_estimator per_step_detached" in out
+    with pytest.raises(SystemExit, match="unknown variant 'flowopd\\+kl_gradient_old_scale'"):
+        sb.main(["--quick", "--list", "--set", "variants=flowopd+kl_gradient_old_scale"])
+
+
+def test_per_prompt_outcomes_average_to_the_scores():
+    prompts, ref = _t2i_set(24)
+    x = ref.copy()
+    x[::3] = -1.0  # every third image blank
+    per = sm.per_prompt("t2i", x, [None] * len(x), prompts)
+    assert per == [0 if i % 3 == 0 else 1 for i in range(len(x))]
+    assert np.mean(per) == pytest.approx(sm.score_t2i(x, prompts, ref)["acc"])
+    rng = np.random.default_rng(4)
+    for task, score in (("local_edit", sm.score_local), ("global_edit", sm.score_global)):
+        ex = [sw.make_example(task, rng, 16) for _ in range(12)]
+        src = [sw.render(s, 16) for _, s, _ in ex]
+        out = np.stack([sw.render(t, 16) if i % 2 else src[i] for i, (_, _, t) in enumerate(ex)])
+        per = sm.per_prompt(task, out, src, [p for p, _, _ in ex])
+        assert per == [i % 2 for i in range(12)]
+        assert np.mean(per) == pytest.approx(score(out, src, [p for p, _, _ in ex])["success"])
+
+
+def _run(setting, method, ablation, seed, local, glob):
+    s = {"local_edit": {"success": local, "preservation": 1.0}, "global_edit": {"success": glob, "distance": 0.1, "rmse": 0.1}}
+    return {"setting": setting, "method": method, "ablation": ablation, "seed": seed, "s_per_update": 0.1,
+            "updates": {"equal_updates": 10, "equal_wall_clock": 10}, "scores": {"equal_updates": s, "equal_wall_clock": s}}
+
+
+def test_claims_are_judged_on_paired_seeds_with_holm_over_the_setting():
+    sb = _bench()
+    plan = replace(sb.PRESETS["full"], settings=("local_global",))
+    edit = {"sft": 0.40, "offpolicy": 0.45, "offpolicy+uniform": 0.50, "diffusionopd": 0.52, "flowopd": 0.30,
+            "flowopd+kl_gradient": 0.55, "danceopd": 0.80}
+    runs = []
+    for row, e in edit.items():
+        method, _, ab = row.partition("+")
+        for seed, wobble in zip((0, 1, 2), (0.0, 0.01, -0.01)):  # DanceOPD beats each row on every seed
+            runs.append(_run("local_global", method, ab or None, seed, e + wobble, e + wobble))
+    res = {"plan": {}, "teachers": {}, "runs": runs}
+    out = sb.claims(plan, res)
+    assert [(c["budget"], c["versus"]) for c in out] == [
+        ("equal_updates", "sft"), ("equal_updates", "offpolicy"), ("equal_updates", "flowopd+kl_gradient"),
+        ("equal_wall_clock", "sft"), ("equal_wall_clock", "offpolicy"), ("equal_wall_clock", "flowopd+kl_gradient")]
+    assert all(c["family"] == 6 and c["outcome"] == "held" for c in out)
+    assert out[0]["diffs"] == pytest.approx([0.4, 0.4, 0.4]) and out[0]["seeds"] == [0, 1, 2]
+    # one seed of DanceOPD worse than naive: that claim no longer holds under Holm across the six
+    runs[-1]["scores"]["equal_updates"] = _run("local_global", "danceopd", None, 2, 0.2, 0.2)["scores"]["equal_updates"]
+    out = sb.claims(plan, {**res, "runs": runs})
+    assert out[0]["outcome"] == "inconclusive" and out[3]["outcome"] == "held"
+    # the table's ± is the sample std over seeds (ddof = 1)
+    agg = sb.aggregate(runs, "equal_wall_clock")
+    assert agg[("local_global", "sft")]["local_edit.success"][1] == pytest.approx(0.01)
+
+
+def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
+    sb = _bench()
+    old = {"plan": {"seeds": [0]}, "seconds": 60.0, "claims": ["- old verdict"],
+           "runs": [_run("local_global", m, None, 0, 0.5, 0.5) for m in ("offpolicy", "flowopd", "danceopd")]}
+    new = sb.upgrade(json.loads(json.dumps(old)))
+    assert [sb.row_key(r) for r in new["runs"]] == ["offpolicy+uniform", "flowopd+kl_gradient_old_scale", "danceopd"]
+    assert new["claims_v1"] == ["- old verdict"] and "claims" not in new and "Recomputed" in new["recomputed"]
+    assert sb.upgrade(json.loads(json.dumps(new))) == new  # once only
+
+
+def test_committed_results_recompute_to_their_verdicts():
+    """The committed table's verdicts follow from its JSON (`--report-only`), and its per-seed
+    rates give the issue's paired tests: setting (b) beats naive p 0.11, beats off-policy p 0.02."""
+    sb = _bench()
+    res = json.loads((ROOT / "bench" / "results" / "shapesbench.json").read_text())
+    plan = sb.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["plan"].items()})
+    assert sb.claims(plan, sb.upgrade(json.loads(json.dumps(res)))) == res["claims"]
+    b = {c["versus"]: c for c in res["claims"] if (c["setting"], c["budget"]) == ("local_global", "equal_updates")}
+    assert b["sft"]["p"] == pytest.approx(0.111, abs=1e-3) and b["sft"]["outcome"] != "held"
+    assert b["offpolicy+uniform"]["p"] == pytest.approx(0.0215, abs=5e-4) and min(b["offpolicy+uniform"]["diffs"]) > 0
+    md = (ROOT / "bench" / "results" / "shapesbench.md").read_text()
+    assert md.index("## How the claims are judged") < md.index("## (a) T2I + Edit fusion")

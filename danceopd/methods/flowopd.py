@@ -16,10 +16,14 @@ linear-Gaussian chain against the closed form). `per_step_detached` is the refer
 form, kept for parity: the row's own detached reward as its advantage and no pathwise term;
 on-policy its expected gradient is zero (d log p has mean 0 given z_t), only noise remains.
 
-Scale (`flowopd_reward_scale`): `variance` (reference) divides by the SDE's sigma_t^2 =
-std_dev_t^2 (the transition variance without dt); `step_variance` by 2 std^2 = 2 sigma_t^2 dt,
-which makes KL_t the exact Gaussian KL of the step. Advantages are normalised within
-(group, timestep) when `flowopd_groups > 1` and clamped to +-`flowopd_adv_clamp`.
+Scale (`flowopd_reward_scale`), with sigma_t = std_dev_t = eta sqrt(sigma / (1 - sigma)) the SDE's
+diffusion coefficient and std^2 = sigma_t^2 dt the step's variance: `variance` (reference) divides
+by 2 sigma_t^2, as worldbench/DanceOPD's danceopd/core/flowopd.py `clipped_policy_loss` divides
+by 2 diffusion_std^2 (its `sde_step` returns that std without dt); `step_variance` divides by
+2 std^2 = 2 sigma_t^2 dt, which makes KL_t the exact Gaussian KL of the step (equal covariances):
+`variance` = `step_variance` * dt. Advantages are clamped to +-`flowopd_adv_clamp` (reference: 5).
+`flowopd_groups > 1` normalises them within (group, timestep): ours, off by default; the
+reference has no baseline (its advantage is the clamped reward itself).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class FlowOPD(Method):
         if self.cfg.flowopd_reward_scale == "step_variance":
             return 1.0 / (2 * std**2)
         dt = (t["sigma"] - t["sigma_next"]).float()
-        return dt / std**2  # std^2 = sigma_t^2 dt
+        return dt / (2 * std**2)  # = 1 / (2 sigma_t^2): std^2 = sigma_t^2 dt
 
     def kl(self, t: dict[str, torch.Tensor], velocity: torch.Tensor) -> torch.Tensor:
         mu, std = self._means(t, velocity)
