@@ -347,13 +347,13 @@ def test_a_ray_mode_run_on_a_uri_resumes_every_rank_from_it(ray_local, toy_raw, 
     run with another staging folder resumes them all from there."""
     from services.checkpoints import prepare_output
     from services.loop import train
-    from tests.conftest import cfg_for
+    from tests.conftest import cfg_for, lean
 
     uri = f"file://{tmp_path}/store/run"
 
     def cfg(steps: int, staging: str):
-        c = cfg_for(toy_raw, tmp_path, "unused", learner__steps=steps, learner__world_size=2, checkpoint__every=2,
-                    checkpoint__keep=2, eval__enabled=False)
+        c = cfg_for(lean(toy_raw), tmp_path, "unused", learner__steps=steps, learner__world_size=2, checkpoint__every=2,
+                    checkpoint__keep=2)
         c.job.output_dir, c.job.local_dir = uri, str(tmp_path / staging)
         return c
 
