@@ -47,6 +47,11 @@ def read_holder(path: Path) -> dict | None:
         text, heartbeat = path.read_text(), path.stat().st_mtime
     except FileNotFoundError:
         return None
+    return parse_holder(text, heartbeat)
+
+
+def parse_holder(text: str | bytes, heartbeat: float) -> dict:
+    """A lock record with its heartbeat; one that does not parse is a holder of unknown pid."""
     try:
         holder = json.loads(text)
         if not isinstance(holder, dict):
@@ -216,13 +221,7 @@ class ObjectRunLock(RunLock):
         stat, data = self.store.stat(LOCK_FILE), self.store.read(LOCK_FILE)
         if stat is None or data is None:
             return None
-        try:
-            holder = json.loads(data)
-            if not isinstance(holder, dict):
-                raise ValueError
-        except ValueError:
-            holder = {}
-        return {**holder, "heartbeat": stat[1]}
+        return parse_holder(data, stat[1])
 
     def _remove(self) -> None:
         self.store.delete(LOCK_FILE)
