@@ -81,7 +81,7 @@ class Plan:
     image_size: int = 16
     patch_size: int = 2
     n_train: int = 2000  # training examples per task
-    n_heldout: int = 128  # held-out examples per task (the evaluation set)
+    n_heldout: int = 512  # held-out examples per task (the evaluation set)
     partial_t2i: float = 0.5
     # What a partly specified t2i prompt may leave free. Measured on the 32000-update T2I teacher
     # trained with both free: every prompt fixing the position was right (77 / 77), but 20 of the
