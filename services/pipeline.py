@@ -110,8 +110,12 @@ class RolloutPipeline:
         """Batches between hand-out and consumption."""
         return len(self.in_flight) + len(self.ready) + len(self.queued)
 
-    def enough_issued(self, extra: int = 0) -> bool:
-        return self.step * self.per_step + self.held() + extra >= self.total_steps * self.per_step
+    def needed(self) -> int:
+        """Batches the job still needs beyond those held: the step in training counts as
+        consumed (its batches left the queue before the step counter moves), else an order
+        beyond the job's last step is handed out and, by route, holds the room an owed
+        replacement needs."""
+        return (self.total_steps - self.step) * self.per_step - len(self.training) - self.held()
 
     def gate_allows(self, worker: str, position: int) -> bool:
         if self.on_stale == "drop":
@@ -120,8 +124,7 @@ class RolloutPipeline:
 
     def plan(self, workers: list[str]) -> list[str]:
         """Which workers get an order now, in hand-out order (round robin, one per round)."""
-        held = self.held()
-        room = min(self.capacity - held, self.total_steps * self.per_step - self.step * self.per_step - held)
+        room = min(self.capacity - self.held(), self.needed())
         if room <= 0:
             return []  # the common case on a busy loop: nothing to hand out
         load = collections.Counter(t.worker for t in self.in_flight.values() if not t.rolled_out)

@@ -4,6 +4,7 @@ the checkpointed route stream; with lag, `on_stale: drop` (a dropped batch refil
 group), resume, and in both modes."""
 
 import copy
+import random
 import threading
 
 import pytest
@@ -43,8 +44,16 @@ def train(cfg, mode: str = "local", resume_from=None, stall_s: float = 240) -> d
             t.join(timeout=60)
     finally:
         loop.shutdown()
-    assert out.get("summary", {}).get("steps") == cfg.learner.steps, f"stalled at step {loop.step}"
+    assert out.get("summary", {}).get("steps") == cfg.learner.steps, f"stalled at step {loop.step}: {pipeline_state(loop)}"
     return out["summary"]
+
+
+def pipeline_state(loop) -> str:
+    """What a stalled job's pipeline held, for the failure message."""
+    p = loop.pipe
+    return (f"queued={[(q.ticket, q.route, q.version) for q in p.queued.values()]} "
+            f"ready={sorted(p.ready)} in_flight={sorted(p.in_flight)} owed={p.owed} "
+            f"workers={p.worker_version} learner_busy={loop.learner.busy} accounting={p.accounting()}")
 
 
 def order_route(order) -> str:
@@ -157,6 +166,59 @@ def test_each_group_follows_its_oldest_route_across_updates():
     assert p.take().tickets == [0, 2, 3, 8]
     p.stepped()
     assert p.take().tickets == [4, 5, 6, 7]
+
+
+def test_no_order_beyond_the_last_step_while_it_trains():
+    """The last step's batches leave the queue when it starts; until it is done they still count,
+    else a surplus order of another route takes the room an owed replacement needs (a stall)."""
+    p = RolloutPipeline(per_step=2, total_steps=2, capacity=4, max_lag=5, by_route=True, groups={"a": 0, "b": 1})
+    p.worker_version.update(w=0)
+    for t, r in enumerate("abab"):
+        p.issue(t, "w", 1, route=r)
+        p.completed(t, t, 0)
+    assert p.take().tickets == [0, 1]  # step 0 training, step 1 queued: the job needs nothing more
+    assert p.plan(["w"]) == []
+
+
+def simulate(seed: int, router, groups: dict, steps: int = 8, per_step: int = 6, workers: int = 2) -> int:
+    """A job driven like the loop with random arrival order, slow weight pick-up (so batches go
+    stale and are dropped and replaced) and learner steps of random length; the steps it did."""
+    rng = random.Random(seed)
+    p = RolloutPipeline(per_step, steps, 2 * per_step, 1, "drop", depth=4, by_route=True, groups=groups)
+    names = [f"w{i}" for i in range(workers)]
+    p.worker_version.update({w: 0 for w in names})
+    made_with, learning = {}, 0
+    for _ in range(3000):
+        if p.step == steps:
+            break
+        plan = p.plan(names)
+        for w, order in zip(plan, router.next_orders(len(plan), 1, p.take_owed(len(plan)))):
+            p.issue(order.ticket, w, 1, order_route(order))
+            made_with[order.ticket] = p.worker_version[w]
+        for t in [t for t in list(p.in_flight) if rng.random() < 0.3]:
+            p.rolled_out(t)
+            p.completed(t, t, made_with.pop(t))
+        for w in names:
+            if rng.random() < 0.2:
+                p.worker_version[w] = p.step
+        if not p.in_flight and p.queued and not p.can_learn():
+            p.purge()
+        if learning:
+            learning -= 1
+            if not learning:
+                p.stepped()
+        elif (take := p.take()) is not None and take.handles:
+            learning = rng.randint(1, 4)
+    return p.step
+
+
+def test_random_schedules_with_stale_drops_always_finish(toy_raw, tmp_path):
+    """The Ray job that once stalled at its last step, as a pure schedule: three groups of one
+    route, two ranks x grad_accum 3, lag 1 with `on_stale: drop`, over many random schedules."""
+    cfg = cfg_for(grouped(toy_raw, list(ROUTES)), tmp_path, "sim", learner__grad_accum=3, learner__world_size=2)
+    groups = {r: i for i, g in enumerate(cfg.routing.accumulation_groups) for r in g}
+    stalled = [s for s in range(200) if simulate(s, loops.make_router(cfg, 6), groups) != 8]
+    assert not stalled, f"stalled with seeds {stalled}"
 
 
 def test_groups_must_divide_a_step():
