@@ -239,8 +239,42 @@ class RouteConfig(_Strict):
 class RoutingConfig(_Placed):
     routes: list[RouteConfig] = Field(..., min_length=1, description="Hard routes: route -> (teacher, task, weight).")
     granularity: Literal["update", "sample"] = Field("update", description="`update` (the reference's hard routing): every micro-batch of every learner rank of one optimizer update comes from one route, drawn by weight; `sample`: a route per sample, so micro-batches mix routes.")
+    accumulation_groups: list[list[PlainName]] | None = Field(None, min_length=1, description="Route groups that share every optimizer update equally (granularity `update`; the reference's DiffusionOPD/FlowOPD G = M recipe: one group per route, e.g. [t2i, local_edit, global_edit]): each group gets (world_size x grad_accum) / groups of the update's micro-batches, from one route drawn by weight within the group, so the update's loss is the mean over groups of each group's mean loss. Every route in exactly one group (a bare name is a group of one). None: one route per update.")
     max_concurrent_batches: int = Field(16, ge=1, le=1024, description="Rollout batches the router scores at once (threads of the router actor); a batch's routes query their teacher pools concurrently.")
     num_cpus: float = Field(0.1, ge=0.0001, le=MAX_RESOURCE, description="CPUs of the router's scoring actor (Ray mode); never 0, so it does not land on a head started with num-cpus 0.")
+
+    @field_validator("accumulation_groups", mode="before")
+    @classmethod
+    def _bare_names(cls, v: Any) -> Any:
+        # The reference writes one route per group as a flat list: [t2i, edit].
+        return [[g] if isinstance(g, str) else g for g in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _groups_cover_the_routes(self) -> RoutingConfig:
+        if self.accumulation_groups is None:
+            return self
+        key = "routing.accumulation_groups"
+        if self.granularity != "update":
+            raise ValueError(f"{key}: needs routing.granularity update (with `sample` every micro-batch mixes routes)")
+        weight = {r.name: r.weight for r in self.routes}
+        seen: dict[str, int] = {}
+        for i, group in enumerate(self.accumulation_groups):
+            if not group:
+                raise ValueError(f"{key}.{i}: an empty group")
+            for name in group:
+                if name not in weight:
+                    raise ValueError(f"{key}.{i}: unknown route {name!r} (known: {', '.join(weight)})")
+                if name in seen:
+                    raise ValueError(f"{key}.{i}: route {name!r} is already in group {seen[name]}")
+                seen[name] = i
+            if sum(weight[n] for n in group) <= 0:
+                raise ValueError(f"{key}.{i}: the weights of its routes are all 0, so none can be drawn")
+        missing = [n for n in weight if n not in seen]
+        if missing:
+            # A route in no group would never be trained while its teacher is loaded and served.
+            raise ValueError(f"{key}: route {missing[0]!r} is in no group (every route must be in exactly one; "
+                             "drop a route from routing.routes to leave it out)")
+        return self
 
 
 class DataConfig(_Strict):
@@ -506,6 +540,10 @@ class Config(_Strict):
             # Spilling does not help: the learner takes a whole step from the queue at once.
             raise ValueError(f"replay.capacity: {self.replay.capacity} is below the batches one learner step needs "
                              f"(learner.world_size x grad_accum = {per_step})")
+        groups = self.routing.accumulation_groups
+        if groups and per_step % len(groups):
+            raise ValueError(f"routing.accumulation_groups: {len(groups)} groups cannot share the {per_step} micro-batches "
+                             f"of an update equally (learner.world_size x grad_accum = {per_step}; make it a multiple of {len(groups)})")
         if self.eval.weights == "ema" and self.learner.ema_decay is None:
             raise ValueError("eval.weights: `ema` needs learner.ema_decay (no moving average is kept without it)")
         if self.learner.dist_backend == "nccl" and self.learner.num_gpus < 1:

@@ -12,6 +12,8 @@ from danceopd.config import Config
 
 def _type_name(ann) -> str:
     origin = typing.get_origin(ann)
+    if origin is typing.Annotated:  # a constrained type (PlainName): its base type
+        return _type_name(typing.get_args(ann)[0])
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(ann))
     if origin in (list,):

@@ -24,9 +24,14 @@ class RoutePolicy:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.drawn = 0
 
-    def next(self) -> str:
+    def next(self, among: list[str] | None = None) -> str:
+        """A route drawn by weight; `among`: only these routes (an accumulation group), their
+        weights renormalised, from the same stream."""
         self.drawn += 1
-        return self.names[int(self.rng.choice(len(self.names), p=self.probs))]
+        if among is None:
+            return self.names[int(self.rng.choice(len(self.names), p=self.probs))]
+        p = np.array([self.probs[self.names.index(n)] for n in among])
+        return among[int(self.rng.choice(len(among), p=p / p.sum()))]
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "drawn": self.drawn, "names": list(self.names)}

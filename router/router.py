@@ -15,8 +15,9 @@ from danceopd.work import WorkItem, WorkOrder, sample_seed
 
 
 class Router:
-    """`routing`: the RoutingConfig; `per_update`: batches of one optimizer update (all of them
-    share a route with granularity `update`); `group_size`: rollouts per prompt (the method's)."""
+    """`routing`: the RoutingConfig; `per_update`: batches of one optimizer update (granularity
+    `update`: all of them share one route, or with `accumulation_groups` each group's equal,
+    consecutive share of them does); `group_size`: rollouts per prompt (the method's)."""
 
     def __init__(self, routing, dataset: Dataset, seed: int, per_update: int, group_size: int = 1):
         self.dataset = dataset
@@ -28,7 +29,13 @@ class Router:
         self.next_sample = 0
         self.next_ticket = 0
         self.per_update = per_update if routing.granularity == "update" else 0
-        self.group_route, self.group_left = "", 0
+        # Accumulation groups: None draws among all routes (one route per update).
+        self.groups: list[list[str] | None] = [list(g) for g in routing.accumulation_groups or []] or [None]
+        if self.per_update % len(self.groups):
+            raise ValueError(f"routing.accumulation_groups: {len(self.groups)} groups cannot share {per_update} batches equally")
+        # The open update: one route per group, drawn when it opens, and its orders still to hand out.
+        self.update_routes: list[str] = []
+        self.update_left = 0
         # Router state as it was before each outstanding ticket was issued: a checkpoint taken
         # while later tickets are still in flight resumes from the first unconsumed one.
         self._before: dict[int, dict] = {}
@@ -42,15 +49,18 @@ class Router:
         return [self.next_order(batch_size, owed[i] if i < len(owed) else None) for i in range(n)]
 
     def _order_route(self, owed: str | None) -> str | None:
-        """The route every item of this order shares (granularity update), or None (per sample)."""
+        """The route every item of this order shares (granularity update), or None (per sample).
+        An update's orders go to its groups in turn, each group's share consecutive."""
         if owed is not None:
             return owed
         if not self.per_update:
             return None
-        if self.group_left == 0:
-            self.group_route, self.group_left = self.policy.next(), self.per_update
-        self.group_left -= 1
-        return self.group_route
+        if self.update_left == 0:
+            self.update_routes = [self.policy.next(g) for g in self.groups]
+            self.update_left = self.per_update
+        slot = self.per_update - self.update_left
+        self.update_left -= 1
+        return self.update_routes[slot * len(self.groups) // self.per_update]
 
     def next_order(self, batch_size: int, owed: str | None = None) -> WorkOrder:
         groups = self.group_size
@@ -73,7 +83,7 @@ class Router:
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "data_rng": self.data_rng.bit_generator.state,
                 "next_sample": self.next_sample, "next_ticket": self.next_ticket,
-                "group_route": self.group_route, "group_left": self.group_left}
+                "update_routes": list(self.update_routes), "update_left": self.update_left}
 
     def state_before(self, ticket: int) -> dict:
         """The state to resume from when tickets < `ticket` are consumed and later ones are not."""
@@ -83,9 +93,17 @@ class Router:
         for t in [t for t in self._before if t < ticket]:
             del self._before[t]
 
+    def close_update(self) -> None:
+        """The next order opens a new update (a resume re-issues whole updates)."""
+        self.update_left = 0
+
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.data_rng.bit_generator.state = state["data_rng"]
         self.next_sample = int(state["next_sample"])
         self.next_ticket = int(state["next_ticket"])
-        self.group_route, self.group_left = state.get("group_route", ""), int(state.get("group_left", 0))
+        if "update_routes" in state:
+            self.update_routes, self.update_left = list(state["update_routes"]), int(state["update_left"])
+        else:  # a checkpoint from before accumulation groups: one route per update
+            route = state.get("group_route", "")
+            self.update_routes, self.update_left = [route] if route else [], int(state.get("group_left", 0))

@@ -49,7 +49,8 @@ class TrainLoop:
         # cursor, tickets). The runtime's parts compute and keep none of it.
         self.pipe = RolloutPipeline(self.per_step, cfg.learner.steps, cfg.replay.capacity,
                                     cfg.sync.max_policy_lag, cfg.sync.on_stale, cfg.rollout.orders_per_worker,
-                                    by_route=cfg.routing.granularity == "update")
+                                    by_route=cfg.routing.granularity == "update",
+                                    groups={r: i for i, g in enumerate(cfg.routing.accumulation_groups or []) for r in g})
         self.router = make_router(cfg, self.per_step)
         if mode == "local":
             from services.runtime.local import LocalEvaluation as Evaluation
@@ -232,7 +233,8 @@ class TrainLoop:
         # inside an update (routing.granularity update, after a lost or dropped batch let a later
         # ticket of that route be consumed first): close that update, else the job's last one would
         # stay short and never be learned. Without losses or drops it is closed already.
-        self.router.load_state_dict({**r.router, "group_left": 0})
+        self.router.load_state_dict(r.router)
+        self.router.close_update()
         self.pipe.resume(r.step, r.next_ticket)
         self.learner.set_version(r.step)
 

@@ -18,6 +18,9 @@ mode, the batch itself in one process) and the latest weights; nothing else keep
   leaves its update short, so its route is *owed*: the next order handed out is of that route.
   Losing or dropping frees the capacity slot the replacement takes, so this never deadlocks;
   a step takes the oldest queued batch's route once it has a full step queued.
+  With accumulation groups (`groups`: route -> group) the same holds per group: a step takes,
+  for every group, per_step / groups batches of the route of that group's oldest queued batch;
+  no route is in two groups, so an owed route refills its own group's share.
 - **Non-finite values** never reach the learner's weights: a routed batch with NaN/Inf in its
   teacher's answer is refused before the replay queue, and a learner step that went non-finite
   is skipped (not a step: the counter stays, its batches are dropped). Either way the samples
@@ -70,13 +73,17 @@ class Take:
 
 class RolloutPipeline:
     def __init__(self, per_step: int, total_steps: int, capacity: int, max_lag: int, on_stale: str = "wait",
-                 depth: int = 1, by_route: bool = False):
+                 depth: int = 1, by_route: bool = False, groups: dict[str, int] | None = None):
         if capacity < per_step:
             raise ValueError(f"replay.capacity: {capacity} batches cannot hold one learner step ({per_step} batches)")
         self.per_step, self.total_steps = per_step, total_steps
         self.capacity, self.max_lag, self.on_stale = capacity, max_lag, on_stale
         self.depth = depth  # orders one worker may hold (running + queued behind it)
         self.by_route = by_route
+        self.group_of = groups or {}  # route -> accumulation group (none: every route in group 0)
+        self.n_groups = max(self.group_of.values(), default=0) + 1
+        if per_step % self.n_groups:
+            raise ValueError(f"routing.accumulation_groups: {self.n_groups} groups cannot share {per_step} batches equally")
         self.routes: dict[int, str] = {}  # ticket -> route, for tickets not yet consumed
         self.owed: list[str] = []  # routes of lost / dropped batches, handed out next
         self.step = 0  # learner steps done: the job's one step counter (the weight version too)
@@ -103,8 +110,12 @@ class RolloutPipeline:
         """Batches between hand-out and consumption."""
         return len(self.in_flight) + len(self.ready) + len(self.queued)
 
-    def enough_issued(self, extra: int = 0) -> bool:
-        return self.step * self.per_step + self.held() + extra >= self.total_steps * self.per_step
+    def needed(self) -> int:
+        """Batches the job still needs beyond those held: the step in training counts as
+        consumed (its batches left the queue before the step counter moves), else an order
+        beyond the job's last step is handed out and, by route, holds the room an owed
+        replacement needs."""
+        return (self.total_steps - self.step) * self.per_step - len(self.training) - self.held()
 
     def gate_allows(self, worker: str, position: int) -> bool:
         if self.on_stale == "drop":
@@ -113,8 +124,7 @@ class RolloutPipeline:
 
     def plan(self, workers: list[str]) -> list[str]:
         """Which workers get an order now, in hand-out order (round robin, one per round)."""
-        held = self.held()
-        room = min(self.capacity - held, self.total_steps * self.per_step - self.step * self.per_step - held)
+        room = min(self.capacity - self.held(), self.needed())
         if room <= 0:
             return []  # the common case on a busy loop: nothing to hand out
         load = collections.Counter(t.worker for t in self.in_flight.values() if not t.rolled_out)
@@ -220,10 +230,17 @@ class RolloutPipeline:
         return self._drop([t for t, q in self.queued.items() if self.step - q.version > self.max_lag], "stale")
 
     def _pick(self) -> list[Queued]:
-        items = list(self.queued.values())
-        if self.by_route and items:  # the oldest batch's route; its per_step oldest batches
-            items = [q for q in items if q.route == items[0].route]
-        return items[:self.per_step] if len(items) >= self.per_step else []
+        items = list(self.queued.values())  # ticket order
+        if not self.by_route:
+            return items[:self.per_step] if len(items) >= self.per_step else []
+        share, picked = self.per_step // self.n_groups, []
+        for g in range(self.n_groups):  # each group: its oldest batch's route, that route's oldest batches
+            mine = [q for q in items if self.group_of.get(q.route, 0) == g]
+            mine = [q for q in mine if q.route == mine[0].route][:share] if mine else []
+            if len(mine) < share:
+                return []
+            picked += mine
+        return sorted(picked, key=lambda q: q.ticket)
 
     def can_learn(self) -> bool:
         return bool(self._pick())

@@ -52,14 +52,14 @@ def test_state_dict_round_trip_reproduces_the_sequence_mid_update(toy_raw, tmp_p
     a = make_router(cfg)
     a.next_orders(4, 4)  # the second update is open: 2 of its 3 orders still to come
     state = a.state_dict()
-    assert state["group_left"] == 2
+    assert state["update_left"] == 2
     b = make_router(cfg)
     b.load_state_dict(state)
     rest_a, rest_b = a.next_orders(9, 4), b.next_orders(9, 4)
     assert [o.ticket for o in rest_a] == [o.ticket for o in rest_b]
     assert [[(it.sample_index, it.route, it.row) for it in o.items] for o in rest_a] == \
            [[(it.sample_index, it.route, it.row) for it in o.items] for o in rest_b]
-    assert a.state_before(5)["group_left"] == 1  # what a checkpoint at ticket 5 stores
+    assert a.state_before(5)["update_left"] == 1  # what a checkpoint at ticket 5 stores
 
 
 def test_resume_from_a_checkpoint_with_an_open_update_does_not_hang(toy_raw, tmp_path):
@@ -70,8 +70,8 @@ def test_resume_from_a_checkpoint_with_an_open_update_does_not_hang(toy_raw, tmp
     TrainLoop(part, show_progress=False).run()
     ck = latest_checkpoint(part.output_path)
     state = load_json(ck / "state.json")
-    assert state["router"]["group_left"] == 0  # no loss, no drop: a checkpoint sits between updates
-    state["router"].update(group_left=1, group_route="t2i")
+    assert state["router"]["update_left"] == 0  # no loss, no drop: a checkpoint sits between updates
+    state["router"].update(update_left=1, update_routes=["t2i"])
     save_json(ck / "state.json", state)
     resumed = cfg_for(toy_raw, tmp_path, "open", learner__steps=6, learner__grad_accum=2, checkpoint__every=0)
     loop = TrainLoop(resumed, resume_from=ck, show_progress=False)

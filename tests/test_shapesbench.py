@@ -417,6 +417,36 @@ def test_plan_rows_follow_the_reference_and_label_ours(capsys):
         sb.main(["--quick", "--list", "--set", "variants=flowopd+kl_gradient_old_scale"])
 
 
+def test_opd_baselines_put_every_route_in_every_update_and_one_route_is_an_ablation(capsys):
+    """DiffusionOPD and FlowOPD (main and variant rows) run the reference's G = M recipe: one
+    accumulation group per route, one micro-batch each; one route per update is their labelled
+    ablation row, left out of the best-OPD-baseline claim."""
+    from danceopd.config import config_from_dict
+
+    sb = _bench()
+    plan = sb.PRESETS["full"]
+    for setting, s in sb.SETTINGS.items():
+        for method, ab in (("diffusionopd", None), ("flowopd", None), ("flowopd", "kl_gradient")):
+            raw = sb.student_cfg(plan, Path("/w"), setting, method, ab, 0, Path("/w/o"))
+            assert raw["routing"]["accumulation_groups"] == [[t] for t in s["tasks"]]
+            assert config_from_dict(raw).learner.grad_accum == len(s["tasks"])
+        for method, ab in (("diffusionopd", "one_route"), ("flowopd", "one_route"), ("danceopd", None), ("sft", None)):
+            raw = sb.student_cfg(plan, Path("/w"), setting, method, ab, 0, Path("/w/o"))
+            assert "accumulation_groups" not in raw["routing"] and config_from_dict(raw).learner.grad_accum == 1
+    assert ("t2i_edit", "diffusionopd", "one_route", 0) in sb.plan_jobs(plan)
+    assert sb.rows_of(plan)[-2:] == ["diffusionopd+one_route", "flowopd+one_route"]
+    assert sb.row_label("diffusionopd+one_route") == "ablation: DiffusionOPD, one route per update"
+    assert sb.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "every route per update (3 groups, grad_accum 3)" in out and "FlowOPD, one route per update" in out
+    edit = {"diffusionopd": 0.50, "diffusionopd+one_route": 0.70, "danceopd": 0.80}
+    runs = [_run("local_global", *row.partition("+")[::2], seed, e, e) for row, e in edit.items() for seed in (0, 1, 2)]
+    for r in runs:
+        r["ablation"] = r["ablation"] or None
+    specs = sb.claim_specs({"runs": runs, "teachers": {}}, "local_global", "equal_updates")
+    assert [row for _, row, _ in specs] == ["diffusionopd"]  # the ablation is better here, but not the baseline
+
+
 def test_per_prompt_outcomes_average_to_the_scores():
     prompts, ref = _t2i_set(24)
     x = ref.copy()
