@@ -389,7 +389,7 @@ def test_plan_rows_follow_the_reference_and_label_ours(capsys):
     for plan in sb.PRESETS.values():
         jobs = sb.plan_jobs(plan)
         for setting in plan.settings:
-            for seed in plan.seeds:
+            for seed in [s for s in sb.main_seeds(plan, setting) if s in plan.variant_seeds]:
                 rows = {(m, ab): sb.student_cfg(plan, Path("/w"), setting, m, ab, seed, Path("/w/o"))
                         for s, m, ab, sd in jobs if (s, sd) == (setting, seed)}
                 method = {k: raw["method"] for k, raw in rows.items()}
@@ -494,6 +494,43 @@ def test_claims_are_judged_on_paired_seeds_with_holm_over_the_setting():
     # the table's ± is the sample std over seeds (ddof = 1)
     agg = sb.aggregate(runs, "equal_wall_clock")
     assert agg[("local_global", "sft")]["local_edit.success"][1] == pytest.approx(0.01)
+
+
+def test_seed_plan_gives_setting_b_eight_seeds_and_judges_every_ablation_on_three():
+    sb = _bench()
+    plan = sb.PRESETS["full"]
+    jobs = sb.plan_jobs(plan)
+
+    def seeds(setting, method, ab=None):
+        return sorted(sd for s, m, a, sd in jobs if (s, m, a) == (setting, method, ab))
+
+    assert seeds("local_global", "danceopd") == seeds("local_global", "diffusionopd") == list(range(8))
+    assert seeds("t2i_edit", "danceopd") == [0, 1, 2]  # seed_caps: the 3-route setting's cost
+    assert seeds("local_global", "flowopd", "kl_gradient") == seeds("local_global", "danceopd", "softmix") == [0, 1, 2]
+    # every ablation and variant seed has DanceOPD's run of the same seed (its wall-clock budget, its pair)
+    assert all(sd in seeds(s, "danceopd") for s, m, a, sd in jobs)
+    with pytest.raises(SystemExit, match="seed_caps: 'local_global' is not SETTING:N"):
+        sb.main(["--list", "--set", "seed_caps=local_global"])
+
+
+def test_ablation_claims_are_a_family_of_their_own_on_the_capability_rate():
+    """DanceOPD against each ablation row, paired by seed: `beats` claims at equal updates, the K
+    claims `not worse` at equal wall clock, Holm within the ablations only."""
+    sb = _bench()
+    plan = replace(sb.PRESETS["full"], settings=("local_global",))
+    runs = [_run("local_global", "danceopd", None, sd, 0.6, 0.6) for sd in (0, 1, 2)]
+    runs += [_run("local_global", "danceopd", "softmix", sd, 0.3 + w, 0.3) for sd, w in zip((0, 1, 2), (0, .01, .02))]
+    k4 = [_run("local_global", "danceopd", "k4", sd, 0.62 + w, 0.62) for sd, w in zip((0, 1, 2), (0, .01, .02))]
+    for r in k4:  # K = 4 is better per update but pays for it: at equal wall clock it is worse
+        r["scores"]["equal_wall_clock"] = _run("local_global", "danceopd", "k4", 0, 0.5 + r["seed"] / 100, 0.5)["scores"]["equal_wall_clock"]
+    out = sb.claims(plan, {"plan": {}, "teachers": {}, "runs": runs + k4})
+    abl = [c for c in out if c["kind"] == "ablation"]
+    assert [(c["versus"], c["budget"]) for c in abl] == [("danceopd+softmix", "equal_updates"),
+                                                          ("danceopd+k4", "equal_wall_clock")]
+    assert all(c["family"] == 2 and c["outcome"] == "held" for c in abl)
+    assert abl[0]["diffs"] == pytest.approx([0.3, 0.295, 0.29])  # mean of local and global success
+    assert abl[1]["margin"] == sb.NOT_WORSE < 0
+    assert not [c for c in out if c["kind"] == "main"]  # no main row compared: no main family
 
 
 def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
