@@ -579,6 +579,12 @@ class Config(_Strict):
         p = Path(self.job.output_dir).expanduser()
         return p if p.is_absolute() else Path.cwd() / p
 
+    @property
+    def output_location(self) -> str:
+        """Where the job's outputs live, as a user names them: the URI on object storage (not its
+        local staging folder), else the output folder."""
+        return self.job.output_dir if "://" in self.job.output_dir else str(self.output_path)
+
     def route(self, name: str) -> RouteConfig:
         for r in self.routing.routes:
             if r.name == name:

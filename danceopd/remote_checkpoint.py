@@ -184,15 +184,15 @@ def fetch(store: Store, prefix: str, files: dict[str, int], local: Path) -> str 
     return f"damaged: {why}" if why else None
 
 
-def fetch_uri(uri: str, downloads: Path) -> Path:
-    """`--resume URI`: the checkpoint at `uri`, downloaded under `downloads`, or a one-line
-    FileNotFoundError / CheckpointError."""
+def fetch_uri(uri: str, downloads: Path, what: str = "--resume") -> Path:
+    """`--resume URI` (or `what`: another command's checkpoint argument): the checkpoint at `uri`,
+    downloaded under `downloads`, or a one-line FileNotFoundError / CheckpointError."""
     store = open_store(uri)
     files = store.files()
     if "COMPLETE" not in files:
-        raise FileNotFoundError(f"--resume {uri}: not a complete checkpoint (no COMPLETE object under it)")
+        raise FileNotFoundError(f"{what} {uri}: not a complete checkpoint (no COMPLETE object under it)")
     local = Path(downloads) / store.uri.rsplit("/", 1)[-1]
     why = remote_damage(store, "", files) or fetch(store, "", files, local)
     if why:
-        raise CheckpointError(f"--resume {uri}: the checkpoint is {why}")
+        raise CheckpointError(f"{what} {uri}: the checkpoint is {why}")
     return local

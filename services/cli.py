@@ -263,6 +263,33 @@ def show_config(config: Path, set_: list[str] | None = SetOpt):
 CkptConfigOpt = typer.Option(None, "--config", help="The job's config (default: the checkpoint's own config.yaml).")
 
 
+@contextlib.contextmanager
+def local_checkpoint(arg: str):
+    """A command's checkpoint argument as a folder: itself, or for the URI of one on object
+    storage (s3://, gs://, file://) a verified download in a temporary folder, removed after."""
+    from danceopd.storage import is_uri
+
+    if not is_uri(arg):
+        yield Path(arg)
+        return
+    import tempfile
+
+    from danceopd.checkpoint import CheckpointError
+    from danceopd.remote_checkpoint import fetch_uri
+
+    with tempfile.TemporaryDirectory(prefix="danceopd-checkpoint-") as tmp:
+        try:
+            path = fetch_uri(arg, Path(tmp), what="checkpoint")
+        except (FileNotFoundError, CheckpointError, OSError, ValueError) as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            fail(text if text.startswith(f"checkpoint {arg}") else f"checkpoint {arg}: {text}")
+        yield path
+
+
+CkptArg = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint folder (job.output_dir/checkpoints/step-NNNNNNNN) or its s3:// / gs:// / "
+                         "file:// URI, of either mode, full or LoRA.")
+
+
 def checkpoint_config(checkpoint: Path, config: Path | None, overrides: list[str] | None) -> Config:
     """The config a checkpoint was trained with (its config.yaml), or `--config`; one line on error."""
     if not (checkpoint / "model.safetensors").is_file():
@@ -286,7 +313,8 @@ def one_line(what: str, e: Exception):
 
 @app.command("sample")
 def sample_images(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (job.output_dir/checkpoints/step-NNNNNNNN), of either mode, full or LoRA."),
+    ctx: typer.Context,
+    checkpoint_arg: str = CkptArg,
     route: str = typer.Option(..., "--route", help="Route whose task the prompt belongs to."),
     prompt: str = typer.Option(..., "--prompt", help="The prompt."),
     source: Path | None = typer.Option(None, "--source", help="Source image of an edit route."),
@@ -303,6 +331,7 @@ def sample_images(
     from danceopd.pictures import save_png, to_rgb
     from services.checkpoints import student_weights
 
+    checkpoint = ctx.with_resource(local_checkpoint(checkpoint_arg))
     cfg = checkpoint_config(checkpoint, config, set_)
     try:
         r = cfg.route(route)
@@ -324,14 +353,15 @@ def sample_images(
         files = [save_png(to_rgb(x), out / f"{route}-{i:03d}.png").name for i, x in enumerate(images)]
     except Exception as e:  # noqa: BLE001 — bad prompt, source image, model folder ... one line
         one_line("sample", e)
-    (out / "samples.json").write_text(json.dumps({"checkpoint": str(checkpoint), "route": route, "prompt": prompt,
+    (out / "samples.json").write_text(json.dumps({"checkpoint": checkpoint_arg, "route": route, "prompt": prompt,
                                                   "source": source and str(source), "seeds": seeds, "files": files}, indent=1))
     typer.echo(f"wrote {n} images to {out} (route {route}, seeds {seeds[0]}..{seeds[-1]})")
 
 
 @app.command("eval")
 def evaluate_checkpoint(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, of either mode, full or LoRA."),
+    ctx: typer.Context,
+    checkpoint_arg: str = CkptArg,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     out: Path | None = typer.Option(None, "--out", help="Also write the PNG grid of each route here."),
     config: Path | None = CkptConfigOpt,
@@ -343,6 +373,7 @@ def evaluate_checkpoint(
     from danceopd.pictures import save_png
     from services.checkpoints import student_weights
 
+    checkpoint = ctx.with_resource(local_checkpoint(checkpoint_arg))
     cfg = checkpoint_config(checkpoint, config, set_)
     try:
         step = int(load_json(checkpoint / "state.json").get("step", -1)) if (checkpoint / "state.json").is_file() else -1
@@ -353,12 +384,12 @@ def evaluate_checkpoint(
     for route, grid in result["grids"].items() if out else ():
         save_png(grid, out / f"{route}.png")
     if as_json:
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "step": step, "seconds": result["seconds"],
+        typer.echo(json.dumps({"checkpoint": checkpoint_arg, "step": step, "seconds": result["seconds"],
                                "routes": result["routes"]}))
         return
     names = list(dict.fromkeys(k for m in result["routes"].values() for k in m))
     width = max(len(r) for r in result["routes"]) + 2
-    typer.echo(f"{checkpoint} (step {step}): {cfg.eval.prompts} prompts per route, {result['seconds']:.2f} s")
+    typer.echo(f"{checkpoint_arg} (step {step}): {cfg.eval.prompts} prompts per route, {result['seconds']:.2f} s")
     typer.echo("route".ljust(width) + "".join(k.rjust(14) for k in names))
     for route, m in result["routes"].items():
         typer.echo(route.ljust(width) + "".join((f"{m[k]:.4f}" if k in m else "-").rjust(14) for k in names))
@@ -366,7 +397,8 @@ def evaluate_checkpoint(
 
 @app.command("export")
 def export_checkpoint(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, of either mode, full or LoRA."),
+    ctx: typer.Context,
+    checkpoint_arg: str = CkptArg,
     out: Path = typer.Option(..., "--out", help="Folder to write: a diffusers pipeline (sd3, zimage), a model folder (shapes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty."),
     dtype: str = typer.Option("auto", "--dtype", help="The exported transformer's weights: auto (as the base's), float32, bfloat16, float16."),
@@ -379,6 +411,7 @@ def export_checkpoint(
     from danceopd.export import check_checkpoint, export
     from services.checkpoints import student_weights
 
+    checkpoint = ctx.with_resource(local_checkpoint(checkpoint_arg))
     try:
         check_checkpoint(checkpoint)
     except ValueError as e:

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,9 @@ def test_a_run_on_s3_checkpoints_there_and_resumes_from_there(bucket, job, tmp_p
     check_checkpoints(uri, [2, 4], run["run_id"])
     assert steps_logged(uri) == [1, 2, 3, 4]
     assert LOCK_FILE not in objects(uri)  # released
-    assert read_json(uri, "summary.json")["checkpoint"] == f"{uri}/checkpoints/step-00000004"
+    summary = read_json(uri, "summary.json")
+    assert summary["checkpoint"] == f"{uri}/checkpoints/step-00000004"
+    assert summary["output_dir"] == uri and summary["local_dir"].startswith(str(tmp_path / "staging"))
 
     # Another machine: an empty staging folder; everything it resumes from comes from the store.
     again = run_cli(config, "--resume", "auto", "--set", "learner.steps=6",
@@ -204,6 +207,22 @@ def test_a_file_uri_run_keeps_the_object_layout_and_resumes(job, tmp_path):
     rid = read_json(uri, "run.json")["run_id"]
     check_checkpoints(uri, [2, 4], rid)
     assert (tmp_path / "store" / "run" / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+    # eval and sample take the checkpoint's URI: a verified download, gone after the command
+    ckpt = f"{uri}/checkpoints/step-00000004"
+    before = set(Path(tempfile.gettempdir()).glob("danceopd-checkpoint-*"))
+    remote = CliRunner().invoke(app, ["eval", ckpt, "--json"])
+    assert remote.exit_code == 0, remote.output
+    local = CliRunner().invoke(app, ["eval", str(tmp_path / "store" / "run" / "checkpoints" / "step-00000004"), "--json"])
+    assert json.loads(remote.output)["routes"] == json.loads(local.output)["routes"]
+    assert json.loads(remote.output)["checkpoint"] == ckpt and json.loads(remote.output)["step"] == 4
+    out = tmp_path / "samples"
+    sampled = CliRunner().invoke(app, ["sample", ckpt, "--route", "t2i", "--prompt", "class 1", "--n", "2", "--out", str(out)])
+    assert sampled.exit_code == 0, sampled.output
+    assert json.loads((out / "samples.json").read_text())["checkpoint"] == ckpt and len(list(out.glob("*.png"))) == 2
+    assert set(Path(tempfile.gettempdir()).glob("danceopd-checkpoint-*")) == before
+    missing = CliRunner().invoke(app, ["eval", f"{uri}/checkpoints/step-00000009"])
+    assert missing.exit_code == 2 and f"checkpoint {uri}/checkpoints/step-00000009: not a complete checkpoint" in missing.output
+
     r = run_cli(config, "--resume", f"{uri}/checkpoints/step-00000002", "--set", "learner.steps=3")
     assert r.exit_code == 0, r.output
     assert read_json(uri, "run.json")["resumed_from"] == f"{uri}/checkpoints/step-00000002"

@@ -104,7 +104,8 @@ class JobLog:
                            for r, v in sorted(self.route_losses.items())},
             "timers_s": {k: round(v, 3) for k, v in self.timers.items()},
             "checkpoint": checkpoint,
-            "output_dir": str(self.out),
+            "output_dir": self.cfg.output_location,
+            **({"local_dir": str(self.out)} if self.cfg.output_location != str(self.out) else {}),
         }
         summary.update(extra or {})
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -121,7 +121,7 @@ class Telemetry:
             "samples": {k: acct[k] for k in ("issued", "produced", "consumed", "lost")},
             "workers": {"rollout": counts["rollout"], "learner": counts["learner"], "teacher": st.fleet.teacher_counts},
             "last_checkpoint": st.last_checkpoint, "last_step_time": time.time(),
-            "output_dir": str(self.cfg.output_path), "restarts": st.fleet.restarts, "failures": st.fleet.failures,
+            "output_dir": self.cfg.output_location, "restarts": st.fleet.restarts, "failures": st.fleet.failures,
             "pending": st.fleet.pending, "eval": self.eval_summary(st), "nonfinite": st.nonfinite,
         }
         return idle
