@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from danceopd import shapes_metrics as sm  # noqa: E402
 from danceopd import shapes_world as sw  # noqa: E402
+from danceopd.flow import sigma_grid  # noqa: E402
+from danceopd.queries import sigma_matched_law, sigma_visits  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import verdicts  # noqa: E402
@@ -66,6 +68,14 @@ VARIANTS = {"offpolicy+uniform": ("off-policy, uniform states (variant)", {"quer
             "flowopd+kl_gradient": ("FlowOPD (KL gradient, ours)", {"flowopd_estimator": "kl_gradient", "flowopd_groups": 1}),
             # only in results recomputed from runs made before the 2 sigma_t^2 reward scale
             "flowopd+kl_gradient_old_scale": ("FlowOPD (KL gradient, ours; old 1/σ_t² reward scale)", None)}
+# The paper's SD3.5 grid: worldbench/DanceOPD configs/paper/sd35_realism_absorption.yaml rolls out
+# training.rollout_steps 16 with the SD3.5-Medium pipeline's own scheduler (`set_timesteps` on
+# `self.pipe.scheduler`, danceopd/backends/sd35_diffusers.py), a FlowMatchEulerDiscreteScheduler with
+# shift 3.0 (stabilityai/stable-diffusion-3.5-medium, scheduler/scheduler_config.json).
+PAPER_GRID = ("sd3", 16, 3.0)
+# Ablations that query, on this benchmark's grid, the noise levels the named rule queries on the
+# paper's grid (danceopd.queries.sigma_matched_law): what the paper's query-bias labels mean here.
+PAPER_MATCHED = {f"paper_{b}": b for b in ("low_t", "mid_t", "high_t", "uniform")}
 SETTINGS = {
     "t2i_edit": {"tasks": ("t2i", "local_edit", "global_edit"), "weights": (0.5, 0.25, 0.25),
                  "anchor": "t2i", "other": "local_edit", "title": "(a) T2I + Edit fusion, student from the T2I teacher"},
@@ -114,7 +124,7 @@ class Plan:
     seeds: tuple = (0, 1, 2)
     ablation_seeds: tuple = (0,)
     variants: tuple = ("offpolicy+uniform", "flowopd+kl_gradient")
-    ablations: tuple = ("softmix", "k4", "kall", "mid_t", "high_t", "uniform", "sample_routes", "other_init")
+    ablations: tuple = ("softmix", "k4", "kall", "mid_t", "high_t", "uniform", *PAPER_MATCHED, "sample_routes", "other_init")
     settings: tuple = ("t2i_edit", "local_global")
     grid_rows: int = 6
     eval_seed: int = 777
@@ -174,8 +184,8 @@ def variant(setting: str, method: str, ablation: str | None) -> dict:
         m["k"] = 4
     elif ablation == "kall":
         m["k"] = "all"
-    elif ablation in ("mid_t", "high_t", "uniform"):
-        m["query_bias"] = ablation
+    elif ablation in ("mid_t", "high_t", "uniform", *PAPER_MATCHED):
+        m["query_bias"] = ablation  # a paper_* name becomes its law on the plan's grid in student_cfg
     elif ablation == "sample_routes":
         change["granularity"] = "sample"
     elif ablation == "other_init":
@@ -195,8 +205,67 @@ def student_cfg(plan: Plan, root: Path, setting: str, method: str, ablation: str
     m = v["method"]
     raw["method"] = {**m, "rollout_steps": plan.rollout_steps, "shift": plan.shift,
                      "k": plan.rollout_steps if m["k"] == "all" else m["k"]}
+    if m["query_bias"] in PAPER_MATCHED:
+        raw["method"]["query_bias"] = paper_law(plan, PAPER_MATCHED[m["query_bias"]])
     raw["checkpoint"] = {"every": max(1, plan.updates // 10), "keep": 100000}
     return raw
+
+
+def bench_sigmas(plan: Plan):
+    """The N + 1 sigmas of the benchmark's grid (`method.sigma_grid: auto`: the shapes backend's family)."""
+    from danceopd.backends import backend_class
+
+    return sigma_grid(backend_class("shapes").sigma_grid, plan.rollout_steps, plan.shift)
+
+
+def paper_law(plan: Plan, bias: str) -> list[float]:
+    """The law over this grid's indices that visits the sigmas `bias` visits on the paper's grid."""
+    return sigma_matched_law(bias, bench_sigmas(plan), sigma_grid(*PAPER_GRID)).tolist()
+
+
+def query_noise_lines(plan: Plan) -> list[str]:
+    """The noise levels each query bias visits, on this grid and on the paper's, and how they relate."""
+    here, paper = bench_sigmas(plan), sigma_grid(*PAPER_GRID)
+    _, steps, shift = PAPER_GRID
+
+    def cell(v):
+        return f"{v.mean:.3f} [{v.q25:.2f}, {v.median:.2f}, {v.q75:.2f}]"
+
+    biases = ("low_t", "mid_t", "high_t", "uniform")
+    h = {b: sigma_visits(b, here) for b in biases}
+    p = {b: sigma_visits(b, paper) for b in biases}
+    rows = [f"| `{b}` (index rule) | {cell(h[b])} | {cell(p[b])} |" for b in biases]
+    rows += [f"| `{a}` (σ-matched) | {cell(sigma_visits(paper_law(plan, b), here))} | — |" for a, b in PAPER_MATCHED.items()]
+    below = all(h["low_t"].mean < v.mean for v in p.values())
+    return [
+        f"- query noise: the σ of the states each query bias visits (K = 1; exact, from the Beta law over the grid "
+        "indices, `danceopd.queries.sigma_visits`): mean [quartiles]. The paper's grid is the reference trainer's "
+        f"SD3.5 recipe (worldbench/DanceOPD `configs/paper/sd35_realism_absorption.yaml`: {steps} rollout steps on "
+        f"the SD3.5-Medium scheduler, FlowMatchEulerDiscreteScheduler shift {shift:g}).",
+        "",
+        f"| query bias | this grid ({plan.rollout_steps} steps, shift {plan.shift:g}) | paper's grid ({steps} steps, "
+        f"shift {shift:g}) |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "The index rule is the reference's: a Beta draw picks a trajectory index, so what noise it queries depends "
+        "on the grid. Both grids space their states evenly before the shift σ' = sσ / (1 + (s − 1)σ); the paper's "
+        "shift lifts each state's σ, so the same index law queries noisier states there: "
+        + ", ".join(f"`{b}` {h[b].mean:.2f} here vs {p[b].mean:.2f} there" for b in biases)
+        + (". `low_t` here queries less noise than every rule does on the paper's grid" if below else "")
+        + ". The main rows keep the reference's index rule (`low_t`), and the ablations `mid_t`, `high_t`, "
+        "`uniform` compare index rules on this grid. The σ-matched laws put the paper's query-bias ablation (its "
+        "default `low_t` against `mid_t`, `high_t`, `uniform`) at the paper's noise levels: each is an explicit law "
+        "over this grid's indices (`method.query_bias` as a list) that gives each paper state's probability to the "
+        "two states of this grid around its σ, in proportion to closeness, so the mean σ is the paper's exactly "
+        "(`danceopd.queries.sigma_matched_law`); "
+        + (f"the `paper_*` ablation rows train on them ({', '.join(a for a in plan.ablations if a in PAPER_MATCHED)}). "
+           if any(a in PAPER_MATCHED for a in plan.ablations) else "this run has no `paper_*` ablation rows (the full "
+           "plan has them). ")
+        + "The benchmark keeps its own grid because its teachers are trained on it (shift 3 blurred every "
+        "teacher's shapes).",
+        "",
+    ]
 
 
 def run_train(raw: dict, resume: Path | None = None, steps: int | None = None) -> dict:
@@ -575,7 +644,8 @@ def row_label(row: str) -> str:
     return {"softmix": "ablation: soft mixture of teachers", "k4": "ablation: K = 4", "kall": "ablation: K = all (N)",
             "mid_t": "ablation: query bias mid_t", "high_t": "ablation: query bias high_t",
             "uniform": "ablation: query bias uniform", "sample_routes": "ablation: route per sample",
-            "other_init": "ablation: init from the other teacher"}.get(ab, ab)
+            "other_init": "ablation: init from the other teacher",
+            **{a: f"ablation: query bias {b}, paper's σ" for a, b in PAPER_MATCHED.items()}}.get(ab, ab)
 
 
 def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
@@ -820,6 +890,7 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "grid states drawn uniformly (plain flow matching); rollout methods query the paper's default `low_t` "
           "states, K = 1.",
           *method_lines(plan),
+          *query_noise_lines(plan),
           f"- seeds: main and variant rows {list(plan.seeds)} (mean ± sample std), ablations {list(plan.ablation_seeds)}.",
           "- metrics (danceopd/shapes_metrics.py): T2I FD = Fréchet distance in the 64-d features of a fixed attribute "
           "classifier (seed 0, saved under bench/results/shapes_features/) to the held-out ground-truth images; T2I acc = "
@@ -1007,14 +1078,19 @@ def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
     return jobs
 
 
+def fmt_value(v) -> str:
+    return "[" + ", ".join(f"{x:.3f}" for x in v) + "]" if isinstance(v, list) else str(v)
+
+
 def list_plan(plan: Plan) -> None:
     print(f"ShapesBench {plan.name}: teachers {', '.join(f'{t} {steps_of(plan, t)}' for t in sw.TASKS)} updates; "
           f"students {plan.updates} updates of {plan.batch}")
+    print("\n".join(query_noise_lines(plan)))
     root = Path("WORK")
     for setting, method, ab, seed in plan_jobs(plan):
         raw = student_cfg(plan, root, setting, method, ab, seed, root / "out")
         row = method if ab is None else f"{method}+{ab}"
-        extra = ", ".join([f"{k} {v}" for k, v in raw["method"].items() if k not in ("rollout_steps", "shift")]
+        extra = ", ".join([f"{k} {fmt_value(v)}" for k, v in raw["method"].items() if k not in ("rollout_steps", "shift")]
                           + [f"routes per {raw['routing']['granularity']}", f"init {Path(raw['student']['init']).name}"])
         print(f"{setting:13s} seed {seed}  {row_label(row):45s} {extra}")
 
