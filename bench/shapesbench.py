@@ -27,6 +27,7 @@ Every training job goes through services/loop.py `train(cfg, mode="local")`.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -45,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from danceopd import shapes_metrics as sm  # noqa: E402
 from danceopd import shapes_world as sw  # noqa: E402
+from danceopd.flow import sigma_grid  # noqa: E402
+from danceopd.queries import sigma_matched_law, sigma_visits  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import verdicts  # noqa: E402
@@ -72,6 +75,14 @@ VARIANTS = {"offpolicy+uniform": ("off-policy, uniform states (variant)", {"quer
             "flowopd+kl_gradient": ("FlowOPD (KL gradient, ours)", {"flowopd_estimator": "kl_gradient", "flowopd_groups": 1}),
             # only in results recomputed from runs made before the 2 sigma_t^2 reward scale
             "flowopd+kl_gradient_old_scale": ("FlowOPD (KL gradient, ours; old 1/σ_t² reward scale)", None)}
+# The paper's SD3.5 grid: worldbench/DanceOPD configs/paper/sd35_realism_absorption.yaml rolls out
+# training.rollout_steps 16 with the SD3.5-Medium pipeline's own scheduler (`set_timesteps` on
+# `self.pipe.scheduler`, danceopd/backends/sd35_diffusers.py), a FlowMatchEulerDiscreteScheduler with
+# shift 3.0 (stabilityai/stable-diffusion-3.5-medium, scheduler/scheduler_config.json).
+PAPER_GRID = ("sd3", 16, 3.0)
+# Ablations that query, on this benchmark's grid, the noise levels the named rule queries on the
+# paper's grid (danceopd.queries.sigma_matched_law): what the paper's query-bias labels mean here.
+PAPER_MATCHED = {f"paper_{b}": b for b in ("low_t", "mid_t", "high_t", "uniform")}
 SETTINGS = {
     "t2i_edit": {"tasks": ("t2i", "local_edit", "global_edit"), "weights": (0.5, 0.25, 0.25),
                  "anchor": "t2i", "other": "local_edit", "title": "(a) T2I + Edit fusion, student from the T2I teacher"},
@@ -125,11 +136,16 @@ class Plan:
     seeds: tuple = (0, 1, 2, 3, 4, 5, 6, 7)
     seed_caps: tuple = ("t2i_edit:3",)
     variant_seeds: tuple = (0, 1, 2)  # of a setting's main-row seeds, those its variant rows run
+    # Rows no claim judges run on the first n of their seeds ("row:n"): our FlowOPD estimator and
+    # the OPD baselines' one-route-per-update rows (each about 6x DanceOPD's cost). The budget's cut.
+    row_caps: tuple = ("flowopd+kl_gradient:1", "diffusionopd+one_route:1", "flowopd+one_route:1")
     ablation_seeds: tuple = (0, 1, 2)  # of a setting's main-row seeds, those its ablations run (each judged)
     variants: tuple = ("offpolicy+uniform", "flowopd+kl_gradient")
-    # DanceOPD ablations by name; another method's as method+name
-    ablations: tuple = ("softmix", "k4", "kall", "mid_t", "high_t", "uniform", "sample_routes", "other_init",
-                        "diffusionopd+one_route", "flowopd+one_route")
+    # DanceOPD ablations by name; another method's as method+name. The query-noise rows are the
+    # paper-matched ones (the paper's grid's noise levels; the index rules mid_t / high_t / uniform
+    # on this grid stay runnable with --set ablations=...): the budget's cut.
+    ablations: tuple = ("softmix", "k4", "kall", "paper_low_t", "paper_mid_t", "paper_high_t", "sample_routes",
+                        "other_init", "diffusionopd+one_route", "flowopd+one_route")
     settings: tuple = ("t2i_edit", "local_global")
     grid_rows: int = 6
     eval_seed: int = 777
@@ -189,8 +205,8 @@ def variant(setting: str, method: str, ablation: str | None) -> dict:
         m["k"] = 4
     elif ablation == "kall":
         m["k"] = "all"
-    elif ablation in ("mid_t", "high_t", "uniform"):
-        m["query_bias"] = ablation
+    elif ablation in ("mid_t", "high_t", "uniform", *PAPER_MATCHED):
+        m["query_bias"] = ablation  # a paper_* name becomes its law on the plan's grid in student_cfg
     elif ablation == "sample_routes":
         change["granularity"] = "sample"
     elif ablation == "other_init":
@@ -215,8 +231,67 @@ def student_cfg(plan: Plan, root: Path, setting: str, method: str, ablation: str
     m = v["method"]
     raw["method"] = {**m, "rollout_steps": plan.rollout_steps, "shift": plan.shift,
                      "k": plan.rollout_steps if m["k"] == "all" else m["k"]}
+    if m["query_bias"] in PAPER_MATCHED:
+        raw["method"]["query_bias"] = paper_law(plan, PAPER_MATCHED[m["query_bias"]])
     raw["checkpoint"] = {"every": max(1, plan.updates // 10), "keep": 100000}
     return raw
+
+
+def bench_sigmas(plan: Plan):
+    """The N + 1 sigmas of the benchmark's grid (`method.sigma_grid: auto`: the shapes backend's family)."""
+    from danceopd.backends import backend_class
+
+    return sigma_grid(backend_class("shapes").sigma_grid, plan.rollout_steps, plan.shift)
+
+
+def paper_law(plan: Plan, bias: str) -> list[float]:
+    """The law over this grid's indices that visits the sigmas `bias` visits on the paper's grid."""
+    return sigma_matched_law(bias, bench_sigmas(plan), sigma_grid(*PAPER_GRID)).tolist()
+
+
+def query_noise_lines(plan: Plan) -> list[str]:
+    """The noise levels each query bias visits, on this grid and on the paper's, and how they relate."""
+    here, paper = bench_sigmas(plan), sigma_grid(*PAPER_GRID)
+    _, steps, shift = PAPER_GRID
+
+    def cell(v):
+        return f"{v.mean:.3f} [{v.q25:.2f}, {v.median:.2f}, {v.q75:.2f}]"
+
+    biases = ("low_t", "mid_t", "high_t", "uniform")
+    h = {b: sigma_visits(b, here) for b in biases}
+    p = {b: sigma_visits(b, paper) for b in biases}
+    rows = [f"| `{b}` (index rule) | {cell(h[b])} | {cell(p[b])} |" for b in biases]
+    rows += [f"| `{a}` (σ-matched) | {cell(sigma_visits(paper_law(plan, b), here))} | — |" for a, b in PAPER_MATCHED.items()]
+    below = all(h["low_t"].mean < v.mean for v in p.values())
+    return [
+        f"- query noise: the σ of the states each query bias visits (K = 1; exact, from the Beta law over the grid "
+        "indices, `danceopd.queries.sigma_visits`): mean [quartiles]. The paper's grid is the reference trainer's "
+        f"SD3.5 recipe (worldbench/DanceOPD `configs/paper/sd35_realism_absorption.yaml`: {steps} rollout steps on "
+        f"the SD3.5-Medium scheduler, FlowMatchEulerDiscreteScheduler shift {shift:g}).",
+        "",
+        f"| query bias | this grid ({plan.rollout_steps} steps, shift {plan.shift:g}) | paper's grid ({steps} steps, "
+        f"shift {shift:g}) |",
+        "|---|---|---|",
+        *rows,
+        "",
+        "The index rule is the reference's: a Beta draw picks a trajectory index, so what noise it queries depends "
+        "on the grid. Both grids space their states evenly before the shift σ' = sσ / (1 + (s − 1)σ); the paper's "
+        "shift lifts each state's σ, so the same index law queries noisier states there: "
+        + ", ".join(f"`{b}` {h[b].mean:.2f} here vs {p[b].mean:.2f} there" for b in biases)
+        + (". `low_t` here queries less noise than every rule does on the paper's grid" if below else "")
+        + ". The main rows keep the reference's index rule (`low_t`), and the ablations `mid_t`, `high_t`, "
+        "`uniform` compare index rules on this grid. The σ-matched laws put the paper's query-bias ablation (its "
+        "default `low_t` against `mid_t`, `high_t`, `uniform`) at the paper's noise levels: each is an explicit law "
+        "over this grid's indices (`method.query_bias` as a list) that gives each paper state's probability to the "
+        "two states of this grid around its σ, in proportion to closeness, so the mean σ is the paper's exactly "
+        "(`danceopd.queries.sigma_matched_law`); "
+        + (f"the `paper_*` ablation rows train on them ({', '.join(a for a in plan.ablations if a in PAPER_MATCHED)}). "
+           if any(a in PAPER_MATCHED for a in plan.ablations) else "this run has no `paper_*` ablation rows (the full "
+           "plan has them). ")
+        + "The benchmark keeps its own grid because its teachers are trained on it (shift 3 blurred every "
+        "teacher's shapes).",
+        "",
+    ]
 
 
 def run_train(raw: dict, resume: Path | None = None, steps: int | None = None) -> dict:
@@ -604,7 +679,8 @@ def row_label(row: str) -> str:
     return {"softmix": "ablation: soft mixture of teachers", "k4": "ablation: K = 4", "kall": "ablation: K = all (N)",
             "mid_t": "ablation: query bias mid_t", "high_t": "ablation: query bias high_t",
             "uniform": "ablation: query bias uniform", "sample_routes": "ablation: route per sample",
-            "other_init": "ablation: init from the other teacher"}.get(ab, ab)
+            "other_init": "ablation: init from the other teacher",
+            **{a: f"ablation: query bias {b}, paper's σ" for a, b in PAPER_MATCHED.items()}}.get(ab, ab)
 
 
 def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
@@ -672,8 +748,9 @@ def claim_specs(res: dict, setting: str, budget: str) -> list[tuple]:
             specs.append((verdicts.Claim(f"DanceOPD beats {name} on editing (mean edit success), vs {row_label(row)}",
                                          d, seeds, BEATS_MARGIN, EQUIVALENCE), row,
                           f"{e_d:.3f} vs {edit_score(agg[(setting, row)]):.3f}"))
-    # the OPD baselines as the reference runs them (not their one-route-per-update ablation)
-    opd = sorted(r for r in rows if r.split("+", 1)[0] in GROUPED and not r.endswith(f"+{ONE_ROUTE}"))
+    # the reference's baselines: not our variants, not one_route (results from before the reference
+    # estimator row: their FlowOPD row, then the main one)
+    opd = sorted(r for r in rows if r in GROUPED or r == "flowopd+kl_gradient_old_scale")
     if opd:
         best = max(opd, key=lambda r: edit_score(agg[(setting, r)]))
         e_b = edit_score(agg[(setting, best)])
@@ -702,14 +779,20 @@ def claim_specs(res: dict, setting: str, budget: str) -> list[tuple]:
 # one query's point is its cost (N / K fewer teacher calls), so those are judged at equal wall clock.
 # "not worse" claims hold when DanceOPD is at most NOT_WORSE below the ablation.
 NOT_WORSE = -0.05
-ABLATION_CLAIMS = (
-    ("softmix", "beats", "equal_updates", "Hard routing beats a soft mixture of all teachers' fields"),
-    ("k4", "not_worse", "equal_wall_clock", "One query state (K = 1) is not worse than K = 4 (at most 5 points below)"),
-    ("kall", "not_worse", "equal_wall_clock", "One query state (K = 1) is not worse than querying every state (K = N; at most 5 points below)"),
-    ("high_t", "beats", "equal_updates", "Low-noise queries (low_t) beat high-noise ones (high_t)"),
-    ("mid_t", "beats", "equal_updates", "Low-noise queries (low_t) beat mid-noise ones (mid_t)"),
-    ("sample_routes", "not_worse", "equal_updates", "One route per update is not worse than a route per sample (at most 5 points below)"),
-    ("other_init", "beats", "equal_updates", "A relevant initialisation beats another task's teacher as the init"),
+ABLATION_CLAIMS = (  # (our row, the ablation row, kind, budget, claim); rows that did not run are skipped
+    ("danceopd", "softmix", "beats", "equal_updates", "Hard routing beats a soft mixture of all teachers' fields"),
+    ("danceopd", "k4", "not_worse", "equal_wall_clock", "One query state (K = 1) is not worse than K = 4 (at most 5 points below)"),
+    ("danceopd", "kall", "not_worse", "equal_wall_clock", "One query state (K = 1) is not worse than querying every state (K = N; at most 5 points below)"),
+    # the paper's query-noise claim at the paper's noise levels (its grid's σ laws matched on ours)
+    ("danceopd+paper_low_t", "paper_high_t", "beats", "equal_updates",
+     "Low-noise queries beat high-noise ones, at the paper's noise levels (low_t vs high_t, paper's σ)"),
+    ("danceopd+paper_low_t", "paper_mid_t", "beats", "equal_updates",
+     "Low-noise queries beat mid-noise ones, at the paper's noise levels (low_t vs mid_t, paper's σ)"),
+    # the same index rules on this benchmark's grid (not in the full plan: --set ablations=...)
+    ("danceopd", "high_t", "beats", "equal_updates", "Low-noise queries (low_t) beat high-noise ones (high_t), this grid's σ"),
+    ("danceopd", "mid_t", "beats", "equal_updates", "Low-noise queries (low_t) beat mid-noise ones (mid_t), this grid's σ"),
+    ("danceopd", "sample_routes", "not_worse", "equal_updates", "One route per update is not worse than a route per sample (at most 5 points below)"),
+    ("danceopd", "other_init", "beats", "equal_updates", "A relevant initialisation beats another task's teacher as the init"),
 )
 
 
@@ -723,13 +806,15 @@ def ablation_specs(res: dict, setting: str) -> list[tuple]:
     if (setting, "danceopd") not in aggregate(res["runs"], "equal_updates"):
         return []
     specs = []
-    for ab, kind, budget, text in ABLATION_CLAIMS:
+    for ours_row, ab, kind, budget, text in ABLATION_CLAIMS:
         row = f"danceopd+{ab}"
-        dance = per_seed(res, setting, "danceopd", budget, capability_rate)
+        dance = per_seed(res, setting, ours_row, budget, capability_rate)
         theirs = per_seed(res, setting, row, budget, capability_rate)
-        if not theirs:
+        if not theirs or not dance:
             continue
         seeds, d = paired(dance, theirs)
+        if not seeds:
+            continue
         margin, band = (BEATS_MARGIN, EQUIVALENCE) if kind == "beats" else (NOT_WORSE, None)
         means = (f"{np.mean([dance[s] for s in seeds]):.3f} vs {np.mean([theirs[s] for s in seeds]):.3f} "
                  "(mean capability rate)")
@@ -907,6 +992,7 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "grid states drawn uniformly (plain flow matching); rollout methods query the paper's default `low_t` "
           "states, K = 1.",
           *method_lines(plan, res),
+          *query_noise_lines(plan),
           "- seeds: main rows " + "; ".join(f"{s} {list(main_seeds(plan, s))}" for s in plan.settings)
           + f"; variant rows {list(plan.variant_seeds)}, ablations {list(plan.ablation_seeds)} (of each setting's main-row "
           "seeds); mean ± sample std.",
@@ -937,7 +1023,8 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
            "OPD baseline. Measured here (the rule: [How the claims are judged](#how-the-claims-are-judged)):", "",
            *map(claim_line, [c for c in res["claims"] if c.get("kind", "main") == "main"]), "",
            *(["### The paper's ablation claims", "",
-              "DanceOPD's main row against each ablation row, paired by seed, on the mean of the setting's "
+              "DanceOPD's main row against each ablation row (the query-noise claims: the row querying the paper's "
+              "low_t noise levels against the paper's mid_t and high_t ones), paired by seed, on the mean of the setting's "
               "capabilities (T2I accuracy and edit success) at equal updates, the K claims at equal wall clock (one "
               "query's point is its cost); the ablation claims of a setting are "
               f"their own Holm family. \"Not worse\" claims hold when DanceOPD is at most {-NOT_WORSE:g} below "
@@ -1089,6 +1176,10 @@ def plan_from(args) -> Plan:
     unknown = set(plan.variants) - set(runnable)
     if unknown:
         raise SystemExit(f"error: --set variants: unknown variant {sorted(unknown)[0]!r} (known: {', '.join(runnable)})")
+    for cap in plan.row_caps:
+        row, sep, n = cap.rpartition(":")
+        if not sep or row.split("+", 1)[0] not in MAIN or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"error: --set row_caps: {cap!r} is not ROW:N with a row (method or method+variant) and N >= 1")
     for cap in plan.seed_caps:
         setting, sep, n = cap.partition(":")
         if not sep or setting not in SETTINGS or not n.isdigit() or int(n) < 1:
@@ -1114,12 +1205,25 @@ def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
                 jobs += [(setting, *v.split("+", 1), seed) for v in plan.variants]
             if seed in plan.ablation_seeds:
                 jobs += [(setting, *ablation_job(a), seed) for a in plan.ablations]
-    return jobs
+    caps = {row: int(n) for row, n in (c.rsplit(":", 1) for c in plan.row_caps)}
+    seen: collections.Counter = collections.Counter()
+    out = []
+    for job in jobs:  # in seed order: a capped row keeps its first n seeds
+        row = f"{job[1]}+{job[2]}" if job[2] else job[1]
+        seen[(job[0], row)] += 1
+        if seen[(job[0], row)] <= caps.get(row, len(plan.seeds)):
+            out.append(job)
+    return out
+
+
+def fmt_value(v) -> str:
+    return "[" + ", ".join(f"{x:.3f}" for x in v) + "]" if isinstance(v, list) else str(v)
 
 
 def list_plan(plan: Plan) -> None:
     print(f"ShapesBench {plan.name}: teachers {', '.join(f'{t} {steps_of(plan, t)}' for t in sw.TASKS)} updates; "
           f"students {plan.updates} updates of {plan.batch}")
+    print("\n".join(query_noise_lines(plan)))
     root = Path("WORK")
     for setting, method, ab, seed in plan_jobs(plan):
         raw = student_cfg(plan, root, setting, method, ab, seed, root / "out")
@@ -1127,7 +1231,7 @@ def list_plan(plan: Plan) -> None:
         groups = raw["routing"].get("accumulation_groups")
         routing = (f"every route per update ({len(groups)} groups, grad_accum {raw['learner']['grad_accum']})" if groups
                    else "one route per update" if raw["routing"]["granularity"] == "update" else "a route per sample")
-        extra = ", ".join([f"{k} {v}" for k, v in raw["method"].items() if k not in ("rollout_steps", "shift")]
+        extra = ", ".join([f"{k} {fmt_value(v)}" for k, v in raw["method"].items() if k not in ("rollout_steps", "shift")]
                           + [routing, f"init {Path(raw['student']['init']).name}"])
         print(f"{setting:13s} seed {seed}  {row_label(row):45s} {extra}")
 

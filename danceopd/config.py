@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -282,6 +282,7 @@ class DataConfig(_Strict):
 
 
 QueryBias = Literal["low_t", "mid_t", "high_t", "uniform", "stratified"]
+QueryLaw = list[float]  # P(index = i), one per grid index (each in [0, 1]: MethodConfig._query_bias)
 MethodName = Literal["danceopd", "diffusionopd", "flowopd", "offpolicy", "sft", "softmix"]
 
 
@@ -291,7 +292,7 @@ class MethodConfig(_Strict):
     shift: float = Field(3.0, gt=0, le=100, description="Sigma-schedule shift s.")
     sigma_grid: Literal["auto", "sd3", "zimage"] = Field("auto", description="Sigma grid of the rollout: `sd3` (diffusers' FlowMatchEulerDiscreteScheduler, bit for bit), `zimage` (the reference trainer's Z-Image grid, shift(linspace(1, 0, N+1))[:N] then 0), or `auto`: the backend's model family (toy, shapes and sim: sd3).")
     k: int = Field(1, ge=1, le=1000, description="K: query states per rollout (danceopd, softmix, flowopd).")
-    query_bias: QueryBias = Field("low_t", description="Which trajectory states to query.")
+    query_bias: QueryBias | QueryLaw = Field("low_t", description="Which trajectory states to query: a named rule (DESIGN §1: index min(int(u N), N - 1), u ~ Beta(5, 2) for `low_t`, (5, 5) `mid_t`, (2, 5) `high_t`, U(0, 1) `uniform`; `stratified`: one uniform draw in each of K strata), or an explicit law, rollout_steps probabilities summing to 1, one per grid index (`danceopd.queries.sigma_matched_law` builds one that visits the noise levels a named rule visits on another grid).")
     teacher_cfg_scale: float = Field(1.0, ge=0, le=MAX_SCALE, description="CFG absorbed on the teacher side (1 = one pass).")
     rollout_cfg_scale: float = Field(1.0, ge=0, le=MAX_SCALE, description="CFG the student uses while rolling out (1 = none).")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="sft: probability that a sample's text is dropped (the source image of an edit is kept), so a teacher trained with sft has a real unconditional branch for CFG.")
@@ -304,6 +305,38 @@ class MethodConfig(_Strict):
     flowopd_estimator: Literal["kl_gradient", "per_step_detached"] = Field("kl_gradient", description="flowopd: `kl_gradient` descends E[sum KL] (pathwise KL term + reward-to-go surrogate); `per_step_detached` is the reference's form (a row's own detached reward as its advantage), whose expected on-policy gradient is zero.")
     flowopd_reward_scale: Literal["variance", "step_variance"] = Field("variance", description="flowopd: divide the squared mean difference by 2 sigma_t^2, sigma_t the SDE's diffusion coefficient (`variance`, reference), or by 2 sigma_t^2 dt, the step's variance (`step_variance`: the exact Gaussian KL of a step).")
     flowopd_adv_clamp: float = Field(5.0, gt=0, description="flowopd: advantages are clamped to +-this (reference: 5).")
+
+    @field_validator("query_bias", mode="before")
+    @classmethod
+    def _query_bias(cls, v: Any) -> Any:
+        # One line per mistake (the union's own errors name both branches).
+        names = get_args(QueryBias)
+        if isinstance(v, str):
+            if v not in names:
+                raise ValueError(f"unknown query bias {v!r} (known: {', '.join(names)}, or a list of index probabilities)")
+        elif not isinstance(v, list | tuple):
+            raise ValueError(f"{v!r} is neither a query bias ({', '.join(names)}) nor a list of index probabilities")
+        else:
+            bad = [p for p in v if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1]
+            if bad:
+                raise ValueError(f"index probability {bad[0]!r} is not a number in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _query_law(self) -> MethodConfig:
+        law = self.query_bias
+        if isinstance(law, str):
+            return self
+        if len(law) != self.rollout_steps:
+            raise ValueError(f"method.query_bias: {len(law)} index probabilities for rollout_steps={self.rollout_steps}; "
+                             "give one per grid index")
+        if abs(sum(law) - 1) > 1e-6:
+            raise ValueError(f"method.query_bias: the index probabilities sum to {sum(law):.6g}, not 1")
+        support = sum(p > 0 for p in law)
+        if self.k > support:
+            raise ValueError(f"method.k: {self.k} query states, but method.query_bias gives a positive probability to "
+                             f"only {support} of the {len(law)} grid indices")
+        return self
 
 
 class RolloutConfig(_Placed):
