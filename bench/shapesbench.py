@@ -947,6 +947,38 @@ def method_lines(plan: Plan, res: dict) -> list[str]:
     ]
 
 
+README_BEGIN = "<!-- shapesbench-verdicts: written by bench/shapesbench.py from bench/results/shapesbench.json -->"
+README_END = "<!-- /shapesbench-verdicts -->"
+
+
+def readme_verdicts(res: dict) -> str:
+    """The README's results block: every claim of a full run, its verdict and its interval."""
+    seeds = {st: sorted({r["seed"] for r in res["runs"] if r["setting"] == st and row_key(r) == "danceopd"})
+             for st in res["plan"]["settings"]}
+    lines = [README_BEGIN, "",
+             f"Run: {res['plan']['n_heldout']} held-out prompts per task; DanceOPD trained on "
+             + ", ".join(f"{len(v)} seed(s) in {'(a)' if st == 't2i_edit' else '(b)'}" for st, v in seeds.items())
+             + (f"; {res['seconds'] / 60:.0f} min." if "seconds" in res else ".")
+             + (" Recomputed from an earlier run's per-seed rates (see the report's note)." if res.get("recomputed") else ""),
+             "", "| setting, budget | claim | verdict | mean difference [interval], seeds |", "|---|---|---|---|"]
+    for c in res["claims"]:
+        where = f"({'a' if c['setting'] == 't2i_edit' else 'b'}), {c['budget'].replace('_', ' ')}"
+        stats = (f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], {c['n']}" if c["ci"] is not None
+                 else f"{c['mean']:+.3f} (no interval), {c['n']}")
+        lines.append(f"| {where} | {c['claim']} | **{c['outcome']}** | {stats} |")
+    return "\n".join([*lines, "", README_END])
+
+
+def write_readme_verdicts(res: dict, readme: Path = ROOT / "README.md") -> None:
+    """Replace the block between the README's markers (the full run's results only)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        log(f"{readme}: no results block to update (markers missing)")
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + readme_verdicts(res) + rest.split(README_END, 1)[1])
+
+
 def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "shapesbench" if plan.name == "full" else f"shapesbench-{plan.name}"
@@ -955,6 +987,8 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
     res["claims"] = claims(plan, res)
     res["calibration"] = calibration(plan, res)
     (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float))
+    if plan.name == "full" and out_dir.resolve() == RESULTS.resolve():
+        write_readme_verdicts(res)
     pictures_out = plots(plan, res, grids, scorer, fig_dir)
     p = res["teachers"]
     tp = {k: v["params"] for k, v in p.items()}

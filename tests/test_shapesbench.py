@@ -539,6 +539,22 @@ def test_ablation_claims_are_a_family_of_their_own_on_the_capability_rate():
     assert not [c for c in out if c["kind"] == "main"]  # no main row compared: no main family
 
 
+def test_readme_states_every_claims_verdict_of_the_committed_run(tmp_path):
+    """The README's results block is the committed full run's claims (each verdict and interval),
+    and a full run rewrites only that block."""
+    sb = _bench()
+    res = json.loads((ROOT / "bench" / "results" / "shapesbench.json").read_text())
+    block = sb.readme_verdicts(res)
+    assert block in (ROOT / "README.md").read_text()
+    assert block.count("\n| (") == len(res["claims"]) > 0
+    for c in res["claims"]:
+        assert f"| {c['claim']} | **{c['outcome']}** |" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{sb.README_BEGIN}\nold table\n{sb.README_END}\nafter\n")
+    sb.write_readme_verdicts(res, readme)
+    assert readme.read_text() == f"before\n{block}\nafter\n"
+
+
 def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
     sb = _bench()
     old = {"plan": {"seeds": [0]}, "seconds": 60.0, "claims": ["- old verdict"],
