@@ -15,7 +15,9 @@
 4. two budgets from one run: equal learner updates (the checkpoint at `updates`) and equal wall
    clock (DanceOPD's training seconds for `updates` updates, same setting and seed: a slower method
    is read at its last checkpoint within that time, a faster one is resumed until it spends it);
-5. metrics (danceopd/shapes_metrics.py) on the held-out split, from the same noise for every model;
+5. metrics (danceopd/shapes_metrics.py) on the held-out split, from the same noise for every model,
+   with reference rows scored the same way (identity copy, object erased, each init at step 0)
+   and the FD noise floor (the ground truth against redraws of itself);
 6. bench/results/shapesbench{,-quick}.{md,json} and PNG curves, bars and sample grids; the claims
    judged on per-seed paired differences (bench/verdicts.py). `--report-only JSON` recomputes the
    report from a results JSON; `--list` prints the plan's rows without training.
