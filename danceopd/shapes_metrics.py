@@ -177,9 +177,13 @@ def perceptual_distance(a, b, net: FeatureNet | None = None) -> torch.Tensor:
 # template is the right one: IoU of the pixels of the target's shape colour with the target mask at
 # least this. The exact target scores 1; the object kept at its source cell and also drawn at the
 # target (a copy-and-paste smudge) 0.5; any shape 1 px off 0.29-0.67; a quarter of it missing 0.75.
+# Measured on a 4000-update local-edit teacher (512 held-out edits): of its 219 outputs that decode
+# as the target, the 153 at or above 0.75 are the shape with a pixel or two off, those below are
+# half-drawn or misshapen; its 1000-update checkpoint's 69 such "successes" have median IoU 0.44.
 OVERLAP_FLOOR = 0.75
 # A local edit counts together with preservation only at or above this per prompt: 206-247 pixels lie
 # outside the edited objects, so a stray copy of the smallest shape (a 9-px cross) anywhere fails.
+# That teacher's successes keep at least 0.983.
 PRESERVATION_FLOOR = 0.97
 
 
