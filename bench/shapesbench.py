@@ -807,7 +807,8 @@ def metric_lines(res: dict) -> list[str]:
         lines.append(f"- FD noise floor (in the FD column's header): the FD of the held-out ground truth against an "
                      f"independent redraw of itself — the same {f['n']} prompts, each prompt's free attributes drawn "
                      f"again from the world's distribution — mean ± sample std over {f['resamples']} redraws: what a "
-                     "perfect model scores at this sample size. FDs within a few sds of it are not told apart.")
+                     "perfect model scores at this sample size; its sd is how far an FD moves from sampling alone, so "
+                     "FDs a few sds apart are not told apart.")
     if res.get("references"):
         lines.append("- reference rows (no training, scored with the table's metrics on the same prompts and noise): "
                      "the identity copy (output = source image), the object erased (the source with its object "
