@@ -16,7 +16,9 @@
 4. two budgets from one run: equal learner updates (the checkpoint at `updates`) and equal wall
    clock (DanceOPD's training seconds for `updates` updates, same setting and seed: a slower method
    is read at its last checkpoint within that time, a faster one is resumed until it spends it);
-5. metrics (danceopd/shapes_metrics.py) on the held-out split, from the same noise for every model;
+5. metrics (danceopd/shapes_metrics.py) on the held-out split, from the same noise for every model,
+   with reference rows scored the same way (identity copy, object erased, each init at step 0)
+   and the FD noise floor (the ground truth against redraws of itself);
 6. bench/results/shapesbench{,-quick}.{md,json} and PNG curves, bars and sample grids; the claims
    judged on per-seed paired differences (bench/verdicts.py). `--report-only JSON` recomputes the
    report from a results JSON; `--list` prints the plan's rows without training.
@@ -279,8 +281,10 @@ def query_noise_lines(plan: Plan) -> list[str]:
         "shift lifts each state's σ, so the same index law queries noisier states there: "
         + ", ".join(f"`{b}` {h[b].mean:.2f} here vs {p[b].mean:.2f} there" for b in biases)
         + (". `low_t` here queries less noise than every rule does on the paper's grid" if below else "")
-        + ". The main rows keep the reference's index rule (`low_t`), and the ablations `mid_t`, `high_t`, "
-        "`uniform` compare index rules on this grid. The σ-matched laws put the paper's query-bias ablation (its "
+        + ". The main rows keep the reference's index rule (`low_t`)"
+        + (f"; the ablations {', '.join(f'`{a}`' for a in plan.ablations if a in biases)} compare index rules on this grid"
+           if any(a in biases for a in plan.ablations) else "")
+        + ". The σ-matched laws put the paper's query-bias ablation (its "
         "default `low_t` against `mid_t`, `high_t`, `uniform`) at the paper's noise levels: each is an explicit law "
         "over this grid's indices (`method.query_bias` as a list) that gives each paper state's probability to the "
         "two states of this grid around its σ, in proportion to closeness, so the mean σ is the paper's exactly "
@@ -372,7 +376,7 @@ class Scorer:
 
     def outcomes(self, task: str, x: torch.Tensor) -> str:
         """Per held-out prompt, in the split's order: "1" right (t2i: every determined attribute;
-        edits: the exact target scene), "0" not."""
+        local edits: success and preservation; global edits: success), "0" not."""
         return "".join(map(str, sm.per_prompt(task, x, self.sources[task], [r.prompt for r in self.rows[task]])))
 
     def evaluate(self, raw: dict, model, tasks) -> tuple[dict, dict, dict]:
@@ -383,6 +387,21 @@ class Scorer:
             x = self.sample(raw, model, t)
             scores[t], samples[t], outcomes[t] = self.score(t, x), x[: self.plan.grid_rows], self.outcomes(t, x)
         return scores, samples, outcomes
+
+    def fixed_outputs(self) -> dict:
+        """The reference rows that need no model, on the edit tasks: the source image copied, and
+        the source with its object erased (painted with the background)."""
+        out = {}
+        for name, make in (("copy", np.asarray), ("erased", sm.erased)):
+            xs = {t: torch.from_numpy(np.stack([make(s) for s in self.sources[t]])) for t in ("local_edit", "global_edit")}
+            out[name] = {"scores": {t: self.score(t, x) for t, x in xs.items()},
+                         "outcomes": {t: self.outcomes(t, x) for t, x in xs.items()}}
+        return out
+
+    def fd_floor(self) -> dict:
+        """The T2I FD noise floor: the held-out ground truth against independent redraws of itself."""
+        f = sm.fd_floor([r.prompt for r in self.rows["t2i"]], self.reference["t2i"], seed=self.plan.eval_seed)
+        return {**f, "mean": round(f["mean"], 4), "sd": round(f["sd"], 4)}
 
 
 def load_ckpt_model(raw: dict, path: Path):
@@ -468,6 +487,26 @@ def teacher_job(plan: Plan, root: Path, task: str) -> tuple[dict, torch.Tensor]:
     meta.write_text(json.dumps(rec))  # written last: a half-trained teacher is never taken as cached
     log(f"teacher {task}: {scores[task]} ({seconds:.0f} s)")
     return {**rec, "reused": False}, x[task]
+
+
+def init_tasks(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """Each student initialisation the plan uses (a teacher) -> the tasks of the settings that
+    start from it (the other-init ablation's init included)."""
+    out: dict[str, set] = {}
+    for s in plan.settings:
+        for init in [SETTINGS[s]["anchor"]] + ([SETTINGS[s]["other"]] if "other_init" in plan.ablations else []):
+            out.setdefault(init, set()).update(SETTINGS[s]["tasks"])
+    return {i: tuple(t for t in sw.TASKS if t in tasks) for i, tasks in out.items()}
+
+
+def init_job(plan: Plan, root: Path, init: str, tasks: tuple[str, ...]) -> dict:
+    """A student at step 0 (its init, a trained teacher), scored on `tasks` like every row."""
+    scorer = scorer_for(plan, root)
+    raw = teacher_cfg(plan, root, init)
+    model = scorer.backend(raw).load_model(root / "teachers" / init)
+    scores, _, outcomes = scorer.evaluate(raw, model, tasks)
+    log(f"init {init} at step 0: {scores}")
+    return {"scores": scores, "outcomes": outcomes}
 
 
 def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str | None, seed: int,
@@ -572,7 +611,10 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
            "machine": {"cpus": os.cpu_count(), "jobs": jobs, "python": platform.python_version(), "torch": torch.__version__},
            "teachers": {}, "runs": [],
            # the held-out prompts in the order of every record's per-prompt outcomes (same noise: eval_seed)
-           "heldout": {t: [r.prompt for r in rows] for t, rows in scorer.rows.items()}}
+           "heldout": {t: [r.prompt for r in rows] for t, rows in scorer.rows.items()},
+           # reference rows scored like every row (copy, erased; each init at step 0 added below)
+           "references": scorer.fixed_outputs(), "fd_floor": scorer.fd_floor()}
+    inits = init_tasks(plan)
     grids: dict = {"teachers": {}}
     pool = Jobs(jobs, threads)
     # One queue of jobs. A setting starts as soon as its own teachers are trained (setting (b) does
@@ -590,11 +632,16 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
                 if kind == "teacher":
                     task = job[0]
                     res["teachers"][task], grids["teachers"][task] = f.result()
+                    if task in inits:
+                        pending[pool.submit(init_job, plan, root, task, inits[task])] = ("init", task)
                     for s in [s for s in waiting if all(t in res["teachers"] for t in SETTINGS[s]["tasks"])]:
                         waiting.remove(s)
                         for seed in main_seeds(plan, s):
                             pending[pool.submit(run_student, plan, root, s, "danceopd", None, seed, None)] = (
                                 "student", s, "danceopd", None, seed)
+                    continue
+                if kind == "init":
+                    res["references"][f"init:{job[0]}"] = f.result()
                     continue
                 setting, method, ablation, seed = job
                 rec, x = f.result()
@@ -610,6 +657,8 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
     finally:
         pool.close()
     res["teachers"] = {t: res["teachers"][t] for t in sw.TASKS}  # task order, not finishing order
+    order = ["copy", "erased", *(f"init:{t}" for t in sw.TASKS)]
+    res["references"] = {k: res["references"][k] for k in order if k in res["references"]}
     res["runs"].sort(key=job_order)
     res["seconds"] = round(time.perf_counter() - t_start, 1)
     write_outputs(plan, res, grids, scorer, out_dir)
@@ -619,8 +668,44 @@ def run(plan: Plan, root: Path, out_dir: Path, jobs: int = 1, threads: int = 1) 
 # ---- tables, claims, pictures ----------------------------------------------------------------------
 
 COLUMNS = [("t2i", "fd", "T2I FD ↓"), ("t2i", "acc", "T2I acc ↑"), ("local_edit", "success", "local success ↑"),
-           ("local_edit", "preservation", "local preservation ↑"), ("global_edit", "distance", "global distance ↓"),
-           ("global_edit", "success", "global success ↑")]
+           ("local_edit", "preservation", "local preservation ↑"),
+           ("local_edit", "success_preserved", "local success ∧ preservation ↑"),
+           ("global_edit", "distance", "global distance ↓"), ("global_edit", "success", "global success ↑")]
+
+
+def combined(res: dict) -> bool:
+    """Whether these results score local edits as success ∧ preservation (runs before it did not)."""
+    return all("success_preserved" in sc["local_edit"] for r in res["runs"] for sc in r["scores"].values()
+               if "local_edit" in sc)
+
+
+def local_key(res: dict) -> str:
+    """The local-edit outcome the claims count: success ∧ preservation, or success in older results."""
+    return "success_preserved" if combined(res) else "success"
+
+
+def table_columns(res: dict, tasks) -> list[tuple[str, str, str]]:
+    return [c for c in COLUMNS if c[0] in tasks and (c[1] != "success_preserved" or combined(res))]
+
+
+REFERENCE_LABEL = {"copy": "reference: identity copy (output = source image)",
+                   "erased": "reference: object erased (source, object painted with the background)"}
+
+
+def reference_rows(res: dict, setting: str) -> list[tuple[str, dict]]:
+    """(label, scores per task) of the reference rows of a setting: copy, erased, and the setting's
+    student init and the other-init ablation's init at step 0 (absent from older results)."""
+    refs, s = res.get("references", {}), SETTINGS[setting]
+    out = [(REFERENCE_LABEL[k], refs[k]["scores"]) for k in ("copy", "erased") if k in refs]
+    for init, role in ((s["anchor"], "the students' init"), (s["other"], "the other-init ablation's init")):
+        if f"init:{init}" in refs and (role == "the students' init" or "other_init" in res["plan"].get("ablations", [])):
+            out.append((f"reference: {init} teacher at step 0 ({role})", refs[f"init:{init}"]["scores"]))
+    return out
+
+
+def fd_header(res: dict) -> str:
+    f = res.get("fd_floor")
+    return "T2I FD ↓" if not f else f"T2I FD ↓ (floor {f['mean']:.2f} ± {f['sd']:.2f})"
 
 
 def row_key(r: dict) -> str:
@@ -637,7 +722,7 @@ def aggregate(runs: list[dict], budget: str) -> dict:
     for key, rs in groups.items():
         agg = {}
         for task, metric, _ in COLUMNS + [("global_edit", "rmse", "")]:
-            vals = [r["scores"][budget][task][metric] for r in rs if task in r["scores"][budget]]
+            vals = [r["scores"][budget][task][metric] for r in rs if metric in r["scores"][budget].get(task, {})]
             if vals:
                 agg[f"{task}.{metric}"] = (float(np.mean(vals)), verdicts.sample_std(vals), len(vals))
         agg["updates"] = float(np.mean([r["updates"][budget] for r in rs]))
@@ -686,16 +771,19 @@ def row_label(row: str) -> str:
 def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
     agg = aggregate(res["runs"], budget)
     tasks = SETTINGS[setting]["tasks"]
-    cols = [c for c in COLUMNS if c[0] in tasks]
-    head = "| model | " + " | ".join(c[2] for c in cols) + " | updates | s / update |"
+    cols = table_columns(res, tasks)
+    head = "| model | " + " | ".join(fd_header(res) if c[1] == "fd" else c[2] for c in cols) + " | updates | s / update |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
-    t = res["teachers"]
-    cells = []
-    for task, metric, _ in cols:
-        sc = t.get(task, {}).get("scores", {})
-        cells.append(f"{sc[metric]:.{2 if metric == 'fd' else 3}f}" if metric in sc else "—")
-    lines.append("| single-task teachers (each on its task) | " + " | ".join(cells)
+
+    def fixed(scores: dict) -> list[str]:  # one model's cells (teachers, reference rows)
+        return [f"{v:.{2 if metric == 'fd' else 3}f}" if (v := scores.get(task, {}).get(metric)) is not None else "—"
+                for task, metric, _ in cols]
+
+    lines.append("| single-task teachers (each on its task) | "
+                 + " | ".join(fixed({k: v["scores"] for k, v in res["teachers"].items()}))
                  + f" | {' / '.join(str(steps_of(plan, t)) for t in SETTINGS[setting]['tasks'])} | — |")
+    for label, scores in reference_rows(res, setting):
+        lines.append(f"| {label} | " + " | ".join(fixed(scores)) + " | 0 | — |")
     for row in rows_of(plan):
         a = agg.get((setting, row))
         if a is None:
@@ -705,23 +793,25 @@ def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
     return "\n".join(lines)
 
 
-def edit_score(a: dict) -> float:
-    """Mean of the success rates of the edit tasks present (the GEdit-like headline)."""
-    vals = [a[k][0] for k in ("local_edit.success", "global_edit.success") if k in a]
+def edit_score(a: dict, local: str = "success") -> float:
+    """Mean of the edit tasks' rates present (the GEdit-like headline): local edits counted by
+    `local` (`success_preserved` where the results have it), global edits by success."""
+    vals = [a[k][0] for k in (f"local_edit.{local}", "global_edit.success") if k in a]
     return float(np.mean(vals)) if vals else float("nan")
 
 
 # ---- the claims ------------------------------------------------------------------------------------
 
 # Stated before any run: "beats" claims hold when the difference's interval lies above 0 and are
-# refuted below 0 or inside +-EQUIVALENCE (2 % of edit success: 5 of the 256 edit prompts of a
+# refuted below 0 or inside +-EQUIVALENCE (2 % of edit success: about 20 of the 1024 edit prompts of a
 # full run); "keeps T2I close" holds when DanceOPD's accuracy is above the teacher's minus 5 points.
 BEATS_MARGIN, EQUIVALENCE, T2I_MARGIN = 0.0, 0.02, -0.05
 
 
-def edit_rate(scores: dict) -> float:
+def edit_rate(scores: dict, local: str = "success") -> float:
     """One run's mean edit success at one budget (the per-seed value of edit_score)."""
-    return float(np.mean([scores[t]["success"] for t in ("local_edit", "global_edit") if t in scores]))
+    return float(np.mean([scores[t][local if t == "local_edit" else "success"]
+                          for t in ("local_edit", "global_edit") if t in scores]))
 
 
 def per_seed(res: dict, setting: str, row: str, budget: str, value) -> dict:
@@ -739,23 +829,31 @@ def claim_specs(res: dict, setting: str, budget: str) -> list[tuple]:
     rows = {row for (s, row) in agg if s == setting}
     if "danceopd" not in rows:
         return []
-    dance, e_d = per_seed(res, setting, "danceopd", budget, edit_rate), edit_score(agg[(setting, "danceopd")])
+    key = local_key(res)
+
+    def rate(scores: dict) -> float:
+        return edit_rate(scores, key)
+
+    def score(row: str) -> float:
+        return edit_score(agg[(setting, row)], key)
+
+    what = "mean edit success" + (": local success ∧ preservation, global success" if key == "success_preserved" else "")
+    dance, e_d = per_seed(res, setting, "danceopd", budget, rate), score("danceopd")
     specs = []
     off = next((r for r in ("offpolicy", "offpolicy+uniform") if r in rows), None)  # the variant: older results
     for name, row in (("naive multi-task", "sft"), ("off-policy", off)):
         if row in rows:
-            seeds, d = paired(dance, per_seed(res, setting, row, budget, edit_rate))
-            specs.append((verdicts.Claim(f"DanceOPD beats {name} on editing (mean edit success), vs {row_label(row)}",
-                                         d, seeds, BEATS_MARGIN, EQUIVALENCE), row,
-                          f"{e_d:.3f} vs {edit_score(agg[(setting, row)]):.3f}"))
+            seeds, d = paired(dance, per_seed(res, setting, row, budget, rate))
+            specs.append((verdicts.Claim(f"DanceOPD beats {name} on editing ({what}), vs {row_label(row)}",
+                                         d, seeds, BEATS_MARGIN, EQUIVALENCE), row, f"{e_d:.3f} vs {score(row):.3f}"))
     # the reference's baselines: not our variants, not one_route (results from before the reference
     # estimator row: their FlowOPD row, then the main one)
     opd = sorted(r for r in rows if r in GROUPED or r == "flowopd+kl_gradient_old_scale")
     if opd:
-        best = max(opd, key=lambda r: edit_score(agg[(setting, r)]))
-        e_b = edit_score(agg[(setting, best)])
+        best = max(opd, key=score)
+        e_b = score(best)
         rel = f"{(e_d - e_b) / e_b * 100:+.1f} %" if e_b > 0 else "relative change undefined"
-        seeds, d = paired(dance, per_seed(res, setting, best, budget, edit_rate))
+        seeds, d = paired(dance, per_seed(res, setting, best, budget, rate))
         specs.append((verdicts.Claim(f"DanceOPD beats the best OPD baseline ({row_label(best)}) on editing "
                                      "(paper: +8.1 % / +16.1 % GEdit)", d, seeds, BEATS_MARGIN, EQUIVALENCE), best,
                       f"{e_d:.3f} vs {e_b:.3f} ({rel})"))
@@ -769,6 +867,7 @@ def claim_specs(res: dict, setting: str, budget: str) -> list[tuple]:
                                      f"below; the teacher is one model, scored on the same prompts and noise){weak}",
                                      [acc[s] - ts["acc"] for s in seeds], seeds, T2I_MARGIN, None), "teacher",
                       f"acc {d['t2i.acc'][0]:.3f} vs teacher {ts['acc']:.3f}; FD {d['t2i.fd'][0]:.2f} vs teacher {ts['fd']:.2f}"
+                      + (f" (noise floor {f['mean']:.2f} ± {f['sd']:.2f})" if (f := res.get("fd_floor")) else "")
                       + (f"; naive FD {nv['t2i.fd'][0]:.2f}, off-policy FD {ov['t2i.fd'][0]:.2f}" if nv and ov else "")))
     return specs
 
@@ -797,8 +896,12 @@ ABLATION_CLAIMS = (  # (our row, the ablation row, kind, budget, claim); rows th
 
 
 def capability_rate(scores: dict) -> float:
-    """One run's mean over its setting's capabilities: T2I accuracy and each edit's success."""
-    return float(np.mean([scores[t]["acc" if t == "t2i" else "success"] for t in sw.TASKS if t in scores]))
+    """One run's mean over its setting's capabilities: T2I accuracy, local success ∧ preservation
+    (plain success in results from before it), global success."""
+    def rate(task: str) -> float:
+        sc = scores[task]
+        return sc["acc"] if task == "t2i" else sc.get("success_preserved", sc["success"])
+    return float(np.mean([rate(t) for t in sw.TASKS if t in scores]))
 
 
 def ablation_specs(res: dict, setting: str) -> list[tuple]:
@@ -850,6 +953,38 @@ def claim_line(c: dict) -> str:
     return f"- {where} {c['claim']}: **{c['outcome'].upper()}** ({c['why']}) — {c['means']}; {stats}."
 
 
+def metric_lines(res: dict) -> list[str]:
+    """The metrics bullet of the report, and the reference rows and FD floor where the results have them."""
+    new, f = combined(res), res.get("fd_floor")
+    lines = [
+        "- metrics (danceopd/shapes_metrics.py): T2I FD = Fréchet distance in the 64-d features of a fixed attribute "
+        "classifier (seed 0, saved under bench/results/shapes_features/) to the held-out ground-truth images; T2I acc = "
+        "every attribute the prompt determines, parsed from pixels; "
+        + (f"local success = the decoded image is exactly the target scene and its object covers the target mask "
+           f"(IoU of the pixels of the target's shape colour with the target mask ≥ {sm.OVERLAP_FLOOR:g}: a copy of the "
+           "object left at the source cell scores 0.5, any shape 1 px off at most 0.67); preservation = pixels outside "
+           "the edited objects kept; local success ∧ preservation = both per prompt, preservation ≥ "
+           f"{sm.PRESERVATION_FLOOR:g} (a stray copy of the smallest shape anywhere fails it), so a copy of the source "
+           "or the object erased scores 0 although its preservation is 1; global distance = LPIPS's formula on the "
+           "fixed classifier (0 = identical); global success = exact target scene, object over its mask (the same "
+           "floor)." if new else
+           "local success = the decoded image is exactly the target scene; preservation = pixels outside the edited "
+           "objects kept; global distance = LPIPS's formula on the fixed classifier (0 = identical); global success = "
+           "exact target scene. These results predate the overlap floor and success ∧ preservation.")]
+    if f:
+        lines.append(f"- FD noise floor (in the FD column's header): the FD of the held-out ground truth against an "
+                     f"independent redraw of itself — the same {f['n']} prompts, each prompt's free attributes drawn "
+                     f"again from the world's distribution — mean ± sample std over {f['resamples']} redraws: what a "
+                     "perfect model scores at this sample size; its sd is how far an FD moves from sampling alone, so "
+                     "FDs a few sds apart are not told apart.")
+    if res.get("references"):
+        lines.append("- reference rows (no training, scored with the table's metrics on the same prompts and noise): "
+                     "the identity copy (output = source image), the object erased (the source with its object "
+                     "painted over with the background; no T2I row for either), and each student initialisation "
+                     "at step 0 (the teacher a setting's students start from, and the other-init ablation's).")
+    return lines
+
+
 def rule_lines(plan: Plan, res: dict) -> list[str]:
     families = {c["family"] for c in res["claims"]}
     return [
@@ -868,6 +1003,13 @@ def rule_lines(plan: Plan, res: dict) -> list[str]:
         f"- **refuted**: the upper bound is below min(margin, 0), or (\"beats\" claims) the whole interval lies "
         f"inside the equivalence band ±{EQUIVALENCE:g} of mean edit success, stated before the run;",
         "- **inconclusive**: anything else, and every claim with fewer than two seeds (no interval).",
+        "",
+        ("Mean edit success in the claims is the mean of local success ∧ preservation (a local edit counts only "
+         f"when it is the exact target scene, its object covers the target mask with IoU ≥ {sm.OVERLAP_FLOOR:g} and "
+         f"its preservation is ≥ {sm.PRESERVATION_FLOOR:g}: copying the source or erasing the object scores 0) and "
+         "global success (the same overlap floor)." if combined(res) else
+         "Mean edit success in the claims is the mean of local and global success (these results predate the "
+         "overlap floor and local success ∧ preservation)."),
         "",
         *([f"With {n} seeds the first claim of a family of m is held only if its mean difference exceeds "
            + ", ".join(f"{verdicts.t_ppf(1 - verdicts.ALPHA / (2 * m), n - 1):.1f} (m = {m})" for m in sorted(families))
@@ -1030,11 +1172,7 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "- seeds: main rows " + "; ".join(f"{s} {list(main_seeds(plan, s))}" for s in plan.settings)
           + f"; variant rows {list(plan.variant_seeds)}, ablations {list(plan.ablation_seeds)} (of each setting's main-row "
           "seeds); mean ± sample std.",
-          "- metrics (danceopd/shapes_metrics.py): T2I FD = Fréchet distance in the 64-d features of a fixed attribute "
-          "classifier (seed 0, saved under bench/results/shapes_features/) to the held-out ground-truth images; T2I acc = "
-          "every attribute the prompt determines, parsed from pixels; local success = the decoded image is exactly the "
-          "target scene; preservation = pixels outside the edited objects kept; global distance = LPIPS's formula on the "
-          "fixed classifier (0 = identical); global success = exact target scene.", "",
+          *metric_lines(res), "",
           "## How the claims are judged", "", *rule_lines(plan, res), "",
           "## Calibration", "", *res["calibration"], "",
           "What limits the teachers: kind is the hardest attribute (a shape is "
@@ -1120,7 +1258,7 @@ def plots(plan: Plan, res: dict, grids: dict, scorer: Scorer, fig_dir: Path) -> 
     written.append(p)
     # metric bars: main rows, both budgets
     for setting in plan.settings:
-        cols = [c for c in COLUMNS if c[0] in SETTINGS[setting]["tasks"]]
+        cols = table_columns(res, SETTINGS[setting]["tasks"])
         fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4))
         for ax, (task, metric, title) in zip(np.atleast_1d(axes), cols):
             present = {row for (s, row) in aggregate(res["runs"], "equal_updates") if s == setting}
@@ -1128,7 +1266,7 @@ def plots(plan: Plan, res: dict, grids: dict, scorer: Scorer, fig_dir: Path) -> 
             x = np.arange(len(names))
             for j, budget in enumerate(("equal_updates", "equal_wall_clock")):
                 agg = aggregate(res["runs"], budget)
-                means, stds = [res["teachers"][task]["scores"][metric]], [0.0]
+                means, stds = [res["teachers"][task]["scores"].get(metric, np.nan)], [0.0]
                 for m in names[1:]:
                     v = agg.get((setting, m), {}).get(f"{task}.{metric}", (np.nan, 0, 0))
                     means.append(v[0])
