@@ -567,6 +567,42 @@ def test_readme_states_every_claims_verdict_of_the_committed_run(tmp_path):
     assert readme.read_text() == f"before\n{block}\nafter\n"
 
 
+def test_setting_a_starts_from_the_local_edit_teacher_and_reports_what_moved_from_step_0():
+    """Point 6: setting (a)'s students start from an init that can already edit (the T2I teacher
+    is the other-init ablation); the calibration says whether every capability moved from its
+    step-0 value by MOVED for at least one main row. Results from before stay labelled by their init."""
+    sb = _bench()
+    plan = sb.PRESETS["full"]
+    init = {(m, ab): Path(sb.student_cfg(plan, Path("/w"), "t2i_edit", m, ab, 0, Path("/w/o"))["student"]["init"]).name
+            for m, ab in (("danceopd", None), ("sft", None), ("danceopd", "other_init"))}
+    assert init == {("danceopd", None): "local_edit", ("sft", None): "local_edit", ("danceopd", "other_init"): "t2i"}
+    assert sb.init_tasks(plan)["t2i"] == ("t2i", "local_edit", "global_edit")  # its step-0 row is scored too
+    assert sb.setting_title(plan, "t2i_edit").endswith("student from the local-edit teacher")
+
+    def scores(t2i, local, glob):
+        return {"t2i": {"acc": t2i}, "local_edit": {"success": local, "success_preserved": local},
+                "global_edit": {"success": glob}}
+
+    def run(method, seed, sc):
+        return {"setting": "t2i_edit", "method": method, "ablation": None, "seed": seed, "s_per_update": 0.1,
+                "updates": {"equal_updates": 10, "equal_wall_clock": 10}, "scores": {"equal_updates": sc}}
+
+    one = replace(plan, settings=("t2i_edit",))
+    res = {"plan": {"a_init": "local_edit"}, "references": {"init:local_edit": {"scores": scores(0.10, 0.88, 0.0)}},
+           "runs": [run("danceopd", sd, scores(0.6, 0.70, 0.10)) for sd in (0, 1)]
+           + [run("sft", sd, scores(0.12, 0.86, 0.02)) for sd in (0, 1)]}
+    (line,) = sb.moved_from_init(one, res)
+    assert "t2i acc 0.100 → +0.500 (DanceOPD)" in line and "local_edit success_preserved 0.880 → -0.180" in line
+    assert line.endswith("for at least one method: yes")
+    for r in res["runs"]:  # the T2I init's picture: T2I and local edits never move
+        r["scores"]["equal_updates"] = scores(0.12, 0.88, 0.5)
+    assert sb.moved_from_init(one, res)[0].endswith("for at least one method: NO")
+    old = sb.upgrade({"plan": {"variants": []}, "runs": []})
+    assert old["plan"]["a_init"] == "t2i"  # the committed run started (a) from the T2I teacher
+    with pytest.raises(SystemExit, match="a_init: 'global_edit' is not one of local_edit, t2i"):
+        sb.main(["--list", "--set", "a_init=global_edit"])
+
+
 def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
     sb = _bench()
     old = {"plan": {"seeds": [0]}, "seconds": 60.0, "claims": ["- old verdict"],
