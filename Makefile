@@ -14,7 +14,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup constraints demo test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick gpu-pack clean
+.PHONY: setup constraints demo demo-init test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick gpu-pack clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ constraints:
 
 demo: setup
 	$(BIN)/danceopd train $(DEMO_CONFIG) --overwrite
+
+# The committed model the demo starts from (configs/demo_init/): a local-edit model trained with sft
+# on its own dataset (configs/demo_init.yaml says how), exported as a save_pretrained folder.
+demo-init: setup
+	$(BIN)/danceopd make-data shapes --out data/generated/demo-init --n-per-task 2000 --seed 1 --tasks local_edit
+	OMP_NUM_THREADS=1 $(BIN)/danceopd train configs/demo_init.yaml --mode local --overwrite
+	$(BIN)/danceopd export $$(ls -d runs/demo-init/checkpoints/step-* | tail -1) --out configs/demo_init --overwrite
 
 # One process by default: on two cores, two test processes (TEST_JOBS=2: pytest-xdist, a test
 # file each at a time) took 21 min instead of about 30, but starved Ray enough for a multi-node

@@ -75,6 +75,9 @@ def make_copy(tmp: Path, name: str) -> Path:
     assert raw["data"]["path"] == "data/shapes/data.csv"
     if not (tmp / "data" / "shapes").exists():
         _copy_shapes_data(tmp / "data" / "shapes", ROWS_PER_TASK)
+    init = raw.get("student", {}).get("init", "random")
+    if init not in ("random", "base") and not (tmp / init).exists():  # demo.yaml's committed model folder
+        shutil.copytree(ROOT / "configs" / init, tmp / init)
     raw["job"]["output_dir"] = str(tmp / "run")
     path = tmp / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -89,8 +92,14 @@ def copies(tmp_path_factory):
 
 @pytest.fixture
 def demo(tmp_path):
-    """A private copy of the demo config and its (small) dataset, free to corrupt."""
-    return make_copy(tmp_path, "demo.yaml")
+    """A private copy of the demo config and its (small) dataset, free to corrupt, with a t2i route
+    (first, as teachers.0) besides the demo's edit routes, so every ShapesBench task is checked."""
+    path = make_copy(tmp_path, "demo.yaml")
+    raw = yaml.safe_load(path.read_text())
+    raw["teachers"].insert(0, {"name": "t2i_teacher", "kind": "oracle", "std": 0.05, "tasks": ["t2i"]})
+    raw["routing"]["routes"].insert(0, {"name": "t2i", "teacher": "t2i_teacher", "task": "t2i"})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 # ---- every leaf, mutated -------------------------------------------------------------------------
@@ -219,8 +228,9 @@ def test_exit_codes_of_the_real_command():
     (["autoscale.enabled=true", "autoscale.min_rollout_workers=3"], "rollout.workers: 2 is outside the autoscale bounds [3, 8]"),
     (["learner.dist_backend=nccl"], "learner.dist_backend: nccl needs a whole GPU per rank"),
     (["rollout.num_cpus=0.00001"], "rollout.num_cpus: 1e-05 is finer than Ray's resource precision"),
-    (["backend.image_size=32", "backend.patch_size=2"], "expected 32x32 (backend.image_size)"),
-    (["backend.max_tokens=3"], "more than backend.max_tokens=3"),
+    # a random student: the demo's init folder fits 16 px and 12 tokens only (refused first otherwise)
+    (["backend.image_size=32", "backend.patch_size=2", "student.init=random"], "expected 32x32 (backend.image_size)"),
+    (["backend.max_tokens=3", "student.init=random"], "more than backend.max_tokens=3"),
     (["job.name=two words"], "job.name: String should match pattern"),
     (["backend.num_heads=64", "backend.head_dim=128"], "backend.head_dim: num_heads x head_dim = 8192 exceeds 4096"),
     (["sync.timeout_s=1.0e+9"], "sync.timeout_s: Input should be less than or equal to 604800"),

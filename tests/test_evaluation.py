@@ -30,11 +30,17 @@ ROUTES = ("t2i", "local_edit", "global_edit")
 
 @pytest.fixture
 def shapes_raw(tmp_path) -> dict:
-    """configs/demo.yaml (ShapesBench) as a dict, its dataset copied into tmp_path, one worker and rank."""
+    """configs/demo.yaml (ShapesBench) as a dict, its dataset copied into tmp_path, one worker and rank,
+    a random student and a route per ShapesBench task, each with its oracle (the demo has the edit routes)."""
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     shutil.copytree(ROOT / "configs" / "data" / "shapes", tmp_path / "data" / "shapes")
+    raw["student"] = {"init": "random"}
+    raw["teachers"] = [{"name": f"{t}_teacher", "kind": "oracle", "std": 0.05, "tasks": [t]} for t in ROUTES]
+    raw["routing"] = {"routes": [{"name": t, "teacher": f"{t}_teacher", "task": t, "requires_source_image": t != "t2i"}
+                                 for t in ROUTES]}
     raw["rollout"].update(workers=1, batch_size=4)
     raw["learner"].update(world_size=1)
+    raw["eval"].update(prompts=4)
     return copy.deepcopy(raw)
 
 

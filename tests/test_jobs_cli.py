@@ -182,8 +182,8 @@ def test_parse_teachers():
 
 
 def _home_with_a_job(tmp_path: Path) -> Path:
-    """A home folder with credentials in it and an experiment: a config whose data lies beside it
-    (../data) and whose student starts from a model folder (../models/student)."""
+    """A home folder with credentials in it and an experiment: the demo's config, whose data lies
+    beside it (../data) and whose student starts from the model folder next to it (demo_init/)."""
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
@@ -193,7 +193,7 @@ def _home_with_a_job(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "configs" / "data" / "shapes", home / "data" / "shapes")
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     raw["data"] = {"path": "../data/shapes/data.csv"}
-    (home / "exp").mkdir()
+    shutil.copytree(ROOT / "configs" / raw["student"]["init"], home / "exp" / raw["student"]["init"])
     (home / "exp" / "c.yaml").write_text(yaml.safe_dump(raw))
     return home
 
@@ -214,7 +214,8 @@ def test_staged_upload_holds_the_config_and_its_data_only(tmp_path, monkeypatch)
     assert rel == "exp/c.yaml"
     got = _listing(dest)
     images = {p.relative_to(home).as_posix() for p in (home / "data" / "shapes" / "images").iterdir()}
-    assert got == {"exp/c.yaml", "data/shapes/data.csv", *images}
+    init = {p.relative_to(home).as_posix() for p in (home / "exp" / "demo_init").iterdir()}  # the student's model folder
+    assert init and got == {"exp/c.yaml", "data/shapes/data.csv", *images, *init}
     # The copy resolves like the original: the same config, data and images from inside it.
     staged = load_config(dest / rel)
     assert list(jobs.config_inputs(dest / rel, staged)[0]) == [Path(str(p).replace(str(home), str(dest), 1))
@@ -293,7 +294,8 @@ def test_submit_from_a_home_folder_ships_the_package_config_and_data_not_the_hom
     (home / "exp" / ".git-credentials").unlink()
     client = FakeJobsClient()
     jobs.submit(client, home / "exp" / "c.yaml", cfg, None, working_dir=home / "exp")
-    assert client.files == {"c.yaml"} and client.sent["entrypoint"].startswith("danceopd train c.yaml ")
+    init = {f"demo_init/{p.name}" for p in (home / "exp" / "demo_init").iterdir()}  # the student's model folder
+    assert client.files == {"c.yaml", *init} and client.sent["entrypoint"].startswith("danceopd train c.yaml ")
 
 
 # ---- nothing outside its folders (issue 22, point 6) ---------------------------------------------

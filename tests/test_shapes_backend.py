@@ -158,7 +158,7 @@ def test_oracle_specialist_is_exact_on_its_task_and_drops_the_text_elsewhere(wor
         torch.testing.assert_close(v[own], everything.velocity(z, sigma, cond)[own])
         assert (v[~own] - everything.velocity(z, sigma, cond)[~own]).abs().amax(dim=(1, 2, 3)).min() > 0.1
     bad = cfg.teachers[0].model_copy(update={"tasks": ["t2i", "inpaint"]})
-    with pytest.raises(ValueError, match="teacher t2i_teacher: unknown ShapesBench task 'inpaint'"):
+    with pytest.raises(ValueError, match=f"teacher {bad.name}: unknown ShapesBench task 'inpaint'"):
         backend.build_teacher(bad, Path(cfg.base_dir))
     raw = {"backend": {"name": "shapes"}, "data": {"path": "d.csv"},
            "routing": {"routes": [{"name": "r", "teacher": "pre", "task": "t2i"}]},
