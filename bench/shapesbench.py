@@ -492,8 +492,12 @@ def teacher_job(plan: Plan, root: Path, task: str) -> tuple[dict, torch.Tensor]:
     if meta.is_file() and grid.is_file() and (folder / "config.json").is_file():
         rec = json.loads(meta.read_text())
         if rec.get("key") == key:
-            log(f"teacher {task}: reused {folder} (same plan and code, key {key})")
-            return {**rec, "reused": True}, torch.from_numpy(np.load(grid))
+            # The key covers what the teacher learns, not how it is scored: score it again with
+            # today's metrics (a cached record's scores may predate a metric change).
+            raw, scorer = teacher_cfg(plan, root, task), scorer_for(plan, root)
+            scores, x, outcomes = scorer.evaluate(raw, scorer.backend(raw).load_model(folder), (task,))
+            log(f"teacher {task}: reused {folder} (same plan and code, key {key}), scored again: {scores[task]}")
+            return {**rec, "scores": scores[task], "outcomes": outcomes[task], "reused": True}, x[task]
     raw = teacher_cfg(plan, root, task)
     t0 = time.perf_counter()
     summary = run_train(raw)

@@ -293,10 +293,13 @@ def test_quick_bench_end_to_end(tmp_path):
     # a second run (in process this time) reuses the trained teachers: same plan, same code
     weights = tmp_path / "work" / "teachers" / "t2i" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
+    stale = tmp_path / "work" / "teachers" / "local_edit.json"  # scores from before a metric change
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "scores": {"success": -1.0}}))
     shapesbench.main(args + ["--jobs", "1", "--set", "settings=local_global"])
     res2 = json.loads((out / "shapesbench-quick.json").read_text())
     assert all(t["reused"] for t in res2["teachers"].values())
     assert weights.stat().st_mtime_ns == before
+    # scored again with today's metrics, so a stale cached score never reaches the report
     assert {t: v["scores"] for t, v in res2["teachers"].items()} == {t: v["scores"] for t, v in res["teachers"].items()}
     assert {r["setting"] for r in res2["runs"]} == {"local_global"}
     # the calibration probe reads that work folder's T2I teacher; its two counts of right agree
