@@ -772,6 +772,11 @@ def main_rows(plan: Plan) -> list[str]:
     return [r for m in MAIN for r in [m] + [v for v in plan.variants if v.split("+", 1)[0] == m]]
 
 
+# The ablations `variant` knows: DanceOPD's by name, the OPD baselines' one-route-per-update row.
+DANCE_ABLATIONS = ("softmix", "k4", "kall", "mid_t", "high_t", "uniform", *PAPER_MATCHED, "sample_routes", "other_init")
+KNOWN_ABLATIONS = (*DANCE_ABLATIONS, *(f"{m}+{ONE_ROUTE}" for m in GROUPED))
+
+
 def ablation_job(a: str) -> tuple[str, str]:
     """(method, ablation) of a plan's ablation: a bare name is DanceOPD's."""
     method, _, name = a.rpartition("+")
@@ -1409,6 +1414,9 @@ def plan_from(args) -> Plan:
     unknown = set(plan.variants) - set(runnable)
     if unknown:
         raise SystemExit(f"error: --set variants: unknown variant {sorted(unknown)[0]!r} (known: {', '.join(runnable)})")
+    unknown = [a for a in plan.ablations if a not in KNOWN_ABLATIONS]
+    if unknown:
+        raise SystemExit(f"error: --set ablations: unknown ablation {unknown[0]!r} (known: {', '.join(KNOWN_ABLATIONS)})")
     if plan.a_init not in A_INITS:
         raise SystemExit(f"error: --set a_init: {plan.a_init!r} is not one of {', '.join(A_INITS)}")
     for cap in plan.row_caps:

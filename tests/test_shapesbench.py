@@ -609,6 +609,9 @@ def test_setting_a_starts_from_the_local_edit_teacher_and_reports_what_moved_fro
     assert old["plan"]["a_init"] == "t2i"  # the committed run started (a) from the T2I teacher
     with pytest.raises(SystemExit, match="a_init: 'global_edit' is not one of local_edit, t2i"):
         sb.main(["--list", "--set", "a_init=global_edit"])
+    with pytest.raises(SystemExit, match="--set ablations: unknown ablation 'k5' \\(known: softmix, k4"):
+        sb.main(["--list", "--set", "ablations=softmix,k5"])
+    assert set(sb.PRESETS["full"].ablations) <= set(sb.KNOWN_ABLATIONS)
 
 
 def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
