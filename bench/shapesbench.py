@@ -930,24 +930,31 @@ ABLATION_CLAIMS = (  # (our row, the ablation row, kind, budget, claim); rows th
 )
 
 
-def capability_rate(scores: dict) -> float:
-    """One run's mean over its setting's capabilities: T2I accuracy, local success ∧ preservation
-    (plain success in results from before it), global success."""
-    def rate(task: str) -> float:
-        sc = scores[task]
-        return sc["acc"] if task == "t2i" else sc.get("success_preserved", sc["success"])
-    return float(np.mean([rate(t) for t in sw.TASKS if t in scores]))
+def headline(task: str, local: str) -> str:
+    """The metric a capability is judged by: T2I accuracy, local edits by `local` (local_key),
+    global edits by success."""
+    return {"t2i": "acc", "local_edit": local}.get(task, "success")
+
+
+def capability_rate(scores: dict, local: str) -> float:
+    """One run's mean over its setting's capabilities, each by its headline metric."""
+    return float(np.mean([scores[t][headline(t, local)] for t in sw.TASKS if t in scores]))
 
 
 def ablation_specs(res: dict, setting: str) -> list[tuple]:
     """The ablation claims of one setting whose rows ran: (budget, Claim, the row compared with, means)."""
     if (setting, "danceopd") not in aggregate(res["runs"], "equal_updates"):
         return []
+    local = local_key(res)
     specs = []
+
+    def rate(scores: dict) -> float:
+        return capability_rate(scores, local)
+
     for ours_row, ab, kind, budget, text in ABLATION_CLAIMS:
         row = f"danceopd+{ab}"
-        dance = per_seed(res, setting, ours_row, budget, capability_rate)
-        theirs = per_seed(res, setting, row, budget, capability_rate)
+        dance = per_seed(res, setting, ours_row, budget, rate)
+        theirs = per_seed(res, setting, row, budget, rate)
         if not theirs or not dance:
             continue
         seeds, d = paired(dance, theirs)
@@ -1108,7 +1115,7 @@ def moved_from_init(plan: Plan, res: dict) -> list[str]:
             continue
         parts, every = [], True
         for task in SETTINGS[setting]["tasks"]:
-            metric = "acc" if task == "t2i" else "success_preserved" if task == "local_edit" else "success"
+            metric = headline(task, local_key(res))
             step0 = ref["scores"][task][metric]
             moves = {row: agg[(setting, row)][f"{task}.{metric}"][0] - step0 for row in main_rows(plan)
                      if (setting, row) in agg and f"{task}.{metric}" in agg[(setting, row)]}
@@ -1430,10 +1437,15 @@ def plan_from(args) -> Plan:
     return plan
 
 
+def parse_caps(entries) -> dict[str, int]:
+    """`seed_caps` / `row_caps` entries "NAME:N" as {NAME: N} (checked by plan_from)."""
+    return {name: int(n) for name, n in (c.rsplit(":", 1) for c in entries)}
+
+
 def main_seeds(plan: Plan, setting: str) -> tuple:
     """The seeds of a setting's main rows: the plan's, the first n of them under a `seed_caps` entry."""
-    caps = dict(c.split(":") for c in plan.seed_caps)
-    return plan.seeds[:int(caps[setting])] if setting in caps else plan.seeds
+    caps = parse_caps(plan.seed_caps)
+    return plan.seeds[:caps[setting]] if setting in caps else plan.seeds
 
 
 def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
@@ -1448,7 +1460,7 @@ def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
                 jobs += [(setting, *v.split("+", 1), seed) for v in plan.variants]
             if seed in plan.ablation_seeds:
                 jobs += [(setting, *ablation_job(a), seed) for a in plan.ablations]
-    caps = {row: int(n) for row, n in (c.rsplit(":", 1) for c in plan.row_caps)}
+    caps = parse_caps(plan.row_caps)
     seen: collections.Counter = collections.Counter()
     out = []
     for job in jobs:  # in seed order: a capped row keeps its first n seeds
