@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.background import pytest_collection_finish, pytest_sessionfinish  # noqa: F401
 from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]

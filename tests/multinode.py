@@ -19,6 +19,7 @@ import gc
 import io
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -61,7 +62,7 @@ def job_raw(tmp: Path, name: str, **over) -> dict:
     raw["sync"] = dict(raw.get("sync", {}), max_policy_lag=1)
     raw["replay"] = {"capacity": 8}
     raw["checkpoint"] = {"every": 4, "keep": 2}
-    raw["deadlines"] = {"placement_s": 60.0}
+    raw["deadlines"] = {"placement_s": 180.0}  # generous: the tests' other files run beside it
     raw["control"] = {"metrics_port": 0}
     raw["job"] = {"name": f"mn-{name}", "seed": 0, "output_dir": str(tmp / name)}
     for key, value in over.items():
@@ -342,7 +343,7 @@ def sd3_job_raw(tmp: Path) -> dict:
     raw["learner"] = dict(raw["learner"], steps=2, world_size=1, num_cpus=1, resources={"learner": 1})
     raw["eval"] = {"enabled": True, "num_cpus": 1, "resources": {"teacher": 1}, "prompts": 1, "teacher": False}
     raw["checkpoint"] = {"every": 2, "keep": 1}
-    raw["deadlines"] = {"placement_s": 60.0}
+    raw["deadlines"] = {"placement_s": 180.0}  # generous: the tests' other files run beside it
     raw["control"] = {"metrics_port": 0}
     raw["job"] = {"name": "mn-sd3-cache", "seed": 0, "output_dir": str(tmp / "sd3-cache")}
     return raw
@@ -433,6 +434,8 @@ def main() -> None:
 
     import ray
 
+    # Stopped by the test run (tests/background.py sends SIGTERM): unwind, so the cluster is shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, names = Path(sys.argv[1]), sys.argv[2:]
     unknown = set(names) - set(SCENARIOS)
     if unknown:

@@ -1,23 +1,19 @@
 """The job on a simulated multi-node cluster (tests/multinode.py): every role on its node group,
 and a whole node lost mid-run per group. One cluster serves every scenario; it runs in a
-process of its own, so this session's shared `ray_local` is left alone."""
+process of its own, so this session's shared `ray_local` is left alone, started when collection
+ends (tests/background.py) so that its minutes of waiting overlap the other files."""
 
 import collections
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.background import scenario_result
 from tests.test_faults import report
 from tests.test_ray_runtime import assert_accounting_closes
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("placement", "rollout_node", "teacher_node", "learner_node", "sd3_cache")
 # Where each role must run: its group's node (the router's scorer by its label selector, as in
 # the cluster configs; never the head, whose num_cpus is 0).
 HOME = {"rollout": {"rollout"}, "teacher": {"teacher"}, "learner": {"learner"}, "evaluator": {"teacher"},
@@ -25,13 +21,8 @@ HOME = {"rollout": {"rollout"}, "teacher": {"teacher"}, "learner": {"learner"}, 
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multinode") / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(out), *SCENARIOS], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert out.exists(), f"the scenarios wrote nothing (exit {proc.returncode}): {proc.stderr[-3000:]}"
-    return json.loads(out.read_text())
+def results(request, tmp_path_factory):
+    return scenario_result(request, tmp_path_factory, "test_multinode.py", "results", timeout_s=900)
 
 
 def finished(res: dict, steps: int) -> dict:
@@ -125,13 +116,8 @@ def test_the_condition_cache_is_built_on_a_worker_node_and_the_driver_holds_no_m
 
 
 @pytest.fixture(scope="module")
-def autoscaled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("autoscale") / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(out), "autoscale"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert out.exists(), f"the scenario wrote nothing (exit {proc.returncode}): {proc.stderr[-3000:]}"
-    return json.loads(out.read_text())["autoscale"]
+def autoscaled(request, tmp_path_factory):
+    return scenario_result(request, tmp_path_factory, "test_multinode.py", "autoscale", timeout_s=600)["autoscale"]
 
 
 def test_scaling_grows_and_shrinks_the_cluster_through_the_autoscaler(autoscaled):

@@ -19,12 +19,15 @@ import sys
 
 import pytest
 
+from tests.background import BACKGROUND_FILES, in_xdist_worker
+
 TIERS = ("ray", "subprocess", "slow")
 
 
 # The longest files first (measured on the 2-core machine: several minutes each): `make test`
 # runs two processes that take a file at a time, so the long ones start at once and the short
-# ones fill in around them instead of one long file running alone at the end.
+# ones fill in around them instead of one long file running alone at the end. In one process the
+# background files (tests/background.py) go last instead.
 LONGEST_FIRST = ("test_jobs_cli.py", "test_multinode.py", "test_ray_runtime.py", "test_faults.py",
                  "test_zimage_backend.py", "test_sd3_backend.py", "test_start_faults.py", "test_scale_sim.py",
                  "test_shapesbench.py", "test_scale_capacity.py", "test_graceful_stop.py")
@@ -33,6 +36,8 @@ LONGEST_FIRST = ("test_jobs_cli.py", "test_multinode.py", "test_ray_runtime.py",
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    if not in_xdist_worker():  # their scenarios started when collection ended: their tests read them last
+        rank.update({name: len(rank) + 1 for name in BACKGROUND_FILES})
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
