@@ -68,6 +68,12 @@ def write_traces(out_dir: Path, traces: dict[str, bytes]) -> list[Path]:
     written = []
     for name, data in traces.items():
         path = folder / Path(name).name  # a bare file name, whoever made it
+        # A restarted component (rollout-0 after a kill, a resumed job) profiles its first calls
+        # again under the same names: keep the earlier trace, number the new one.
+        n = 1
+        while path.exists():
+            n += 1
+            path = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
         path.write_bytes(data)
         written.append(path)
     return written

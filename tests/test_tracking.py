@@ -202,3 +202,16 @@ def test_ray_run_ships_the_rollout_workers_and_learners_traces_to_the_driver(ray
     # The rollout worker's and the learner's (DeepSpeed rank 0) second calls, after a warm-up each.
     assert names == ["learner-rank0-step000002.json", "rollout-0-batch000002.json"]
     assert summary["profile"] == [str(cfg.output_path / "profile" / n) for n in names]
+
+
+def test_a_restarted_components_traces_do_not_overwrite_the_earlier_ones(tmp_path):
+    """rollout-0 restarted (or the job resumed) profiles its first calls again under the same
+    names: both traces are kept, the later one numbered."""
+    from danceopd.profiling import write_traces
+
+    first = write_traces(tmp_path, {"rollout-0-batch-1.json": b"[1]"})
+    again = write_traces(tmp_path, {"rollout-0-batch-1.json": b"[2]", "learner-step-1.json": b"[3]"})
+    third = write_traces(tmp_path, {"rollout-0-batch-1.json": b"[4]"})
+    assert [p.name for p in first + again + third] == ["rollout-0-batch-1.json", "rollout-0-batch-1.2.json",
+                                                        "learner-step-1.json", "rollout-0-batch-1.3.json"]
+    assert [p.read_bytes() for p in first + again + third] == [b"[1]", b"[2]", b"[3]", b"[4]"]
