@@ -537,12 +537,51 @@ def init_job(plan: Plan, root: Path, init: str, tasks: tuple[str, ...]) -> dict:
     return {"scores": scores, "outcomes": outcomes}
 
 
+# The code a student's record depends on (training, routing, methods, scoring, this file): a
+# finished job's record is reused only while all of it is unchanged, so an interrupted run resumes
+# where it stopped and an edited one starts over.
+STUDENT_CODE = ("danceopd", "services", "learner", "router", "rollout_workers")
+
+
+def code_key() -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for d in STUDENT_CODE for p in (ROOT / d).rglob("*.py")) + [Path(__file__).resolve()]:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def student_key(raw: dict, budget_s: float | None) -> str:
+    return hashlib.sha256(json.dumps([raw, budget_s, code_key()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_student(out: Path, key: str) -> tuple[dict, dict] | None:
+    """A finished job's record and sample grids when `out` holds them under `key`."""
+    meta, grids = out / "record.json", out / "samples.npz"
+    if not (meta.is_file() and grids.is_file()):
+        return None
+    rec = json.loads(meta.read_text())
+    if rec.get("key") != key:
+        return None
+    with np.load(grids) as z:
+        samples: dict = {}
+        for name in z.files:
+            budget, task = name.split("/")
+            samples.setdefault(budget, {})[task] = torch.from_numpy(z[name])
+    return rec, samples
+
+
 def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str | None, seed: int,
                 budget_s: float | None) -> tuple[dict, dict]:
     scorer = scorer_for(plan, root)
     out = root / "runs" / setting / f"{method}-{ablation or 'main'}-s{seed}"
     raw = student_cfg(plan, root, setting, method, ablation, seed, out)
     tasks = SETTINGS[setting]["tasks"]
+    key = student_key(raw, budget_s)
+    if (cached := cached_student(out, key)) is not None:
+        log(f"{setting} {method} {ablation or ''} s{seed}: reused {out} (same config, budget and code, key {key})")
+        return {**cached[0], "reused": True}, cached[1]
+    for stale in (out / "record.json", out / "samples.npz"):
+        stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     # The clock of the wall-clock budget is this process's CPU time (each job runs single-threaded
     # in its process): on a dedicated core it is the wall clock, and the other jobs on a shared
@@ -574,7 +613,10 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
         model = load_ckpt_model(raw, ckpt(out, step))
         rec["scores"][budget], samples[budget], rec["outcomes"][budget] = scorer.evaluate(raw, model, tasks)
     rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["key"] = key
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # tens of MB per run; the scores are kept
+    np.savez(out / "samples.npz", **{f"{b}/{t}": x.numpy() for b, xs in samples.items() for t, x in xs.items()})
+    (out / "record.json").write_text(json.dumps(rec))  # written last: a half-finished job is never taken as done
     log(f"{setting} {method} {ablation or ''} s{seed}: updates {rec['updates']} {rec['scores']['equal_updates']} "
         f"({rec['seconds']:.0f} s)")
     return rec, samples
@@ -1214,7 +1256,9 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "`.venv/bin/python bench/shapesbench.py --quick`."
           + (" Teachers reused from the work folder's cache (same plan and code), so their training time is not in "
              "this total: " + ", ".join(f"{t} {v['train_s'] / 60:.1f} min" for t, v in p.items() if v.get("reused"))
-             + " of one core each." if any(v.get("reused") for v in p.values()) else ""), "",
+             + " of one core each." if any(v.get("reused") for v in p.values()) else "")
+          + (f" {n_reused} of {len(res['runs'])} student jobs were reused from an interrupted run's work folder (same "
+             "config, budget and code), so this total leaves out their time." if (n_reused := sum(bool(r.get("reused")) for r in res["runs"])) else ""), "",
           *([res["recomputed"], ""] if res.get("recomputed") else []),
           "## World, models and budgets", "",
           f"- world: {plan.image_size}×{plan.image_size} RGB, one shape (4 kinds × 8 colours × 3×3 cells) on one of 8 "

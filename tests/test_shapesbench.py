@@ -302,6 +302,12 @@ def test_quick_bench_end_to_end(tmp_path):
     # scored again with today's metrics, so a stale cached score never reaches the report
     assert {t: v["scores"] for t, v in res2["teachers"].items()} == {t: v["scores"] for t, v in res["teachers"].items()}
     assert {r["setting"] for r in res2["runs"]} == {"local_global"}
+    # and its finished student jobs: an interrupted run resumes where it stopped, with the same records
+    assert not any(r.get("reused") for r in res["runs"]) and all(r["reused"] for r in res2["runs"])
+    first = {(r["method"], r["ablation"], r["seed"]): r for r in res["runs"] if r["setting"] == "local_global"}
+    assert {(r["method"], r["ablation"], r["seed"]): {**r, "reused": None} for r in res2["runs"]} == {
+        k: {**r, "reused": None} for k, r in first.items()}
+    assert "student jobs were reused from an interrupted run" in (out / "shapesbench-quick.md").read_text()
     # the calibration probe reads that work folder's T2I teacher; its two counts of right agree
     import shapesbench_probe
 
@@ -336,6 +342,21 @@ def test_teacher_cache_key_follows_the_plan_and_the_code():
             moved = shapesbench.teacher_key(plan, t) != shapesbench.teacher_key(longer, t)
             assert moved == (t == task), (field, t)
     assert "danceopd/backends/shapes.py" in shapesbench.TEACHER_CODE
+
+
+def test_student_cache_key_follows_the_config_the_budget_and_the_code(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import shapesbench
+
+    plan = shapesbench.PRESETS["quick"]
+    raw = shapesbench.student_cfg(plan, Path("/w"), "local_global", "danceopd", None, 0, Path("/w/out"))
+    key = shapesbench.student_key(raw, 12.5)
+    assert key == shapesbench.student_key(json.loads(json.dumps(raw)), 12.5)
+    assert key != shapesbench.student_key(raw, 12.6)  # DanceOPD's budget of that setting and seed
+    other = shapesbench.student_cfg(plan, Path("/w"), "local_global", "danceopd", None, 1, Path("/w/out"))
+    assert key != shapesbench.student_key(other, 12.5)
+    monkeypatch.setattr(shapesbench, "code_key", lambda: "edited")
+    assert key != shapesbench.student_key(raw, 12.5)  # any edit of the training or scoring code
 
 
 def test_bench_refuses_a_bad_override():
