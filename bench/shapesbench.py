@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import hashlib
 import json
 import os
@@ -609,9 +610,11 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
     rec["method_cfg"] = raw["method"]  # what this row ran, for the record
     rec["accumulation_groups"] = raw["routing"].get("accumulation_groups")
     rec["scores"], rec["outcomes"], samples = {}, {}, {}
+    done: dict = {}  # step -> its evaluation: DanceOPD's own two budgets are one checkpoint
     for budget, step in rec["updates"].items():
-        model = load_ckpt_model(raw, ckpt(out, step))
-        rec["scores"][budget], samples[budget], rec["outcomes"][budget] = scorer.evaluate(raw, model, tasks)
+        if step not in done:
+            done[step] = scorer.evaluate(raw, load_ckpt_model(raw, ckpt(out, step)), tasks)
+        rec["scores"][budget], samples[budget], rec["outcomes"][budget] = copy.deepcopy(done[step])
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     rec["key"] = key
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # tens of MB per run; the scores are kept
