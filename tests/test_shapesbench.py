@@ -428,7 +428,7 @@ def test_plan_rows_follow_the_reference_and_label_ours(capsys):
     assert quick.variants == ()
     for plan in (full, replace(quick, variants=full.variants)):
         jobs = sb.plan_jobs(plan)
-        for setting in plan.settings:
+        for setting in plan.extra_settings:
             for seed in [s for s in sb.main_seeds(plan, setting) if s in plan.variant_seeds]:
                 rows = {(m, ab): sb.student_cfg(plan, Path("/w"), setting, m, ab, seed, Path("/w/o"))
                         for s, m, ab, sd in jobs if s == setting}  # some rows run on fewer seeds (row_caps)
@@ -473,7 +473,7 @@ def test_opd_baselines_put_every_route_in_every_update_and_one_route_is_an_ablat
         for method, ab in (("diffusionopd", "one_route"), ("flowopd", "one_route"), ("danceopd", None), ("sft", None)):
             raw = sb.student_cfg(plan, Path("/w"), setting, method, ab, 0, Path("/w/o"))
             assert "accumulation_groups" not in raw["routing"] and config_from_dict(raw).learner.grad_accum == 1
-    assert ("t2i_edit", "diffusionopd", "one_route", 0) in sb.plan_jobs(plan)
+    assert ("local_global", "diffusionopd", "one_route", 0) in sb.plan_jobs(plan)
     assert sb.rows_of(plan)[-2:] == ["diffusionopd+one_route", "flowopd+one_route"]
     assert sb.row_label("diffusionopd+one_route") == "ablation: DiffusionOPD, one route per update"
     assert sb.main(["--list"]) == 0
@@ -554,7 +554,13 @@ def test_seed_plan_gives_setting_b_eight_seeds_and_judges_every_ablation_on_thre
     with pytest.raises(SystemExit, match="seed_caps: 'local_global' is not SETTING:N"):
         sb.main(["--list", "--set", "seed_caps=local_global"])
     # rows no claim judges: their first n seeds (row_caps)
-    assert seeds("local_global", "flowopd", "one_route") == seeds("t2i_edit", "flowopd", "kl_gradient") == [0]
+    assert seeds("local_global", "flowopd", "one_route") == seeds("local_global", "flowopd", "kl_gradient") == [0]
+    # setting (a) runs its main rows only (extra_settings: the time budget); with it added back, its
+    # variants and ablations run on their seeds too
+    assert {(m, a) for s, m, a, _ in jobs if s == "t2i_edit"} == {(m, None) for m in sb.MAIN}
+    both = sb.plan_jobs(replace(plan, extra_settings=plan.settings))
+    assert sorted(sd for s, m, a, sd in both if (s, m, a) == ("t2i_edit", "danceopd", "softmix")) == [0, 1, 2]
+    assert sorted(sd for s, m, a, sd in both if (s, m, a) == ("t2i_edit", "flowopd", "kl_gradient")) == [0]
     assert all(sb.row_label(f"{m}+{a}" if a else m) for _, m, a, _ in jobs)
     with pytest.raises(SystemExit, match="row_caps: 'nope:1' is not ROW:N"):
         sb.main(["--list", "--set", "row_caps=nope:1"])
