@@ -652,14 +652,14 @@ def test_upgrade_names_old_rows_by_what_they_ran_and_keeps_old_verdicts():
 
 
 def test_committed_results_recompute_to_their_verdicts():
-    """The committed table's verdicts follow from its JSON (`--report-only`), and its per-seed
-    rates give the issue's paired tests: setting (b) beats naive p 0.11, beats off-policy p 0.02."""
+    """The committed table's verdicts follow from its JSON (`--report-only`); setting (b)'s main
+    claims are paired over its 8 seeds (the plan's point: enough seeds to decide)."""
     sb = _bench()
     res = json.loads((ROOT / "bench" / "results" / "shapesbench.json").read_text())
     plan = sb.Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["plan"].items()})
     assert sb.claims(plan, sb.upgrade(json.loads(json.dumps(res)))) == res["claims"]
     b = {c["versus"]: c for c in res["claims"] if (c["setting"], c["budget"]) == ("local_global", "equal_updates")}
-    assert b["sft"]["p"] == pytest.approx(0.111, abs=1e-3) and b["sft"]["outcome"] != "held"
-    assert b["offpolicy+uniform"]["p"] == pytest.approx(0.0215, abs=5e-4) and min(b["offpolicy+uniform"]["diffs"]) > 0
+    assert b["sft"]["n"] == len(b["sft"]["diffs"]) == len(plan.seeds) == 8
+    assert b["offpolicy"]["seeds"] == list(plan.seeds)
     md = (ROOT / "bench" / "results" / "shapesbench.md").read_text()
     assert md.index("## How the claims are judged") < md.index("## (a) T2I + Edit fusion")
