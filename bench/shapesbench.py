@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -550,6 +551,7 @@ def init_job(plan: Plan, root: Path, init: str, tasks: tuple[str, ...]) -> dict:
 STUDENT_CODE = ("danceopd", "services", "learner", "router", "rollout_workers")
 
 
+@functools.cache  # once per process: the code does not change under a running benchmark
 def code_key() -> str:
     import inspect
 

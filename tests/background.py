@@ -63,9 +63,7 @@ class Chain:
     def result(self, name: str, timeout_s: float) -> dict:
         done = self.dir / f"{name}.done"
         deadline = time.monotonic() + timeout_s
-        while not done.exists():
-            if self.proc.poll() is not None and not done.exists():
-                break
+        while not done.exists() and self.proc.poll() is None:
             if time.monotonic() > deadline:
                 pytest.fail(f"background run {name!r} not done within {timeout_s:.0f} s: {self.tail()}", pytrace=False)
             time.sleep(1)
