@@ -58,6 +58,7 @@ import verdicts  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MAIN = ("sft", "offpolicy", "diffusionopd", "flowopd", "danceopd")
+BUDGETS = ("equal_updates", "equal_wall_clock")  # each row is compared at DanceOPD's updates and at its CPU time
 LABEL = {"sft": "naive multi-task (sft)", "offpolicy": "off-policy (low_t, K = 1)", "diffusionopd": "DiffusionOPD",
          "flowopd": "FlowOPD (reference estimator)", "danceopd": "DanceOPD"}
 # The method section of each main row beyond name and K = 1. sft noises dataset images at uniformly
@@ -161,16 +162,25 @@ class Plan:
     a_init: str = "local_edit"
     seed_caps: tuple = ("t2i_edit:3",)
     variant_seeds: tuple = (0, 1, 2)  # of a setting's main-row seeds, those its variant rows run
-    # Rows no claim judges run on the first n of their seeds ("row:n"): our FlowOPD estimator and
-    # the OPD baselines' one-route-per-update rows (each about 6x DanceOPD's cost). The budget's cut.
-    row_caps: tuple = ("flowopd+kl_gradient:1", "diffusionopd+one_route:1", "flowopd+one_route:1")
+    # Rows no claim judges run on the first n of their seeds ("row:n", or "setting/row:n" in one
+    # setting; 0: not at all). The time budget's cut (100 min on two cores): our FlowOPD estimator,
+    # DiffusionOPD's one-route-per-update row and the uniform off-policy variant on one seed; no
+    # FlowOPD (reference estimator) in setting (a). The last full run (117.6 min) had it there on 3
+    # seeds at 471-503 s a job (3 routes, so 3 micro-batches per update, at all 8 states): 1491
+    # job-seconds, a sixth of the run's CPU, to show again what setting (b) shows on 8 seeds — the
+    # estimator destroys its init (local success ∧ preservation 0.830 -> 0 on every seed of both).
+    row_caps: tuple = ("flowopd+kl_gradient:1", "diffusionopd+one_route:1", "offpolicy+uniform:1", "t2i_edit/flowopd:0")
     ablation_seeds: tuple = (0, 1, 2)  # of a setting's main-row seeds, those its ablations run (each judged)
     variants: tuple = ("offpolicy+uniform", "flowopd+kl_gradient")
-    # DanceOPD ablations by name; another method's as method+name. The query-noise rows are the
-    # paper-matched ones (the paper's grid's noise levels; the index rules mid_t / high_t / uniform
-    # on this grid stay runnable with --set ablations=...): the budget's cut.
-    ablations: tuple = ("softmix", "k4", "kall", "paper_low_t", "paper_mid_t", "paper_high_t", "sample_routes",
-                        "other_init", "diffusionopd+one_route", "flowopd+one_route")
+    # DanceOPD ablations by name; another method's as method+name. The time budget's cut: the
+    # query-noise rows are the paper-matched ones (the paper's grid's noise levels; the index rules
+    # mid_t / high_t / uniform on this grid stay runnable with --set ablations=...); "K = 1 vs more"
+    # is K = 4 (K = N, `kall`, cost 180 s a job, and its 3-seed interval in the last full run,
+    # -0.30 ... +0.80, could not decide); the one-route row is DiffusionOPD's (FlowOPD's reference
+    # estimator collapses either way). Each ablation row trains and is scored only at the budget its
+    # claims are judged at (`row_budgets`).
+    ablations: tuple = ("softmix", "k4", "paper_low_t", "paper_mid_t", "paper_high_t", "sample_routes",
+                        "other_init", "diffusionopd+one_route")
     settings: tuple = ("t2i_edit", "local_global")
     # The settings whose variant and ablation rows run. Setting (b) only in the full plan (the time
     # budget): with 8 seeds it is the setting that decides, and setting (a)'s grouped baselines at 3x
@@ -563,8 +573,9 @@ def code_key() -> str:
     return h.hexdigest()[:16]
 
 
-def student_key(raw: dict, budget_s: float | None) -> str:
-    return hashlib.sha256(json.dumps([raw, budget_s, code_key()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def student_key(raw: dict, budget_s: float | None, budgets: tuple = ()) -> str:
+    return hashlib.sha256(json.dumps([raw, budget_s, code_key(), *([list(budgets)] if budgets != BUDGETS else [])],
+                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cached_student(out: Path, key: str) -> tuple[dict, dict] | None:
@@ -589,7 +600,8 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
     out = root / "runs" / setting / f"{method}-{ablation or 'main'}-s{seed}"
     raw = student_cfg(plan, root, setting, method, ablation, seed, out)
     tasks = SETTINGS[setting]["tasks"]
-    key = student_key(raw, budget_s)
+    budgets = row_budgets(method, ablation)
+    key = student_key(raw, budget_s, budgets)
     if (cached := cached_student(out, key)) is not None:
         log(f"{setting} {method} {ablation or ''} s{seed}: reused {out} (same config, budget and code, key {key})")
         return {**cached[0], "reused": True}, cached[1]
@@ -612,13 +624,13 @@ def run_student(plan: Plan, root: Path, setting: str, method: str, ablation: str
         every = raw["checkpoint"]["every"]
         within = [s for s in range(every, u + 1, every) if s * per <= budget_s] or [every]
         wall_step = max(within)
-    else:  # faster: continue until it has spent DanceOPD's time
+    else:  # faster: continue until it has spent DanceOPD's time (if that budget is scored)
         extra = int(round((budget_s - cpu) / per))
         wall_step = u + extra
-        if extra > 0:
+        if extra > 0 and "equal_wall_clock" in budgets:
             run_train(raw, resume=ckpt(out, u), steps=wall_step)
     rec["budget_s"] = round(budget_s, 2)
-    rec["updates"] = {"equal_updates": u, "equal_wall_clock": wall_step}
+    rec["updates"] = {b: step for b, step in (("equal_updates", u), ("equal_wall_clock", wall_step)) if b in budgets}
     rec["method_cfg"] = raw["method"]  # what this row ran, for the record
     rec["accumulation_groups"] = raw["routing"].get("accumulation_groups")
     rec["scores"], rec["outcomes"], samples = {}, {}, {}
@@ -803,7 +815,8 @@ def aggregate(runs: list[dict], budget: str) -> dict:
     """{(setting, row): {"task.metric": (mean, sample std, n), "updates": ..., "s_per_update": ...}}"""
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r["setting"], row_key(r)), []).append(r)
+        if budget in r["scores"]:  # an ablation row is scored only at its claims' budget (row_budgets)
+            groups.setdefault((r["setting"], row_key(r)), []).append(r)
     out = {}
     for key, rs in groups.items():
         agg = {}
@@ -881,6 +894,11 @@ def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
             continue
         cells = [_fmt(a.get(f"{task}.{metric}"), 2 if metric == "fd" else 3) for task, metric, _ in cols]
         lines.append(f"| {row_label(row)} | " + " | ".join(cells) + f" | {a['updates']:.0f} | {a['s_per_update']:.3f} |")
+    other = next(b for b in BUDGETS if b != budget)
+    elsewhere = [row for row in rows_of(plan) if (setting, row) not in agg and (setting, row) in aggregate(res["runs"], other)]
+    if elsewhere:
+        lines += ["", f"Scored at {other.replace('_', ' ')} only, the budget their claims are judged at: "
+                  + ", ".join(row_label(r) for r in elsewhere) + "."]
     return "\n".join(lines)
 
 
@@ -906,7 +924,8 @@ def edit_rate(scores: dict, local: str = "success") -> float:
 
 
 def per_seed(res: dict, setting: str, row: str, budget: str, value) -> dict:
-    return {r["seed"]: value(r["scores"][budget]) for r in res["runs"] if r["setting"] == setting and row_key(r) == row}
+    return {r["seed"]: value(r["scores"][budget]) for r in res["runs"]
+            if r["setting"] == setting and row_key(r) == row and budget in r["scores"]}
 
 
 def paired(ours: dict, theirs: dict) -> tuple[list, list[float]]:
@@ -987,6 +1006,16 @@ ABLATION_CLAIMS = (  # (our row, the ablation row, kind, budget, claim); rows th
 )
 
 
+def row_budgets(method: str, ablation: str | None) -> tuple[str, ...]:
+    """The budgets a row is scored at: a DanceOPD ablation row only at those its claims are judged
+    at (an equal-updates claim's row is not continued to DanceOPD's time, a K row not scored at
+    equal updates: unused CPU of the time budget); every other row at both."""
+    if ablation is None or method != "danceopd":
+        return BUDGETS
+    judged = {b for ours, ab, _, b, _ in ABLATION_CLAIMS if ab == ablation or ours == f"danceopd+{ablation}"}
+    return tuple(b for b in BUDGETS if b in judged) or BUDGETS
+
+
 def headline(task: str, local: str) -> str:
     """The metric a capability is judged by: T2I accuracy, local edits by `local` (local_key),
     global edits by success."""
@@ -1029,7 +1058,7 @@ def claims(plan: Plan, res: dict) -> list[dict]:
     its ablation claims (equal updates) another."""
     out = []
     for setting in plan.settings:
-        specs = [(budget, *spec) for budget in ("equal_updates", "equal_wall_clock") for spec in claim_specs(res, setting, budget)]
+        specs = [(budget, *spec) for budget in BUDGETS for spec in claim_specs(res, setting, budget)]
         for (budget, _, row, means), v in zip(specs, verdicts.judge([c for _, c, _, _ in specs])):
             out.append({**v, "setting": setting, "budget": budget, "versus": row, "means": means, "family": len(specs),
                         "kind": "main", "init": inits(plan, setting)[0]})
@@ -1276,6 +1305,7 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
              "config, budget and code), so this total leaves out their time." if (n_reused := sum(bool(r.get("reused")) for r in res["runs"])) else ""), "",
           *([res["recomputed"], ""] if res.get("recomputed") else []),
           "## World, models and budgets", "",
+          cut_line(plan, res),
           f"- world: {plan.image_size}×{plan.image_size} RGB, one shape (4 kinds × 8 colours × 3×3 cells) on one of 8 "
           f"backgrounds; {plan.partial_t2i:.0%} of t2i prompts leave {' and/or '.join(plan.t2i_free)} free; "
           f"{plan.n_train} training and {plan.n_heldout} held-out examples per task; sampler: {plan.rollout_steps}-step Euler ODE "
@@ -1319,7 +1349,7 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           "gives each such prompt several correct images (the FD argument) within this model's reach. "
           "`--set t2i_free=position,background` restores the harder world.", ""]
     for setting in plan.settings:
-        for budget in ("equal_updates", "equal_wall_clock"):
+        for budget in BUDGETS:
             md += [f"## {setting_title(plan, setting)} — {budget.replace('_', ' ')}", "", table(plan, res, setting, budget), ""]
     md += ["## Which of the paper's claims held on ShapesBench", "",
            "Paper: single-task teacher FID 16.10 / CLIP 82.4 % / LPIPS 0.125; naive multi-task 19.85 / 72.1 % / 0.180; "
@@ -1396,7 +1426,7 @@ def plots(plan: Plan, res: dict, grids: dict, scorer: Scorer, fig_dir: Path) -> 
             present = {row for (s, row) in aggregate(res["runs"], "equal_updates") if s == setting}
             names = ["teacher"] + [r for r in main_rows(plan) if r in present]
             x = np.arange(len(names))
-            for j, budget in enumerate(("equal_updates", "equal_wall_clock")):
+            for j, budget in enumerate(BUDGETS):
                 agg = aggregate(res["runs"], budget)
                 means, stds = [res["teachers"][task]["scores"].get(metric, np.nan)], [0.0]
                 for m in names[1:]:
@@ -1486,14 +1516,30 @@ def plan_from(args) -> Plan:
     if plan.a_init not in A_INITS:
         raise SystemExit(f"error: --set a_init: {plan.a_init!r} is not one of {', '.join(A_INITS)}")
     for cap in plan.row_caps:
-        row, sep, n = cap.rpartition(":")
-        if not sep or row.split("+", 1)[0] not in MAIN or not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"error: --set row_caps: {cap!r} is not ROW:N with a row (method or method+variant) and N >= 1")
+        where, sep, n = cap.rpartition(":")
+        setting, _, row = where.rpartition("/")
+        if (not sep or row.split("+", 1)[0] not in MAIN or not n.isdigit() or (setting and setting not in SETTINGS)
+                or row == "danceopd"):
+            raise SystemExit(f"error: --set row_caps: {cap!r} is not [SETTING/]ROW:N with a row (method or "
+                             "method+variant; not danceopd, whose runs set every budget) and N >= 0")
     for cap in plan.seed_caps:
         setting, sep, n = cap.partition(":")
         if not sep or setting not in SETTINGS or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"error: --set seed_caps: {cap!r} is not SETTING:N with a known setting and N >= 1")
     return plan
+
+
+def cut_line(plan: Plan, res: dict) -> str:
+    """The report's statement of what the plan left out for its time budget."""
+    caps = [f"{row_label(w.rpartition('/')[2])} {'not run' if n == '0' else f'on {n} seed(s)'}"
+            + (f" in {SETTINGS[w.partition('/')[0]]['title']}" if "/" in w else "")
+            for w, _, n in (c.rpartition(":") for c in plan.row_caps)]
+    only = [s for s in plan.settings if s in plan.extra_settings]
+    return ("- the time budget's cut (`Plan` in bench/shapesbench.py says why for each): "
+            + "; ".join(caps + [f"variants and ablations in {', '.join(SETTINGS[s]['title'] for s in only)} only"
+                                if len(only) < len(plan.settings) else "variants and ablations in every setting"]
+                     + (["each ablation row trained and scored only at the budget its claims are judged at"]
+                        if any(len(r["scores"]) < len(BUDGETS) for r in res["runs"]) else [])) + ".")
 
 
 def parse_caps(entries) -> dict[str, int]:
@@ -1527,7 +1573,7 @@ def plan_jobs(plan: Plan) -> list[tuple[str, str, str | None, int]]:
     for job in jobs:  # in seed order: a capped row keeps its first n seeds
         row = f"{job[1]}+{job[2]}" if job[2] else job[1]
         seen[(job[0], row)] += 1
-        if seen[(job[0], row)] <= caps.get(row, len(plan.seeds)):
+        if seen[(job[0], row)] <= caps.get(f"{job[0]}/{row}", caps.get(row, len(plan.seeds))):
             out.append(job)
     return out
 

@@ -426,7 +426,7 @@ def test_plan_rows_follow_the_reference_and_label_ours(capsys):
     sb = _bench()
     full, quick = sb.PRESETS["full"], sb.PRESETS["quick"]
     assert quick.variants == ()
-    for plan in (full, replace(quick, variants=full.variants)):
+    for plan in (full, replace(quick, variants=full.variants, row_caps=())):
         jobs = sb.plan_jobs(plan)
         for setting in plan.extra_settings:
             for seed in [s for s in sb.main_seeds(plan, setting) if s in plan.variant_seeds]:
@@ -474,11 +474,12 @@ def test_opd_baselines_put_every_route_in_every_update_and_one_route_is_an_ablat
             raw = sb.student_cfg(plan, Path("/w"), setting, method, ab, 0, Path("/w/o"))
             assert "accumulation_groups" not in raw["routing"] and config_from_dict(raw).learner.grad_accum == 1
     assert ("local_global", "diffusionopd", "one_route", 0) in sb.plan_jobs(plan)
-    assert sb.rows_of(plan)[-2:] == ["diffusionopd+one_route", "flowopd+one_route"]
+    assert sb.rows_of(plan)[-1:] == ["diffusionopd+one_route"]  # FlowOPD's: the time budget's cut, runnable
+    assert sb.rows_of(replace(plan, ablations=(*plan.ablations, "flowopd+one_route")))[-1] == "flowopd+one_route"
     assert sb.row_label("diffusionopd+one_route") == "ablation: DiffusionOPD, one route per update"
     assert sb.main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert "every route per update (3 groups, grad_accum 3)" in out and "FlowOPD, one route per update" in out
+    assert "every route per update (3 groups, grad_accum 3)" in out and "DiffusionOPD, one route per update" in out
     edit = {"diffusionopd": 0.50, "diffusionopd+one_route": 0.70, "danceopd": 0.80}
     runs = [_run("local_global", *row.partition("+")[::2], seed, e, e) for row, e in edit.items() for seed in (0, 1, 2)]
     for r in runs:
@@ -548,22 +549,28 @@ def test_seed_plan_gives_setting_b_eight_seeds_and_judges_every_ablation_on_thre
 
     assert seeds("local_global", "danceopd") == seeds("local_global", "diffusionopd") == list(range(8))
     assert seeds("t2i_edit", "danceopd") == [0, 1, 2]  # seed_caps: the 3-route setting's cost
-    assert seeds("local_global", "offpolicy", "uniform") == seeds("local_global", "danceopd", "softmix") == [0, 1, 2]
+    assert seeds("local_global", "danceopd", "softmix") == seeds("local_global", "danceopd", "k4") == [0, 1, 2]
     # every ablation and variant seed has DanceOPD's run of the same seed (its wall-clock budget, its pair)
     assert all(sd in seeds(s, "danceopd") for s, m, a, sd in jobs)
     with pytest.raises(SystemExit, match="seed_caps: 'local_global' is not SETTING:N"):
         sb.main(["--list", "--set", "seed_caps=local_global"])
     # rows no claim judges: their first n seeds (row_caps)
-    assert seeds("local_global", "flowopd", "one_route") == seeds("local_global", "flowopd", "kl_gradient") == [0]
-    # setting (a) runs its main rows only (extra_settings: the time budget); with it added back, its
+    assert seeds("local_global", "diffusionopd", "one_route") == seeds("local_global", "flowopd", "kl_gradient") == [0]
+    assert seeds("local_global", "offpolicy", "uniform") == [0]
+    # setting (a) runs its main rows only (extra_settings: the time budget), FlowOPD's reference
+    # estimator not at all there (a row cap of 0 in one setting); with them added back, its
     # variants and ablations run on their seeds too
-    assert {(m, a) for s, m, a, _ in jobs if s == "t2i_edit"} == {(m, None) for m in sb.MAIN}
+    assert {(m, a) for s, m, a, _ in jobs if s == "t2i_edit"} == {(m, None) for m in sb.MAIN if m != "flowopd"}
+    assert seeds("local_global", "flowopd") == list(range(8))
+    uncut = replace(plan, row_caps=tuple(c for c in plan.row_caps if "/" not in c))
+    assert {(m, a) for s, m, a, _ in sb.plan_jobs(uncut) if s == "t2i_edit"} == {(m, None) for m in sb.MAIN}
     both = sb.plan_jobs(replace(plan, extra_settings=plan.settings))
     assert sorted(sd for s, m, a, sd in both if (s, m, a) == ("t2i_edit", "danceopd", "softmix")) == [0, 1, 2]
     assert sorted(sd for s, m, a, sd in both if (s, m, a) == ("t2i_edit", "flowopd", "kl_gradient")) == [0]
     assert all(sb.row_label(f"{m}+{a}" if a else m) for _, m, a, _ in jobs)
-    with pytest.raises(SystemExit, match="row_caps: 'nope:1' is not ROW:N"):
-        sb.main(["--list", "--set", "row_caps=nope:1"])
+    for bad in ("nope:1", "nowhere/sft:1", "t2i_edit/danceopd:0", "sft:-1"):
+        with pytest.raises(SystemExit, match=f"row_caps: '{bad}' is not \\[SETTING/\\]ROW:N"):
+            sb.main(["--list", "--set", f"row_caps={bad}"])
 
 
 def test_ablation_claims_are_a_family_of_their_own_on_the_capability_rate():
@@ -584,6 +591,36 @@ def test_ablation_claims_are_a_family_of_their_own_on_the_capability_rate():
     assert abl[0]["diffs"] == pytest.approx([0.3, 0.295, 0.29])  # mean of local and global success
     assert abl[1]["margin"] == sb.NOT_WORSE < 0
     assert not [c for c in out if c["kind"] == "main"]  # no main row compared: no main family
+
+
+def test_an_ablation_row_is_scored_only_at_the_budget_its_claims_are_judged_at():
+    """The time budget's cut: an equal-updates claim's row is not continued to DanceOPD's time nor
+    scored there, a K row not scored at equal updates; the claims, the aggregate and the tables take
+    what each row has, and the table names the rows scored at the other budget only."""
+    sb = _bench()
+    assert sb.row_budgets("danceopd", "softmix") == sb.row_budgets("danceopd", "paper_mid_t") == ("equal_updates",)
+    assert sb.row_budgets("danceopd", "paper_low_t") == ("equal_updates",)  # DanceOPD's side of the paper-σ claims
+    assert sb.row_budgets("danceopd", "k4") == sb.row_budgets("danceopd", "kall") == ("equal_wall_clock",)
+    assert sb.row_budgets("danceopd", None) == sb.row_budgets("diffusionopd", "one_route") == sb.BUDGETS
+    assert sb.row_budgets("danceopd", "uniform") == sb.BUDGETS  # no claim judges it: both, for the record
+    plan = replace(sb.PRESETS["full"], settings=("local_global",))
+    runs = [_run("local_global", "danceopd", None, sd, 0.6, 0.6) for sd in (0, 1, 2)]
+    for ab, budget in (("softmix", "equal_updates"), ("k4", "equal_wall_clock")):
+        for sd in (0, 1, 2):
+            r = _run("local_global", "danceopd", ab, sd, 0.3 + sd / 100, 0.3)
+            r["scores"], r["updates"] = {budget: r["scores"][budget]}, {budget: 10}
+            runs.append(r)
+    res = {"plan": {}, "teachers": {t: {"scores": {}} for t in ("local_edit", "global_edit")}, "runs": runs}
+    abl = [c for c in sb.claims(plan, res) if c["kind"] == "ablation"]
+    assert [(c["versus"], c["budget"], c["seeds"]) for c in abl] == [("danceopd+softmix", "equal_updates", [0, 1, 2]),
+                                                                     ("danceopd+k4", "equal_wall_clock", [0, 1, 2])]
+    assert ("local_global", "danceopd+softmix") not in sb.aggregate(runs, "equal_wall_clock")
+    assert sb.aggregate(runs, "equal_updates")[("local_global", "danceopd+softmix")]["local_edit.success"][2] == 3
+    at_wall = sb.table(plan, res, "local_global", "equal_wall_clock")
+    assert "| ablation: soft mixture of teachers |" not in at_wall and "| ablation: K = 4 |" in at_wall
+    assert at_wall.endswith("Scored at equal updates only, the budget their claims are judged at: "
+                            "ablation: soft mixture of teachers.")
+    assert "Scored at equal wall clock only" in sb.table(plan, res, "local_global", "equal_updates")
 
 
 def test_readme_states_every_claims_verdict_of_the_committed_run(tmp_path):
