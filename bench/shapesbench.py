@@ -1007,13 +1007,14 @@ ABLATION_CLAIMS = (  # (our row, the ablation row, kind, budget, claim); rows th
 
 
 def row_budgets(method: str, ablation: str | None) -> tuple[str, ...]:
-    """The budgets a row is scored at: a DanceOPD ablation row only at those its claims are judged
-    at (an equal-updates claim's row is not continued to DanceOPD's time, a K row not scored at
-    equal updates: unused CPU of the time budget); every other row at both."""
+    """The budgets a row is scored at: a DanceOPD ablation row whose claims are all judged at equal
+    updates only there (it is not continued to DanceOPD's time: unused CPU of the time budget);
+    every other row at both (a K row's equal-updates checkpoint exists anyway: its score is one
+    evaluation)."""
     if ablation is None or method != "danceopd":
         return BUDGETS
     judged = {b for ours, ab, _, b, _ in ABLATION_CLAIMS if ab == ablation or ours == f"danceopd+{ablation}"}
-    return tuple(b for b in BUDGETS if b in judged) or BUDGETS
+    return ("equal_updates",) if judged == {"equal_updates"} else BUDGETS
 
 
 def headline(task: str, local: str) -> str:
