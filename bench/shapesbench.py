@@ -1260,7 +1260,10 @@ def readme_verdicts(res: dict) -> str:
     lines = [README_BEGIN, "",
              f"Run: {res['plan']['n_heldout']} held-out prompts per task; DanceOPD trained on "
              + ", ".join(f"{len(v)} seed(s) in {'(a)' if st == 't2i_edit' else '(b)'}" for st, v in seeds.items())
-             + (f"; {res['seconds'] / 60:.0f} min." if "seconds" in res else ".")
+             + (f"; {res['seconds'] / 60:.0f} min" + (f" ({n} of {len(res['runs'])} student jobs reused from an "
+                                                        "interrupted run, their time not in it)." if (n := sum(
+                                                            bool(r.get("reused")) for r in res["runs"])) else ".")
+                if "seconds" in res else ".")
              + (" Recomputed from an earlier run's per-seed rates (see the report's note)." if res.get("recomputed") else ""),
              "", "| setting, budget | claim | verdict | mean difference [interval], seeds |", "|---|---|---|---|"]
     for c in res["claims"]:
