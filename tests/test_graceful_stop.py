@@ -16,7 +16,7 @@ import yaml
 
 from danceopd.checkpoint import latest_checkpoint, load_json
 from services.telemetry.progress import read_metrics
-from tests.conftest import ROOT, cfg_for
+from tests.conftest import ROOT, cfg_for, lean
 from tests.test_ray_runtime import assert_accounting_closes
 
 
@@ -77,7 +77,7 @@ def test_signal_in_local_mode_checkpoints_and_exits_0(tmp_path, toy_raw, sig):
 @pytest.mark.subprocess
 def test_sigterm_in_ray_mode_checkpoints_exits_0_and_resumes(tmp_path, toy_raw):
     out = tmp_path / "run"
-    proc, cfg_path = start_job(tmp_path, toy_raw, "ray", steps=100_000)
+    proc, cfg_path = start_job(tmp_path, lean(toy_raw), "ray", steps=100_000)
     wait_for_steps(proc, out, 5, timeout_s=300)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)

@@ -647,6 +647,24 @@ def _wait_status(head: RayHead, job: str, pred, what: str, timeout_s: float = 30
     raise AssertionError(f"{what}: not reached within {timeout_s} s; last: {last}")
 
 
+def _wait_steps(out_dir: Path, pred, what: str, timeout_s: float = 300) -> dict:
+    """The job's last metrics line once `pred` holds for it. The job runs on this machine and
+    writes metrics.jsonl each step: waiting on it costs nothing, where each `danceopd status` is a
+    helper job on the head whose start competes for the CPU with the job being watched (polled
+    every second, it made this file's end-to-end test 230 s)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        steps = [r for r in map(json.loads, lines) if "loss" in r]  # the learner steps (eval lines apart)
+        if steps and pred(last := steps[-1]):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not reached within {timeout_s} s; last step: {last}")
+
+
 @pytest.mark.ray
 @pytest.mark.subprocess
 @pytest.mark.slow
@@ -674,7 +692,8 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
     assert r.returncode == 2 and "already running" in error_line(r)
 
-    body = _wait_status(head, sid, lambda c: c["step"] > 0, "first learner step")
+    _wait_steps(out_dir, lambda m: m["step"] > 0, "first learner step")
+    body = _wait_status(head, sid, lambda c: c["step"] > 0, "first learner step, as the controller reports it")
     assert body["job"] == name and body["ray_status"] == "RUNNING"
     c = body["controller"]
     assert c["job"] == name and c["state"] == "running" and c["steps"] == 100000  # never reached: /stop ends it
@@ -683,9 +702,12 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     for n in (2, 1):
         r = cli(head, "scale", sid, "--rollout-workers", str(n), "--address", head.address)
         assert r.returncode == 0, r.stderr[-3000:]
-        before = _status(head, sid)[1]["controller"]["step"]
-        _wait_status(head, name, lambda c, n=n: c["workers"]["rollout"] == n, f"rollout workers -> {n}", 120)
-        _wait_status(head, name, lambda c, s=before: c["step"] > s, f"progress with {n} rollout workers", 120)
+        # the fleet at n, then a step taken after that (each line counts the fleet of its step)
+        at_n = _wait_steps(out_dir, lambda m, n=n: m["workers"]["rollout"] == n, f"rollout workers -> {n}", 120)
+        _wait_steps(out_dir, lambda m, s=at_n["step"], n=n: m["step"] > s and m["workers"]["rollout"] == n,
+                    f"progress with {n} rollout workers", 120)
+        c = _wait_status(head, name, lambda c: True, "status by job name")["controller"]
+        assert c["workers"]["rollout"] == n and c["step"] > at_n["step"], c
 
     r = cli(head, "stop", sid, "--address", head.address, "--wait")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
@@ -717,7 +739,7 @@ def test_ray_job_stop_is_a_graceful_stop(head, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     sid = r.stdout.strip().splitlines()[-1]
     assert ray_job_info(head, sid)["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
-    _wait_status(head, sid, lambda c: c["step"] > 2, "learner steps")
+    _wait_steps(out_dir, lambda m: m["step"] > 2, "learner steps")
     stop = subprocess.run([str(BIN / "ray"), "job", "stop", sid, "--address", head.address, "--no-wait"],
                           env=head.client_env(), capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr[-2000:]

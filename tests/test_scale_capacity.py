@@ -15,6 +15,8 @@ def test_scale_beyond_capacity_is_pending_then_removed_while_training_goes_on(ra
     import ray
     from ray.util.placement_group import placement_group_table
 
+    # Steps enough for the whole story; the job is stopped once the pending worker is removed and
+    # a few more steps are taken (it used to run all 600: about half the test's time).
     cfg = cfg_for(toy_raw, tmp_path, "pending", learner__steps=600, rollout__num_cpus=2.0, deadlines__placement_s=3.0,
                   checkpoint__every=0, control__metrics_port=0)
     free = ray.available_resources().get("CPU", 0)
@@ -40,6 +42,9 @@ def test_scale_beyond_capacity_is_pending_then_removed_while_training_goes_on(ra
             seen["status_pending"] = max(seen.get("status_pending", 0), loop.status()["pending"]["rollout"])
             time.sleep(0.01)
         seen["step_after"] = loop.step
+        while loop.step < seen["step_after"] + 5:  # training goes on without the removed member
+            time.sleep(0.01)
+        loop.request_stop("test")
 
     t = threading.Thread(target=scale_later, daemon=True)
     t.start()
@@ -56,10 +61,10 @@ def test_scale_beyond_capacity_is_pending_then_removed_while_training_goes_on(ra
     assert "pg" in seen, seen
     assert seen["status_pending"] == 1, seen
     assert seen["step_after"] > seen["step_while_pending"]  # the loop kept stepping while it waited
-    assert summary["steps"] == cfg.learner.steps
+    assert seen["step_after"] + 5 <= summary["steps"] < cfg.learner.steps
     assert gave_up == {"rollout": 1}
     assert placement_group_table()[seen["pg"]]["state"] == "REMOVED"  # nothing left reserved
-    assert summary["accounting"]["consumed"] == cfg.learner.steps * cfg.rollout.batch_size
+    assert summary["accounting"]["consumed"] == summary["steps"] * cfg.rollout.batch_size
     assert wall < 120
 
 

@@ -269,7 +269,11 @@ def test_quick_bench_end_to_end(tmp_path):
         assert text in md, text
     assert {r["method"] for r in res["runs"]} == {"sft", "offpolicy", "diffusionopd", "flowopd", "danceopd"}
     assert {r["setting"] for r in res["runs"]} == {"t2i_edit", "local_global"}
-    assert all(set(r["scores"]) == {"equal_updates", "equal_wall_clock"} for r in res["runs"])
+    # every row at both budgets but the soft-mixture ablation, judged at equal updates only
+    assert {r["ablation"] for r in res["runs"] if set(r["scores"]) != {"equal_updates", "equal_wall_clock"}} == {"softmix"}
+    assert all(set(r["scores"]) == set(r["updates"]) == set(shapesbench.row_budgets(r["method"], r["ablation"]))
+               for r in res["runs"])
+    assert "Scored at equal updates only, the budget their claims are judged at: ablation: soft mixture" in md
     assert set(res["teachers"]) == set(sw.TASKS)
     assert all((tmp_path / "work" / "teachers" / t / "config.json").is_file() for t in sw.TASKS)
     figs = list((out / "shapesbench-quick").glob("*.png"))

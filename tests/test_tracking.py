@@ -21,7 +21,7 @@ from services.cli import app
 from services.loop import TrainLoop, train
 from services.telemetry.progress import read_metrics
 from services.telemetry.trackers import Trackers, flat_params, mlflow_uri
-from tests.conftest import ROOT, cfg_for
+from tests.conftest import ROOT, cfg_for, lean
 from tests.test_evaluation import ROUTES, board, png
 
 # ---- the fast lane: config, validation, the optional parts ----------------------------------------
@@ -195,7 +195,7 @@ def test_train_profile_flag_traces_learner_steps_and_rollouts_after_a_warmup(toy
 
 @pytest.mark.slow
 def test_ray_run_ships_the_rollout_workers_and_learners_traces_to_the_driver(ray_local, toy_raw, tmp_path):
-    cfg = cfg_for(toy_raw, tmp_path, "ray", learner__steps=3, checkpoint__every=0, eval__enabled=False,
+    cfg = cfg_for(lean(toy_raw), tmp_path, "ray", learner__steps=3, checkpoint__every=0,
                   rollout__workers=1, learner__world_size=1, logging__profile_steps=1)
     summary = train(cfg, mode="ray", show_progress=False)
     names = list(trace_files(cfg))
