@@ -895,7 +895,8 @@ def table(plan: Plan, res: dict, setting: str, budget: str) -> str:
         cells = [_fmt(a.get(f"{task}.{metric}"), 2 if metric == "fd" else 3) for task, metric, _ in cols]
         lines.append(f"| {row_label(row)} | " + " | ".join(cells) + f" | {a['updates']:.0f} | {a['s_per_update']:.3f} |")
     other = next(b for b in BUDGETS if b != budget)
-    elsewhere = [row for row in rows_of(plan) if (setting, row) not in agg and (setting, row) in aggregate(res["runs"], other)]
+    at_other = aggregate(res["runs"], other)
+    elsewhere = [row for row in rows_of(plan) if (setting, row) not in agg and (setting, row) in at_other]
     if elsewhere:
         lines += ["", f"Scored at {other.replace('_', ' ')} only, the budget their claims are judged at: "
                   + ", ".join(row_label(r) for r in elsewhere) + "."]
@@ -1261,8 +1262,8 @@ def readme_verdicts(res: dict) -> str:
              f"Run: {res['plan']['n_heldout']} held-out prompts per task; DanceOPD trained on "
              + ", ".join(f"{len(v)} seed(s) in {'(a)' if st == 't2i_edit' else '(b)'}" for st, v in seeds.items())
              + (f"; {res['seconds'] / 60:.0f} min" + (f" ({n} of {len(res['runs'])} student jobs reused from an "
-                                                        "interrupted run, their time not in it)." if (n := sum(
-                                                            bool(r.get("reused")) for r in res["runs"])) else ".")
+                                                        "interrupted run, their time not in it)." if (n := n_reused(res))
+                                                       else ".")
                 if "seconds" in res else ".")
              + (" Recomputed from an earlier run's per-seed rates (see the report's note)." if res.get("recomputed") else ""),
              "", "| setting, budget | claim | verdict | mean difference [interval], seeds |", "|---|---|---|---|"]
@@ -1305,8 +1306,8 @@ def write_outputs(plan: Plan, res: dict, grids: dict, scorer: Scorer, out_dir: P
           + (" Teachers reused from the work folder's cache (same plan and code), so their training time is not in "
              "this total: " + ", ".join(f"{t} {v['train_s'] / 60:.1f} min" for t, v in p.items() if v.get("reused"))
              + " of one core each." if any(v.get("reused") for v in p.values()) else "")
-          + (f" {n_reused} of {len(res['runs'])} student jobs were reused from an interrupted run's work folder (same "
-             "config, budget and code), so this total leaves out their time." if (n_reused := sum(bool(r.get("reused")) for r in res["runs"])) else ""), "",
+          + (f" {n_reused_} of {len(res['runs'])} student jobs were reused from an interrupted run's work folder (same "
+             "config, budget and code), so this total leaves out their time." if (n_reused_ := n_reused(res)) else ""), "",
           *([res["recomputed"], ""] if res.get("recomputed") else []),
           "## World, models and budgets", "",
           cut_line(plan, res),
@@ -1531,6 +1532,11 @@ def plan_from(args) -> Plan:
         if not sep or setting not in SETTINGS or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"error: --set seed_caps: {cap!r} is not SETTING:N with a known setting and N >= 1")
     return plan
+
+
+def n_reused(res: dict) -> int:
+    """How many of the results' student jobs came from an interrupted run's work folder."""
+    return sum(bool(r.get("reused")) for r in res["runs"])
 
 
 def cut_line(plan: Plan, res: dict) -> str:
