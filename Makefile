@@ -5,7 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Torch's CPU wheels: PyPI's Linux torch is the CUDA build (gigabytes of nvidia-* wheels). An extra
 # index, not the only one: pip picks 2.13.0+cpu from it, and where it is unreachable (an offline
-# mirror) it warns and falls back to the other indexes. `TORCH_INDEX_URL=` leaves it out.
+# mirror) it is left out: asked anyway, pip retries it five times per package (about 75 s here)
+# before it falls back to the other indexes. `TORCH_INDEX_URL=` leaves it out.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # The resolved dependency set (torch apart): `make constraints` regenerates it.
 CONSTRAINTS := constraints.txt
@@ -21,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setup: torch ($(TORCH_SPEC))"
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),$$($(BIN)/python deploy/reachable.py $(TORCH_INDEX_URL) && echo --extra-index-url $(TORCH_INDEX_URL)))
 	@echo "setup: danceopd and its dependencies ($(CONSTRAINTS))"
 	@$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@echo "setup: deepspeed (no build isolation: it builds against the installed torch)"

@@ -32,6 +32,7 @@ from danceopd.backends.base import Row
 from danceopd.device import model_device
 from danceopd.flow import guided_velocity, integrate, job_sigmas
 from danceopd.lora import load_trainable_state_dict
+from danceopd.packed import unpack_state
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
@@ -183,8 +184,8 @@ class Evaluator:
         """{step, seconds, pid, routes: {route: {metric: value}}, grids: {route: uint8 [H, W, 3]},
         columns: {route: the grid's column names}}."""
         t0 = time.perf_counter()
-        if weights is not None:
-            load_trainable_state_dict(self.model, weights)
+        if weights is not None:  # Ray mode: packed (danceopd/packed.py)
+            load_trainable_state_dict(self.model, unpack_state(weights))
         student = self.student_samples()
         teacher = self.teacher_samples() if self.cfg.eval.teacher else {}
         truth = self.ground_truth()

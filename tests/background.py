@@ -5,8 +5,11 @@ The multi-node scenarios (tests/multinode.py) spend most of their minutes waitin
 sleeps, nodes leave and come back, the autoscaler takes its idle timeout. Run at their test's turn,
 that waiting is added to the suite; started at once, it runs beside the other files, and their
 tests (put last by tests/tiers.py) only read the results. The runs form one chain (one simulated
-cluster at a time on a small machine). Under pytest-xdist each worker collects everything, so
-nothing starts in the background there: the fixture runs its scenarios when its test comes.
+cluster at a time on a small machine). Under pytest-xdist the controller starts the chain when it
+is configured (it collects nothing: it starts the chain only for a run of the whole suite, no
+`-k`/`-m`, whose paths hold the background files) and the workers read its results from the
+directory it names in DANCEOPD_BACKGROUND_DIR; otherwise a worker's fixture runs its scenarios
+when its test comes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ RUNS = {"test_multinode.py": {"results": ("placement", "rollout_node", "teacher_
                               "autoscale": ("autoscale",)}}
 BACKGROUND_FILES = tuple(RUNS)
 KEY = pytest.StashKey["Chain"]()
+DIR_ENV = "DANCEOPD_BACKGROUND_DIR"  # the controller's chain, for pytest-xdist's workers
 
 
 def scenario_argv(out: Path | str, scenarios: tuple[str, ...]) -> list[str]:
@@ -44,9 +48,13 @@ class Chain:
     """One shell that runs its commands in order, each (name, argv) writing `<dir>/<name>.json`
     (argv's `{out}`) and then `<dir>/<name>.done`."""
 
-    def __init__(self, commands: dict[str, list[str]]):
-        self.dir = Path(tempfile.mkdtemp(prefix="danceopd-background-"))
+    def __init__(self, commands: dict[str, list[str]] | None, directory: Path | None = None):
+        """`commands` None: a reader of the chain another process started in `directory`."""
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="danceopd-background-"))
         self.log = self.dir / "chain.log"
+        self.proc = None
+        if commands is None:
+            return
         steps = []
         for name, argv in commands.items():
             line = " ".join(shlex.quote(a.replace("{out}", str(self.dir / f"{name}.json"))) for a in argv)
@@ -63,7 +71,7 @@ class Chain:
     def result(self, name: str, timeout_s: float) -> dict:
         done = self.dir / f"{name}.done"
         deadline = time.monotonic() + timeout_s
-        while not done.exists() and self.proc.poll() is None:
+        while not done.exists() and (self.proc is None or self.proc.poll() is None):
             if time.monotonic() > deadline:
                 pytest.fail(f"background run {name!r} not done within {timeout_s:.0f} s: {self.tail()}", pytrace=False)
             time.sleep(1)
@@ -75,6 +83,8 @@ class Chain:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
     def stop(self) -> None:
+        if self.proc is None:
+            return  # a reader: the controller stops the chain
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)  # the multinode harness stops its cluster on the way out
@@ -91,17 +101,47 @@ def in_xdist_worker() -> bool:
     return "PYTEST_XDIST_WORKER" in os.environ
 
 
+def background_elsewhere() -> bool:
+    """An xdist worker whose controller runs the chain: its background files' tests only read."""
+    return in_xdist_worker() and DIR_ENV in os.environ
+
+
+def pytest_configure(config):
+    """pytest-xdist's controller: start the chain before the workers start (they inherit
+    DIR_ENV), for a run of the whole suite."""
+    if in_xdist_worker() or not getattr(config.option, "numprocesses", None) or config.option.collectonly:
+        return
+    if config.option.keyword or config.option.markexpr:
+        return  # a selection: the workers run what they need
+    args = [Path(a.split("::")[0]).resolve() for a in config.args] or [ROOT / "tests"]
+    tests = ROOT / "tests"
+    if any(a == tests or a == ROOT or a == tests / f for a in args for f in BACKGROUND_FILES):
+        chain = config.stash[KEY] = Chain.of_scenarios({k: v for f in BACKGROUND_FILES for k, v in RUNS[f].items()})
+        os.environ[DIR_ENV] = str(chain.dir)
+
+
+def pytest_unconfigure(config):
+    chain = config.stash.get(KEY, None)
+    if chain is not None and not in_xdist_worker():
+        chain.stop()
+        os.environ.pop(DIR_ENV, None)
+
+
 def pytest_collection_finish(session):
+    if in_xdist_worker() or session.config.option.collectonly or KEY in session.config.stash:
+        if background_elsewhere():
+            session.config.stash[KEY] = Chain(None, Path(os.environ[DIR_ENV]))
+        return
     files = {item.path.name for item in session.items}
     runs = {name: s for f in BACKGROUND_FILES if f in files for name, s in RUNS[f].items()}
-    if runs and not in_xdist_worker() and not session.config.option.collectonly:
+    if runs:
         session.config.stash[KEY] = Chain.of_scenarios(runs)
 
 
 def pytest_sessionfinish(session):
     chain = session.config.stash.get(KEY, None)
-    if chain is not None:
-        chain.stop()
+    if chain is not None and not getattr(session.config.option, "numprocesses", None):
+        chain.stop()  # one process; under xdist the controller's pytest_unconfigure stops it
 
 
 def scenario_result(request, tmp_path_factory, file: str, name: str, timeout_s: float) -> dict:

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.background import pytest_collection_finish, pytest_sessionfinish  # noqa: F401
+from tests.background import (  # noqa: F401
+    pytest_collection_finish,
+    pytest_configure,
+    pytest_sessionfinish,
+    pytest_unconfigure,
+)
 from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +29,12 @@ if "torch" in sys.modules:  # imported before this file: the variable came too l
 # the first test that imports mlflow (its telemetry schema calls platform.platform(); deepspeed's
 # autotuner imports mlflow wherever it is installed), which the tier guard would count as a process.
 platform.uname().processor  # noqa: B018
+# Matplotlib builds its font cache (running `fc-list`) the first time a figure is drawn on a new
+# machine: here, once, at collection, not inside whichever fast test draws first.
+import matplotlib  # noqa: E402
+
+if not any(Path(matplotlib.get_cachedir()).glob("fontlist-*.json")):
+    import matplotlib.font_manager  # noqa: E402, F401
 
 
 def cfg_for(raw: dict, tmp_path: Path, out: str, **over):

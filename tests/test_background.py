@@ -38,3 +38,18 @@ def test_a_result_waits_for_its_run_and_stop_ends_the_rest():
         chain.stop()
     time.sleep(0.2)
     assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+
+
+def test_a_reader_in_another_process_reads_the_chain_and_cannot_stop_it():
+    """pytest-xdist: the controller runs the chain, a worker reads it from the directory alone."""
+    write = "import json, sys, time; time.sleep(1); json.dump({'n': 1}, open(sys.argv[1], 'w'))"
+    chain = Chain({"first": [sys.executable, "-c", write, "{out}"], "second": ["sleep", "300"]})
+    try:
+        reader = Chain(None, chain.dir)
+        assert reader.result("first", timeout_s=60) == {"n": 1}
+        reader.stop()  # the controller's to stop
+        assert chain.proc.poll() is None and chain.dir.exists()
+        with pytest.raises(pytest.fail.Exception, match="background run 'second' not done within 1 s"):
+            reader.result("second", timeout_s=1)
+    finally:
+        chain.stop()

@@ -111,3 +111,19 @@ def test_a_probe_group_answers_while_the_default_group_is_blocked_and_a_stopped_
         assert not ray.wait([rank.alive.remote()], timeout=1.0)[0]  # hung: no answer
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_packed_state_is_read_from_the_object_store_without_a_copy(ray_local):
+    """danceopd/packed.py rests on this: numpy arrays come back as read-only views of shared
+    memory (no copy), torch tensors as fresh writable copies."""
+    import torch
+
+    from danceopd.packed import pack_state, unpack_state
+
+    state = {"w": torch.randn(64, 64), "h": torch.randn(64, 64).to(torch.bfloat16)}
+    ray = ray_local
+    got = ray.get(ray.put(pack_state(state)))
+    assert not got["w"].flags.writeable and not got["h"].data.flags.writeable
+    assert ray.get(ray.put(state))["w"].is_contiguous()  # torch: unpickled into new memory, writable
+    back = unpack_state(got)
+    assert torch.equal(back["w"], state["w"]) and torch.equal(back["h"], state["h"])

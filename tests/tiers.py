@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.background import BACKGROUND_FILES, in_xdist_worker
+from tests.background import BACKGROUND_FILES, background_elsewhere, in_xdist_worker
 
 TIERS = ("ray", "subprocess", "slow")
 
@@ -36,7 +36,7 @@ LONGEST_FIRST = ("test_jobs_cli.py", "test_multinode.py", "test_ray_runtime.py",
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    if not in_xdist_worker():  # their scenarios started when collection ended: their tests read them last
+    if not in_xdist_worker() or background_elsewhere():  # their scenarios run in the background: read last
         rank.update({name: len(rank) + 1 for name in BACKGROUND_FILES})
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
     for item in items:

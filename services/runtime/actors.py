@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from danceopd.packed import pack_state, unpack_state
 from rollout_workers.worker import RolloutWorker
 from router.scoring import NonFiniteAnswer, Scorer, TeacherFailure
 from router.teacher import Teacher
@@ -70,7 +71,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
         self.t_start = time.perf_counter()
         if latest is not None:
             version, (ref,) = latest  # the ref inside a list: fetched here, where it is timed out by the caller
-            self.set_weights(ray.get(ref), version)
+            self.set_weights(unpack_state(ray.get(ref)), version)
 
     def rollout_meta(self, order, latest=None):
         """(meta, RolloutBatch): the loop waits on the small meta, the scorer gets the batch.
@@ -99,7 +100,7 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
         """Fetch the weights by reference and apply them. The ref travels inside a list so Ray
         does not fetch it before the call starts, and the transfer is timed here."""
         t0 = time.perf_counter()
-        state = ray.get(refs[0])
+        state = unpack_state(ray.get(refs[0]))
         self.set_weights(state, version)
         return {"version": version, "transfer_s": time.perf_counter() - t0, "bytes": state_nbytes(state)}
 
@@ -246,6 +247,11 @@ def learner_rank_actor(base):
             """One step on this rank's batches, passed as top-level refs: Ray fetches them here
             from the object store, where each was stored once by the scorer."""
             return self.train_step(list(micro_batches))
+
+        def export_packed(self) -> dict | None:
+            """`export_weights` as numpy arrays (danceopd/packed.py): what a push publishes."""
+            state = self.export_weights()
+            return None if state is None else pack_state(state)
 
         def broadcast_weights(self, version: int) -> int:
             """Every rank exports (ZeRO-3 gathers); rank 0 broadcasts to the weight group."""

@@ -140,8 +140,9 @@ class RayLearner:
         return {**results[0], "peak_gpu_memory_bytes": peak}
 
     def export_ref(self):
-        """Ref to rank 0's gathered weights, and the other ranks' refs (ZeRO-3 gathers on all)."""
-        refs = [r.export_weights.remote() for r in self.ranks]
+        """Ref to rank 0's gathered weights, packed (danceopd/packed.py), and the other ranks'
+        refs (ZeRO-3 gathers on all)."""
+        refs = [r.export_packed.remote() for r in self.ranks]
         return refs[0], refs[1:]
 
     def publish(self, timeout: float):
