@@ -115,8 +115,18 @@ def ray_local():
     os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"] = str(free_port())
     # address="local": a new cluster, never one a test started with `ray start` (its address file
     # in /tmp/ray outlives it).
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
-             _metrics_export_port=int(os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"]),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
+    kw = dict(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="danceopd-tests",
+              _metrics_export_port=int(os.environ["DANCEOPD_TEST_RAY_METRICS_PORT"]),
+              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}})
+    try:
+        ray.init(**kw)
+    except Exception as e:  # noqa: BLE001
+        # Ray gives a new raylet a fixed 30 s to register with its GCS. Beside other test processes
+        # starting clusters of their own on two cores (pytest-xdist), it can take longer: once more.
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        print(f"ray_local: {e}; starting it again", file=sys.stderr)
+        ray.init(**kw)
     yield ray
     ray.shutdown()
