@@ -116,7 +116,7 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
 CEILING_MODEL = ("backend.hidden=8", "method.rollout_steps=4")
 
 
-def ceiling(n: int, steps: int, out: Path) -> dict:
+def ceiling(n: int, steps: int, out: Path, accum: int = 8, depth: int = 1) -> dict:
     """Near-zero latencies, many workers: batches/s the loop itself sustains, and which
     processes spent the CPU per batch between the first and the last step (actor start-up and
     shutdown excluded; psutil, by command line), sampled by a thread watching metrics.jsonl."""
@@ -142,12 +142,14 @@ def ceiling(n: int, steps: int, out: Path) -> dict:
     watcher.start()
     # The control plane alone: the smallest student (its CPU is the stand-in model's, not the
     # pipeline's) and 4 rollout steps; evaluation off.
-    point = run_point(n, 1, steps, out, latencies=(0.0, 0.0, 0.0), accum=8, extra=CEILING_MODEL)
+    point = run_point(n, 1, steps, out, latencies=(0.0, 0.0, 0.0), accum=accum,
+                      extra=(*CEILING_MODEL, f"rollout.orders_per_worker={depth}"))
+    point["orders_per_worker"] = depth
     done.set()
     watcher.join()
     if "last" in marks:
         (t0, c0), (t1, c1) = marks["first"], marks["last"]
-        batches = (steps - 1) * W * 8
+        batches = (steps - 1) * W * accum
         per = {k: (v - c0.get(k, 0.0)) / batches * 1000 for k, v in c1.items()}
         point["window_s"] = round(t1 - t0, 3)
         point["cpu_ms_per_batch_by_process"] = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.01}
@@ -259,6 +261,8 @@ def main() -> None:
     ap.add_argument("--lags", default="0,1")
     ap.add_argument("--steps", type=int, default=4, help="least learner steps per point (the first is excluded)")
     ap.add_argument("--ceiling-workers", type=int, default=16)
+    ap.add_argument("--ceiling-accum", type=int, default=8, help="the ceiling's batches per step")
+    ap.add_argument("--ceiling-depth", type=int, default=1, help="the ceiling's rollout.orders_per_worker")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--render", action="store_true", help="only re-render Markdown and plot from the JSON")
     ap.add_argument("--ceiling-only", action="store_true", help="re-measure only the ceiling, into the existing JSON")
@@ -293,7 +297,8 @@ def main() -> None:
                 print(f"lag {lag} workers {n:>2}: {p['samples_per_s']:7.1f} samples/s (ideal {p['ideal_samples_per_s']:.1f}, "
                       f"efficiency {p['efficiency']:.3f}) in {time.perf_counter() - t0:.0f} s", flush=True)
         if args.ceiling_workers:
-            res["ceiling"] = ceiling(args.ceiling_workers, 40, Path(tmp) / "ceiling")
+            res["ceiling"] = ceiling(args.ceiling_workers, max(10, 320 // args.ceiling_accum), Path(tmp) / "ceiling",
+                                     args.ceiling_accum, args.ceiling_depth)
             print(f"control-plane ceiling: {res['ceiling']['batches_per_s']:.1f} batches/s", flush=True)
     ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)

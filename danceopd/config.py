@@ -343,7 +343,7 @@ class RolloutConfig(_Placed):
     workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Rollout worker actors.")
     batch_size: int = Field(8, ge=1, le=65536, description="Samples per rollout batch (= per-rank learner micro-batch).")
     early_stop: bool = Field(True, description="Integrate only up to the last queried state.")
-    orders_per_worker: int = Field(1, ge=1, le=8, description="Work orders one worker holds at once (running + queued). 2 hides the controller round trip between very short batches; 1 (default) lets new weights reach a worker after its current batch, not after the one queued behind it, which scales better when batches take seconds.")
+    orders_per_worker: int = Field(1, ge=1, le=8, description="Work orders one worker holds at once (running + queued). They travel in calls of up to half of it (at least one), so one call waits on the worker while the one before runs. 2 hides the controller round trip between very short batches; 4 or more also shares Ray's cost per call (about 1-2 ms of CPU on each side) among the orders of a call, for batches of milliseconds; 1 (default) lets new weights reach a worker after its current batch, not after the one queued behind it, which scales better when batches take seconds.")
     num_cpus: float = Field(1.0, ge=0, le=MAX_RESOURCE, description="CPUs per rollout worker.")
     num_gpus: float = Field(0.0, ge=0, le=MAX_RESOURCE, description="GPUs per rollout worker.")
     max_restarts: int = Field(3, ge=0, le=10000, description="Controller restarts of a dead rollout worker.")

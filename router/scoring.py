@@ -85,17 +85,21 @@ class Scorer:
         weight-average of every route's teacher (`mix`), tag `teacher_id`, and add the columns the
         method computes once targets exist (flowopd's advantages). A NaN/Inf answer or routed
         column raises `NonFiniteAnswer` naming the teacher and route."""
+        return self.finish(rb, self.ask(rb))
+
+    def ask(self, rb: pa.RecordBatch) -> tuple:
+        """The first half of `route`: every pool the batch needs is asked (no answer awaited), so
+        several batches' asks can be out at once. Returns what `finish` needs."""
         t0 = time.perf_counter()
         routes = scalars(rb, "route")
         for r in set(routes):
             if r not in self.routes:
                 raise KeyError(f"router: unknown route {r!r} in batch from {scalars(rb, 'worker_id')[0]} (known: {', '.join(self.routes)})")
         if self.method.routing == "none":  # plain flow matching: the data velocity is already the target
-            return rb
+            return t0, routes, None, None, None
         state = rb.column("state").to_numpy_ndarray()
         sigma = rb.column("sigma").to_numpy()
         cond = rb.column("cond").to_numpy_ndarray()
-        target = np.zeros_like(state)
         teacher_ids = [""] * len(routes)
         asks = []  # (route, rows or None for all, weight, pool, handle): every pool asked before any answer
         if self.method.routing == "mix":
@@ -114,6 +118,13 @@ class Scorer:
                 asks.append((name, sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
                 for i in sel:
                     teacher_ids[i] = teacher
+        return t0, routes, np.zeros_like(state), teacher_ids, asks
+
+    def finish(self, rb: pa.RecordBatch, asked: tuple) -> pa.RecordBatch:
+        """The second half of `route`: await the answers of `ask` and build the RoutedBatch."""
+        t0, routes, target, teacher_ids, asks = asked
+        if asks is None:
+            return rb
         bad = None  # (teacher, route) of the first non-finite answer; every answer is awaited first
         for name, sel, weight, pool, handle in asks:
             answer = pool.result(handle)

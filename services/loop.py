@@ -26,7 +26,7 @@ from danceopd.dataset import Dataset
 from danceopd.profiling import write_traces
 from router.router import Router
 from services import checkpoints
-from services.pipeline import RolloutPipeline
+from services.pipeline import RolloutPipeline, as_calls
 from services.runtime.contracts import Elastic, Fleet, LearnerGroup, WeightSync
 from services.runtime.events import Applied, Joined, Lost, NonFinite, RolledOut, Routed, Traced
 from services.runtime.failures import RoleFailure
@@ -153,9 +153,11 @@ class TrainLoop:
         plan = self.pipe.plan(self.fleet.workers())
         if plan:
             owed = self.pipe.take_owed(len(plan))
-            for worker, order in zip(plan, self.router.next_orders(len(plan), self.cfg.rollout.batch_size, owed)):
+            orders = self.router.next_orders(len(plan), self.cfg.rollout.batch_size, owed)
+            for worker, order in zip(plan, orders):
                 self.pipe.issue(order.ticket, worker, len(order.items), order.items[0].route)
-                self.fleet.submit(worker, order)
+            for worker, call in as_calls(plan, orders, self.cfg.rollout.orders_per_worker):
+                self.fleet.submit(worker, call)
 
     def collect(self, timeout: float) -> None:
         for ev in self.fleet.poll(timeout, self.learner.pending()):

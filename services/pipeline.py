@@ -323,3 +323,15 @@ class RolloutPipeline:
         return {"depth": len(self.queued), "capacity": self.capacity, "dropped": dict(self.dropped),
                 "lag_counts": {str(k): v for k, v in sorted(self.lag_counts.items())},
                 "max_lag_seen": max(self.lag_counts, default=0)}
+
+
+def as_calls(plan: list[str], orders: list, depth: int) -> list[tuple[str, list]]:
+    """The orders of one hand-out (`plan[i]` gets `orders[i]`) as calls: each worker's orders in
+    hand-out order, in calls of up to half of what a worker holds (`depth`, at least one), so
+    one call waits on the worker while the one before runs (the worker never waits for the
+    driver between calls) and Ray's cost per call is shared by the orders in it."""
+    size = max(1, depth // 2)
+    by_worker: dict[str, list] = {}
+    for worker, order in zip(plan, orders, strict=True):
+        by_worker.setdefault(worker, []).append(order)
+    return [(w, os[i:i + size]) for w, os in by_worker.items() for i in range(0, len(os), size)]

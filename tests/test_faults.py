@@ -32,10 +32,11 @@ ROLES = ("rollout", "teacher", "router")
 
 
 def small(sim_raw, tmp_path, name, **over):
-    """2 workers, 0.15 s rollouts, lag 1 and two orders per worker: two batches of one worker are
-    in flight when it dies, so one death must cost one restart, not two."""
+    """2 workers, 0.15 s rollouts, lag 1 and four orders per worker, in calls of two (one runs,
+    one waits): several batches of one worker, and of one scorer call, are in flight when a
+    role dies, so one death must cost one restart, not two."""
     base = dict(backend__rollout_latency_s=0.15, backend__teacher_latency_s=0.02, backend__learner_latency_s=0.01,
-                rollout__workers=2, rollout__orders_per_worker=2, rollout__max_restarts=1, learner__steps=16,
+                rollout__workers=2, rollout__orders_per_worker=4, rollout__max_restarts=1, learner__steps=16,
                 learner__grad_accum=2, sync__max_policy_lag=1, replay__capacity=8, checkpoint__every=0)
     return cfg_for(lean(sim_raw), tmp_path, name, **{**base, **over})
 

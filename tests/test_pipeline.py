@@ -196,3 +196,21 @@ def test_abandon_drops_batches_still_in_flight_and_the_accounting_closes():
     assert acct["dropped"] == {"stopped": 12, "unconsumed": 4} and acct["consumed"] == 0
     assert_accounting_closes(acct)
     assert p.owed == [] and p.first_unconsumed() == p.next_ticket == 4
+
+
+@pytest.mark.parametrize("depth,expect", [
+    (1, [("a", [0]), ("a", [2]), ("b", [1])]),  # one order a call
+    (2, [("a", [0]), ("a", [2]), ("b", [1])]),  # one runs, one waits: still one a call
+    (4, [("a", [0, 2]), ("b", [1])]),
+    (8, [("a", [0, 2]), ("b", [1])]),
+])
+def test_a_workers_orders_go_in_calls_of_half_its_depth_in_hand_out_order(depth, expect):
+    from services.pipeline import as_calls
+
+    assert as_calls(["a", "b", "a"], [0, 1, 2], depth) == expect
+
+
+def test_a_hand_out_of_four_orders_to_a_worker_holding_four_is_two_calls_of_two():
+    from services.pipeline import as_calls
+
+    assert as_calls(["w"] * 4, [10, 11, 12, 13], 4) == [("w", [10, 11]), ("w", [12, 13])]

@@ -73,28 +73,33 @@ class RolloutWorkerActor(WeightGroupMember, RolloutWorker):
             version, (ref,) = latest  # the ref inside a list: fetched here, where it is timed out by the caller
             self.set_weights(unpack_state(ray.get(ref)), version)
 
-    def rollout_meta(self, order, latest=None):
-        """(meta, RolloutBatch): the loop waits on the small meta, the scorer gets the batch.
+    def rollout_meta(self, orders: list, latest=None):
+        """([meta per order], RolloutBatch per order): the loop waits on the small metas, the
+        scorer gets the batches. One call carries the orders the loop issued to this worker
+        together (`rollout.orders_per_worker`): Ray's cost per call is paid once for them.
         `latest` — (version, [ref]) of the driver's newest weights (`object_store`) — rides on
-        every order: newer weights are applied first, between batches as always, with no call of
-        their own. The meta says which version the batch was made with and what applying cost."""
+        every call: newer weights are applied first, between batches as always, with no call of
+        their own. A meta says which version its batch was made with and what applying cost."""
         applied = None
         if latest is not None and latest[0] > self.version:
             applied = self.apply_weights(latest[1], latest[0])
-        t0, nfe0 = time.perf_counter(), self.stats["nfe"]
-        rb = self.rollout(order)
-        per_route = collections.Counter(it.route for it in order.items)
-        nfe = self.stats["nfe"] - nfe0
-        for route, n in per_route.items():
-            self.metrics.inc("danceopd_rollout_samples", n, route=route)
-            self.metrics.inc("danceopd_rollout_nfes", nfe * n / len(order.items), route=route)
-        self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
+        metas, batches = [], []
+        for order in orders:
+            t0, nfe0 = time.perf_counter(), self.stats["nfe"]
+            batches.append(self.rollout(order))
+            per_route = collections.Counter(it.route for it in order.items)
+            nfe = self.stats["nfe"] - nfe0
+            for route, n in per_route.items():
+                self.metrics.inc("danceopd_rollout_samples", n, route=route)
+                self.metrics.inc("danceopd_rollout_nfes", nfe * n / len(order.items), route=route)
+            self.metrics.observe("danceopd_rollout_latency_seconds", time.perf_counter() - t0)
+            metas.append({"ticket": order.ticket, "worker": self.worker_id, "version": self.version, "applied": applied})
+            applied = None  # reported once
         wall = max(time.perf_counter() - self.t_start, 1e-9)
         self.metrics.set("danceopd_rollout_idle_ratio", max(0.0, 1 - self.stats["busy_s"] / wall))
-        meta = {"ticket": order.ticket, "worker": self.worker_id, "version": self.version, "applied": applied}
         if traces := self.profiler.take():  # `logging.profile_steps`: worker 0's traces ride on the meta
-            meta["traces"] = traces
-        return meta, rb
+            metas[0]["traces"] = traces
+        return (metas, *batches)
 
     def apply_weights(self, refs: list, version: int) -> dict:
         """Fetch the weights by reference and apply them. The ref travels inside a list so Ray
@@ -217,22 +222,32 @@ class ScorerActor(Scorer):
         self.metrics = ActorMetrics("router", name, labels)
         self._backlog: collections.Counter = collections.Counter()
 
-    def route_meta(self, rb):
-        """(meta, RoutedBatch), like the rollout worker's pair: the driver learns the ticket, the
-        policy version and the size without fetching the batch. A batch with NaN/Inf in a teacher
-        answer is no batch: (meta naming it under `nonfinite`, None)."""
-        routes = collections.Counter(rb.column("route").to_pylist())
-        self._report(routes, +1)
-        bad = None
+    def route_meta(self, *rbs):
+        """([meta per batch], RoutedBatch per batch), like the rollout worker's: the driver learns
+        each ticket, policy version and size without fetching the batch. The batches of one call
+        (a rollout call's) are asked of their teachers together, every ask before any answer.
+        A batch with NaN/Inf in a teacher answer is no batch: (meta naming it under `nonfinite`,
+        None)."""
+        counts = [collections.Counter(rb.column("route").to_pylist()) for rb in rbs]
+        for routes in counts:
+            self._report(routes, +1)
+        metas, outs = [], []
         try:
-            out = self.route(rb)
-        except NonFiniteAnswer as e:
-            out, bad = None, (e.teacher, e.route, e.what)
+            asks = [self.ask(rb) for rb in rbs]
+            for rb, ask in zip(rbs, asks):
+                bad = None
+                try:
+                    out = self.finish(rb, ask)
+                except NonFiniteAnswer as e:
+                    out, bad = None, (e.teacher, e.route, e.what)
+                versions = rb.column("policy_version").to_numpy()
+                metas.append({"ticket": rb.column("ticket")[0].as_py(), "rows": rb.num_rows, "nonfinite": bad,
+                              "version": int(versions.min()) if len(versions) else 0})
+                outs.append(out)
         finally:
-            self._report(routes, -1)
-        versions = rb.column("policy_version").to_numpy()
-        return {"ticket": rb.column("ticket")[0].as_py(), "rows": rb.num_rows, "nonfinite": bad,
-                "version": int(versions.min()) if len(versions) else 0}, out
+            for routes in counts:
+                self._report(routes, -1)
+        return (metas, *outs)
 
     def _report(self, routes: collections.Counter, sign: int) -> None:
         with self._lock:  # batches of each route being scored right now

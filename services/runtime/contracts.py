@@ -26,8 +26,9 @@ class Fleet(Protocol):
     def worker_versions(self) -> dict[str, int]:
         """The weight version each started worker holds."""
 
-    def submit(self, worker: str, order: WorkOrder) -> None:
-        """Roll out `order` on `worker`, then score it; its events come from `poll`."""
+    def submit(self, worker: str, orders: list[WorkOrder]) -> None:
+        """Roll out `orders` on `worker` (one call for them all where calls cost), then score
+        them; their events come from `poll`, one per order."""
 
     def poll(self, timeout: float, wake: list = ()) -> list:
         """Events since the last poll (runtime/events.py), waiting up to `timeout` for one (or for

@@ -53,7 +53,11 @@ class LocalFleet:
     def worker_versions(self) -> dict[str, int]:
         return {self.worker.worker_id: self.worker.version}
 
-    def submit(self, worker: str, order) -> None:
+    def submit(self, worker: str, orders: list) -> None:
+        for order in orders:
+            self._one(order)
+
+    def _one(self, order) -> None:
         try:
             rolled = self.worker.rollout(order)
             if traces := self.worker.profiler.take():

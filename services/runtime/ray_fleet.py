@@ -9,6 +9,8 @@ Concurrency rules this file is built around (tests/test_ray_semantics.py pins ea
 - calls from one caller to one sequential actor run in submission order, and a call whose
   argument is an unfinished ObjectRef holds up every call behind it. So a rollout's batch goes
   to the scorer only once its meta says it is done.
+- a call's cost (about 1-2 ms of CPU on each side here) is per call, not per batch: the orders
+  the loop issues to one worker together go in one call, and its batches to the scorer in one.
 - calls to different actors run concurrently: N rollout workers roll out at once.
 - the scorer is a threaded actor: batches from the one caller (this loop) are scored
   concurrently, and inside one batch every route's pool is asked before any answer is awaited.
@@ -44,12 +46,14 @@ class Flight:
     ticket: int
     worker: str
     stage: str  # "rollout" | "route"
-    meta: object  # ref of the stage's small answer
+    meta: object  # ref of the stage's small answers: a list, one per batch of the call
     batch: object  # ref of the stage's batch
     t0: float  # when the stage started (a queued rollout starts when the one before it ends)
     incarnation: str  # the rollout worker actor the order went to
     teachers: frozenset = frozenset()  # the teachers its routes need
     rolled: object = None  # ref of the rollout batch, kept while scoring: a replaced scorer scores it again
+    index: int = 0  # this batch's place in its call (its meta in the list)
+    size: int = 1  # batches in its call: the call's deadline is size times a batch's
 
 
 class RayFleet:
@@ -137,18 +141,23 @@ class RayFleet:
         """Live (not draining) workers, (actor, incarnation): the ones a weight push goes to."""
         return {n: (self.rollout.members[n].actor, self.rollout.members[n].incarnation) for n in self.workers()}
 
-    def submit(self, worker: str, order) -> None:
+    def submit(self, worker: str, orders: list) -> None:
         m = self.rollout.members[worker]
-        meta, batch = m.actor.rollout_meta.options(num_returns=2).remote(order, self.latest())
-        teachers = frozenset().union(*(self._teacher_of[it.route] for it in order.items))
-        self.flights[order.ticket] = Flight(order.ticket, worker, "rollout", meta, batch, time.perf_counter(), m.incarnation,
-                                            teachers)
+        meta, *batches = m.actor.rollout_meta.options(num_returns=1 + len(orders)).remote(orders, self.latest())
+        now = time.perf_counter()
+        for i, (order, batch) in enumerate(zip(orders, batches)):
+            teachers = frozenset().union(*(self._teacher_of[it.route] for it in order.items))
+            self.flights[order.ticket] = Flight(order.ticket, worker, "rollout", meta, batch, now, m.incarnation,
+                                                teachers, index=i, size=len(orders))
 
     def poll(self, timeout: float, wake: list = ()) -> list:
         """Advance every flight whose stage finished: rollout -> scoring -> Routed; failures and
         expired deadlines become Lost/Joined events (or one clear error)."""
         events = self._poll_members()
-        by_ref = {f.meta: f for f in self.flights.values() if f.meta is not None}
+        by_ref: dict = {}  # a call's meta ref -> its flights
+        for f in self.flights.values():
+            if f.meta is not None:
+                by_ref.setdefault(f.meta, []).append(f)
         if not by_ref and not wake:
             time.sleep(min(timeout, 0.01))
             return events
@@ -163,54 +172,72 @@ class RayFleet:
         except Exception:  # noqa: BLE001 — one of them failed: sorted ref by ref below
             metas = {}
         for ref in done:
-            f = by_ref[ref]
-            if self.flights.get(f.ticket) is not f or f.meta != ref:
-                continue  # lost with its worker, or re-scored after a scorer restart, earlier in this poll
+            # lost with its worker, or re-scored after a scorer restart, earlier in this poll: skipped
+            current = lambda f, ref=ref: self.flights.get(f.ticket) is f and f.meta == ref  # noqa: E731
             if ref in metas:
-                meta = metas[ref]
+                answers = metas[ref]
             else:
                 try:
-                    meta = ray.get(ref)
+                    answers = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 — sorted by stage and type below
-                    events += self._stage_failed(f, e)
+                    for f in by_ref[ref]:
+                        if current(f):
+                            events += self._stage_failed(f, e)
                     continue
-            if f.stage == "rollout":
-                self._started_next(f.worker, f.ticket, now)
-                if meta["applied"] is not None:
-                    a = meta["applied"]
-                    events.append(Applied(f.worker, a["version"], a["transfer_s"], a["bytes"]))
-                f.stage, f.rolled = "route", f.batch
-                self._route(f, now)
-                events.append(RolledOut(f.ticket))
-                if meta.get("traces"):
-                    events.append(Traced(meta["traces"]))
-            else:
-                del self.flights[f.ticket]
-                bad = meta.get("nonfinite")  # NaN/Inf in a teacher answer: no batch, the loop drops it
-                events.append(NonFinite(f.ticket, *bad) if bad else Routed(f.ticket, f.batch, meta["version"]))
+            rolled = []
+            for f in by_ref[ref]:
+                if not current(f):
+                    continue
+                meta = answers[f.index]
+                if f.stage == "rollout":
+                    if meta["applied"] is not None:
+                        a = meta["applied"]
+                        events.append(Applied(f.worker, a["version"], a["transfer_s"], a["bytes"]))
+                    f.stage, f.rolled = "route", f.batch
+                    rolled.append(f)
+                    events.append(RolledOut(f.ticket))
+                    if meta.get("traces"):
+                        events.append(Traced(meta["traces"]))
+                else:
+                    del self.flights[f.ticket]
+                    bad = meta.get("nonfinite")  # NaN/Inf in a teacher answer: no batch, the loop drops it
+                    events.append(NonFinite(f.ticket, *bad) if bad else Routed(f.ticket, f.batch, meta["version"]))
+            if rolled:
+                self._started_next(rolled[0].worker, ref, now)
+                self._route(rolled, now)
         return events + self._expired(now)
 
-    def _route(self, f: Flight, now: float) -> None:
-        """Send a rolled-out batch to the scorer, or park it (no refs) while the scorer or one of
-        its teachers has no live member: a lost node's replacements are still pending."""
-        if self.scorer.members and all(self.teachers[t].members for t in f.teachers):
-            f.meta, f.batch = self.scorer.only.route_meta.options(num_returns=2).remote(f.rolled)
+    def _route(self, flights: list[Flight], now: float) -> None:
+        """Send rolled-out batches (one call's) to the scorer in one call, or park them (no refs)
+        while the scorer or one of their teachers has no live member: a lost node's replacements
+        are still pending."""
+        teachers = frozenset().union(*(f.teachers for f in flights))
+        if self.scorer.members and all(self.teachers[t].members for t in teachers):
+            meta, *batches = self.scorer.only.route_meta.options(num_returns=1 + len(flights)).remote(
+                *[f.rolled for f in flights])
+            for i, (f, batch) in enumerate(zip(flights, batches)):
+                f.meta, f.batch, f.index, f.size = meta, batch, i, len(flights)
         else:
-            f.meta = f.batch = None
-        f.t0 = now
+            for f in flights:
+                f.meta = f.batch = None
+        for f in flights:
+            f.t0 = now
 
     def _route_parked(self) -> None:
         now = time.perf_counter()
         for f in self.flights.values():
             if f.stage == "route" and f.meta is None:
-                self._route(f, now)
+                self._route([f], now)
 
-    def _started_next(self, worker: str, after: int, now: float) -> None:
-        """The worker's next queued rollout starts now: its deadline counts from here."""
-        queued = [f for f in self.flights.values() if f.worker == worker and f.stage == "rollout" and f.ticket != after]
+    def _started_next(self, worker: str, after, now: float) -> None:
+        """The worker's next queued call (after the one whose meta ref is `after`) starts now:
+        its deadline counts from here."""
+        queued = [f for f in self.flights.values() if f.worker == worker and f.stage == "rollout" and f.meta != after]
         if queued:
-            nxt = min(queued, key=lambda f: f.ticket)
-            nxt.t0 = max(nxt.t0, now)
+            nxt = min(queued, key=lambda f: f.ticket).meta
+            for f in queued:
+                if f.meta == nxt:
+                    f.t0 = max(f.t0, now)
 
     def _stage_failed(self, f: Flight, e: BaseException) -> list:
         if f.stage == "rollout":
@@ -235,10 +262,11 @@ class RayFleet:
             if self.flights.get(f.ticket) is not f:
                 continue
             age = now - f.t0
-            if f.stage == "rollout" and age > self.dl.rollout_s:
-                events += self._worker_failed(f.worker, f"no batch within deadlines.rollout_s={self.dl.rollout_s:g}",
+            if f.stage == "rollout" and age > self.dl.rollout_s * f.size:
+                per = f" ({f.size} in the call)" if f.size > 1 else ""
+                events += self._worker_failed(f.worker, f"no batch within deadlines.rollout_s={self.dl.rollout_s:g}{per}",
                                               f.incarnation)
-            elif f.stage == "route" and f.meta is not None and age > self.dl.route_s:
+            elif f.stage == "route" and f.meta is not None and age > self.dl.route_s * f.size:
                 self._scorer_failed(f"ticket {f.ticket} not scored within deadlines.route_s={self.dl.route_s:g}")
         return events
 
