@@ -58,6 +58,37 @@ class InProcessPool:
         return handle
 
 
+class MergedAsks:
+    """The asks several batches make of one pool, sent as one ask per (CFG scale, route): Ray's
+    cost per call is paid once, and the teacher takes the rows in one forward pass (a row's
+    answer does not depend on the rows beside it). `submit` records, `send` sends, `result`
+    slices a batch's rows out of the shared answer."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.waiting: dict[tuple, list] = {}  # (cfg_scale, route) -> [(state, sigma, cond)], in ask order
+        self.sent: dict[tuple, object] = {}
+        self.answers: dict[tuple, np.ndarray] = {}
+
+    def submit(self, state, sigma, cond, cfg_scale: float, route: str = ""):
+        key = (cfg_scale, route)
+        parts = self.waiting.setdefault(key, [])
+        start = sum(len(p[0]) for p in parts)
+        parts.append((state, sigma, cond))
+        return key, start, start + len(state)
+
+    def send(self) -> None:
+        for key, parts in self.waiting.items():
+            self.sent[key] = self.pool.submit(*(np.concatenate([p[i] for p in parts]) for i in range(3)), *key)
+        self.waiting = {}
+
+    def result(self, handle) -> np.ndarray:
+        key, start, end = handle
+        if key not in self.answers:
+            self.answers[key] = self.pool.result(self.sent[key])
+        return self.answers[key][start:end]
+
+
 class Scorer:
     """`routes`: the job's RouteConfigs; `method`: its MethodConfig; `pools`: teacher -> pool."""
 
@@ -87,9 +118,29 @@ class Scorer:
         column raises `NonFiniteAnswer` naming the teacher and route."""
         return self.finish(rb, self.ask(rb))
 
-    def ask(self, rb: pa.RecordBatch) -> tuple:
+    def route_many(self, rbs: list[pa.RecordBatch]) -> list:
+        """`route` for several batches (one rollout call's): each teacher is asked once per route
+        for all their rows (`MergedAsks`). Each item is a RoutedBatch, or the `NonFiniteAnswer`
+        that batch raised; any other error fails them all."""
+        if len(rbs) == 1:
+            asks = [self.ask(rbs[0])]
+        else:
+            merged = {t: MergedAsks(p) for t, p in self.pools.items()}
+            asks = [self.ask(rb, merged) for rb in rbs]
+            for m in merged.values():
+                m.send()
+        out = []
+        for rb, asked in zip(rbs, asks):
+            try:
+                out.append(self.finish(rb, asked))
+            except NonFiniteAnswer as e:
+                out.append(e)
+        return out
+
+    def ask(self, rb: pa.RecordBatch, pools: dict | None = None) -> tuple:
         """The first half of `route`: every pool the batch needs is asked (no answer awaited), so
         several batches' asks can be out at once. Returns what `finish` needs."""
+        pools = self.pools if pools is None else pools
         t0 = time.perf_counter()
         routes = scalars(rb, "route")
         for r in set(routes):
@@ -106,7 +157,7 @@ class Scorer:
             total = sum(r.weight for r in self.routes.values())
             for name, r in self.routes.items():
                 if r.weight > 0:
-                    pool = self.pools[r.teacher]
+                    pool = pools[r.teacher]
                     asks.append((name, None, r.weight / total, pool, pool.submit(state, sigma, cond, self._cfg_scale(name), name)))
             teacher_ids = ["softmix"] * len(routes)
         else:
@@ -114,7 +165,7 @@ class Scorer:
             for name in sorted(set(routes)):
                 sel = np.nonzero(routes_arr == name)[0]
                 teacher = self.routes[name].teacher
-                pool = self.pools[teacher]
+                pool = pools[teacher]
                 asks.append((name, sel, 1.0, pool, pool.submit(state[sel], sigma[sel], cond[sel], self._cfg_scale(name), name)))
                 for i in sel:
                     teacher_ids[i] = teacher

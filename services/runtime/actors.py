@@ -225,7 +225,7 @@ class ScorerActor(Scorer):
     def route_meta(self, *rbs):
         """([meta per batch], RoutedBatch per batch), like the rollout worker's: the driver learns
         each ticket, policy version and size without fetching the batch. The batches of one call
-        (a rollout call's) are asked of their teachers together, every ask before any answer.
+        (a rollout call's) are asked of their teachers together: one ask per teacher and route.
         A batch with NaN/Inf in a teacher answer is no batch: (meta naming it under `nonfinite`,
         None)."""
         counts = [collections.Counter(rb.column("route").to_pylist()) for rb in rbs]
@@ -233,17 +233,12 @@ class ScorerActor(Scorer):
             self._report(routes, +1)
         metas, outs = [], []
         try:
-            asks = [self.ask(rb) for rb in rbs]
-            for rb, ask in zip(rbs, asks):
-                bad = None
-                try:
-                    out = self.finish(rb, ask)
-                except NonFiniteAnswer as e:
-                    out, bad = None, (e.teacher, e.route, e.what)
+            for rb, out in zip(rbs, self.route_many(list(rbs))):
+                bad = (out.teacher, out.route, out.what) if isinstance(out, NonFiniteAnswer) else None
                 versions = rb.column("policy_version").to_numpy()
                 metas.append({"ticket": rb.column("ticket")[0].as_py(), "rows": rb.num_rows, "nonfinite": bad,
                               "version": int(versions.min()) if len(versions) else 0})
-                outs.append(out)
+                outs.append(None if bad else out)
         finally:
             for routes in counts:
                 self._report(routes, -1)
