@@ -116,6 +116,12 @@ def run_point(n: int, lag: int, steps: int, out: Path, latencies=(R_S, T_S, L_S)
 CEILING_MODEL = ("backend.hidden=8", "method.rollout_steps=4")
 
 
+def ceiling_accum(n: int, depth: int, lag: int = 1) -> int:
+    """Batches per step that let n workers each hold `depth` orders: at lag L at most (L + 1) P
+    orders are out at once, so (L + 1) P >= n * depth."""
+    return math.ceil(n * depth / ((lag + 1) * W))
+
+
 def ceiling(n: int, steps: int, out: Path, accum: int = 8, depth: int = 1) -> dict:
     """Near-zero latencies, many workers: batches/s the loop itself sustains, and which
     processes spent the CPU per batch between the first and the last step (actor start-up and
@@ -218,7 +224,9 @@ def render_md(res: dict) -> str:
                      f"{p['controller_cpu_s_per_batch'] * 1000:.1f} ms | {idle['rollout']:.2f} / {idle['teacher']:.2f} / {idle['learner']:.2f} |")
     c = res.get("ceiling")
     if c:
-        lines += ["", f"Control-plane ceiling (all latencies 0, {c['workers']} workers, lag 1, 8 batches per step, "
+        lines += ["", f"Control-plane ceiling (all latencies 0, {c['workers']} workers, lag 1, "
+                  f"{c.get('orders_per_worker', 1)} orders per worker in calls of {max(1, c.get('orders_per_worker', 1) // 2)}, "
+                  f"{c['accum']} batches per step (the window rule: 2 P >= workers x orders per worker), "
                   f"the smallest stand-in model: {', '.join(CEILING_MODEL)}): "
                   f"**{c['batches_per_s']:.1f} batches/s**, controller CPU {c['controller_cpu_s_per_batch'] * 1000:.1f} ms/batch "
                   "(the driver process's whole run, start-up included).", ""]
@@ -261,8 +269,10 @@ def main() -> None:
     ap.add_argument("--lags", default="0,1")
     ap.add_argument("--steps", type=int, default=4, help="least learner steps per point (the first is excluded)")
     ap.add_argument("--ceiling-workers", type=int, default=16)
-    ap.add_argument("--ceiling-accum", type=int, default=8, help="the ceiling's batches per step")
-    ap.add_argument("--ceiling-depth", type=int, default=1, help="the ceiling's rollout.orders_per_worker")
+    ap.add_argument("--ceiling-depth", type=int, default=16,
+                    help="the ceiling's rollout.orders_per_worker (its calls carry half of it)")
+    ap.add_argument("--ceiling-accum", type=int, default=None,
+                    help="the ceiling's batches per step (default: the window rule, ceiling_accum())")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--render", action="store_true", help="only re-render Markdown and plot from the JSON")
     ap.add_argument("--ceiling-only", action="store_true", help="re-measure only the ceiling, into the existing JSON")
@@ -297,8 +307,9 @@ def main() -> None:
                 print(f"lag {lag} workers {n:>2}: {p['samples_per_s']:7.1f} samples/s (ideal {p['ideal_samples_per_s']:.1f}, "
                       f"efficiency {p['efficiency']:.3f}) in {time.perf_counter() - t0:.0f} s", flush=True)
         if args.ceiling_workers:
-            res["ceiling"] = ceiling(args.ceiling_workers, max(10, 320 // args.ceiling_accum), Path(tmp) / "ceiling",
-                                     args.ceiling_accum, args.ceiling_depth)
+            accum = args.ceiling_accum or ceiling_accum(args.ceiling_workers, args.ceiling_depth)
+            res["ceiling"] = ceiling(args.ceiling_workers, max(10, 1280 // accum), Path(tmp) / "ceiling", accum,
+                                     args.ceiling_depth)
             print(f"control-plane ceiling: {res['ceiling']['batches_per_s']:.1f} batches/s", flush=True)
     ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
