@@ -172,22 +172,19 @@ class RayFleet:
         except Exception:  # noqa: BLE001 — one of them failed: sorted ref by ref below
             metas = {}
         for ref in done:
-            # lost with its worker, or re-scored after a scorer restart, earlier in this poll: skipped
-            current = lambda f, ref=ref: self.flights.get(f.ticket) is f and f.meta == ref  # noqa: E731
+            current = [f for f in by_ref[ref] if self._on_call(f, ref)]
             if ref in metas:
                 answers = metas[ref]
             else:
                 try:
                     answers = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 — sorted by stage and type below
-                    for f in by_ref[ref]:
-                        if current(f):
+                    for f in current:
+                        if self._on_call(f, ref):  # the first failure may cost the rest (a dead worker or scorer)
                             events += self._stage_failed(f, e)
                     continue
             rolled = []
-            for f in by_ref[ref]:
-                if not current(f):
-                    continue
+            for f in current:
                 meta = answers[f.index]
                 if f.stage == "rollout":
                     if meta["applied"] is not None:
@@ -206,6 +203,11 @@ class RayFleet:
                 self._started_next(rolled[0].worker, ref, now)
                 self._route(rolled, now)
         return events + self._expired(now)
+
+    def _on_call(self, f: Flight, ref) -> bool:
+        """`f` still waits on the call of `ref`: not lost with its worker, nor parked or re-scored
+        after a scorer restart, earlier in this poll."""
+        return self.flights.get(f.ticket) is f and f.meta == ref
 
     def _route(self, flights: list[Flight], now: float) -> None:
         """Send rolled-out batches (one call's) to the scorer in one call, or park them (no refs)
