@@ -141,7 +141,9 @@ def ceiling(n: int, steps: int, out: Path, accum: int = 8, depth: int = 1) -> di
     shutdown excluded; psutil, by command line), sampled by a thread watching metrics.jsonl."""
     import threading
 
-    me = psutil_process()
+    import psutil
+
+    me = psutil.Process()
     marks: dict[str, tuple[float, dict]] = {}
     done = threading.Event()
 
@@ -151,7 +153,7 @@ def ceiling(n: int, steps: int, out: Path, accum: int = 8, depth: int = 1) -> di
             if path.exists() and sum(1 for line in path.read_text().splitlines() if '"eval"' not in line) >= rows:
                 marks[tag] = (time.perf_counter(), cpu_by_process(me))
                 return
-            time.sleep(0.005)
+            time.sleep(0.02)  # the file is re-read: often enough for a window of seconds, no more
 
     def watch() -> None:
         sample("first", 1)
@@ -174,12 +176,6 @@ def ceiling(n: int, steps: int, out: Path, accum: int = 8, depth: int = 1) -> di
         point["cpu_ms_per_batch_by_process"] = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0.01}
         point["cpu_ms_per_batch"] = round(sum(per.values()), 2)
     return point
-
-
-def psutil_process():
-    import psutil
-
-    return psutil.Process()
 
 
 def cpu_by_process(me) -> dict[str, float]:

@@ -101,6 +101,11 @@ def in_xdist_worker() -> bool:
     return "PYTEST_XDIST_WORKER" in os.environ
 
 
+def runs_of(files) -> dict[str, tuple[str, ...]]:
+    """The background runs the test files `files` read, in chain order."""
+    return {name: s for f in BACKGROUND_FILES if f in files for name, s in RUNS[f].items()}
+
+
 def background_elsewhere() -> bool:
     """An xdist worker whose controller runs the chain: its background files' tests only read."""
     return in_xdist_worker() and DIR_ENV in os.environ
@@ -116,7 +121,7 @@ def pytest_configure(config):
     args = [Path(a.split("::")[0]).resolve() for a in config.args] or [ROOT / "tests"]
     tests = ROOT / "tests"
     if any(a == tests or a == ROOT or a == tests / f for a in args for f in BACKGROUND_FILES):
-        chain = config.stash[KEY] = Chain.of_scenarios({k: v for f in BACKGROUND_FILES for k, v in RUNS[f].items()})
+        chain = config.stash[KEY] = Chain.of_scenarios(runs_of(BACKGROUND_FILES))
         os.environ[DIR_ENV] = str(chain.dir)
 
 
@@ -132,8 +137,7 @@ def pytest_collection_finish(session):
         if background_elsewhere():
             session.config.stash[KEY] = Chain(None, Path(os.environ[DIR_ENV]))
         return
-    files = {item.path.name for item in session.items}
-    runs = {name: s for f in BACKGROUND_FILES if f in files for name, s in RUNS[f].items()}
+    runs = runs_of({item.path.name for item in session.items})
     if runs:
         session.config.stash[KEY] = Chain.of_scenarios(runs)
 

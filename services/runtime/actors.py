@@ -228,9 +228,9 @@ class ScorerActor(Scorer):
         (a rollout call's) are asked of their teachers together: one ask per teacher and route.
         A batch with NaN/Inf in a teacher answer is no batch: (meta naming it under `nonfinite`,
         None)."""
-        counts = [collections.Counter(rb.column("route").to_pylist()) for rb in rbs]
-        for routes in counts:
-            self._report(routes, +1)
+        # batches of each route in this call (a batch counts once per route it holds)
+        batches = collections.Counter(r for rb in rbs for r in set(rb.column("route").to_pylist()))
+        self._report(batches, +1)
         metas, outs = [], []
         try:
             for rb, out in zip(rbs, self.route_many(list(rbs))):
@@ -240,14 +240,14 @@ class ScorerActor(Scorer):
                               "version": int(versions.min()) if len(versions) else 0})
                 outs.append(None if bad else out)
         finally:
-            for routes in counts:
-                self._report(routes, -1)
+            self._report(batches, -1)
         return (metas, *outs)
 
-    def _report(self, routes: collections.Counter, sign: int) -> None:
+    def _report(self, batches: collections.Counter, sign: int) -> None:
+        """`batches`: route -> batches of a call holding it (one gauge update per route and call)."""
         with self._lock:  # batches of each route being scored right now
             for r in self.routes:
-                self._backlog[r] += sign * (routes.get(r, 0) > 0)
+                self._backlog[r] += sign * batches.get(r, 0)
                 self.metrics.set("danceopd_router_backlog", self._backlog[r], route=r)
 
 
