@@ -61,13 +61,16 @@ class TrainLoop:
         # Ray mode: the evaluator actor starts while the fleet does.
         self.evaluation: Evaluation | None = Evaluation(cfg) if cfg.eval.enabled else None
         self.eval_step = None  # the step last submitted for evaluation
+        self.fleet = self.learner = self.sync = self.telemetry = None
         try:
             parts: tuple[Fleet, LearnerGroup, WeightSync] = build(cfg, self.pipe, self.run_id)
             self.fleet, self.learner, self.sync = parts
+            self._start(cfg, resume_from, show_progress)
         except BaseException:
-            if self.evaluation is not None:
-                self.evaluation.shutdown()
+            self.shutdown()  # whatever started (a refused resume, a metrics port taken): no actor outlives it
             raise
+
+    def _start(self, cfg: Config, resume_from, show_progress: bool) -> None:
         self.pipe.worker_version.update(self.fleet.worker_versions())
         self.lag_last = self.lag_max = 0
         self.last_lags: tuple[int, ...] = ()
@@ -87,7 +90,7 @@ class TrainLoop:
             from services.control.autoscale import AutoscalePolicy
 
             self.autoscaler = AutoscalePolicy(cfg.autoscale)
-        self.telemetry = Telemetry(cfg, self.step, show_progress, serve=mode == "ray",
+        self.telemetry = Telemetry(cfg, self.step, show_progress, serve=self.mode == "ray",
                                    control_fns=(self.status, self.request_scale, self.request_stop), run_id=self.run_id)
         self.t_start = time.perf_counter()  # idle ratios count from here, not from actor start-up
 
@@ -345,12 +348,17 @@ class TrainLoop:
         self.fleet.retire_drained(self.pipe.busy_workers())
 
     def shutdown(self) -> None:
-        self.telemetry.close()
+        """Stop every part this loop started (all of them, or as many as a failed start got to)."""
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.evaluation is not None:
             self.evaluation.shutdown()
-        self.sync.close()
-        self.learner.shutdown()
-        self.fleet.shutdown()
+        if self.sync is not None:
+            self.sync.close()
+        if self.learner is not None:
+            self.learner.shutdown()
+        if self.fleet is not None:
+            self.fleet.shutdown()
 
 
 def make_router(cfg: Config, per_step: int) -> Router:

@@ -5,6 +5,7 @@ import platform
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,25 @@ def ray_local():
         ray.init(**kw)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_actor_outlives_its_test(request):
+    """A test on the shared cluster leaves none of its actors alive. One that does holds CPUs
+    that the next test's members wait for (seen: a teacher pending for minutes behind a finished
+    job's fleet, freed only when the garbage collector dropped its handles)."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import ray
+    import ray._private.state as gcs
+
+    if not ray.is_initialized():
+        return
+    job, deadline = ray.get_runtime_context().get_job_id(), time.monotonic() + 15
+    while True:  # ray.kill returns before the actor is dead
+        alive = sorted(a["ActorClassName"] for a in gcs.actors().values() if a["State"] != "DEAD" and a["JobID"] == job)
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not alive, f"actors of this test still alive after it: {alive}"

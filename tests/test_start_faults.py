@@ -134,8 +134,8 @@ def test_a_learner_gang_whose_rank_0_port_is_taken_starts_again(ray_local, sim_r
     import socket
 
     import services.runtime.ray_learner as ray_learner
-    from services.runtime.actors import free_port
     from services.runtime.placement import role_specs
+    from services.runtime.ports import free_port
 
     taken = socket.socket()
     taken.bind(("", 0))
@@ -151,7 +151,7 @@ def test_a_learner_gang_whose_rank_0_port_is_taken_starts_again(ray_local, sim_r
     monkeypatch.setattr(ray_learner, "free_port", port_then_free)
     cfg = small(sim_raw, tmp_path, "port", learner__world_size=2, learner__num_cpus=0.2)
     try:
-        learner = ray_learner.RayLearner(cfg, role_specs(cfg)["learner"])
+        learner = ray_learner.RayLearner(cfg, role_specs(cfg)["learner"]).started()
         try:
             assert len(learner.ranks) == 2 and learner.failed is None
             assert learner._addr[1] != taken.getsockname()[1]

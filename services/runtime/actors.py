@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from rollout_workers.worker import RolloutWorker
 from router.scoring import NonFiniteAnswer, Scorer, TeacherFailure
 from router.teacher import Teacher
 from services.runtime.groups import mark_started
+from services.runtime.ports import free_port
 from services.telemetry.metrics import ActorMetrics
 from services.weights.state import state_nbytes
 
@@ -34,13 +34,6 @@ def actor_env(cfg: Config) -> dict:
     if cfg.learner.num_gpus == 0 and cfg.rollout.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
     return env
-
-
-def free_port() -> tuple[str, int]:
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ip, s.getsockname()[1]
 
 
 class WeightGroupMember:

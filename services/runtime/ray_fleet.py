@@ -106,13 +106,18 @@ class RayFleet:
                 g.add_later()
         self.scorer.add_later("router-0")
         # A backstop: hung or dying starts exhaust their restart budgets well before it.
-        wait_s = self.dl.placement_s + (TEACHER_RESTARTS + 1) * (self.dl.start_s + 10.0)
-        deadline = time.perf_counter() + wait_s
+        self._start_wait_s = self.dl.placement_s + (TEACHER_RESTARTS + 1) * (self.dl.start_s + 10.0)
+        self._start_deadline = time.perf_counter() + self._start_wait_s
+
+    def started(self) -> RayFleet:
+        """Wait for the teachers and the scorer the constructor launched (the learner starts
+        meanwhile)."""
         while not (self.scorer.members and all(g.members for g in self.teachers.values())):
             self._poll_members()
-            if time.perf_counter() > deadline:
-                raise RoleFailure(f"router (starting): the teachers and the router did not start within {wait_s:g} s")
+            if time.perf_counter() > self._start_deadline:
+                raise RoleFailure(f"router (starting): the teachers and the router did not start within {self._start_wait_s:g} s")
             time.sleep(0.02)
+        return self
 
     def autoscaled(self) -> bool:
         return autoscaled(self.cfg.autoscale.cluster_autoscaler)
@@ -443,8 +448,19 @@ def build_ray(cfg: Config, pipe, run_id: str):
     from services.runtime.ray_learner import RayLearner
     from services.weights.ray_sync import CollectiveSync, ObjectStoreSync
 
+    # Every actor starts at once, the learner's ranks beside the fleet's members (each start is a
+    # process importing torch: in sequence they left a core idle), then both are awaited.
     fleet = RayFleet(cfg, latest=lambda: pipe.weights if pipe.weights and pipe.weights[1] is not None else None,
                      run_id=run_id)
-    learner = RayLearner(cfg, fleet.specs["learner"])
+    learner = None
+    try:
+        learner = RayLearner(cfg, fleet.specs["learner"])
+        fleet.started()
+        learner.started()
+    except BaseException:
+        if learner is not None:
+            learner.group.shutdown()
+        fleet.shutdown()
+        raise
     sync_cls = CollectiveSync if cfg.sync.transport == "collective" else ObjectStoreSync
     return fleet, learner, sync_cls(cfg.sync, cfg.rollout, cfg.deadlines, learner, fleet, pipe)

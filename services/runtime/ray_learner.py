@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, NoReturn
 import ray
 
 from danceopd.storage import address
-from services.runtime.actors import actor_env, free_port, learner_rank_actor
+from services.runtime.actors import actor_env, learner_rank_actor
 from services.runtime.failures import RoleFailure, first_line
 from services.runtime.groups import ActorGroup, on
 from services.runtime.placement import role_specs
+from services.runtime.ports import free_port
 
 if TYPE_CHECKING:  # annotations only: no import cycle, no cost
     from danceopd.config import Config
@@ -51,25 +52,35 @@ class RayLearner:
         self.failed: str | None = None
         self.group = ActorGroup("learner", spec, lambda name, opts: cls.options(**opts, runtime_env=env).remote(
             cfg, int(name.rsplit("-", 1)[1]), cfg.learner.world_size, *self._addr))
-        pg, first = self.group.reserve_gang(cfg.learner.world_size)
-        for attempt in range(1, START_ATTEMPTS + 1):
-            # Rank 0 listens on a free port of its own node: probe it inside rank 0's bundle. Another
-            # process may take the port before rank 0 binds it: a gang that dies while starting
-            # is started again, on a new port, before the job has anything to lose.
-            self._addr = ray.get(ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(pg, first)).remote())
-            self.group.add_gang()
-            self.ranks = self.group.actors()
+        self._refs, self._t0 = None, 0.0
+        self._pg, self._first = self.group.reserve_gang(cfg.learner.world_size)
+        self._launch()
+
+    def _launch(self) -> None:
+        # Rank 0 listens on a free port of its own node: probe it inside rank 0's bundle.
+        task = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on(self._pg, self._first))
+        self._addr = ray.get(task.remote())
+        self.group.add_gang()
+        self.ranks = self.group.actors()
+
+    def started(self) -> RayLearner:
+        """Wait for the ranks the constructor launched (the fleet starts meanwhile). Another
+        process may take rank 0's port before rank 0 binds it: a gang that dies while starting
+        is started again, on a new port, before the job has anything to lose."""
+        for attempt in range(1, START_ATTEMPTS):
             try:
-                self.wait([r.get_version.remote() for r in self.ranks], "starting", cfg.sync.timeout_s + 600)
-                break
+                return self._wait_ranks()
             except RoleFailure:
-                if attempt == START_ATTEMPTS:
-                    raise
                 print(f"{self.failed}; starting the learner's ranks again ({attempt} of {START_ATTEMPTS - 1})", flush=True)
                 self.failed = None
                 for name in list(self.group.members):
                     self.group.remove(name)  # the gang's placement group stays reserved
-        self._refs, self._t0 = None, 0.0
+                self._launch()
+        return self._wait_ranks()
+
+    def _wait_ranks(self) -> RayLearner:
+        self.wait([r.get_version.remote() for r in self.ranks], "starting", self.cfg.sync.timeout_s + 600)
+        return self
 
     def _fail(self, rank: int, what: str, cause: str) -> NoReturn:
         self.failed = f"learner learner-{rank}: {what}: {cause}"
