@@ -133,23 +133,38 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def no_actor_outlives_its_test(request):
-    """A test on the shared cluster leaves none of its actors alive. One that does holds CPUs
-    that the next test's members wait for (seen: a teacher pending for minutes behind a finished
-    job's fleet, freed only when the garbage collector dropped its handles)."""
-    yield
-    if "ray_local" not in request.fixturenames:
-        return
+def our_live_actors() -> dict[str, str] | None:
+    """This process's live Ray actors (id -> class), or None when it is not connected."""
     import ray
-    import ray._private.state as gcs
 
     if not ray.is_initialized():
+        return None
+    import ray._private.state as gcs
+
+    job = ray.get_runtime_context().get_job_id()
+    return {i: a["ActorClassName"] for i, a in gcs.actors().items() if a["State"] != "DEAD" and a["JobID"] == job}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    # The actors alive when the test's body starts: a module's shared ones (its fixtures) are not its.
+    item.actors_before = our_live_actors() if "ray_local" in getattr(item, "fixturenames", ()) else None
+    return (yield)
+
+
+@pytest.fixture(autouse=True)
+def no_actor_outlives_its_test(request):
+    """A test on the shared cluster leaves none of the actors it started alive. One that does
+    holds CPUs that the next test's members wait for (seen: a teacher pending for minutes behind
+    a finished job's fleet, freed only when the garbage collector dropped its handles)."""
+    yield
+    before = getattr(request.node, "actors_before", None)
+    if before is None:
         return
-    job, deadline = ray.get_runtime_context().get_job_id(), time.monotonic() + 15
+    deadline = time.monotonic() + 15
     while True:  # ray.kill returns before the actor is dead
-        alive = sorted(a["ActorClassName"] for a in gcs.actors().values() if a["State"] != "DEAD" and a["JobID"] == job)
-        if not alive or time.monotonic() > deadline:
+        left = sorted(c for i, c in (our_live_actors() or {}).items() if i not in before)
+        if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert not alive, f"actors of this test still alive after it: {alive}"
+    assert not left, f"actors this test started are still alive after it: {left}"

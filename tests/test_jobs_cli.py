@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -462,8 +463,6 @@ def _toy_cfg():
 
 
 def test_entrypoints_quote_their_arguments():
-    import shlex
-
     e = jobs.train_entrypoint("configs/my run.yaml", ["job.name=a b", "learner.lr=3e-4"])
     assert shlex.split(e) == ["danceopd", "train", "configs/my run.yaml", "--address", "auto", "--no-progress",
                               "--set", "job.name=a b", "--set", "learner.lr=3e-4"]
@@ -647,6 +646,12 @@ def _wait_status(head: RayHead, job: str, pred, what: str, timeout_s: float = 30
     raise AssertionError(f"{what}: not reached within {timeout_s} s; last: {last}")
 
 
+# One teacher for every route and no evaluator: three actors fewer per job (each a process
+# importing torch) where the subject is the job's control path, set as a user would with --set.
+LEAN = ["--set", "teachers=[{name: teacher, kind: gaussian, std: 0.1, seed: 1}]", "--set", "eval.enabled=false",
+        *(x for i in range(3) for x in ("--set", f"routing.routes.{i}.teacher=teacher"))]
+
+
 def _wait_steps(out_dir: Path, pred, what: str, timeout_s: float = 300) -> dict:
     """The job's last metrics line once `pred` holds for it. The job runs on this machine and
     writes metrics.jsonl each step: waiting on it costs nothing, where each `danceopd status` is a
@@ -675,7 +680,7 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     out_dir = tmp_path / "run"
     sets = ["--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=100000",
-            "--set", "rollout.workers=1", "--set", "checkpoint.every=0", "--set", "sync.max_policy_lag=1"]
+            "--set", "rollout.workers=1", "--set", "checkpoint.every=0", "--set", "sync.max_policy_lag=1", *LEAN]
     # A config that does not validate never reaches the cluster.
     r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", "--set", "learner.steps=0")
     assert r.returncode == 2 and "learner.steps" in error_line(r)
@@ -686,7 +691,7 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
     assert sid.startswith("raysubmit_")
     info = ray_job_info(head, sid)
     assert info["metadata"]["danceopd_job"] == name
-    assert info["entrypoint"] == "danceopd train configs/toy.yaml --address auto --no-progress " + " ".join(sets)
+    assert shlex.split(info["entrypoint"]) == ["danceopd", "train", "configs/toy.yaml", "--address", "auto", "--no-progress", *sets]
     assert info["runtime_env"]["working_dir"].startswith("gcs://")
     # The same job name may not run twice at once (the controller may still be starting).
     r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait", *sets)
@@ -735,7 +740,7 @@ def test_ray_job_stop_is_a_graceful_stop(head, tmp_path):
     out_dir = tmp_path / "run"
     r = cli(head, "submit", "configs/toy.yaml", "--address", head.address, "--no-wait",
             "--set", f"job.name={name}", "--set", f"job.output_dir={out_dir}", "--set", "learner.steps=100000",
-            "--set", "checkpoint.every=0")
+            "--set", "checkpoint.every=0", *LEAN)
     assert r.returncode == 0, r.stderr[-3000:]
     sid = r.stdout.strip().splitlines()[-1]
     assert ray_job_info(head, sid)["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
