@@ -52,7 +52,8 @@ def job_raw(tmp: Path, name: str, **over) -> dict:
     if not data.exists():
         shutil.copytree(ROOT / "configs" / "data" / "toy", data)
     teacher = {"num_cpus": 1, "resources": {"teacher": 1}, "replicas": 1}
-    raw["teachers"] = [dict(t, **teacher) for t in raw["teachers"]]
+    raw["teachers"] = [dict(t, **teacher) for t in raw["teachers"][:2]]  # t2i, and one for both edits
+    raw["routing"]["routes"][2]["teacher"] = raw["teachers"][1]["name"]
     raw["backend"].update(rollout_latency_s=0.15, teacher_latency_s=0.02, learner_latency_s=0.01)
     raw["rollout"] = dict(raw.get("rollout", {}), workers=2, num_cpus=1, resources={"rollout": 1}, max_restarts=3)
     raw["learner"] = dict(raw.get("learner", {}), steps=12, world_size=2, grad_accum=1, num_cpus=1,
@@ -190,7 +191,7 @@ def scenario_placement(h: Harness, tmp: Path) -> dict:
 def scenario_rollout_node(h: Harness, tmp: Path) -> dict:
     """The rollout node goes: its workers' tickets are lost and re-issued; their replacements
     (and the router's, pinned to the group) wait for a node of the group; one comes back."""
-    return run(job_raw(tmp, "rollout-node", learner__steps=16), tmp, h, lose_for(h, "rollout", 4.0))
+    return run(job_raw(tmp, "rollout-node", learner__steps=16, eval__enabled=False), tmp, h, lose_for(h, "rollout", 4.0))
 
 
 def scenario_teacher_node(h: Harness, tmp: Path) -> dict:
@@ -203,7 +204,7 @@ def scenario_learner_node(h: Harness, tmp: Path) -> dict:
     `--resume auto` (the latest checkpoint) finishes it."""
     from danceopd.checkpoint import latest_checkpoint
 
-    raw = job_raw(tmp, "learner-node", learner__steps=16)
+    raw = job_raw(tmp, "learner-node", learner__steps=16, eval__enabled=False)
     # After the first checkpoint (every 4 steps) is written: there is something to resume from.
     res = run(raw, tmp, h, lambda loop, thread: {"node": h.lose("learner")}, at_step=6)
     h.restore("learner")

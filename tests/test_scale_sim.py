@@ -20,7 +20,7 @@ def step_interval(cfg) -> float:
 def test_four_workers_roll_out_at_once(ray_local, sim_raw, tmp_path):
     """4 workers, 1 s per rollout batch, 4 batches per step: concurrent rollouts make a step
     take about 1 s; one at a time, 4 s."""
-    cfg = cfg_for(sim_raw, tmp_path, "overlap", backend__rollout_latency_s=1.0, backend__teacher_latency_s=0.0,
+    cfg = cfg_for(lean(sim_raw), tmp_path, "overlap", backend__rollout_latency_s=1.0, backend__teacher_latency_s=0.0,
               backend__learner_latency_s=0.0, rollout__workers=4, learner__steps=5, learner__grad_accum=4,
               sync__max_policy_lag=1, replay__capacity=12)
     summary = train(cfg, mode="ray", show_progress=False)
@@ -44,7 +44,7 @@ def test_routes_of_a_batch_and_batches_are_routed_concurrently(ray_local, sim_ra
 
 
 def test_a_hung_teacher_is_blamed_and_restarted_until_its_budget_ends(ray_local, sim_raw, tmp_path):
-    cfg = cfg_for(sim_raw, tmp_path, "hung-teacher", backend__rollout_latency_s=0.0, backend__teacher_latency_s=30.0,
+    cfg = cfg_for(lean(sim_raw), tmp_path, "hung-teacher", backend__rollout_latency_s=0.0, backend__teacher_latency_s=30.0,
               rollout__workers=1, learner__steps=3, deadlines__teacher_s=0.5)
     with pytest.raises(RuntimeError, match=r"teacher:\w+ teacher:\w+-0: failed 4 times \(max_restarts=3\)") as e:
         train(cfg, mode="ray", show_progress=False)
@@ -52,7 +52,7 @@ def test_a_hung_teacher_is_blamed_and_restarted_until_its_budget_ends(ray_local,
 
 
 def test_a_hung_rollout_worker_is_restarted_until_its_budget_ends(ray_local, sim_raw, tmp_path):
-    cfg = cfg_for(sim_raw, tmp_path, "hung-worker", backend__rollout_latency_s=30.0, backend__teacher_latency_s=0.0,
+    cfg = cfg_for(lean(sim_raw), tmp_path, "hung-worker", backend__rollout_latency_s=30.0, backend__teacher_latency_s=0.0,
               rollout__workers=1, rollout__max_restarts=1, learner__steps=3, deadlines__rollout_s=1.0)
     with pytest.raises(RuntimeError, match=r"rollout rollout-0: failed 2 times \(max_restarts=1\)"):
         train(cfg, mode="ray", show_progress=False)
