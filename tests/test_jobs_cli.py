@@ -584,8 +584,6 @@ def test_control_path_through_helper_jobs(head):
         r = cli(head, "scale", name, "--rollout-workers", "3", "--address", head.address, "--json")
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": True, "rollout_workers": 3}
-        r = cli(head, "status", name, "--address", head.address)
-        assert r.returncode == 0 and "workers: rollout 3, learner 1, teacher t2i=1" in r.stdout, r.stdout
 
         r = cli(head, "scale", name, "--teachers", "nope=2", "--address", head.address)
         assert r.returncode == 2 and "unknown route 'nope'" in error_line(r)
@@ -711,8 +709,9 @@ def test_end_to_end_submit_status_scale_stop(head, tmp_path):
         at_n = _wait_steps(out_dir, lambda m, n=n: m["workers"]["rollout"] == n, f"rollout workers -> {n}", 120)
         _wait_steps(out_dir, lambda m, s=at_n["step"], n=n: m["step"] > s and m["workers"]["rollout"] == n,
                     f"progress with {n} rollout workers", 120)
-        c = _wait_status(head, name, lambda c: True, "status by job name")["controller"]
-        assert c["workers"]["rollout"] == n and c["step"] > at_n["step"], c
+        if n == 2:  # each `status` is a helper job on the head: by name once
+            c = _wait_status(head, name, lambda c: True, "status by job name")["controller"]
+            assert c["workers"]["rollout"] == n and c["step"] > at_n["step"], c
 
     r = cli(head, "stop", sid, "--address", head.address, "--wait")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
