@@ -191,12 +191,16 @@ def scenario_placement(h: Harness, tmp: Path) -> dict:
 def scenario_rollout_node(h: Harness, tmp: Path) -> dict:
     """The rollout node goes: its workers' tickets are lost and re-issued; their replacements
     (and the router's, pinned to the group) wait for a node of the group; one comes back."""
-    return run(job_raw(tmp, "rollout-node", learner__steps=16, eval__enabled=False), tmp, h, lose_for(h, "rollout", 4.0))
+    # Four orders per worker, in calls of two: the node takes whole calls of several batches with it.
+    raw = job_raw(tmp, "rollout-node", learner__steps=16, eval__enabled=False, rollout__orders_per_worker=4)
+    return run(raw, tmp, h, lose_for(h, "rollout", 4.0))
 
 
 def scenario_teacher_node(h: Harness, tmp: Path) -> dict:
     """The teacher node goes: every replica with it; batches wait (parked) or are re-issued."""
-    return run(job_raw(tmp, "teacher-node", learner__steps=16), tmp, h, lose_for(h, "teacher", 3.0))
+    # Calls of two orders: each merged teacher ask carries two batches' rows when the node goes.
+    raw = job_raw(tmp, "teacher-node", learner__steps=16, rollout__orders_per_worker=4)
+    return run(raw, tmp, h, lose_for(h, "teacher", 3.0))
 
 
 def scenario_learner_node(h: Harness, tmp: Path) -> dict:
