@@ -44,9 +44,9 @@ demo-init: setup
 	OMP_NUM_THREADS=1 $(BIN)/danceopd train configs/demo_init.yaml --mode local --overwrite
 	$(BIN)/danceopd export $$(ls -d runs/demo-init/checkpoints/step-* | tail -1) --out configs/demo_init --overwrite
 
-# One process by default: on two cores, two test processes (TEST_JOBS=2: pytest-xdist, a test
-# file each at a time) took 21 min instead of about 30, but starved Ray enough for a multi-node
-# test's actors to die while starting. CI wants the run that passes.
+# One process by default (13.9 min alone on two cores): more processes starve each other's Ray
+# clusters (three took 31.8 min, and raylets missed Ray's 30 s start-up registration). CI wants
+# the run that passes.
 TEST_JOBS ?= 0
 test: setup
 	$(BIN)/python -m pytest -x --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
