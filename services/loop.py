@@ -56,7 +56,7 @@ class TrainLoop:
             from services.runtime.local import LocalEvaluation as Evaluation
             from services.runtime.local import build_local as build
         else:
-            from services.runtime.ray_fleet import build_ray as build
+            from services.runtime.ray_build import build_ray as build
             from services.runtime.ray_learner import RayEvaluation as Evaluation
         # Ray mode: the evaluator actor starts while the fleet does.
         self.evaluation: Evaluation | None = Evaluation(cfg) if cfg.eval.enabled else None
