@@ -44,7 +44,7 @@ demo-init: setup
 	OMP_NUM_THREADS=1 $(BIN)/danceopd train configs/demo_init.yaml --mode local --overwrite
 	$(BIN)/danceopd export $$(ls -d runs/demo-init/checkpoints/step-* | tail -1) --out configs/demo_init --overwrite
 
-# One process by default (13.9 min alone on two cores): more processes starve each other's Ray
+# One process by default (13.9–16.2 min alone on two cores): more processes starve each other's Ray
 # clusters (three took 31.8 min, and raylets missed Ray's 30 s start-up registration). CI wants
 # the run that passes.
 TEST_JOBS ?= 0
