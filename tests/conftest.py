@@ -145,20 +145,14 @@ def our_live_actors() -> dict[str, str] | None:
     return {i: a["ActorClassName"] for i, a in gcs.actors().items() if a["State"] != "DEAD" and a["JobID"] == job}
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    # The actors alive when the test's body starts: a module's shared ones (its fixtures) are not its.
-    item.actors_before = our_live_actors() if "ray_local" in getattr(item, "fixturenames", ()) else None
-    return (yield)
-
-
 @pytest.fixture(autouse=True)
 def no_actor_outlives_its_test(request):
     """A test on the shared cluster leaves none of the actors it started alive. One that does
     holds CPUs that the next test's members wait for (seen: a teacher pending for minutes behind
-    a finished job's fleet, freed only when the garbage collector dropped its handles)."""
+    a finished job's fleet, freed only when the garbage collector dropped its handles). Wider
+    fixtures are set up before this one, so a module's shared actors are not the test's."""
+    before = our_live_actors() if "ray_local" in request.fixturenames else None
     yield
-    before = getattr(request.node, "actors_before", None)
     if before is None:
         return
     deadline = time.monotonic() + 15

@@ -25,7 +25,7 @@ def build_ray(cfg: Config, pipe, run_id: str):
         learner.started()
     except BaseException:
         if learner is not None:
-            learner.group.shutdown()
+            learner.shutdown()
         fleet.shutdown()
         raise
     sync_cls = CollectiveSync if cfg.sync.transport == "collective" else ObjectStoreSync

@@ -53,6 +53,7 @@ class RayLearner:
         self.group = ActorGroup("learner", spec, lambda name, opts: cls.options(**opts, runtime_env=env).remote(
             cfg, int(name.rsplit("-", 1)[1]), cfg.learner.world_size, *self._addr))
         self._refs, self._t0 = None, 0.0
+        self._answered = False  # every rank answered once: there is a learner to stop in order
         self._pg, self._first = self.group.reserve_gang(cfg.learner.world_size)
         self._launch()
 
@@ -80,6 +81,7 @@ class RayLearner:
 
     def _wait_ranks(self) -> RayLearner:
         self.wait([r.get_version.remote() for r in self.ranks], "starting", self.cfg.sync.timeout_s + 600)
+        self._answered = True
         return self
 
     def _fail(self, rank: int, what: str, cause: str) -> NoReturn:
@@ -208,7 +210,9 @@ class RayLearner:
         self._all("set_version", version)
 
     def shutdown(self) -> None:
-        if self.failed is None:  # peers of a failed rank may hang in a collective: just kill them
+        # Peers of a failed rank may hang in a collective, and ranks that never answered (a start
+        # that failed) have nothing to finish: just kill them.
+        if self.failed is None and self._answered:
             try:
                 ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
             except Exception:  # noqa: BLE001 — best effort on the way out
