@@ -44,12 +44,13 @@ demo-init: setup
 	OMP_NUM_THREADS=1 $(BIN)/danceopd train configs/demo_init.yaml --mode local --overwrite
 	$(BIN)/danceopd export $$(ls -d runs/demo-init/checkpoints/step-* | tail -1) --out configs/demo_init --overwrite
 
-# One process by default (13.9–16.2 min alone on two cores): more processes starve each other's Ray
-# clusters (three took 31.8 min, and raylets missed Ray's 30 s start-up registration). CI wants
-# the run that passes.
-TEST_JOBS ?= 0
+# Two lanes (tests/lanes.py): the Ray tests in one pytest-xdist worker, one cluster at a time, the
+# rest in the other, filling the cores the Ray lane leaves idle while it waits. More workers each
+# start a Ray cluster of their own, and on two cores those starve each other (three took 31.8 min).
+# TEST_LANES=0: one process.
+TEST_LANES ?= 1
 test: setup
-	$(BIN)/python -m pytest -x --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+	$(BIN)/python -m pytest -x --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_LANES)),-n 2 --lanes)
 
 # The pure tests: no Ray, no other process, no long training; before every commit.
 test-fast: setup

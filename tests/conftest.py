@@ -19,6 +19,8 @@ from tests.background import (  # noqa: F401
 )
 from tests.tiers import pytest_collection_modifyitems, pytest_runtest_makereport, tier_guard  # noqa: F401
 
+pytest_plugins = ("tests.lanes",)  # hooks named as tests/background.py's: a plugin of its own
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One torch thread per process (inherited by subprocesses and Ray's workers): the models are tiny

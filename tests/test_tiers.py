@@ -1,6 +1,8 @@
 """The tiers' guard (tests/tiers.py) on a nested pytest run: a test that starts a process or calls
 ray.init without its mark fails, naming the mark; marked, it runs; collection sets `fast`."""
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -88,3 +90,48 @@ def test_a_marked_process_runs(nested):
             assert subprocess.run(["true"]).returncode == 0
     """)
     nested.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+@pytest.mark.subprocess
+def test_lanes_run_the_cluster_tests_in_one_worker_and_the_rest_in_the_other(nested, monkeypatch, tmp_path):
+    # pytest-xdist's loadgroup spreads these round robin on pytest 9.2 (pytest-xdist#1386)
+    nested.makeconftest(CONFTEST + 'pytest_plugins = ("tests.lanes",)\n')
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("LANES_LOG", str(tmp_path / "log"))
+    for var in ("PYTEST_XDIST_WORKER", "DANCEOPD_LANES_DIR"):  # this run's own, where it runs in a lane
+        monkeypatch.delenv(var, raising=False)
+    nested.makepyfile(test_v="""
+        import os
+        import pytest
+
+        def record(lane):
+            with open(os.environ["LANES_LOG"], "a") as f:
+                f.write(f"{lane} {os.environ['PYTEST_XDIST_WORKER']}\\n")
+
+        @pytest.mark.ray
+        @pytest.mark.parametrize("i", range(4))
+        def test_cluster(i):
+            record("cluster")
+
+        @pytest.mark.ray
+        @pytest.mark.subprocess
+        def test_head():
+            record("cluster")
+
+        @pytest.mark.subprocess
+        def test_process():
+            record("local")
+
+        @pytest.mark.parametrize("i", range(8))
+        def test_local(i):
+            record("local")
+    """)
+    nested.runpytest_subprocess("-n", "2", "--lanes").assert_outcomes(passed=14)
+    workers: dict[str, set] = {}
+    for line in (tmp_path / "log").read_text().split("\n")[:-1]:
+        lane, worker = line.split()
+        workers.setdefault(lane, set()).add(worker)
+    assert len(workers["cluster"]) == len(workers["local"]) == 1 and workers["cluster"] != workers["local"], workers
+    res = nested.runpytest_subprocess("--lanes")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*--lanes needs pytest-xdist's -n*"])

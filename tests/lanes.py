@@ -1,0 +1,93 @@
+"""Two lanes under pytest-xdist (`pytest -n 2 --lanes`): every test that starts or joins a Ray
+cluster in one worker, in order, and the rest (the fast lane, the local learning runs, the CLI and
+servers in processes of their own) in the other.
+
+Why not more workers, or xdist's own `--dist loadgroup`: two workers each running Ray tests start
+two clusters at once, and on two cores their raylets miss Ray's fixed 30 s start-up registration;
+the local lane needs no cluster and fills the cores the cluster lane leaves idle while it waits
+(start-ups, deadlines, sleeps). `loadgroup` reads its group from a suffix it writes into the node
+id, which pytest 9.2 no longer lets it write (pytest-xdist#1386): the tests were spread as if
+ungrouped. Here each worker writes the lane of every test it collected into a directory the
+controller names, and the controller's scheduler reads it: one scope per lane, so each lane is a
+single work unit that one worker runs start to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+DIR_ENV = "DANCEOPD_LANES_DIR"
+CLUSTER, LOCAL = "cluster", "local"
+
+
+def lane_of(item) -> str:
+    return CLUSTER if item.get_closest_marker("ray") else LOCAL
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lanes", action="store_true",
+                     help="with -n 2: the Ray tests in one worker, the rest in the other (tests/lanes.py)")
+
+
+def lanes_on(config) -> bool:
+    return bool(config.getoption("lanes", False))
+
+
+def in_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # not the environment: a nested pytest run inherits it
+
+
+def pytest_configure(config):
+    if in_worker(config) or not lanes_on(config):
+        return
+    if getattr(config.option, "numprocesses", None) is None:
+        raise pytest.UsageError("--lanes needs pytest-xdist's -n (e.g. -n 2): it splits the run between workers")
+    config.stash[KEY] = Path(tempfile.mkdtemp(prefix="danceopd-lanes-"))
+    os.environ[DIR_ENV] = str(config.stash[KEY])  # the workers start after this and inherit it
+
+
+def pytest_unconfigure(config):
+    directory = config.stash.get(KEY, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(DIR_ENV, None)
+
+
+KEY = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(trylast=True)  # after tests/tiers.py has marked the tiers
+def pytest_collection_modifyitems(config, items):
+    directory = os.environ.get(DIR_ENV)
+    if not (in_worker(config) and directory):
+        return
+    out = Path(directory) / f"{config.workerinput['workerid']}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({item.nodeid: lane_of(item) for item in items}))
+    tmp.replace(out)  # whole or absent: the controller reads it after this worker's collection ends
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if not lanes_on(config):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        """LoadScope with one scope per lane: a lane is one work unit, run by one worker."""
+
+        lanes: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.lanes is None:
+                files = sorted(config.stash[KEY].glob("*.json"))
+                assert files, f"no worker wrote its lanes into {config.stash[KEY]}"
+                self.lanes = json.loads(files[0].read_text())
+            return self.lanes[nodeid]
+
+    return LaneScheduling(config, log)
