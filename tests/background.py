@@ -118,6 +118,8 @@ def pytest_configure(config):
         return
     if config.option.keyword or config.option.markexpr:
         return  # a selection: the workers run what they need
+    if config.getoption("lanes", False):
+        return  # the local lane runs the scenarios at its turn (tests/lanes.py)
     args = [Path(a.split("::")[0]).resolve() for a in config.args] or [ROOT / "tests"]
     tests = ROOT / "tests"
     if any(a == tests or a == ROOT or a == tests / f for a in args for f in BACKGROUND_FILES):

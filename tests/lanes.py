@@ -1,6 +1,6 @@
 """Two lanes under pytest-xdist (`pytest -n 2 --lanes`): every test that starts or joins a Ray
 cluster in one worker, in order, and the rest (the fast lane, the local learning runs, the CLI and
-servers in processes of their own) in the other.
+servers in processes of their own, the multi-node scenarios last) in the other.
 
 Why not more workers, or xdist's own `--dist loadgroup`: two workers each running Ray tests start
 two clusters at once, and on two cores their raylets miss Ray's fixed 30 s start-up registration;
@@ -22,11 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.background import BACKGROUND_FILES
+
 DIR_ENV = "DANCEOPD_LANES_DIR"
 CLUSTER, LOCAL = "cluster", "local"
 
 
 def lane_of(item) -> str:
+    if item.path.name in BACKGROUND_FILES:
+        # scenarios on simulated clusters of their own, in a process of their own: run at the local
+        # lane's end (tests/tiers.py puts them last), not from the start in the background, where
+        # their 1.4 cores came on top of both lanes' busiest minutes
+        return LOCAL
     return CLUSTER if item.get_closest_marker("ray") else LOCAL
 
 

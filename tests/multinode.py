@@ -40,7 +40,8 @@ GROUPS = {
 }
 # The Ray class names of each role's actors (the GCS actor table's ActorClassName).
 ROLE_CLASSES = {"RolloutWorkerActor": "rollout", "TeacherActor": "teacher", "LearnerRankActor": "learner",
-                "ScorerActor": "router", "Evaluator": "evaluator", "ConditionCacheBuilder": "cache"}
+                "ScorerActor": "router", "Evaluator": "evaluator", "ConditionCacheBuilder": "cache",
+                "ControlRegistry": "registry"}
 
 
 def job_raw(tmp: Path, name: str, **over) -> dict:

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.slow]
 # Where each role must run: its group's node (the router's scorer by its label selector, as in
 # the cluster configs; never the head, whose num_cpus is 0).
 HOME = {"rollout": {"rollout"}, "teacher": {"teacher"}, "learner": {"learner"}, "evaluator": {"teacher"},
-        "router": {"rollout"}, "cache": {"rollout"}}
+        "router": {"rollout"}, "cache": {"rollout"}, "registry": {"head"}}  # the driver's node
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_every_role_runs_on_its_node_group(results):
     finished(res, 12)
     assert_at_home(res)
     assert sum(p["role"] == "learner" for p in res["placements"]) == 2
-    assert "evaluator" in {p["role"] for p in res["placements"]}  # on the teacher group (HOME)
+    assert {"evaluator", "registry"} <= {p["role"] for p in res["placements"]}  # where HOME says
 
 
 def test_a_lost_rollout_node_with_the_router_costs_its_tickets_and_the_job_goes_on(results):

@@ -125,8 +125,15 @@ def test_lanes_run_the_cluster_tests_in_one_worker_and_the_rest_in_the_other(nes
         @pytest.mark.parametrize("i", range(8))
         def test_local(i):
             record("local")
+    """, test_multinode="""
+        import pytest
+        from test_v import record
+
+        @pytest.mark.ray  # a cluster of its own in another process: the local lane's end
+        def test_scenario():
+            record("local")
     """)
-    nested.runpytest_subprocess("-n", "2", "--lanes").assert_outcomes(passed=14)
+    nested.runpytest_subprocess("-n", "2", "--lanes").assert_outcomes(passed=15)
     workers: dict[str, set] = {}
     for line in (tmp_path / "log").read_text().split("\n")[:-1]:
         lane, worker = line.split()

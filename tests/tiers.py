@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.background import BACKGROUND_FILES, background_elsewhere, in_xdist_worker
+from tests.background import BACKGROUND_FILES
 
 TIERS = ("ray", "subprocess", "slow")
 
@@ -27,17 +27,17 @@ TIERS = ("ray", "subprocess", "slow")
 # The files whose tests mostly wait first (deadlines, sleeps, restarts: about one core busy of two,
 # measured per test from /proc/stat): the background chain (tests/background.py: about 1.4 cores
 # for its first three minutes) fills their idle time, and the files that keep both cores busy (job
-# submission, two-rank learners, the diffusers runs) come after it. The background files go last.
+# submission, two-rank learners, the diffusers runs) come after it. The background files go last:
+# in one process their tests read what the chain wrote; in two lanes (tests/lanes.py) the local
+# lane runs their scenarios at its end, beside the Ray lane's lighter middle.
 WAITING_FIRST = ("test_faults.py", "test_scale_sim.py", "test_start_faults.py", "test_object_storage.py",
                  "test_graceful_stop.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(WAITING_FIRST)}
-    if not in_xdist_worker() or background_elsewhere():  # their scenarios run in the background: read last
-        rank.update({name: len(rank) + 1 for name in BACKGROUND_FILES})
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
+    rank = {name: i for i, name in enumerate(WAITING_FIRST)} | {name: len(WAITING_FIRST) + 1 for name in BACKGROUND_FILES}
+    items.sort(key=lambda item: rank.get(item.path.name, len(WAITING_FIRST)))  # stable: a file keeps its order
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)

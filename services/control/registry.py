@@ -38,6 +38,7 @@ def register(job_name: str, url: str, token: str):
     """Publish this job's control endpoint on the Ray cluster the process is connected to.
     Raises ValueError when a live job already registered the same name."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = registry_name(job_name)
     try:
@@ -48,9 +49,13 @@ def register(job_name: str, url: str, token: str):
         raise ValueError(f"job.name {job_name!r}: another running job already registered that name "
                          f"(actor {name!r}); give this job another job.name")
     node_ip = ray.util.get_node_ip_address()
+    # On the controller's node: it needs no resources, so Ray could place it on any node, where a
+    # node's loss (or one lost a moment ago that the GCS has not yet declared dead) took the
+    # registry with it and failed the job's next start.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     try:
-        handle = _registry_actor_class().options(name=name, namespace=REGISTRY_NAMESPACE, lifetime=None).remote(
-            job_name, url, token, node_ip, os.getpid())
+        handle = _registry_actor_class().options(name=name, namespace=REGISTRY_NAMESPACE, lifetime=None,
+                                                 scheduling_strategy=here).remote(job_name, url, token, node_ip, os.getpid())
     except ValueError as e:  # lost a race with another job of the same name
         raise ValueError(f"job.name {job_name!r}: another running job already registered that name ({e})") from None
     ray.get(handle.get.remote())  # created and reachable before anyone is told to look
