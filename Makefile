@@ -47,10 +47,11 @@ demo-init: setup
 # Two lanes (tests/lanes.py): the Ray tests in one pytest-xdist worker, one cluster at a time, the
 # rest in the other, filling the cores the Ray lane leaves idle while it waits. More workers each
 # start a Ray cluster of their own, and on two cores those starve each other (three took 31.8 min).
-# TEST_LANES=0: one process.
+# Each lane runs to its end and the run reports every failure (xdist hands a lane over whole, so
+# -x could not stop the other lane). TEST_LANES=0: one process, which stops at the first failure.
 TEST_LANES ?= 1
 test: setup
-	$(BIN)/python -m pytest -x --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_LANES)),-n 2 --lanes)
+	$(BIN)/python -m pytest --timeout 900 --durations=20 $(if $(filter-out 0,$(TEST_LANES)),-n 2 --lanes,-x)
 
 # The pure tests: no Ray, no other process, no long training; before every commit.
 test-fast: setup

@@ -1,11 +1,12 @@
-"""Two lanes under pytest-xdist (`pytest -n 2 --lanes`): every test that starts or joins a Ray
-cluster in one worker, in order, and the rest (the fast lane, the local learning runs, the CLI and
-servers in processes of their own, the multi-node scenarios last) in the other.
+"""Two lanes under pytest-xdist (`pytest -n 2 --lanes`): every test on the shared Ray cluster in
+one worker, in order, and the rest in the other: the fast lane, the local learning runs, the CLI
+and servers in processes of their own, then the tests whose Ray cluster is their own (the jobs
+tests' Ray head, a Ray-mode driver, the multi-node scenarios last).
 
-Why not more workers, or xdist's own `--dist loadgroup`: two workers each running Ray tests start
-two clusters at once, and on two cores their raylets miss Ray's fixed 30 s start-up registration;
-the local lane needs no cluster and fills the cores the cluster lane leaves idle while it waits
-(start-ups, deadlines, sleeps). `loadgroup` reads its group from a suffix it writes into the node
+Why not more workers, or xdist's own `--dist loadgroup`: more workers each start a shared cluster
+of their own, and on two cores their raylets miss Ray's fixed 30 s start-up registration (three
+workers took 31.8 min); the other lane fills the cores the cluster lane leaves idle while it
+waits (start-ups, deadlines, sleeps), with at most one more cluster at a time. `loadgroup` reads its group from a suffix it writes into the node
 id, which pytest 9.2 no longer lets it write (pytest-xdist#1386): the tests were spread as if
 ungrouped. Here each worker writes the lane of every test it collected into a directory the
 controller names, and the controller's scheduler reads it: one scope per lane, so each lane is a
@@ -22,24 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.background import BACKGROUND_FILES
-
 DIR_ENV = "DANCEOPD_LANES_DIR"
 CLUSTER, LOCAL = "cluster", "local"
 
 
 def lane_of(item) -> str:
-    if item.path.name in BACKGROUND_FILES:
-        # scenarios on simulated clusters of their own, in a process of their own: run at the local
-        # lane's end (tests/tiers.py puts them last), not from the start in the background, where
-        # their 1.4 cores came on top of both lanes' busiest minutes
-        return LOCAL
-    return CLUSTER if item.get_closest_marker("ray") else LOCAL
+    """The shared cluster's tests (tests/conftest.py's `ray_local`) in one lane; the rest, those
+    with a cluster of their own in another process (a Ray head, a Ray-mode driver, the multi-node
+    scenarios, which tests/tiers.py puts last) included, beside them."""
+    return CLUSTER if "ray_local" in getattr(item, "fixturenames", ()) else LOCAL
 
 
 def pytest_addoption(parser):
     parser.addoption("--lanes", action="store_true",
-                     help="with -n 2: the Ray tests in one worker, the rest in the other (tests/lanes.py)")
+                     help="with -n 2: the shared Ray cluster's tests in one worker, the rest in the other (tests/lanes.py)")
 
 
 def lanes_on(config) -> bool:

@@ -108,15 +108,25 @@ def test_lanes_run_the_cluster_tests_in_one_worker_and_the_rest_in_the_other(nes
             with open(os.environ["LANES_LOG"], "a") as f:
                 f.write(f"{lane} {os.environ['PYTEST_XDIST_WORKER']}\\n")
 
-        @pytest.mark.ray
+        @pytest.fixture
+        def ray_local():  # the shared cluster's name (tests/conftest.py)
+            yield None
+
+        @pytest.fixture
+        def cluster(ray_local):
+            yield ray_local
+
         @pytest.mark.parametrize("i", range(4))
-        def test_cluster(i):
+        def test_cluster(i, ray_local):
+            record("cluster")
+
+        def test_through_a_fixture(cluster):
             record("cluster")
 
         @pytest.mark.ray
         @pytest.mark.subprocess
-        def test_head():
-            record("cluster")
+        def test_own_head():  # a cluster of its own, in another process
+            record("local")
 
         @pytest.mark.subprocess
         def test_process():
@@ -124,13 +134,6 @@ def test_lanes_run_the_cluster_tests_in_one_worker_and_the_rest_in_the_other(nes
 
         @pytest.mark.parametrize("i", range(8))
         def test_local(i):
-            record("local")
-    """, test_multinode="""
-        import pytest
-        from test_v import record
-
-        @pytest.mark.ray  # a cluster of its own in another process: the local lane's end
-        def test_scenario():
             record("local")
     """)
     nested.runpytest_subprocess("-n", "2", "--lanes").assert_outcomes(passed=15)
