@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 ORDER = ["rollout worker", "rollout worker (hung)", "teacher replica", "teacher replica (hung)", "router (scorer)",
          "learner rank"]
-NODES = ["rollout node (2 workers + router)", "teacher node (3 replicas + evaluator)", "learner node (2 ranks)"]
+NODES = ["rollout node (2 workers + router)", "teacher node (2 replicas + evaluator)", "learner node (2 ranks)"]
 ROUND3 = ["members killed / hung while starting", "router and a rollout worker at once", "teacher answers NaN (2 calls)",
           "driver", "damaged newest checkpoint (model.safetensors truncated)",
           "damaged newest checkpoint (state.json truncated)", "damaged newest checkpoint (learner/optimizer.pt truncated)"]
@@ -43,7 +43,7 @@ def markdown(rows: dict) -> str:
         return [f"| {first} | outcome | recovery s | samples lost (re-issued) |", "|---|---|---|---|"]
 
     lines = ["# Fault recovery (tests/test_faults.py)", "",
-             "`sim` backend, 2 rollout workers with 2 orders each, lag 1, this machine's CPUs. Recovery: from the "
+             "`sim` backend, 2 rollout workers with 4 orders each (in calls of two), lag 1, this machine's CPUs. Recovery: from the "
              "signal to the first learner step after the replacement is up (hung cases include the 1.5 s "
              "deadline the tests set).", "", *head("fault")]
     for name in ORDER:
