@@ -44,8 +44,8 @@ demo-init: setup
 	OMP_NUM_THREADS=1 $(BIN)/danceopd train configs/demo_init.yaml --mode local --overwrite
 	$(BIN)/danceopd export $$(ls -d runs/demo-init/checkpoints/step-* | tail -1) --out configs/demo_init --overwrite
 
-# Two lanes (tests/lanes.py): the Ray tests in one pytest-xdist worker, one cluster at a time, the
-# rest in the other, filling the cores the Ray lane leaves idle while it waits. More workers each
+# Two lanes (tests/lanes.py): the shared Ray cluster's tests in one pytest-xdist worker, the rest
+# in the other, filling the cores the Ray lane leaves idle while it waits. More workers each
 # start a Ray cluster of their own, and on two cores those starve each other (three took 31.8 min).
 # Each lane runs to its end and the run reports every failure (xdist hands a lane over whole, so
 # -x could not stop the other lane). TEST_LANES=0: one process, which stops at the first failure.

@@ -97,8 +97,8 @@ class Chain:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def in_xdist_worker() -> bool:
-    return "PYTEST_XDIST_WORKER" in os.environ
+def in_xdist_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # not the environment: a nested pytest run inherits it
 
 
 def runs_of(files) -> dict[str, tuple[str, ...]]:
@@ -106,15 +106,15 @@ def runs_of(files) -> dict[str, tuple[str, ...]]:
     return {name: s for f in BACKGROUND_FILES if f in files for name, s in RUNS[f].items()}
 
 
-def background_elsewhere() -> bool:
+def background_elsewhere(config) -> bool:
     """An xdist worker whose controller runs the chain: its background files' tests only read."""
-    return in_xdist_worker() and DIR_ENV in os.environ
+    return in_xdist_worker(config) and DIR_ENV in os.environ
 
 
 def pytest_configure(config):
     """pytest-xdist's controller: start the chain before the workers start (they inherit
     DIR_ENV), for a run of the whole suite."""
-    if in_xdist_worker() or not getattr(config.option, "numprocesses", None) or config.option.collectonly:
+    if in_xdist_worker(config) or not getattr(config.option, "numprocesses", None) or config.option.collectonly:
         return
     if config.option.keyword or config.option.markexpr:
         return  # a selection: the workers run what they need
@@ -129,14 +129,14 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     chain = config.stash.get(KEY, None)
-    if chain is not None and not in_xdist_worker():
+    if chain is not None and not in_xdist_worker(config):
         chain.stop()
         os.environ.pop(DIR_ENV, None)
 
 
 def pytest_collection_finish(session):
-    if in_xdist_worker() or session.config.option.collectonly or KEY in session.config.stash:
-        if background_elsewhere():
+    if in_xdist_worker(session.config) or session.config.option.collectonly or KEY in session.config.stash:
+        if background_elsewhere(session.config):
             session.config.stash[KEY] = Chain(None, Path(os.environ[DIR_ENV]))
         return
     runs = runs_of({item.path.name for item in session.items})

@@ -3,10 +3,12 @@ one worker, in order, and the rest in the other: the fast lane, the local learni
 and servers in processes of their own, then the tests whose Ray cluster is their own (the jobs
 tests' Ray head, a Ray-mode driver, the multi-node scenarios last).
 
-Why not more workers, or xdist's own `--dist loadgroup`: more workers each start a shared cluster
-of their own, and on two cores their raylets miss Ray's fixed 30 s start-up registration (three
-workers took 31.8 min); the other lane fills the cores the cluster lane leaves idle while it
-waits (start-ups, deadlines, sleeps), with at most one more cluster at a time. `loadgroup` reads its group from a suffix it writes into the node
+Why not more workers: each starts a shared cluster of its own, and on two cores their raylets
+miss Ray's fixed 30 s start-up registration (three workers took 31.8 min). The other lane fills
+the cores the cluster lane leaves idle while it waits (start-ups, deadlines, sleeps), with at most
+one more cluster at a time.
+
+Why not xdist's own `--dist loadgroup`: it reads its group from a suffix it writes into the node
 id, which pytest 9.2 no longer lets it write (pytest-xdist#1386): the tests were spread as if
 ungrouped. Here each worker writes the lane of every test it collected into a directory the
 controller names, and the controller's scheduler reads it: one scope per lane, so each lane is a
@@ -23,15 +25,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.background import in_xdist_worker
+from tests.tiers import on_shared_cluster
+
 DIR_ENV = "DANCEOPD_LANES_DIR"
+KEY = pytest.StashKey[Path]()  # the controller's directory of the workers' lanes
 CLUSTER, LOCAL = "cluster", "local"
 
 
 def lane_of(item) -> str:
-    """The shared cluster's tests (tests/conftest.py's `ray_local`) in one lane; the rest, those
-    with a cluster of their own in another process (a Ray head, a Ray-mode driver, the multi-node
-    scenarios, which tests/tiers.py puts last) included, beside them."""
-    return CLUSTER if "ray_local" in getattr(item, "fixturenames", ()) else LOCAL
+    """The shared cluster's tests in one lane; the rest, those with a cluster of their own in
+    another process (a Ray head, a Ray-mode driver, the multi-node scenarios, which
+    tests/tiers.py puts last) included, beside them."""
+    return CLUSTER if on_shared_cluster(item) else LOCAL
 
 
 def pytest_addoption(parser):
@@ -43,12 +49,8 @@ def lanes_on(config) -> bool:
     return bool(config.getoption("lanes", False))
 
 
-def in_worker(config) -> bool:
-    return hasattr(config, "workerinput")  # not the environment: a nested pytest run inherits it
-
-
 def pytest_configure(config):
-    if in_worker(config) or not lanes_on(config):
+    if in_xdist_worker(config) or not lanes_on(config):
         return
     if getattr(config.option, "numprocesses", None) is None:
         raise pytest.UsageError("--lanes needs pytest-xdist's -n (e.g. -n 2): it splits the run between workers")
@@ -63,13 +65,10 @@ def pytest_unconfigure(config):
         os.environ.pop(DIR_ENV, None)
 
 
-KEY = pytest.StashKey[Path]()
-
-
-@pytest.hookimpl(trylast=True)  # after tests/tiers.py has marked the tiers
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected: what the workers report
 def pytest_collection_modifyitems(config, items):
     directory = os.environ.get(DIR_ENV)
-    if not (in_worker(config) and directory):
+    if not (in_xdist_worker(config) and directory):
         return
     out = Path(directory) / f"{config.workerinput['workerid']}.json"
     tmp = out.with_suffix(".tmp")

@@ -34,12 +34,17 @@ WAITING_FIRST = ("test_faults.py", "test_scale_sim.py", "test_start_faults.py", 
                  "test_graceful_stop.py")
 
 
+def on_shared_cluster(item) -> bool:
+    """The test uses tests/conftest.py's `ray_local`, directly or through a fixture."""
+    return "ray_local" in getattr(item, "fixturenames", ())
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(WAITING_FIRST)} | {name: len(WAITING_FIRST) + 1 for name in BACKGROUND_FILES}
     items.sort(key=lambda item: rank.get(item.path.name, len(WAITING_FIRST)))  # stable: a file keeps its order
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
+        if on_shared_cluster(item):
             item.add_marker(pytest.mark.ray)
         tiers = [m for m in TIERS if item.get_closest_marker(m)]
         if item.get_closest_marker("fast") and tiers:
