@@ -15,7 +15,7 @@ STAMP := $(VENV)/.danceopd-setup
 DEMO_CONFIG ?= configs/demo.yaml
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup constraints demo demo-init test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-table bench-table-quick gpu-pack clean
+.PHONY: setup constraints demo demo-init test test-fast lint bench bench-scale bench-reference bench-faults bench-bytes bench-suite bench-table bench-table-quick gpu-pack clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,10 @@ bench-faults: setup
 
 bench-bytes: setup
 	$(BIN)/python bench/backend_bytes.py
+
+# The suite's own time: make test-fast and make test, alone (bench/results/suite.md).
+bench-suite: setup
+	$(BIN)/python bench/suite.py
 
 bench-table: setup
 	$(BIN)/python bench/shapesbench.py
